@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+import kvpack
+from kvpack.codec import parse_spec
+
+
+def test_parse_spec():
+    assert parse_spec("turbo_mse:3") == ("turbo_mse", 3, {})
+    assert parse_spec("int:4:axis=channel,group=32") == ("int", 4, {"axis": "channel", "group": 32})
+    assert parse_spec("fp16") == ("fp16", None, {})
+    assert parse_spec("qjl:sketch_dim=256") == ("qjl", None, {"sketch_dim": 256})
+    with pytest.raises(ValueError, match="not an int"):
+        parse_spec("int:x:axis=token:y")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_spec("int:4:axis")
+
+
+def test_unknown_codec_and_option():
+    with pytest.raises(ValueError, match="unknown codec 'nope'"):
+        kvpack.get_codec("nope", head_dim=64)
+    with pytest.raises(ValueError, match="unknown option"):
+        kvpack.get_codec("fp8", head_dim=64, color="red")
+    with pytest.raises(ValueError, match="takes no bits"):
+        kvpack.get_codec("fp16:4", head_dim=64)
+    with pytest.raises(ValueError, match="head_dim"):
+        kvpack.get_codec("fp16", head_dim=0)
+
+
+def test_fp16_exact_and_fp8_close():
+    x = torch.randn(3, 5, 64, dtype=torch.float16)
+    c = kvpack.get_codec("fp16", head_dim=64)
+    assert torch.equal(c.decode(c.encode(x)), x)
+    c8 = kvpack.get_codec("fp8", head_dim=64)
+    y = c8.decode(c8.encode(x.float()))
+    assert (y - x.float()).norm() / x.float().norm() < 0.04
+
+
+def test_decode_rejects_packed_of_other_codec():
+    x = torch.randn(4, 64)
+    p = kvpack.get_codec("fp8", head_dim=64).encode(x)
+    with pytest.raises(ValueError, match="made by codec 'fp8'"):
+        kvpack.get_codec("fp16", head_dim=64).decode(p)
+    with pytest.raises(TypeError, match="kvpack.Packed"):
+        kvpack.get_codec("fp8", head_dim=64).decode({"codes": 1})
