@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 
 COMMANDS = {
     "validate": ("kvpack.validate", "rate-distortion table of every codec (bits, MSE, bounds, IP bias, speed)"),
+    "eval": ("kvpack.evaluation.eval_cli", "delta-perplexity / top-1 / KL of a cache policy on a real model and text"),
+    "sweep": ("kvpack.evaluation.sweep", "many configurations and the peers on the same windows: table and plot"),
+    "needle": ("kvpack.evaluation.needle", "passkey retrieval at several depths and lengths through the compressed cache"),
+    "inspect": ("kvpack.evaluation.inspect", "per-layer, per-head codec error and attention fidelity on real Q/K/V"),
+    "bench": ("kvpack.bench", "speed benchmarks (attention, encode, generate)"),
+    "calibrate": ("kvpack.calibrate", "fit codebooks / preconditioners on calibration text"),
+    "allocate": ("kvpack.allocate", "per-layer bit allocation under a bits-per-value budget"),
+    "memory": ("kvpack.memory", "cache bytes per token and the longest context that fits a GPU"),
 }
 
 
@@ -18,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module) is None:  # command not built yet
+            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(p)
     return parser

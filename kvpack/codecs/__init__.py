@@ -1,3 +1,8 @@
-"""Built-in codecs; importing this package registers them (done lazily by `kvpack.get_codec`)."""
+"""Built-in codecs, one module each; importing this package registers every module in it
+(done lazily by `kvpack.get_codec` / `kvpack.list_codecs`)."""
 
-from kvpack.codecs import fp  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,0 +1,1 @@
+"""Quality evaluation on real models and text: eval, sweep, needle, inspect."""
