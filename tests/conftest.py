@@ -1,0 +1,26 @@
+"""Shared fixtures: the real model (loaded once per session) and the shared WikiText-2 text."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = Path(os.environ.get("KVPACK_WIKITEXT", REPO.parent / "shared" / "data" / "wikitext2-test.txt"))
+
+
+@pytest.fixture(scope="session")
+def wikitext_path() -> Path:
+    if not WIKITEXT.is_file():
+        raise FileNotFoundError(f"WikiText-2 test text not found at {WIKITEXT}; set KVPACK_WIKITEXT")
+    return WIKITEXT
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct in float32, eval mode; loaded once (~25 s)."""
+    from kvpack.models import load
+
+    torch.manual_seed(0)
+    return load("smollm2")
