@@ -26,11 +26,12 @@ class FP16(Codec):
 
     def encode(self, x: torch.Tensor) -> Packed:
         self.check_input(x)
-        return self.make_packed(x, values=x.to(torch.float16).contiguous())
+        # copy: the stored values must not alias the caller's tensor
+        return self.make_packed(x, values=x.to(torch.float16, copy=True).contiguous())
 
     def decode(self, packed: Packed) -> torch.Tensor:
         self.check_packed(packed)
-        return packed.data["values"].to(packed.dtype)
+        return packed.data["values"].to(packed.dtype, copy=True)
 
 
 @register_codec
