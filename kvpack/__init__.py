@@ -5,5 +5,5 @@ from kvpack.engine import PackedKV, bpe_accounting, dequantize_kv, quantize_kv
 from kvpack.packing import pack_bits, unpack_bits
 
 __all__ = ["Codec", "Packed", "get_codec", "list_codecs", "pack_bits", "unpack_bits"]
-__all__ += ["PackedKV", "quantize_kv", "dequantize_kv", "bpe_accounting"]
+__all__ += ["PackedKV", "bpe_accounting", "dequantize_kv", "quantize_kv"]
 __version__ = "0.1.0"
