@@ -3,7 +3,20 @@
 from kvpack.codec import Codec, Packed, get_codec, list_codecs
 from kvpack.engine import PackedKV, bpe_accounting, dequantize_kv, quantize_kv
 from kvpack.packing import pack_bits, unpack_bits
+from kvpack.policy import CachePolicy
 
 __all__ = ["Codec", "Packed", "get_codec", "list_codecs", "pack_bits", "unpack_bits"]
 __all__ += ["PackedKV", "bpe_accounting", "dequantize_kv", "quantize_kv"]
+__all__ += ["CachePolicy", "KVPackCache"]
 __version__ = "0.1.0"
+
+# imported on first use: these pull in transformers (~3 s), which `import kvpack` should not pay for
+_LAZY = {"KVPackCache": "kvpack.cache"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kvpack' has no attribute {name!r}")

@@ -1,0 +1,301 @@
+"""`KVPackCache`: a transformers `Cache` that holds K and V packed by kvpack codecs, one `KVPackLayer` per layer.
+
+Each layer holds, in token order (all K/V tensors ``(batch, kv_heads, tokens, head_dim)``):
+
+1. ``sinks``: the first ``sinks`` tokens in the model dtype (attention sinks, Xiao et al.,
+   arXiv 2309.17453), protected from the first prefill on;
+2. packed chunks: `kvpack.Packed` K and V of ``block`` tokens each (or a multiple of it, as a
+   prefill packs its whole middle at once);
+3. the residual window ``keys``/``values`` in the model dtype: the newest tokens. Once it reaches
+   ``residual + block`` tokens, its oldest whole blocks are packed, so it keeps between ``residual``
+   and ``residual + block - 1`` tokens (KIVI, Liu et al., arXiv 2402.02750, packs the same way).
+
+``update()`` returns the past as decoded (chunks decoded at every call, nothing decoded is kept)
+concatenated with the new tokens uncompressed: a prefill attends to its exact K/V, as transformers'
+`QuantizedLayer` does, and packing happens after. Sliding-window layers (``config.layer_types``)
+keep only the last ``sliding_window - 1`` tokens as transformers' `DynamicSlidingWindowLayer` does
+(whole chunks are dropped once out of the window) and hold no sinks, which would leave the window.
+
+``nbytes()`` sums the bytes of every tensor a layer holds (sinks, packed chunks, residual window),
+so ``bits_per_value()`` is measured, not derived from a formula.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvpack.codec import Packed
+from kvpack.policy import CachePolicy
+
+__all__ = ["KVPackCache", "KVPackLayer", "layer_kinds"]
+
+_SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Packed K and V of ``tokens`` consecutive tokens; ``order``: batch rows to take after decode (beam reorder)."""
+
+    key: Packed
+    value: Packed
+    tokens: int
+    order: torch.Tensor | None = None
+
+
+class KVPackLayer(CacheLayerMixin):
+    """One layer's cache under a `CachePolicy`; ``sliding_window`` set for sliding/chunked layers.
+
+    The small interface the container uses: ``update``, ``get_seq_length``, ``get_mask_sizes``,
+    ``get_max_length``, ``stored_bytes``/``stored_values``, ``reset``, ``crop`` and the batch
+    reorders. Another layer class (a paged GPU layer) can replace it through `KVPackCache.layer_class`.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, policy: CachePolicy, layer_idx: int, sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.policy, self.layer_idx, self.sliding_window = policy, layer_idx, sliding_window
+        self.is_sliding = sliding_window is not None
+        self.sinks = 0 if self.is_sliding else policy.sinks
+        self.residual = policy.residual
+        self.cumulative_length = 0
+        self.chunks: list[_Chunk] = []
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.key_codec, self.value_codec = self.policy.codecs(key_states.shape[-1], self.layer_idx)
+        self.block = self.policy.block_for(self.key_codec, self.value_codec)
+        empty = key_states[..., :0, :]
+        self.sink_keys, self.sink_values = empty.clone(), value_states[..., :0, :].clone()
+        self.keys, self.values = empty.clone(), value_states[..., :0, :].clone()
+        self.chunks = []
+        self.is_initialized = True
+
+    # ---- what attention sees ------------------------------------------------------------------
+    def past(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held past as the model sees it, decoded to the model dtype: ``(B, H, tokens, D)`` each."""
+        keys, values = [self.sink_keys], [self.sink_values]
+        for chunk in self.chunks:
+            k, v = self.key_codec.decode(chunk.key).to(self.dtype), self.value_codec.decode(chunk.value).to(self.dtype)
+            if chunk.order is not None:
+                k, v = k.index_select(0, chunk.order), v.index_select(0, chunk.order)
+            keys.append(k)
+            values.append(v)
+        keys.append(self.keys)
+        values.append(self.values)
+        keys, values = torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+        if self.is_sliding and keys.shape[-2] > self.sliding_window - 1:
+            keys, values = keys[..., -(self.sliding_window - 1) :, :], values[..., -(self.sliding_window - 1) :, :]
+        return keys, values
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``key_states``/``value_states`` ``(B, H, n, D)``; return the past (decoded) + them, uncompressed."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        past_keys, past_values = self.past()
+        self.cumulative_length += key_states.shape[-2]
+        self._store(key_states, value_states)
+        return torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        n_sink = min(self.sinks - self.sink_keys.shape[-2], keys.shape[-2])
+        if n_sink > 0:
+            self.sink_keys = torch.cat([self.sink_keys, keys[..., :n_sink, :]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, values[..., :n_sink, :]], dim=-2)
+            keys, values = keys[..., n_sink:, :], values[..., n_sink:, :]
+        self.keys = torch.cat([self.keys, keys], dim=-2)
+        self.values = torch.cat([self.values, values], dim=-2)
+        if self.is_sliding:
+            self._drop_outside_window()
+        n_pack = (self.keys.shape[-2] - self.residual) // self.block * self.block
+        if n_pack > 0:
+            self.chunks.append(
+                _Chunk(
+                    key=self.key_codec.encode(self.keys[..., :n_pack, :].contiguous()),
+                    value=self.value_codec.encode(self.values[..., :n_pack, :].contiguous()),
+                    tokens=n_pack,
+                )
+            )
+            # clone: a view would keep the whole pre-packing window alive behind a small tensor
+            self.keys, self.values = self.keys[..., n_pack:, :].clone(), self.values[..., n_pack:, :].clone()
+
+    def _drop_outside_window(self) -> None:
+        """Forget what the sliding window no longer sees: whole chunks, then the window's own oldest tokens."""
+        excess = sum(c.tokens for c in self.chunks) + self.keys.shape[-2] - (self.sliding_window - 1)
+        while self.chunks and self.chunks[0].tokens <= excess:
+            excess -= self.chunks.pop(0).tokens
+        if not self.chunks and excess > 0:
+            self.keys, self.values = self.keys[..., excess:, :].clone(), self.values[..., excess:, :].clone()
+
+    # ---- sizes transformers asks for ----------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return self.sliding_window if self.is_sliding else -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of what `update` will return, as transformers' dynamic layers report it."""
+        if not self.is_sliding:
+            return self.cumulative_length + query_length, 0
+        offset = max(self.cumulative_length - self.sliding_window + 1, 0)
+        visible = min(self.cumulative_length, self.sliding_window - 1)
+        return visible + query_length, offset
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def stored_bytes(self) -> tuple[int, int]:
+        """Bytes of every tensor held for K and for V (beam-order indices counted with K)."""
+        k = _tensor_bytes(self.sink_keys) + _tensor_bytes(self.keys) if self.is_initialized else 0
+        v = _tensor_bytes(self.sink_values) + _tensor_bytes(self.values) if self.is_initialized else 0
+        for chunk in self.chunks:
+            k += chunk.key.nbytes + (_tensor_bytes(chunk.order) if chunk.order is not None else 0)
+            v += chunk.value.nbytes
+        return k, v
+
+    def stored_values(self) -> int:
+        """Number of K values held (the same for V): held tokens x batch x heads x head_dim."""
+        if not self.is_initialized:
+            return 0
+        n = self.sink_keys.numel() + self.keys.numel()
+        return n + sum(math.prod(c.key.shape) for c in self.chunks)
+
+    # ---- cache management ---------------------------------------------------------------------
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.chunks = []
+        self.cumulative_length = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest ``-tokens_to_remove`` tokens; only those still in the full-precision window."""
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
+            raise ValueError(
+                f"tokens_to_remove must be an int <= 0 (tokens to drop, negated), got {tokens_to_remove!r}"
+            )
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        if n > self.keys.shape[-2] or (self.is_sliding and self.cumulative_length >= self.sliding_window):
+            raise NotImplementedError(
+                f"KVPackLayer can crop only tokens still in the full-precision window ({self.keys.shape[-2]} now, "
+                f"asked {n}) and not once a sliding window is full: packed tokens cannot be un-appended"
+            )
+        self.keys, self.values = self.keys[..., :-n, :].clone(), self.values[..., :-n, :].clone()
+        self.cumulative_length -= n
+
+    def _select_batch(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` (LongTensor) in that order; packed chunks record it and apply it after decode."""
+        if not self.is_initialized:
+            return
+        rows = rows.to(self.device)
+        self.sink_keys, self.sink_values = self.sink_keys.index_select(0, rows), self.sink_values.index_select(0, rows)
+        self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+        self.chunks = [replace(c, order=rows.clone() if c.order is None else c.order[rows]) for c in self.chunks]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_batch(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        indices = torch.as_tensor(indices, device=self.device)
+        self._select_batch(indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long())
+
+    def __repr__(self) -> str:
+        kind = f"sliding={self.sliding_window}" if self.is_sliding else "full"
+        return f"KVPackLayer({self.layer_idx}, {kind}, tokens={self.cumulative_length}, chunks={len(self.chunks)})"
+
+
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def layer_kinds(config) -> list[int | None]:
+    """Per decoder layer: ``None`` for full attention, the window for sliding/chunked layers.
+
+    Reads ``config.layer_types`` (inferred from ``sliding_window`` when absent, as transformers
+    does); other layer types (linear attention, shared KV) are not supported by this cache.
+    """
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    n_layers = text.num_hidden_layers
+    types = getattr(text, "layer_types", None)
+    if types is None:
+        if getattr(text, "sliding_window", None) is not None:
+            types = ["sliding_attention"] * n_layers
+        elif getattr(text, "attention_chunk_size", None) is not None:
+            types = ["chunked_attention"] * n_layers
+        else:
+            types = ["full_attention"] * n_layers
+    kinds: list[int | None] = []
+    for i, kind in enumerate(types):
+        if kind == "full_attention":
+            kinds.append(None)
+        elif kind in _SLIDING_TYPES:
+            window = text.sliding_window if kind == "sliding_attention" else text.attention_chunk_size
+            kinds.append(int(window))
+        else:
+            raise ValueError(f"layer {i} has type {kind!r}; KVPackCache supports full, sliding and chunked attention")
+    return kinds
+
+
+class KVPackCache(Cache):
+    """A drop-in transformers cache holding K and V packed with kvpack codecs.
+
+    ``KVPackCache(config=model.config, key="turbo_prod:3", value="turbo_mse:2", residual=128,
+    sinks=4, skip_layers=())`` (or ``policy=CachePolicy(...)``); pass it as ``past_key_values`` to
+    ``model(...)`` or ``model.generate(...)``. K/V tensors are ``(batch, kv_heads, tokens, head_dim)``
+    (GQA: the cache holds the KV heads only). ``key``/``value`` ``None`` keep that stream unpacked.
+    """
+
+    layer_class = KVPackLayer
+
+    def __init__(
+        self,
+        config=None,
+        key: str | None = "turbo_prod:3",
+        value: str | None = "turbo_mse:2",
+        residual: int = 128,
+        sinks: int = 4,
+        skip_layers: tuple[int, ...] = (),
+        block: int | None = None,
+        seed: int = 0,
+        *,
+        policy: CachePolicy | None = None,
+    ) -> None:
+        if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
+            raise TypeError(f"config must be the model's transformers config (model.config), got {config!r}")
+        if policy is None:
+            policy = CachePolicy(key, value, residual, sinks, tuple(skip_layers), block, seed)
+        elif not isinstance(policy, CachePolicy):
+            raise TypeError(f"policy must be a kvpack.CachePolicy, got {type(policy).__name__}")
+        self.policy = policy
+        kinds = layer_kinds(config)
+        bad = [i for i in policy.skip_layers if i >= len(kinds)]
+        if bad:
+            raise ValueError(f"skip_layers {bad} out of range: the model has {len(kinds)} layers")
+        super().__init__(layers=[self.layer_class(policy, i, window) for i, window in enumerate(kinds)])
+
+    def nbytes(self, stream: str | None = None) -> int:
+        """Bytes of every tensor held: ``stream`` ``"k"``, ``"v"`` or ``None`` (both)."""
+        k, v = (sum(x) for x in zip(*(layer.stored_bytes() for layer in self.layers)))
+        return {"k": k, "v": v, None: k + v}[_check_stream(stream)]
+
+    def bits_per_value(self, stream: str | None = None) -> float:
+        """Average bits per held value (``8 * nbytes / values``); NaN while the cache is empty."""
+        values = sum(layer.stored_values() for layer in self.layers) * (1 if stream else 2)
+        return 8 * self.nbytes(stream) / values if values else float("nan")
+
+
+def _check_stream(stream: str | None) -> str | None:
+    if stream not in ("k", "v", None):
+        raise ValueError(f"stream must be 'k', 'v' or None, got {stream!r}")
+    return stream

