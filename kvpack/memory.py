@@ -1,10 +1,10 @@
 """`kvpack memory`: KV-cache bytes per token, in total, and the longest context that fits a GPU.
 
-A cache policy keeps the first ``sinks`` tokens and a window of up to ``residual`` recent tokens in
-fp16, and the ``skip_layers`` entirely in fp16; every other token is stored by the key / value
+A cache policy (`kvpack.CachePolicy`) keeps the first ``sinks`` tokens and a window of
+``residual`` recent tokens in fp16, and the ``skip_layers`` entirely in fp16; every other token is stored by the key / value
 codec at exactly ``Codec.bits_per_value()`` bits per element (scales and norms included). The
-residual window is counted full (its worst case), so totals are upper bounds by at most
-``residual`` tokens of fp16. Weights are counted as stored (bf16 unless the config says otherwise);
+residual window is counted as ``residual`` tokens (`KVPackCache` holds between ``residual`` and
+``residual + block - 1``, packing whole blocks as they age). Weights are counted as stored (bf16 unless the config says otherwise);
 activations and framework overhead are not counted.
 """
 
@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvpack.codec import get_codec, list_codecs
+from kvpack.policy import CachePolicy
 
-__all__ = ["CachePolicy", "ModelShape", "cache_bytes", "max_context", "memory_table", "model_shape", "parse_bytes"]
+__all__ = ["ModelShape", "cache_bytes", "max_context", "memory_table", "model_shape", "parse_bytes"]
 
 FP16_BYTES = 2
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
@@ -26,25 +27,63 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 # HF config.json fields of the models known by name (the parameter count follows from them)
 KNOWN_CONFIGS: dict[str, dict] = {
     "smollm2": {  # HuggingFaceTB/SmolLM2-135M-Instruct
-        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
-        "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
     },
     "llama-3-8b": {  # meta-llama/Meta-Llama-3-8B
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096,
-        "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
     },
     "llama-3-70b": {  # meta-llama/Meta-Llama-3-70B
-        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "hidden_size": 8192,
-        "intermediate_size": 28672, "vocab_size": 128256, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
     },
     "mistral-7b": {  # mistralai/Mistral-7B-v0.1
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096,
-        "intermediate_size": 14336, "vocab_size": 32000, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
     },
 }
 
-DEFAULT_CODECS = ("fp16", "fp8", "int:4", "int:3", "int:2", "turbo_mse:4", "turbo_mse:3", "turbo_mse:2",
-                  "e8:4", "e8:3", "e8:2", "e8:3/e8:2", "polar:3", "qjl")
+DEFAULT_CODECS = (
+    "fp16",
+    "fp8",
+    "int:4",
+    "int:3",
+    "int:2",
+    "turbo_mse:4",
+    "turbo_mse:3",
+    "turbo_mse:2",
+    "e8:4",
+    "e8:3",
+    "e8:2",
+    "e8:3/e8:2",
+    "polar:3",
+    "qjl",
+)
 
 
 @dataclass(frozen=True)
@@ -87,8 +126,13 @@ def shape_from_config(cfg: dict, name: str) -> ModelShape:
     weights = 0
     if "intermediate_size" in cfg and "vocab_size" in cfg:
         weights = _llama_param_count(cfg, head_dim) * DTYPE_BYTES[dtype]
-    return ModelShape(name, cfg["num_hidden_layers"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                      int(head_dim), int(weights))
+    return ModelShape(
+        name,
+        cfg["num_hidden_layers"],
+        cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        int(head_dim),
+        int(weights),
+    )
 
 
 def model_shape(model: str) -> ModelShape:
@@ -110,26 +154,14 @@ def model_shape(model: str) -> ModelShape:
     return shape_from_config(cfg, path.parent.name or str(path))
 
 
-@dataclass(frozen=True)
-class CachePolicy:
-    """Key / value codec specs plus the fp16 parts: attention sinks, residual window, skipped layers."""
+def policy_label(policy: CachePolicy) -> str:
+    key, value = policy.key or "fp16", policy.value or "fp16"
+    return key if key == value else f"{key}/{value}"
 
-    key: str
-    value: str
-    residual: int = 128
-    sinks: int = 4
-    skip_layers: tuple[int, ...] = ()
 
-    def __post_init__(self) -> None:
-        for f in ("residual", "sinks"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"CachePolicy.{f} must be a non-negative int, got {v!r}")
-        object.__setattr__(self, "skip_layers", tuple(sorted(set(self.skip_layers))))
-
-    @property
-    def label(self) -> str:
-        return self.key if self.key == self.value else f"{self.key}/{self.value}"
+def _stream_bits(spec: str | None, head_dim: int) -> float:
+    """Bits per value of a stream; ``None`` (kept in the model dtype) counts as fp16."""
+    return 8.0 * FP16_BYTES if spec is None else get_codec(spec, head_dim=head_dim).bits_per_value()
 
 
 def _per_token_bytes(shape: ModelShape, policy: CachePolicy) -> tuple[float, float]:
@@ -138,8 +170,7 @@ def _per_token_bytes(shape: ModelShape, policy: CachePolicy) -> tuple[float, flo
     if bad:
         raise ValueError(f"skip_layers {bad} out of range for {shape.num_layers} layers")
     elems = shape.num_kv_heads * shape.head_dim  # per layer, per token, per stream
-    k_bits = get_codec(policy.key, head_dim=shape.head_dim).bits_per_value()
-    v_bits = get_codec(policy.value, head_dim=shape.head_dim).bits_per_value()
+    k_bits, v_bits = _stream_bits(policy.key, shape.head_dim), _stream_bits(policy.value, shape.head_dim)
     fp_layer = 2 * elems * FP16_BYTES
     packed_layer = elems * (k_bits + v_bits) / 8
     n_skip = len(policy.skip_layers)
@@ -167,7 +198,18 @@ def max_context(shape: ModelShape, policy: CachePolicy, gpu_bytes: float, batch:
     return n_fp + int((budget - n_fp * fp_tok) // packed_tok)
 
 
-_UNITS = {"": 1e9, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1e9,
+    "b": 1,
+    "kb": 1e3,
+    "mb": 1e6,
+    "gb": 1e9,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str) -> float:
@@ -193,19 +235,23 @@ def _available(spec: str, head_dim: int) -> bool:
         return False
 
 
-def memory_table(shape: ModelShape, policies: list[CachePolicy], context: int, batch: int, gpu_bytes: float) -> list[dict]:
+def memory_table(
+    shape: ModelShape, policies: list[CachePolicy], context: int, batch: int, gpu_bytes: float
+) -> list[dict]:
     rows = []
     for p in policies:
         fp_tok, packed_tok = _per_token_bytes(shape, p)
-        rows.append({
-            "policy": p.label,
-            "k_bits": get_codec(p.key, head_dim=shape.head_dim).bits_per_value(),
-            "v_bits": get_codec(p.value, head_dim=shape.head_dim).bits_per_value(),
-            "bytes_per_token": packed_tok,
-            "fp16_bytes_per_token": fp_tok,
-            "total_bytes": cache_bytes(shape, p, context, batch),
-            "max_context": max_context(shape, p, gpu_bytes, batch),
-        })
+        rows.append(
+            {
+                "policy": policy_label(p),
+                "k_bits": _stream_bits(p.key, shape.head_dim),
+                "v_bits": _stream_bits(p.value, shape.head_dim),
+                "bytes_per_token": packed_tok,
+                "fp16_bytes_per_token": fp_tok,
+                "total_bytes": cache_bytes(shape, p, context, batch),
+                "max_context": max_context(shape, p, gpu_bytes, batch),
+            }
+        )
     return rows
 
 
@@ -215,8 +261,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="sequences")
     parser.add_argument("--gpu-memory", default="80GB", help="GPU memory (80GB = 8e10 bytes, 80GiB = 80 * 2^30)")
     parser.add_argument("--weights-gb", type=float, default=None, help="override the weights' size in GB")
-    parser.add_argument("--codecs", nargs="+", default=None,
-                        help="codec specs, or KEY/VALUE pairs like e8:3/e8:2 (default: a list of the registered codecs)")
+    parser.add_argument(
+        "--codecs",
+        nargs="+",
+        default=None,
+        help="codec specs, or KEY/VALUE pairs like e8:3/e8:2 (default: a list of the registered codecs)",
+    )
     parser.add_argument("--residual", type=int, default=128, help="fp16 recent-token window")
     parser.add_argument("--sinks", type=int, default=4, help="fp16 attention-sink tokens")
     parser.add_argument("--skip-layers", type=int, nargs="*", default=(), help="layers kept entirely in fp16")
@@ -229,22 +279,39 @@ def run(args: argparse.Namespace) -> int:
         shape = ModelShape(shape.name, shape.num_layers, shape.num_kv_heads, shape.head_dim, int(args.weights_gb * 1e9))
     gpu = parse_bytes(args.gpu_memory)
     specs = args.codecs if args.codecs is not None else [s for s in DEFAULT_CODECS if _available(s, shape.head_dim)]
-    policies = [CachePolicy(*parse_pair(s), args.residual, args.sinks, tuple(args.skip_layers)) for s in specs]
+    fp_parts = {"residual": args.residual, "sinks": args.sinks, "skip_layers": tuple(args.skip_layers)}
+    policies = [CachePolicy(*parse_pair(s), **fp_parts) for s in specs]
     rows = memory_table(shape, policies, args.context, args.batch, gpu)
     if args.json:
-        print(json.dumps({"model": shape.__dict__, "context": args.context, "batch": args.batch, "gpu_bytes": gpu,
-                          "residual": args.residual, "sinks": args.sinks, "skip_layers": list(args.skip_layers),
-                          "rows": rows}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": shape.__dict__,
+                    "context": args.context,
+                    "batch": args.batch,
+                    "gpu_bytes": gpu,
+                    "residual": args.residual,
+                    "sinks": args.sinks,
+                    "skip_layers": list(args.skip_layers),
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(f"{shape.name}: {shape.num_layers} layers x {shape.num_kv_heads} KV heads x head_dim {shape.head_dim}; "
-          f"weights {shape.weight_bytes / 1e9:.2f} GB; residual {args.residual} + sinks {args.sinks} fp16"
-          + (f"; fp16 layers {list(args.skip_layers)}" if args.skip_layers else ""))
+    print(
+        f"{shape.name}: {shape.num_layers} layers x {shape.num_kv_heads} KV heads x head_dim {shape.head_dim}; "
+        f"weights {shape.weight_bytes / 1e9:.2f} GB; residual {args.residual} + sinks {args.sinks} fp16"
+        + (f"; fp16 layers {list(args.skip_layers)}" if args.skip_layers else "")
+    )
     print(f"context {args.context} x batch {args.batch}; GPU {gpu / 1e9:.1f} GB")
     head = f"{'policy':<22} {'K bits':>7} {'V bits':>7} {'KiB/token':>10} {'vs fp16':>8} {'total GB':>9} {'max context':>12}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['policy']:<22} {r['k_bits']:>7.3f} {r['v_bits']:>7.3f} {r['bytes_per_token'] / 1024:>10.2f} "
-              f"{r['fp16_bytes_per_token'] / r['bytes_per_token']:>7.2f}x {r['total_bytes'] / 1e9:>9.3f} "
-              f"{r['max_context']:>12,}")
+        print(
+            f"{r['policy']:<22} {r['k_bits']:>7.3f} {r['v_bits']:>7.3f} {r['bytes_per_token'] / 1024:>10.2f} "
+            f"{r['fp16_bytes_per_token'] / r['bytes_per_token']:>7.2f}x {r['total_bytes'] / 1e9:>9.3f} "
+            f"{r['max_context']:>12,}"
+        )
     return 0

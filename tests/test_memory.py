@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from kvpack.cli import main
-from kvpack.memory import CachePolicy, ModelShape, cache_bytes, max_context, model_shape, parse_bytes
+from kvpack.memory import ModelShape, cache_bytes, max_context, model_shape, parse_bytes, parse_pair
+from kvpack.policy import CachePolicy
 
 
 def test_known_models():
@@ -56,8 +58,15 @@ def test_parse_bytes():
 
 
 def test_config_json_path(tmp_path):
-    cfg = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256,
-           "intermediate_size": 512, "vocab_size": 1000, "torch_dtype": "float16"}
+    cfg = {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "vocab_size": 1000,
+        "torch_dtype": "float16",
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     shape = model_shape(str(tmp_path))
     assert (shape.num_layers, shape.num_kv_heads, shape.head_dim) == (2, 2, 64)
@@ -92,3 +101,23 @@ def test_cli(capsys):
     assert "max context" in capsys.readouterr().out
     assert main(["memory", "--model", "nope"]) == 2
     assert "neither a known name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["fp8", "int:2", "fp16/int:4"])
+def test_matches_the_bytes_kvpackcache_holds(spec):
+    """The formula against a real KVPackCache fed random K/V (window exactly ``residual`` tokens)."""
+    from transformers import LlamaConfig
+
+    from kvpack.cache import KVPackCache
+
+    config = LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=256)
+    key, value = parse_pair(spec)
+    policy = CachePolicy(key, value, residual=16, sinks=4, skip_layers=(1,), block=32)
+    cache = KVPackCache(config=config, policy=policy)
+    tokens = 4 + 3 * 32 + 16
+    for layer in range(3):
+        cache.layers[layer].update(
+            torch.randn(2, 2, tokens, 64, dtype=torch.float16), torch.randn(2, 2, tokens, 64, dtype=torch.float16)
+        )
+    shape = ModelShape("toy", num_layers=3, num_kv_heads=2, head_dim=64, weight_bytes=0)
+    assert cache.nbytes() == cache_bytes(shape, policy, tokens, batch=2)

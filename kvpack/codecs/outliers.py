@@ -53,7 +53,9 @@ class _Wrapper(Codec):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.inner, str) or ":" in self.inner or self.inner == self.name:
-            raise ValueError(f"inner must be a codec name without options (e.g. 'int', 'turbo_mse'), got {self.inner!r}")
+            raise ValueError(
+                f"inner must be a codec name without options (e.g. 'int', 'turbo_mse'), got {self.inner!r}"
+            )
         if self.inner_codec.bits is None:
             raise ValueError(f"inner codec {self.inner!r} takes no bits; the wrapper needs a quantizing codec")
 
@@ -70,7 +72,7 @@ class _Wrapper(Codec):
 
     def decode_inner(self, packed: Packed) -> torch.Tensor:
         """The inner codec's reconstruction, float32."""
-        data = {k[len(INNER):]: v for k, v in packed.data.items() if k.startswith(INNER)}
+        data = {k[len(INNER) :]: v for k, v in packed.data.items() if k.startswith(INNER)}
         return self.inner_codec.decode(Packed(self.inner_codec.spec, packed.shape, torch.float32, data))
 
 
@@ -124,8 +126,13 @@ class OutlierChannels(_Wrapper):
             raise ValueError("x exceeds the float16 range that outlier_channels' scales need")
         codes = (values / scale.float().index_select(-2, group)).round().clamp(-INT8_MAX, INT8_MAX)
         rest = xf.scatter(-1, per_token, 0.0)
-        return self.make_packed(x, **self.encode_inner(rest, x), codes=codes.to(torch.int8),
-                                index=index.to(_index_dtype(self.head_dim)), scale=scale)
+        return self.make_packed(
+            x,
+            **self.encode_inner(rest, x),
+            codes=codes.to(torch.int8),
+            index=index.to(_index_dtype(self.head_dim)),
+            scale=scale,
+        )
 
     def decode(self, packed: Packed) -> torch.Tensor:
         self.check_packed(packed)
@@ -163,7 +170,11 @@ class OutlierSparse(_Wrapper):
 
     def layout(self, shape: tuple[int, ...]) -> Layout:
         slots = shape[:-1] + (self.count,)
-        return {**self.inner_layout(shape), "index": (slots, _index_dtype(self.head_dim)), "values": (slots, torch.float16)}
+        return {
+            **self.inner_layout(shape),
+            "index": (slots, _index_dtype(self.head_dim)),
+            "values": (slots, torch.float16),
+        }
 
     def _select(self, score: torch.Tensor) -> torch.Tensor:
         """Indices (..., count) of the largest scores above the threshold; unused slots -> head_dim."""
