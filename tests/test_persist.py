@@ -1,0 +1,149 @@
+"""Saving and loading a packed KVPackCache: bit-identical reload, clear errors for bad files."""
+
+import json
+import struct
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from kvpack.cache import KVPackCache
+from kvpack.persist import load_cache, save_cache
+from kvpack.policy import CachePolicy
+
+POLICY = CachePolicy("int:4", "int:2", residual=16, sinks=4, skip_layers=(1,), block=32)
+
+
+def toy_config(layers=3, kv_heads=2):
+    return LlamaConfig(num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads, hidden_size=256)
+
+
+def filled_cache(config=None, policy=POLICY, tokens=(90, 1, 40)):
+    config = config or toy_config()
+    cache = KVPackCache(config=config, policy=policy)
+    g = torch.Generator().manual_seed(0)
+    for n in tokens:  # a prefill, a decode step, another chunk: several packed chunks per layer
+        for layer in cache.layers:
+            kv = torch.randn(2, 2, n, 64, generator=g, dtype=torch.float32).to(torch.bfloat16)
+            layer.update(kv, kv * 0.5 + 1)
+    return cache
+
+
+def same_state(a, b):
+    for la, lb in zip(a.layers, b.layers):
+        assert la.cumulative_length == lb.cumulative_length and len(la.chunks) == len(lb.chunks)
+        for ca, cb in zip(la.chunks, lb.chunks):
+            for pa, pb in ((ca.key, cb.key), (ca.value, cb.value)):
+                assert pa.codec == pb.codec and pa.shape == pb.shape and pa.dtype == pb.dtype
+                assert all(torch.equal(pa.data[k], pb.data[k]) for k in pa.data) and pa.data.keys() == pb.data.keys()
+        ka, va = la.past()
+        kb, vb = lb.past()
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+def test_round_trip_bit_identical(tmp_path):
+    config = toy_config()
+    cache = filled_cache(config)
+    assert cache.layers[0].chunks and cache.layers[1].chunks  # packed (0) and identity-skipped (1) layers
+    save_cache(cache, tmp_path / "c.safetensors", config=config, model_id="toy")
+    loaded = load_cache(tmp_path / "c.safetensors", config=config, model_id="toy", policy=POLICY)
+    same_state(cache, loaded)
+    assert loaded.nbytes() == cache.nbytes() and loaded.policy == POLICY
+    kv = torch.ones(2, 2, 1, 64, dtype=torch.bfloat16)  # both go on identically
+    for la, lb in zip(cache.layers, loaded.layers):
+        assert all(torch.equal(x, y) for x, y in zip(la.update(kv, kv), lb.update(kv, kv)))
+
+
+def test_beam_order_and_empty_layers(tmp_path):
+    config = toy_config()
+    cache = filled_cache(config)
+    cache.layers[0].reorder_cache(torch.tensor([1, 0]))
+    empty = KVPackCache(config=config, policy=POLICY)
+    save_cache(cache, tmp_path / "a.safetensors", config=config)
+    save_cache(empty, tmp_path / "b.safetensors", config=config)
+    same_state(cache, load_cache(tmp_path / "a.safetensors", config=config))
+    assert load_cache(tmp_path / "b.safetensors", config=config).get_seq_length() == 0
+
+
+def test_corrupt_and_truncated(tmp_path):
+    config = toy_config()
+    path = tmp_path / "c.safetensors"
+    save_cache(filled_cache(config), path, config=config)
+    raw = path.read_bytes()
+    (tmp_path / "trunc").write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_cache(tmp_path / "trunc", config=config)
+    (tmp_path / "junk").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_cache(tmp_path / "junk", config=config)
+    flipped = bytearray(raw)
+    flipped[-5] ^= 0x10  # a bit of tensor data
+    (tmp_path / "flip").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="checksum"):
+        load_cache(tmp_path / "flip", config=config)
+    with pytest.raises(FileNotFoundError, match="no saved cache"):
+        load_cache(tmp_path / "missing", config=config)
+
+
+def rewrite_header(src, dst, change):
+    """Same tensors, header edited by ``change`` (a dict -> None)."""
+    raw = src.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    meta = json.loads(raw[8 : 8 + n])
+    header = json.loads(meta["__metadata__"]["kvpack"])
+    change(header)
+    meta["__metadata__"]["kvpack"] = json.dumps(header)
+    new = json.dumps(meta).encode()
+    new += b" " * (-len(new) % 8)
+    dst.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def test_mismatches(tmp_path):
+    config = toy_config()
+    path = tmp_path / "c.safetensors"
+    save_cache(filled_cache(config), path, config=config, model_id="toy")
+    with pytest.raises(ValueError, match="another model: num_layers"):
+        load_cache(path, config=toy_config(layers=4))
+    with pytest.raises(ValueError, match="another model: num_kv_heads"):
+        load_cache(path, config=toy_config(kv_heads=4))
+    with pytest.raises(ValueError, match="of model 'toy', not 'other'"):
+        load_cache(path, config=config, model_id="other")
+    with pytest.raises(ValueError, match="saved under policy"):
+        load_cache(path, config=config, policy=CachePolicy("int:4", "int:4", residual=16, sinks=4, skip_layers=(1,)))
+
+    def version(h):
+        h["version"] = 99
+
+    def codec(h):
+        h["layers"][0]["chunks"][0]["key"]["codec"] = "int:3"
+
+    def not_kvpack(h):
+        h["format"] = "something-else"
+
+    for change, match in ((version, "format version 99"), (codec, "packed by codec 'int:3'"), (not_kvpack, "format")):
+        rewrite_header(path, tmp_path / "x", change)
+        with pytest.raises(ValueError, match=match):
+            load_cache(tmp_path / "x", config=config)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(TypeError, match="KVPackCache"):
+        save_cache({}, tmp_path / "x", config=toy_config())
+    with pytest.raises(TypeError, match="config"):
+        save_cache(filled_cache(), tmp_path / "x")
+
+
+@pytest.mark.model
+def test_real_model_continues_identically(smollm2, tmp_path, wikitext_path):
+    """A prompt's cache saved and loaded: the next tokens' logits equal those of the original cache exactly."""
+    model, tok = smollm2
+    ids = tok(wikitext_path.read_text()[:3000], return_tensors="pt").input_ids[:, :200]
+    policy = CachePolicy("int:4", "int:2", residual=32, sinks=4)
+    cache = KVPackCache(config=model.config, policy=policy)
+    with torch.no_grad():
+        model(ids[:, :180], past_key_values=cache, use_cache=True)
+        save_cache(cache, tmp_path / "p.safetensors", config=model.config, model_id="smollm2")
+        loaded = load_cache(tmp_path / "p.safetensors", config=model.config, model_id="smollm2", policy=policy)
+        a = model(ids[:, 180:], past_key_values=cache, use_cache=True).logits
+        b = model(ids[:, 180:], past_key_values=loaded, use_cache=True).logits
+    assert torch.equal(a, b)
