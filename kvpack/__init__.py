@@ -7,11 +7,18 @@ from kvpack.policy import CachePolicy
 
 __all__ = ["Codec", "Packed", "get_codec", "list_codecs", "pack_bits", "unpack_bits"]
 __all__ += ["PackedKV", "bpe_accounting", "dequantize_kv", "quantize_kv"]
-__all__ += ["CachePolicy", "KVPackCache"]
+__all__ += ["CachePolicy", "EvalResult", "KVPackCache", "evaluate"]
+__all__ += ["load_cache", "save_cache"]
 __version__ = "0.1.0"
 
 # imported on first use: these pull in transformers (~3 s), which `import kvpack` should not pay for
-_LAZY = {"KVPackCache": "kvpack.cache"}
+_LAZY = {
+    "KVPackCache": "kvpack.cache",
+    "load_cache": "kvpack.persist",
+    "save_cache": "kvpack.persist",
+    "EvalResult": "kvpack.evaluation.evaluate",
+    "evaluate": "kvpack.evaluation.evaluate",
+}
 
 
 def __getattr__(name: str):

@@ -1,0 +1,128 @@
+"""``kvpack eval``: the command-line contract, the table, the JSON and the error paths (short windows)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvpack import models
+from kvpack.cli import build_parser, main
+from kvpack.evaluation import presets
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+JSON_KEYS = {"ppl_ref", "ppl", "delta_ppl_pct", "top1", "kl", "bits_per_value", "bits_k", "bits_v", "windows"}
+
+
+@pytest.fixture
+def loaded(smollm2, monkeypatch):
+    """`kvpack eval --model smollm2` gets the session's model instead of loading it again."""
+    monkeypatch.setattr(models, "load", lambda name, **kw: smollm2)
+    return smollm2
+
+
+def short(wikitext_path, *extra):
+    return [
+        "eval",
+        "--text",
+        str(wikitext_path),
+        "--ctx",
+        "64",
+        "--n-eval",
+        "16",
+        "--windows",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_defaults_are_the_documented_contract():
+    args = build_parser().parse_args(["eval"])
+    assert (args.model, args.text, args.ctx, args.n_eval, args.windows, args.protocol) == (
+        "smollm2", None, 1024, 256, 8, "snapshot",
+    )  # fmt: skip
+    assert args.key is None and args.preset is None and args.only is None and args.json is None
+
+
+@pytest.mark.model
+def test_eval_prints_table_and_writes_json(loaded, wikitext_path, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    argv = short(
+        wikitext_path, "--key", "int:4", "--value", "int:2", "--residual", "8", "--sinks", "2", "--json", str(out)
+    )
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "delta-ppl %" in printed and "top-1 agreement" in printed and "verdict: " in printed
+    data = json.loads(out.read_text())
+    assert JSON_KEYS <= set(data) and len(data["windows"]) == 2
+    assert data["policy"]["key"] == "int:4" and data["policy"]["residual"] == 8 and data["policy"]["sinks"] == 2
+    assert data["verdict"] in printed and data["verdict"] in ("ACCEPT", "MARGINAL", "REJECT")
+
+
+@pytest.mark.model
+def test_eval_inforward_only_v_and_skip_layers(loaded, wikitext_path, tmp_path):
+    out = tmp_path / "r.json"
+    argv = short(wikitext_path, "--key", "int:2", "--value", "int:2", "--protocol", "inforward", "--only", "v")
+    assert main([*argv, "--skip-layers", "0,29", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["protocol"] == "inforward" and data["policy"]["key"] is None and data["bits_k"] == 32.0
+    assert data["policy"]["skip_layers"] == [0, 29]
+
+
+@pytest.mark.model
+def test_eval_preset(loaded, wikitext_path, tmp_path, monkeypatch):
+    monkeypatch.setitem(presets.PRESETS, "cli-test", {"key": "int:4", "value": "int:4", "residual": 8})
+    out = tmp_path / "p.json"
+    assert main(short(wikitext_path, "--preset", "cli-test", "--json", str(out))) == 0
+    assert json.loads(out.read_text())["policy"]["preset"] == "cli-test"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--preset", "cli-test", "--key", "int:4"], "--preset cli-test replaces --key"),
+        (["--preset", "absent"], "unknown preset 'absent'; known presets"),
+        (["--key", "nope:4"], "unknown codec 'nope'"),
+        (["--skip-layers", "a,b"], "--skip-layers must be comma-separated ints"),
+        (["--residual", "-2"], "residual must be an int >= 0"),
+    ],
+)
+def test_eval_errors_exit_2_with_a_message(extra, message, capsys, monkeypatch, wikitext_path):
+    monkeypatch.setitem(presets.PRESETS, "cli-test", {"key": "int:4"})
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model must not load for a bad command line"))
+    assert main(short(wikitext_path, *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_text_file(capsys, tmp_path):
+    assert main(["eval", "--text", str(tmp_path / "absent.txt"), "--no-progress"]) == 2
+    assert "text file not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_no_argument_run_works_offline_from_a_fresh_process(tmp_path):
+    """The README's main job: `kvpack eval` on the embedded text (shortened here to keep it minutes, not tens)."""
+    out = tmp_path / "default.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvpack.cli",
+        "eval",
+        "--ctx",
+        "256",
+        "--n-eval",
+        "64",
+        "--windows",
+        "2",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, check=False, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["text"] == "pydoc" and data["policy"]["key"] == "int:4:axis=channel"
