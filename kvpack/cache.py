@@ -2,11 +2,11 @@
 
 Each layer holds, in token order (all K/V tensors ``(batch, kv_heads, tokens, head_dim)``):
 
-1. ``sinks``: the first ``sinks`` tokens in the model dtype (attention sinks, Xiao et al.,
+1. ``sinks``: the first ``sinks`` tokens in full precision (16-bit: `CachePolicy.held_dtype`) (attention sinks, Xiao et al.,
    arXiv 2309.17453), protected from the first prefill on;
 2. packed chunks: `kvpack.Packed` K and V of ``block`` tokens each (or a multiple of it, as a
    prefill packs its whole middle at once);
-3. the residual window ``keys``/``values`` in the model dtype: the newest tokens. Once it reaches
+3. the residual window ``keys``/``values`` in full precision: the newest tokens. Once it reaches
    ``residual + block`` tokens, its oldest whole blocks are packed, so it keeps between ``residual``
    and ``residual + block - 1`` tokens (KIVI, Liu et al., arXiv 2402.02750, packs the same way).
 
@@ -68,26 +68,28 @@ class KVPackLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.held_dtype = self.policy.held_dtype(self.dtype)
         self.key_codec, self.value_codec = self.policy.codecs(key_states.shape[-1], self.layer_idx)
         self.block = self.policy.block_for(self.key_codec, self.value_codec)
-        empty = key_states[..., :0, :]
-        self.sink_keys, self.sink_values = empty.clone(), value_states[..., :0, :].clone()
-        self.keys, self.values = empty.clone(), value_states[..., :0, :].clone()
+        empty_k = key_states[..., :0, :].to(self.held_dtype)
+        empty_v = value_states[..., :0, :].to(self.held_dtype)
+        self.sink_keys, self.sink_values = empty_k.clone(), empty_v.clone()
+        self.keys, self.values = empty_k.clone(), empty_v.clone()
         self.chunks = []
         self.is_initialized = True
 
     # ---- what attention sees ------------------------------------------------------------------
     def past(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The held past as the model sees it, decoded to the model dtype: ``(B, H, tokens, D)`` each."""
-        keys, values = [self.sink_keys], [self.sink_values]
+        keys, values = [self.sink_keys.to(self.dtype)], [self.sink_values.to(self.dtype)]
         for chunk in self.chunks:
             k, v = self.key_codec.decode(chunk.key).to(self.dtype), self.value_codec.decode(chunk.value).to(self.dtype)
             if chunk.order is not None:
                 k, v = k.index_select(0, chunk.order), v.index_select(0, chunk.order)
             keys.append(k)
             values.append(v)
-        keys.append(self.keys)
-        values.append(self.values)
+        keys.append(self.keys.to(self.dtype))
+        values.append(self.values.to(self.dtype))
         keys, values = torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
         if self.is_sliding and keys.shape[-2] > self.sliding_window - 1:
             keys, values = keys[..., -(self.sliding_window - 1) :, :], values[..., -(self.sliding_window - 1) :, :]
@@ -105,6 +107,7 @@ class KVPackLayer(CacheLayerMixin):
         return torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        keys, values = keys.to(self.held_dtype), values.to(self.held_dtype)
         n_sink = min(self.sinks - self.sink_keys.shape[-2], keys.shape[-2])
         if n_sink > 0:
             self.sink_keys = torch.cat([self.sink_keys, keys[..., :n_sink, :]], dim=-2)

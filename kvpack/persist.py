@@ -94,6 +94,7 @@ def save_cache(cache: KVPackCache, path: str | Path, *, model_id: str | None = N
                 "initialized": True,
                 "cumulative_length": layer.cumulative_length,
                 "dtype": str(layer.dtype),
+                "held_dtype": str(layer.held_dtype),
                 "chunks": chunks,
             }
         )
@@ -185,11 +186,14 @@ def load_cache(
 
 
 def _restore_layer(layer, state: dict, tensors: dict[str, torch.Tensor], prefix: str, device: torch.device) -> None:
-    dtype = _DTYPES[state["dtype"]]
+    dtype, held = _DTYPES[state["dtype"]], _DTYPES[state["held_dtype"]]
     parts = {p: tensors[prefix + p].to(device) for p in ("sink_keys", "sink_values", "keys", "values")}
-    if any(t.dtype != dtype for t in parts.values()):
-        raise ValueError(f"{prefix}: full-precision tensors are not {dtype} as recorded")
-    layer.lazy_initialization(parts["keys"], parts["values"])  # codecs, block, dtype, device
+    if any(t.dtype != held for t in parts.values()):
+        raise ValueError(f"{prefix}: full-precision tensors are not {held} as recorded")
+    # codecs, block, model dtype, held dtype, device
+    layer.lazy_initialization(parts["keys"].to(dtype), parts["values"].to(dtype))
+    if layer.held_dtype != held:
+        raise ValueError(f"{prefix}: held dtype {held} recorded, the policy gives {layer.held_dtype}")
     for name, t in parts.items():
         setattr(layer, name, t)
     chunks = []

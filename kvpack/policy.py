@@ -1,15 +1,19 @@
 """`CachePolicy`: which codec compresses K and V, and which tokens and layers stay in full precision.
 
-The shape follows KIVI (Liu et al., arXiv 2402.02750): the newest ``residual`` tokens stay in the
-model's dtype and are packed in blocks of ``block`` tokens as they age; StreamingLLM (Xiao et al.,
+The shape follows KIVI (Liu et al., arXiv 2402.02750): the newest ``residual`` tokens stay in
+full precision and are packed in blocks of ``block`` tokens as they age; StreamingLLM (Xiao et al.,
 arXiv 2309.17453) motivates keeping the first ``sinks`` tokens (attention sinks) in full precision;
-layers in ``skip_layers`` are not compressed at all.
+layers in ``skip_layers`` are not compressed at all. "Full precision" means 16-bit floats, as
+deployed: the model dtype when it is float16/bfloat16, float16 for a float32 model (``window_dtype``
+overrides), so the bits a float32 CPU evaluation reports are those a 16-bit deployment holds.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+import torch
 
 from kvpack.codec import Codec, Packed, get_codec
 
@@ -23,7 +27,8 @@ class CachePolicy:
     """Codec specs for K and V (``None``: keep that stream in the model dtype) and the full-precision parts.
 
     ``block``: tokens packed at once; ``None`` picks 32 rounded up to a multiple of both codecs'
-    ``block_tokens``. ``seed``: passed to every codec (same seed, same bits).
+    ``block_tokens``. ``seed``: passed to every codec (same seed, same bits). ``window_dtype``: dtype
+    of the sinks, the residual window and uncompressed streams/layers (``None``: see `held_dtype`).
     """
 
     key: str | None = "fp16"
@@ -33,6 +38,7 @@ class CachePolicy:
     skip_layers: tuple[int, ...] = field(default=())
     block: int | None = None
     seed: int = 0
+    window_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         for name in ("key", "value"):
@@ -56,6 +62,10 @@ class CachePolicy:
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in skip):
             raise ValueError(f"skip_layers must hold layer indices >= 0, got {self.skip_layers!r}")
         object.__setattr__(self, "skip_layers", tuple(sorted(set(skip))))
+        if self.window_dtype is not None and (
+            not isinstance(self.window_dtype, torch.dtype) or not self.window_dtype.is_floating_point
+        ):
+            raise TypeError(f"window_dtype must be a floating torch.dtype or None, got {self.window_dtype!r}")
         # build once with a nominal head_dim so that a bad spec fails here, not mid-forward
         self.codecs(head_dim=64)
 
@@ -69,6 +79,17 @@ class CachePolicy:
             IdentityCodec(head_dim) if spec is None else get_codec(spec, head_dim=head_dim, seed=self.seed)
             for spec in (self.key, self.value)
         )
+
+    def held_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """Dtype of the full-precision tokens: ``window_dtype``, else the model's 16-bit dtype, else float16.
+
+        A policy that compresses nothing (both specs ``None``) is the reference: it keeps the model dtype.
+        """
+        if self.window_dtype is not None:
+            return self.window_dtype
+        if self.key is None and self.value is None:
+            return model_dtype
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
 
     def block_for(self, key_codec: Codec | IdentityCodec, value_codec: Codec | IdentityCodec) -> int:
         """Tokens per packed block: ``block`` if given (must be a multiple of both codecs' block_tokens)."""

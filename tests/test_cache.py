@@ -89,12 +89,16 @@ def test_layout_after_prefill_sinks_blocks_residual():
         # 70 = 4 sinks + 48 packed (6 blocks of 8) + 18 residual (16 <= window < 16 + 8)
         assert layer.sink_keys.shape[-2] == 4 and layer.keys.shape[-2] == 18
         assert sum(c.tokens for c in layer.chunks) == 48
-        # sinks and residual are held exactly as computed: protected from the first prefill on
-        assert torch.equal(layer.sink_keys, k[..., :4, :]) and torch.equal(layer.sink_values, v[..., :4, :])
-        assert torch.equal(layer.keys, k[..., -18:, :]) and torch.equal(layer.values, v[..., -18:, :])
+        # sinks and residual are held in full precision (16-bit for a float32 model), protected
+        # from the first prefill on
+        k16, v16 = k.half(), v.half()
+        assert layer.sink_keys.dtype == torch.float16
+        assert torch.equal(layer.sink_keys, k16[..., :4, :]) and torch.equal(layer.sink_values, v16[..., :4, :])
+        assert torch.equal(layer.keys, k16[..., -18:, :]) and torch.equal(layer.values, v16[..., -18:, :])
         past_k, past_v = layer.past()
+        assert past_k.dtype == torch.float32
         codec = get_codec("int:4", head_dim=16)
-        assert torch.equal(past_k[..., 4:52, :], codec.decode(codec.encode(k[..., 4:52, :])))
+        assert torch.equal(past_k[..., 4:52, :], codec.decode(codec.encode(k16[..., 4:52, :])).float())
         assert not torch.equal(past_v[..., 4:52, :], v[..., 4:52, :])  # 2-bit values are lossy
 
 
@@ -110,11 +114,11 @@ def test_nbytes_counts_every_tensor_held():
             model(ids, past_key_values=cache)
     per_token = 2 * 2 * 16  # batch x kv heads x head_dim values per token, per stream
     layers = 3
-    fp32 = (4 + 18) * per_token * 4  # sinks + residual held in the model dtype (float32)
-    assert caches["fp16"].nbytes("k") == layers * (fp32 + 48 * per_token * 2)
+    fp = (4 + 18) * per_token * 2  # sinks + residual held as float16 (the model computes in float32)
+    assert caches["fp16"].nbytes("k") == layers * (fp + 48 * per_token * 2)
     int4 = get_codec("int:4", head_dim=16)
     packed = int4.encode(torch.zeros(2, 2, 48, 16)).nbytes
-    assert caches["int:4"].nbytes("k") == layers * (fp32 + packed)
+    assert caches["int:4"].nbytes("k") == layers * (fp + packed)
     assert caches["int:4"].nbytes() == caches["int:4"].nbytes("k") + caches["int:4"].nbytes("v")
     bits = caches["int:4"].bits_per_value()
     assert bits == pytest.approx(8 * caches["int:4"].nbytes() / (2 * layers * 70 * per_token))
@@ -129,10 +133,26 @@ def test_skip_layers_and_unpacked_stream_stay_exact():
         model(ids, past_key_values=cache)
     raw = raw_kv(model, ids)
     k1, v1 = cache.layers[1].past()
-    assert torch.equal(k1, raw[1][0]) and torch.equal(v1, raw[1][1])
+    # uncompressed = 16-bit, as deployed (the model computes in float32 here)
+    assert torch.equal(k1, raw[1][0].half().float()) and torch.equal(v1, raw[1][1].half().float())
     k0, v0 = cache.layers[0].past()
-    assert torch.equal(v0, raw[0][1]) and not torch.equal(k0, raw[0][0])
-    assert cache.bits_per_value("v") == 32.0  # value stream kept as float32
+    assert torch.equal(v0, raw[0][1].half().float()) and not torch.equal(k0, raw[0][0].half().float())
+    assert cache.bits_per_value("v") == 16.0
+
+
+def test_window_dtype_float32_keeps_model_values_exactly():
+    model = tiny_llama()
+    ids = prompt(1, 40)
+    cache = KVPackCache(model.config, key=None, value="int:4", residual=8, sinks=2, block=8)
+    exact = KVPackCache(model.config, policy=CachePolicy(None, "int:4", 8, 2, window_dtype=torch.float32))
+    with torch.inference_mode():
+        model(ids, past_key_values=cache)
+        model(ids, past_key_values=exact)
+    raw = raw_kv(model, ids)
+    assert torch.equal(exact.layers[0].past()[0], raw[0][0])
+    assert exact.bits_per_value("k") == 32.0 and cache.bits_per_value("k") == 16.0
+    with pytest.raises(TypeError, match="window_dtype"):
+        CachePolicy("fp16", "fp16", window_dtype=torch.int8)
 
 
 def test_mixed_sliding_and_full_layers():
