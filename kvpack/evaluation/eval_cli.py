@@ -71,7 +71,7 @@ def format_result(result) -> str:
     policy += (f"  only={p['only']}" if p["only"] else "") + (f"  preset={p['preset']}" if p["preset"] else "")
     bits = (
         f"{'bits K / V':16}{_bits(result.bits_k):>12} / {_bits(result.bits_v)}   (avg {_bits(result.bits_per_value)}; "
-        "measured bytes held, sinks and residual in the model dtype)"
+        "measured bytes held, sinks and residual as 16-bit)"
     )
     lines = [
         head,
