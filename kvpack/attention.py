@@ -1,0 +1,178 @@
+"""Decode attention over the packed paged KV cache: `decode` (Triton kernel on CUDA) and `decode_ref` (PyTorch).
+
+One new query token per sequence attends to everything the cache holds for it: the packed tokens
+(paged layout of `kvpack.kernels.paged`, reached through ``block_tables`` for the first
+``seq_lens[b]`` token positions) and a dense 16-bit window ``(B, W, kv_heads, D)`` of which the
+first ``window_lens[b]`` rows are valid (the attention sinks and the residual window: softmax
+attention of one query does not depend on token order). Heads are grouped as in GQA: query head
+``j`` reads KV head ``j // (q_heads / kv_heads)``.
+
+`decode_ref` is the definition: dequantize every held token exactly as the codec decodes it, then
+softmax attention in float32. `decode` runs the fused kernel of `kvpack.kernels.decode_attention`
+on CUDA tensors and `decode_ref` elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvpack.kernels.paged import PagedCodec, dequantize_rows
+
+__all__ = ["decode", "decode_ref"]
+
+_QUERY_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check(
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    seq_lens,
+    window_keys,
+    window_values,
+    window_lens,
+    key_codec,
+    value_codec,
+) -> None:
+    if not isinstance(query, torch.Tensor) or query.dim() != 3 or query.dtype not in _QUERY_DTYPES:
+        raise TypeError(f"query must be a float16/bfloat16 tensor (batch, q_heads, head_dim), got {_describe(query)}")
+    for name, fmt in (("key_codec", key_codec), ("value_codec", value_codec)):
+        if not isinstance(fmt, PagedCodec):
+            raise TypeError(f"{name} must be a kvpack.kernels.paged.PagedCodec, got {type(fmt).__name__}")
+    batch, hq, d = query.shape
+    for name, cache, fmt in (("key_cache", key_cache, key_codec), ("value_cache", value_cache, value_codec)):
+        if not isinstance(cache, torch.Tensor) or cache.dtype != torch.uint8 or cache.dim() != 4:
+            raise TypeError(
+                f"{name} must be uint8 (num_blocks, block_size, kv_heads, row_bytes), got {_describe(cache)}"
+            )
+        if fmt.head_dim != d or cache.shape[-1] != fmt.row_bytes:
+            raise ValueError(
+                f"{name} rows hold {cache.shape[-1]} bytes; {fmt.kind}:{fmt.bits} at head_dim={d} needs {fmt.row_bytes} "
+                f"(codec head_dim {fmt.head_dim})"
+            )
+        if not cache.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if key_cache.shape[:3] != value_cache.shape[:3]:
+        raise ValueError(f"key_cache and value_cache disagree: {tuple(key_cache.shape)} vs {tuple(value_cache.shape)}")
+    hkv = key_cache.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of the cache's kv_heads ({hkv})")
+    if not isinstance(block_tables, torch.Tensor) or block_tables.dtype != torch.int32 or block_tables.dim() != 2:
+        raise TypeError(f"block_tables must be int32 (batch, max_blocks), got {_describe(block_tables)}")
+    if block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for a batch of {batch}")
+    for name, lens in (("seq_lens", seq_lens), ("window_lens", window_lens)):
+        if not isinstance(lens, torch.Tensor) or lens.dtype != torch.int32 or tuple(lens.shape) != (batch,):
+            raise TypeError(f"{name} must be int32 of shape ({batch},), got {_describe(lens)}")
+    for name, w in (("window_keys", window_keys), ("window_values", window_values)):
+        if not isinstance(w, torch.Tensor) or w.dim() != 4 or w.dtype not in _QUERY_DTYPES:
+            raise TypeError(f"{name} must be float16/bfloat16 (batch, window, kv_heads, head_dim), got {_describe(w)}")
+        if w.shape[0] != batch or w.shape[2:] != (hkv, d) or not w.is_contiguous():
+            raise ValueError(f"{name} must be contiguous ({batch}, window, {hkv}, {d}), got {tuple(w.shape)}")
+    if window_keys.shape != window_values.shape or window_keys.dtype != window_values.dtype:
+        raise ValueError("window_keys and window_values must have the same shape and dtype")
+    devices = {t.device for t in (query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_lens)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _describe(x) -> str:
+    return f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _empty_window(query: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, _, d = query.shape
+    w = query.new_zeros(batch, 0, kv_heads, d)
+    return w, w.clone(), torch.zeros(batch, dtype=torch.int32, device=query.device)
+
+
+def decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    key_codec: PagedCodec,
+    value_codec: PagedCodec,
+    window_keys: torch.Tensor | None = None,
+    window_values: torch.Tensor | None = None,
+    window_lens: torch.Tensor | None = None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    use_kernel: bool | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention output ``(batch, q_heads, head_dim)`` of one query token per sequence over the packed cache.
+
+    ``query`` (B, Hq, D) float16/bfloat16; ``key_cache``/``value_cache`` uint8 paged rows; ``block_tables``
+    int32 (B, max_blocks); ``seq_lens`` int32 (B,) packed tokens per sequence; the window (optional)
+    ``(B, W, Hkv, D)`` with ``window_lens`` int32 (B,). Every sequence must hold at least one token.
+    ``scale`` defaults to ``1/sqrt(D)``. ``use_kernel``: ``None`` = the Triton kernel iff on CUDA. ``out``: a
+    ``(B, Hq, D)`` tensor of the query's dtype to write into (the kernel path; for CUDA graphs).
+    """
+    if window_keys is None and window_values is None and window_lens is None:
+        if isinstance(query, torch.Tensor) and query.dim() == 3 and isinstance(key_cache, torch.Tensor):
+            window_keys, window_values, window_lens = _empty_window(query, key_cache.shape[2])
+    elif window_keys is None or window_values is None or window_lens is None:
+        raise ValueError("window_keys, window_values and window_lens go together: give all three or none")
+    _check(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
+           key_codec, value_codec)  # fmt: skip
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    if use_kernel is None:
+        use_kernel = query.is_cuda
+    if not use_kernel:
+        ref = decode_ref(query, key_cache, value_cache, block_tables, seq_lens, key_codec=key_codec,
+                         value_codec=value_codec, window_keys=window_keys, window_values=window_values,
+                         window_lens=window_lens, scale=scale)  # fmt: skip
+        return ref.to(query.dtype) if out is None else out.copy_(ref)
+    from kvpack.kernels.decode_attention import paged_decode_attention
+
+    return paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values,
+                                  window_lens, key_codec, value_codec, scale, num_splits=num_splits, out=out)  # fmt: skip
+
+
+def gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Rows of the first ``length`` token positions of one sequence: ``(length, kv_heads, row_bytes)``."""
+    block_size = cache.shape[1]
+    pos = torch.arange(length, device=cache.device)
+    blocks = block_table.long()[pos // block_size]
+    return cache[blocks, pos % block_size]
+
+
+def decode_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    key_codec: PagedCodec,
+    value_codec: PagedCodec,
+    window_keys: torch.Tensor | None = None,
+    window_values: torch.Tensor | None = None,
+    window_lens: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The definition `decode` computes: dequantize (as the codec decodes), then softmax attention; float32 out."""
+    batch, hq, d = query.shape
+    hkv = key_cache.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    seq_lens_host = seq_lens.tolist()
+    window_lens_host = window_lens.tolist() if window_lens is not None else [0] * batch
+    outs = []
+    for b in range(batch):  # one sequence at a time: lengths differ
+        keys = dequantize_rows(gather_tokens(key_cache, block_tables[b], seq_lens_host[b]), key_codec)
+        values = dequantize_rows(gather_tokens(value_cache, block_tables[b], seq_lens_host[b]), value_codec)
+        w = window_lens_host[b]
+        if w:
+            keys = torch.cat([keys, window_keys[b, :w].float()], dim=0)
+            values = torch.cat([values, window_values[b, :w].float()], dim=0)
+        keys = keys.transpose(0, 1).repeat_interleave(hq // hkv, dim=0)  # (hq, tokens, d)
+        values = values.transpose(0, 1).repeat_interleave(hq // hkv, dim=0)
+        scores = torch.einsum("hd,htd->ht", query[b].float(), keys) * scale
+        outs.append(torch.einsum("ht,htd->hd", scores.softmax(dim=-1), values))
+    return torch.stack(outs)

@@ -1,0 +1,117 @@
+"""Triton fused encode: new K or V vectors -> packed rows of the paged cache, written through a slot mapping.
+
+One program takes ``BLOCK_T`` tokens of one KV head and does, in registers: ``turbo_mse`` (TurboQuant,
+Zandieh et al., arXiv 2504.19874): norm, ``x / norm``, rotation by ``M`` (a tensor-core dot, 3xTF32 on
+the GPU so that it matches float32), bucketize against the Lloyd-Max boundaries (``idx = #{edges <
+y}``, as ``torch.bucketize``), planar bit packing, float16 norm; ``int`` (axis token, one group,
+KIVI-style): float16 ``zero = min`` and ``scale = (max - min) / (2^b - 1)``, ``round((x - zero) /
+scale)`` half to even with an exact floor/fraction test. Rows go to ``slot_mapping[t]`` (negative:
+skipped), as vLLM's ``reshape_and_cache``.
+
+The codes equal the PyTorch codec's except where float32 rounding differs: the rotation's
+summation order (and the norm's) differs from the BLAS one, so a rotated coordinate within about
+1e-6 of a bucket boundary can land in the neighbouring bucket. `int` is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvpack.kernels.paged import PagedCodec
+
+__all__ = ["paged_encode"]
+
+
+@triton.jit
+def _encode_kernel(
+    x_ptr,  # (T, HKV, D) float
+    slot_ptr,  # int64 (T,)
+    cache_ptr,  # uint8 (num_blocks, block_size, HKV, ROW)
+    rot_ptr,  # float32 (D, D): M (turbo_mse)
+    edges_ptr,  # float32 (2^BITS - 1,)
+    num_tokens,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    KIND: tl.constexpr,
+    BITS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    G: tl.constexpr = D // 8
+    CODE_BYTES: tl.constexpr = D * BITS // 8
+    ROW: tl.constexpr = CODE_BYTES + 2 + 2 * KIND
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, D)
+    slot = tl.load(slot_ptr + t, mask=t < num_tokens, other=-1)
+    tmask = slot >= 0
+    x = tl.load(x_ptr + (t.to(tl.int64)[:, None] * HKV + h) * D + d[None, :], mask=tmask[:, None], other=0.0)
+    x = x.to(tl.float32)
+    if KIND == 0:
+        norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+        unit = tl.math.div_rn(x, tl.where(norm > 0, norm, 1.0)[:, None])
+        rot = tl.load(rot_ptr + d[:, None] * D + d[None, :])
+        y = tl.dot(unit, rot, input_precision=DOT_PRECISION)
+        idx = tl.zeros((BLOCK_T, D), dtype=tl.int32)
+        for i in tl.static_range(LEVELS):
+            idx += (y > tl.load(edges_ptr + i)).to(tl.int32)
+        side0 = norm.to(tl.float16)
+    else:
+        mn = tl.min(tl.where(tmask[:, None], x, float("inf")), axis=1)
+        mx = tl.max(tl.where(tmask[:, None], x, float("-inf")), axis=1)
+        zero16 = tl.where(tmask, mn, 0.0).to(tl.float16)
+        scale16 = tl.math.div_rn(tl.where(tmask, mx - mn, 0.0), LEVELS * 1.0).to(tl.float16)
+        scale16 = tl.where(scale16 == 0, 1.0, scale16.to(tl.float32)).to(tl.float16)
+        v = tl.math.div_rn(x - zero16.to(tl.float32)[:, None], scale16.to(tl.float32)[:, None])
+        r = tl.floor(v)
+        frac = v - r  # exact for v >= -1
+        odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+        r = tl.where((frac > 0.5) | ((frac == 0.5) & odd), r + 1.0, r)
+        idx = tl.minimum(tl.maximum(r, 0.0), LEVELS * 1.0).to(tl.int32)
+        side0 = scale16
+    k = tl.arange(0, 8)
+    idx3 = tl.reshape(idx, (BLOCK_T, 8, G))  # [t, k, g] = dim k G + g
+    word = tl.sum(idx3 << (k * BITS)[None, :, None], axis=1)  # disjoint bit ranges: sum == or
+    row = slot * (HKV * ROW) + h * ROW
+    g = tl.arange(0, G)
+    for i in tl.static_range(BITS):
+        byte = ((word >> (8 * i)) & 0xFF).to(tl.uint8)
+        tl.store(cache_ptr + row[:, None] + (i * G + g)[None, :], byte, mask=tmask[:, None])
+    side_ptr = (cache_ptr + row + CODE_BYTES).to(tl.pointer_type(tl.float16))
+    tl.store(side_ptr, side0, mask=tmask)
+    if KIND == 1:
+        tl.store(side_ptr + 1, zero16, mask=tmask)
+
+
+def paged_encode(
+    x: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor, codec: PagedCodec, block_t: int = 32
+) -> None:
+    """Encode ``x`` (tokens, kv_heads, D) into ``cache`` (num_blocks, block_size, kv_heads, row_bytes) at ``slot_mapping``."""
+    if not isinstance(codec, PagedCodec):
+        raise TypeError(f"codec must be a PagedCodec, got {type(codec).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a float tensor (tokens, kv_heads, head_dim), got {getattr(x, 'shape', x)!r}")
+    if cache.dtype != torch.uint8 or cache.dim() != 4 or cache.shape[2:] != (x.shape[1], codec.row_bytes):
+        raise ValueError(
+            f"cache must be uint8 (num_blocks, block_size, {x.shape[1]}, {codec.row_bytes}), got {tuple(cache.shape)}"
+        )
+    if x.shape[-1] != codec.head_dim:
+        raise ValueError(f"x's last dim must be head_dim={codec.head_dim}, got {x.shape[-1]}")
+    if slot_mapping.dtype != torch.int64 or tuple(slot_mapping.shape) != (x.shape[0],):
+        raise TypeError(
+            f"slot_mapping must be int64 ({x.shape[0]},), got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
+        )
+    x = x.contiguous()
+    rotated = codec.kind == "turbo_mse"
+    rot = codec.rotation.float().contiguous() if rotated else slot_mapping
+    edges = codec.boundaries.float().contiguous() if rotated else slot_mapping
+    grid = (triton.cdiv(x.shape[0], block_t), x.shape[1])
+    _encode_kernel[grid](
+        x, slot_mapping, cache, rot, edges, x.shape[0], HKV=x.shape[1], D=codec.head_dim,
+        KIND=0 if rotated else 1, BITS=codec.bits, BLOCK_T=block_t,
+        DOT_PRECISION="tf32x3" if x.is_cuda else "ieee", num_warps=4,
+    )  # fmt: skip

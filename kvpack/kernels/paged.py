@@ -1,0 +1,178 @@
+"""The packed paged KV layout that the Triton kernels read and write, and its PyTorch reference.
+
+A cache stream (K or V) is a uint8 tensor ``[num_blocks, block_size, num_kv_heads, row_bytes]``
+(the paged layout of vLLM, Kwon et al., arXiv 2309.06180): token ``t`` of sequence ``b`` lives in
+block ``block_tables[b, t // block_size]`` at row ``t % block_size``. One row holds one token of
+one KV head: the ``head_dim`` codes, then the per-token side data.
+
+Code bytes (``head_dim * bits / 8``, planar so that a kernel unpacks whole tiles with shifts): the
+``G = head_dim / 8`` groups ``g`` each hold the codes of dims ``g + G k`` (``k = 0..7``) as one
+``8 bits``-bit little-endian integer ``sum_k code[g + G k] << (bits k)``, whose byte ``i`` is stored
+at ``i G + g``. So byte plane ``i`` is ``G`` contiguous bytes and shifting the reassembled words by
+``bits k`` gives the codes of the contiguous dims ``[G k, G k + G)``. The codes are the codec's own
+(``unpack_bits`` of its ``"codes"``); only their byte arrangement differs from `kvpack.pack_bits`.
+
+Side data (float16, after the codes): ``turbo_mse``: ``norm`` (2 bytes; value = ``norm *
+unrotate(codebook[code])``); ``int`` (axis token, one group): ``scale``, ``zero`` (4 bytes; value =
+``code * scale + zero``). A `PagedCodec` carries what a kernel needs besides the bytes: the
+codebook (``turbo_mse``) and the rotation as a matrix ``M`` with ``rotate(x) = x @ M``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpack.codec import Codec, Packed
+from kvpack.packing import unpack_bits
+
+__all__ = [
+    "KINDS",
+    "PagedCodec",
+    "dequantize_rows",
+    "pack_rows",
+    "paged_codec",
+    "rows_from_packed",
+    "unpack_rows",
+    "write_slots",
+]
+
+KINDS = ("turbo_mse", "int")
+SIDE_BYTES = {"turbo_mse": 2, "int": 4}
+
+
+@dataclass(frozen=True)
+class PagedCodec:
+    """What the kernels need to read or write one stream: codec kind, bits, head_dim and its tables.
+
+    ``codebook``: float32 ``(2^bits,)`` sorted centroids (``turbo_mse``; ``None`` for ``int``);
+    ``boundaries``: their float32 midpoints, used by the encoder; ``rotation``: float32 ``(D, D)``
+    matrix ``M`` with ``rotate(x) = x @ M`` and ``unrotate(y) = y @ M.T`` (``None`` for ``int``).
+    """
+
+    kind: str
+    head_dim: int
+    bits: int
+    codebook: torch.Tensor | None = None
+    boundaries: torch.Tensor | None = None
+    rotation: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        d = self.head_dim
+        if isinstance(d, bool) or not isinstance(d, int) or d < 16 or d & (d - 1):
+            raise ValueError(f"head_dim must be a power of two >= 16 for the paged kernels, got {d!r}")
+        if isinstance(self.bits, bool) or self.bits not in (1, 2, 3, 4):
+            raise ValueError(f"bits must be 1, 2, 3 or 4 for the paged kernels, got {self.bits!r}")
+        if self.kind == "turbo_mse":
+            for name, shape in (("codebook", (1 << self.bits,)), ("rotation", (d, d))):
+                t = getattr(self, name)
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                    raise ValueError(f"turbo_mse needs {name} of shape {shape}, got {t if t is None else t.shape}")
+            if self.boundaries is None:
+                cb = self.codebook.float()
+                object.__setattr__(self, "boundaries", (cb[1:] + cb[:-1]) / 2)
+
+    @property
+    def code_bytes(self) -> int:
+        return self.head_dim * self.bits // 8
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token of one KV head: codes plus float16 side data."""
+        return self.code_bytes + SIDE_BYTES[self.kind]
+
+    def to(self, device: torch.device | str) -> PagedCodec:
+        move = {k: None if t is None else t.to(device) for k, t in self._tables().items()}
+        return PagedCodec(self.kind, self.head_dim, self.bits, **move)
+
+    def _tables(self) -> dict[str, torch.Tensor | None]:
+        return {"codebook": self.codebook, "boundaries": self.boundaries, "rotation": self.rotation}
+
+
+def paged_codec(codec: Codec, device: torch.device | str = "cpu") -> PagedCodec:
+    """The `PagedCodec` of a kvpack codec: ``turbo_mse`` (any rotation) or ``int`` (axis token, one group)."""
+    if not isinstance(codec, Codec):
+        raise TypeError(f"codec must be a kvpack Codec, got {type(codec).__name__}")
+    if codec.name == "turbo_mse":
+        from kvpack.lloyd_max import sphere_boundaries, sphere_codebook
+        from kvpack.rotation import rotate
+
+        eye = torch.eye(codec.head_dim, dtype=torch.float64)
+        return PagedCodec(
+            "turbo_mse",
+            codec.head_dim,
+            codec.bits,
+            codebook=sphere_codebook(codec.head_dim, codec.bits).float().to(device),
+            boundaries=sphere_boundaries(codec.head_dim, codec.bits).float().to(device),
+            rotation=rotate(eye, codec.rotation, codec.seed).float().to(device),
+        )
+    if codec.name == "int":
+        if codec.axis != "token" or codec.group_size != codec.head_dim:
+            raise ValueError(f"the paged kernels take int with axis=token and one group per vector, got {codec.spec!r}")
+        return PagedCodec("int", codec.head_dim, codec.bits)
+    raise ValueError(f"the paged kernels support turbo_mse and int, not {codec.spec!r}")
+
+
+def _check_codes(codes: torch.Tensor, fmt: PagedCodec) -> None:
+    if codes.shape[-1] != fmt.head_dim:
+        raise ValueError(f"codes' last dim must be head_dim={fmt.head_dim}, got shape {tuple(codes.shape)}")
+
+
+def pack_rows(codes: torch.Tensor, side: torch.Tensor, fmt: PagedCodec) -> torch.Tensor:
+    """Codes ``(..., D)`` in ``[0, 2^bits)`` and float16 side data ``(..., side_values)`` -> rows uint8 ``(..., row_bytes)``."""
+    _check_codes(codes, fmt)
+    d, b = fmt.head_dim, fmt.bits
+    g = d // 8
+    c = codes.to(torch.int64).reshape(*codes.shape[:-1], 8, g)  # [k, g] = dim k G + g
+    shifts = (torch.arange(8, device=codes.device) * b).reshape(8, 1)
+    word = (c << shifts).sum(dim=-2)  # (..., G): disjoint bit ranges
+    byte_shifts = (torch.arange(b, device=codes.device) * 8).reshape(b, 1)
+    planes = ((word.unsqueeze(-2) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(*codes.shape[:-1], b * g)
+    side_bytes = side.to(torch.float16).contiguous().view(torch.uint8)
+    if side_bytes.shape[-1] != SIDE_BYTES[fmt.kind]:
+        raise ValueError(f"side data must hold {SIDE_BYTES[fmt.kind] // 2} float16 values, got {side.shape[-1]}")
+    return torch.cat([planes, side_bytes], dim=-1)
+
+
+def unpack_rows(rows: torch.Tensor, fmt: PagedCodec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_rows`: rows uint8 ``(..., row_bytes)`` -> codes uint8 ``(..., D)``, side float16."""
+    if rows.dtype != torch.uint8 or rows.shape[-1] != fmt.row_bytes:
+        raise ValueError(f"rows must be uint8 (..., {fmt.row_bytes}), got {rows.dtype} {tuple(rows.shape)}")
+    d, b = fmt.head_dim, fmt.bits
+    g = d // 8
+    planes = rows[..., : fmt.code_bytes].to(torch.int64).reshape(*rows.shape[:-1], b, g)
+    byte_shifts = (torch.arange(b, device=rows.device) * 8).reshape(b, 1)
+    word = (planes << byte_shifts).sum(dim=-2)  # (..., G)
+    shifts = (torch.arange(8, device=rows.device) * b).reshape(8, 1)
+    codes = ((word.unsqueeze(-2) >> shifts) & ((1 << b) - 1)).reshape(*rows.shape[:-1], d).to(torch.uint8)
+    side = rows[..., fmt.code_bytes :].contiguous().view(torch.float16)
+    return codes, side
+
+
+def rows_from_packed(packed: Packed, fmt: PagedCodec) -> torch.Tensor:
+    """Rows ``(..., row_bytes)`` holding exactly the codes and side data of a codec's `Packed` (shape ``(..., D)``)."""
+    codes = unpack_bits(packed.data["codes"], fmt.bits, fmt.head_dim)
+    if fmt.kind == "turbo_mse":
+        side = packed.data["norm"]
+    else:
+        side = torch.cat([packed.data["scale"], packed.data["zero"]], dim=-1)
+    return pack_rows(codes, side, fmt)
+
+
+def dequantize_rows(rows: torch.Tensor, fmt: PagedCodec) -> torch.Tensor:
+    """Rows ``(..., row_bytes)`` -> float32 values ``(..., D)``, as the codec decodes them (in float32)."""
+    codes, side = unpack_rows(rows, fmt)
+    side = side.float()
+    if fmt.kind == "turbo_mse":
+        return (fmt.codebook.float()[codes.long()] @ fmt.rotation.float().T) * side
+    return codes.float() * side[..., :1] + side[..., 1:]
+
+
+def write_slots(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store rows ``(tokens, kv_heads, row_bytes)`` at flat slots ``block * block_size + offset`` (negative: skipped)."""
+    flat = cache.view(-1, *cache.shape[2:])
+    keep = slot_mapping >= 0
+    flat[slot_mapping[keep].long()] = rows[keep]
