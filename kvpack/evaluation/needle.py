@@ -1,0 +1,417 @@
+"""``kvpack needle``: passkey retrieval (needle in a haystack) through a compressed KV cache.
+
+The passkey test of Mohtashami & Jaggi (Landmark Attention, arXiv 2305.16300), as used by KIVI
+(arXiv 2402.02750) and LongBench-style evaluations of KV compression: a random 5-digit passkey
+("The pass key is 71432. Remember it. 71432 is the pass key.") is hidden at a relative ``depth``
+of a filler context (repeated neutral sentences, or a span of a given text) whose prompt is
+``length`` tokens long including the answer; the model is asked for it in its chat template and
+answers by greedy decoding. A trial is correct when the first number in the answer is the passkey.
+
+Protocol (the ``snapshot`` of `kvpack.evaluate`): the context (chat header, instruction and the
+haystack with the needle) is prefilled once with exact attention and its K/V recorded; for each
+configuration that K/V is stored in a fresh cache (`KVPackCache` under the configuration's
+`CachePolicy`, or a `DynamicCache` for the uncompressed reference), and the question and the answer
+are then decoded through it with ``model.generate(past_key_values=cache)``. So the question reads
+the compressed haystack, as it does when a long document is cached and queried later; the
+prefill is shared by all configurations (the costly part on a CPU). Passkeys are drawn from a
+seeded generator per (length, depth, trial): same seed, same prompts, same answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kvpack.policy import CachePolicy
+
+__all__ = [
+    "DEFAULT_FILLER",
+    "REFERENCE",
+    "NeedleResult",
+    "add_arguments",
+    "build_prompt",
+    "format_table",
+    "parse_fractions",
+    "parse_lengths",
+    "passkey_for",
+    "plot_heatmap",
+    "run",
+    "run_needle",
+    "score_answer",
+]
+
+logger = logging.getLogger(__name__)
+
+REFERENCE = "uncompressed"  # name of the DynamicCache reference configuration
+DEFAULT_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+INSTRUCTION = (
+    "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the pass key.\n\n"
+)
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "\n\nWhat is the pass key?"
+ANSWER_PREFIX = "The pass key is"
+
+
+def passkey_for(seed: int, length: int, depth: float, trial: int) -> int:
+    """The 5-digit passkey of one trial: seeded by (seed, length, depth, trial), independent of the grid."""
+    return random.Random(f"kvpack-needle:{seed}:{length}:{depth:.4f}:{trial}").randint(10000, 99999)
+
+
+def score_answer(answer: str, passkey: int) -> bool:
+    """True when the first number in ``answer`` is ``passkey`` (digits separated by spaces/commas are joined)."""
+    if not isinstance(answer, str):
+        raise TypeError(f"answer must be a str, got {type(answer).__name__}")
+    match = re.search(r"\d[\d ,]*", answer)
+    return match is not None and re.sub(r"[ ,]", "", match.group()) == str(passkey)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """Token ids of the fixed prompt pieces and of the filler (with the sentence starts where a needle may go)."""
+
+    head: list[int]  # chat template up to the haystack + instruction
+    tail: list[int]  # question + end of the user turn + assistant header + answer prefix
+    filler: list[int]
+    boundaries: list[int]  # filler offsets where a sentence starts (the needle goes at one of these)
+
+
+def _prompt_parts(tokenizer, filler_text: str | None) -> _Parts:
+    marker = "\x00HAYSTACK\x00"
+    messages = [{"role": "user", "content": INSTRUCTION + marker + QUESTION}]
+    if getattr(tokenizer, "chat_template", None):
+        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:  # a base model: the plain text
+        chat = INSTRUCTION + marker + QUESTION + "\n"
+    before, after = chat.split(marker)
+    head, tail = _ids(tokenizer, before), _ids(tokenizer, after + ANSWER_PREFIX)
+    if filler_text is None:
+        sentences = [s + "." for s in DEFAULT_FILLER.split(".") if s.strip()]
+        pieces = [_ids(tokenizer, s) for s in sentences]
+        filler = [t for p in pieces for t in p]
+        starts = [0]
+        for p in pieces[:-1]:
+            starts.append(starts[-1] + len(p))
+        return _Parts(head, tail, filler, starts)
+    filler = _ids(tokenizer, " " + " ".join(filler_text.split()))
+    if not filler:
+        raise ValueError("the filler text is empty")
+    return _Parts(head, tail, filler, [])
+
+
+def build_prompt(
+    tokenizer,
+    length: int,
+    depth: float,
+    passkey: int,
+    filler_text: str | None = None,
+    answer_tokens: int = 8,
+    offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(context_ids, question_ids)`` 1-D LongTensors whose lengths sum to ``length - answer_tokens``.
+
+    The haystack is the filler repeated (or the text from token ``offset`` on) cut to fit, with the
+    needle inserted at the sentence start nearest to ``depth`` of it (``filler_text``: at the token
+    nearest to ``depth``). ``context_ids``: chat header, instruction, haystack; ``question_ids``:
+    question, assistant header and the answer prefix "The pass key is".
+    """
+    parts = _prompt_parts(tokenizer, filler_text)
+    needle = _ids(tokenizer, NEEDLE.format(key=passkey))
+    n_hay = length - answer_tokens - len(parts.head) - len(parts.tail) - len(needle)
+    if n_hay < 1:
+        raise ValueError(
+            f"length {length} leaves no room for a haystack: the prompt's fixed parts take "
+            f"{length - n_hay - 1} tokens; use a longer length"
+        )
+    reps = math.ceil((n_hay + offset) / len(parts.filler)) + 1
+    hay = (parts.filler * reps)[offset : offset + n_hay]
+    if parts.boundaries:  # sentence starts over the whole haystack, and its end
+        period = len(parts.filler)
+        starts = [r * period + b for r in range(reps) for b in parts.boundaries if r * period + b <= n_hay] + [n_hay]
+        at = min(starts, key=lambda s: (abs(s - depth * n_hay), s))
+    else:
+        at = round(depth * n_hay)
+    context = parts.head + hay[:at] + needle + hay[at:]
+    return torch.tensor(context, dtype=torch.long), torch.tensor(parts.tail, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class NeedleResult:
+    """Accuracy per configuration, length and depth; every trial's answer; bits held at each length."""
+
+    model: str
+    filler: str
+    lengths: list[int]
+    depths: list[float]
+    trials: int
+    configs: dict[str, dict]  # name -> policy fields (None for the reference)
+    accuracy: dict[str, list[list[float]]]  # name -> [length][depth]
+    bits_per_value: dict[str, list[float]]  # name -> [length], measured after the context is stored
+    samples: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _record_prefill(model, context: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(context[None], past_key_values=cache, logits_to_keep=1)
+    return {i: (layer.keys, layer.values) for i, layer in enumerate(cache.layers)}
+
+
+def _filled_cache(model, policy: CachePolicy | None, prefill: dict):
+    from transformers import DynamicCache
+
+    from kvpack.cache import KVPackCache
+
+    cache = DynamicCache(config=model.config) if policy is None else KVPackCache(model.config, policy=policy)
+    for layer_idx in sorted(prefill):  # the same update() calls a prefill through `cache` makes
+        cache.update(*prefill[layer_idx], layer_idx)
+    return cache
+
+
+def _check_grid(lengths, depths, trials) -> None:
+    if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
+        raise ValueError(f"lengths must be a non-empty list of positive ints, got {lengths!r}")
+    if not depths or any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1 for d in depths):
+        raise ValueError(f"depths must be a non-empty list of fractions in [0, 1], got {depths!r}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be an int >= 1, got {trials!r}")
+
+
+def run_needle(
+    model,
+    tokenizer,
+    configs: dict[str, CachePolicy | None],
+    lengths: list[int],
+    depths: list[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    trials: int = 3,
+    filler_text: str | None = None,
+    seed: int = 0,
+    answer_tokens: int = 8,
+    progress: bool = True,
+    model_name: str = "",
+    filler_label: str = "sentences",
+) -> NeedleResult:
+    """Passkey accuracy of each configuration (``None``: `DynamicCache`) over lengths x depths x trials.
+
+    Each prompt is prefilled once; every configuration decodes ``answer_tokens`` tokens greedily
+    through its own cache holding that prefill. ``lengths`` above the model's
+    ``max_position_embeddings`` are refused.
+    """
+    lengths, depths = list(lengths), [float(d) for d in depths]
+    _check_grid(lengths, depths, trials)
+    if not configs or not all(p is None or isinstance(p, CachePolicy) for p in configs.values()):
+        raise TypeError("configs must map names to kvpack.CachePolicy or None (the uncompressed reference)")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max(lengths) > limit:
+        raise ValueError(f"lengths {lengths} exceed the model's context length max_position_embeddings={limit}")
+    device = next(model.parameters()).device
+    correct = {name: torch.zeros(len(lengths), len(depths)) for name in configs}
+    bits = {name: [float("nan")] * len(lengths) for name in configs}
+    samples, t0 = [], time.perf_counter()
+    grid = [(i, j, t) for i in range(len(lengths)) for j in range(len(depths)) for t in range(trials)]
+    with torch.inference_mode():
+        for i, j, t in tqdm(grid, desc="needle", unit="prompt", disable=not progress):
+            length, depth = lengths[i], depths[j]
+            key = passkey_for(seed, length, depth, t)
+            context, question = build_prompt(tokenizer, length, depth, key, filler_text, answer_tokens, offset=997 * t)
+            context, question = context.to(device), question.to(device)
+            prefill = _record_prefill(model, context)
+            full = torch.cat([context, question])[None]
+            for name, policy in configs.items():
+                cache = _filled_cache(model, policy, prefill)
+                if policy is not None and math.isnan(bits[name][i]):
+                    bits[name][i] = cache.bits_per_value()
+                out = model.generate(
+                    full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=answer_tokens,
+                    do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                )  # fmt: skip
+                answer = tokenizer.decode(out[0, full.shape[1] :], skip_special_tokens=True)
+                ok = score_answer(answer, key)
+                correct[name][i, j] += ok
+                samples.append(
+                    {"config": name, "length": length, "depth": depth, "trial": t, "passkey": key,
+                     "answer": answer, "correct": ok, "prompt_tokens": full.shape[1]}
+                )  # fmt: skip
+    return NeedleResult(
+        model=model_name, filler=filler_label, lengths=lengths, depths=depths, trials=trials,
+        configs={n: None if p is None else _policy_dict(p) for n, p in configs.items()},
+        accuracy={n: (c / trials).tolist() for n, c in correct.items()}, bits_per_value=bits,
+        samples=samples, seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def _policy_dict(policy: CachePolicy) -> dict:
+    return {"key": policy.key, "value": policy.value, "residual": policy.residual, "sinks": policy.sinks,
+            "skip_layers": list(policy.skip_layers)}  # fmt: skip
+
+
+def format_table(result: NeedleResult) -> str:
+    """Accuracy per length (rows) and depth (columns) for each configuration, with the bits held."""
+    depth_cols = "".join(f"{f'{100 * d:.0f}%':>7}" for d in result.depths)
+    lines = [
+        f"kvpack needle  model={result.model}  filler={result.filler}  trials per cell={result.trials}  "
+        + f"({result.seconds:.0f} s)",
+        "",
+        f"{'config':34}{'length':>7}{'bits':>7}{depth_cols}{'mean':>7}",
+    ]
+    for name, acc in result.accuracy.items():
+        for i, length in enumerate(result.lengths):
+            b = result.bits_per_value[name][i]
+            row = "".join(f"{100 * a:6.0f}%" for a in acc[i])
+            mean = 100 * sum(acc[i]) / len(acc[i])
+            lines.append(f"{name[:33]:34}{length:7d}{'16*' if math.isnan(b) else f'{b:.2f}':>7}{row}{mean:6.0f}%")
+    lines += ["", "bits: measured average bits per K/V value held after the context is stored (* model dtype)."]
+    return "\n".join(lines)
+
+
+def plot_heatmap(result: NeedleResult, path: str | Path) -> Path:
+    """One panel per configuration: accuracy, lengths (rows) x depths (columns), annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result.accuracy)
+    fig, axes = plt.subplots(
+        1, len(names), figsize=(1.0 + 0.55 * len(result.depths) * len(names), 0.6 + 0.45 * len(result.lengths) + 0.8),
+        squeeze=False, constrained_layout=True,
+    )  # fmt: skip
+    for ax, name in zip(axes[0], names):
+        acc = torch.tensor(result.accuracy[name])
+        im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for (r, c), a in zip(((r, c) for r in range(acc.shape[0]) for c in range(acc.shape[1])), acc.flatten()):
+            ax.text(c, r, f"{100 * a:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(result.depths)), [f"{100 * d:.0f}" for d in result.depths], fontsize=7)
+        ax.set_yticks(range(len(result.lengths)), [str(n) for n in result.lengths], fontsize=7)
+        ax.set_xlabel("depth %", fontsize=8)
+        ax.set_title(name, fontsize=7)
+    axes[0][0].set_ylabel("length (tokens)", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    fig.suptitle(f"passkey retrieval, {result.model}, {result.trials} trials per cell", fontsize=9)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def parse_lengths(text: str) -> list[int]:
+    """``"1024,2048"`` -> ``[1024, 2048]``; ValueError naming ``--lengths`` otherwise."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--lengths must be comma-separated positive ints, got {text!r}") from None
+    if not out or any(n < 1 for n in out):
+        raise ValueError(f"--lengths must be comma-separated positive ints, got {text!r}")
+    return out
+
+
+def parse_fractions(text: str) -> list[float]:
+    """``"0,25,50"`` (percent) or ``"0,0.5,1"`` (fractions) -> fractions in [0, 1]; ValueError naming ``--depths``."""
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--depths must be comma-separated numbers (percent 0..100 or fractions), got {text!r}"
+        ) from None
+    if vals and max(vals) > 1:
+        vals = [v / 100 for v in vals]
+    if not vals or any(not 0 <= v <= 1 for v in vals):
+        raise ValueError(f"--depths must be in 0..100 (percent) or 0..1 (fractions), got {text!r}")
+    return vals
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, a model directory or a hub id")
+    parser.add_argument("--text", default=None, help="filler text file ('wikitext2' too); default: repeated sentences")
+    parser.add_argument("--key", action="append", default=None, help="K codec spec; repeat for several configs")
+    parser.add_argument("--value", action="append", default=None, help="V codec spec; repeat for several configs")
+    parser.add_argument("--residual", action="append", type=int, default=None, help="recent tokens kept (default 128)")
+    parser.add_argument("--sinks", action="append", type=int, default=None, help="first tokens kept (default 4)")
+    parser.add_argument("--skip-layers", default=None, help="comma-separated layer indices kept in full precision")
+    parser.add_argument("--preset", action="append", default=None, help="a named policy; repeat for several")
+    parser.add_argument("--lengths", default="1024,2048,4096", help="prompt lengths in tokens, answer included")
+    parser.add_argument("--depths", default="0,25,50,75,100", help="needle depths, percent of the haystack")
+    parser.add_argument("--trials", type=int, default=3, help="passkeys per (length, depth) cell")
+    parser.add_argument("--seed", type=int, default=0, help="passkey and codec seed")
+    parser.add_argument("--no-reference", action="store_true", help="skip the uncompressed DynamicCache reference")
+    parser.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON to OUT")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="write the accuracy heatmap to PNG")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def configs_from_args(args: argparse.Namespace) -> dict[str, CachePolicy | None]:
+    """Named policies from repeated ``--key/--value/--residual/--sinks`` (a single value applies to all) and ``--preset``."""
+    from kvpack.evaluation.eval_cli import DEFAULTS
+
+    configs: dict[str, CachePolicy | None] = {} if args.no_reference else {REFERENCE: None}
+    skip = ()
+    if args.skip_layers:
+        try:
+            skip = tuple(int(i) for i in args.skip_layers.split(",") if i.strip())
+        except ValueError:
+            raise ValueError(f"--skip-layers must be comma-separated ints, got {args.skip_layers!r}") from None
+    lists = {name: getattr(args, name) for name in ("key", "value", "residual", "sinks")}
+    n = max((len(v) for v in lists.values() if v), default=0)
+    for name, vals in lists.items():
+        if vals and len(vals) not in (1, n):
+            raise ValueError(f"--{name} given {len(vals)} times; give it once (for all) or {n} times (one per config)")
+    for i in range(n):
+        pick = {name: DEFAULTS[name] if not v else v[0] if len(v) == 1 else v[i] for name, v in lists.items()}
+        key, value = (None if s.lower() == "none" else s for s in (pick["key"], pick["value"]))
+        policy = CachePolicy(key, value, pick["residual"], pick["sinks"], skip, None, args.seed)
+        configs[f"k={key} v={value} r={pick['residual']} s={pick['sinks']}"] = policy
+    for preset in args.preset or ():
+        from kvpack.evaluation.presets import PRESETS
+
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known presets: {sorted(PRESETS) or 'none yet'}")
+        configs[f"preset {preset}"] = CachePolicy(**{"seed": args.seed, **PRESETS[preset]})
+    if len(configs) == (0 if args.no_reference else 1):  # nothing compressed asked: the eval default
+        configs["k={key} v={value} r={residual} s={sinks}".format(**DEFAULTS)] = CachePolicy(
+            DEFAULTS["key"], DEFAULTS["value"], DEFAULTS["residual"], DEFAULTS["sinks"], skip, None, args.seed
+        )
+    return configs
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvpack.evaluation.text import load_text, text_label
+    from kvpack.models import load
+
+    lengths, depths = parse_lengths(args.lengths), parse_fractions(args.depths)
+    _check_grid(lengths, depths, args.trials)
+    configs = configs_from_args(args)
+    filler = None if args.text is None else load_text(args.text)
+    model, tokenizer = load(args.model)
+    result = run_needle(
+        model, tokenizer, configs, lengths, depths, args.trials, filler, args.seed, progress=not args.no_progress,
+        model_name=str(args.model), filler_label="sentences" if args.text is None else text_label(args.text),
+    )  # fmt: skip
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_heatmap(result, args.plot)}")
+    return 0
