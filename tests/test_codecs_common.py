@@ -52,9 +52,15 @@ def test_shape_dtype_round_trip(spec, dtype):
     y = codec.decode(codec.encode(x))
     assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
     assert torch.isfinite(y).all()
-    # every codec keeps some signal: relative error well under 1 (1-bit sign codecs included)
+    # every codec keeps some signal: relative error well under 1 (1-bit sign codecs included), except
+    # QJL, whose decode is an unbiased sketch, not a reconstruction: relative error sqrt(pi/2 d/m - 1/m)
+    # (1.25 at m = d) by design; its signal is cos(x, x_hat) = 1 / sqrt(1 + pi/2 d/m - 1/m) (0.63 at m = d)
     rel = ((y.float() - x.float()).norm() / x.float().norm()).item()
-    assert rel < 0.9, rel
+    if spec.startswith("qjl"):
+        cos = torch.nn.functional.cosine_similarity(y.float().flatten(), x.float().flatten(), dim=0).item()
+        assert cos > 0.55, cos
+    else:
+        assert rel < 0.9, rel
 
 
 @pytest.mark.parametrize("spec", SPECS)
