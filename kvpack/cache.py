@@ -285,6 +285,11 @@ class KVPackCache(Cache):
         bad = [i for i in policy.skip_layers if i >= len(kinds)]
         if bad:
             raise ValueError(f"skip_layers {bad} out of range: the model has {len(kinds)} layers")
+        bad = [i for i, _ in policy.fp_heads if i >= len(kinds)] + [
+            i for i in range(len(kinds), max(len(policy.layer_keys), len(policy.layer_values)))
+        ]
+        if bad:
+            raise ValueError(f"fp_heads/layer_keys/layer_values name layers {bad}: the model has {len(kinds)} layers")
         super().__init__(layers=[self.layer_class(policy, i, window) for i, window in enumerate(kinds)])
 
     def nbytes(self, stream: str | None = None) -> int:

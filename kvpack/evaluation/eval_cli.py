@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sinks", type=int, default=None, help="first tokens kept in full precision (default 4)")
     parser.add_argument("--skip-layers", default=None, help="comma-separated layer indices kept in full precision")
     parser.add_argument("--preset", default=None, help="a named policy instead of --key/--value/--residual/--sinks")
+    parser.add_argument("--policy", default=None, metavar="PATH", help="a policy JSON file (kvpack allocate)")
     parser.add_argument("--ctx", type=int, default=1024, help="context tokens per window")
     parser.add_argument("--n-eval", type=int, default=256, help="continuation tokens scored per window")
     parser.add_argument("--windows", type=int, default=8, help="non-overlapping windows evenly spread over the text")
@@ -42,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _policy_kwargs(args: argparse.Namespace) -> dict:
     given = {name: getattr(args, name) for name in ("key", "value", "residual", "sinks", "skip_layers")}
+    if getattr(args, "policy", None) is not None:
+        clash = [f"--{name.replace('_', '-')}" for name, v in {**given, "preset": args.preset}.items() if v is not None]
+        if clash:
+            raise ValueError(f"--policy {args.policy} replaces {', '.join(clash)}: give one or the other")
+        return _policy_file_kwargs(args.policy)
     if args.preset is not None:
         clash = [f"--{name.replace('_', '-')}" for name, v in given.items() if v is not None]
         if clash:
@@ -57,6 +63,21 @@ def _policy_kwargs(args: argparse.Namespace) -> dict:
     return out
 
 
+def _policy_file_kwargs(path: str) -> dict:
+    """evaluate() arguments for a policy file: a KVPackCache under it (its per-layer specs, fp heads...)."""
+    from kvpack.allocate import load_policy
+    from kvpack.cache import KVPackCache
+
+    policy = load_policy(path)
+
+    def cache_factory(config):
+        return KVPackCache(config, policy=policy)
+
+    cache_factory.__name__ = f"policy file {path}"
+    return {"key": policy.key, "value": policy.value, "residual": policy.residual, "sinks": policy.sinks,
+            "skip_layers": policy.skip_layers, "cache_factory": cache_factory}  # fmt: skip
+
+
 def format_result(result) -> str:
     """A readable table of an `EvalResult`: settings, pooled metrics with their spread, per-window rows, verdict."""
     p = result.policy
@@ -69,6 +90,7 @@ def format_result(result) -> str:
         f"policy: key={p['key']}  value={p['value']}  residual={p['residual']}  sinks={p['sinks']}  skip_layers={skip}"
     )
     policy += (f"  only={p['only']}" if p["only"] else "") + (f"  preset={p['preset']}" if p["preset"] else "")
+    policy += f"  ({p['cache_factory']})" if p.get("cache_factory") else ""
     bits = (
         f"{'bits K / V':16}{_bits(result.bits_k):>12} / {_bits(result.bits_v)}   (avg {_bits(result.bits_per_value)}; "
         "measured bytes held, sinks and residual as 16-bit)"
