@@ -72,9 +72,8 @@ def qjl_estimate(signs: torch.Tensor, norm: torch.Tensor, sketch: torch.Tensor) 
     return (pm1 @ sketch) * (norm.float() * (math.sqrt(math.pi / 2) / m))
 
 
-def float16_norm(v: torch.Tensor, what: str) -> torch.Tensor:
-    """``||v||`` over the last dim as float16 (..., 1); raise if it overflows float16."""
-    norm = v.norm(dim=-1, keepdim=True)
+def float16_norm(norm: torch.Tensor, what: str) -> torch.Tensor:
+    """A float32 norm (..., 1) as stored, float16; raise if it overflows float16."""
     if norm.numel() and float(norm.max()) > FLOAT16_MAX:
         raise ValueError(f"x is too large: the {what} is stored as float16 and must stay below {FLOAT16_MAX}")
     return norm.to(torch.float16)
@@ -115,7 +114,7 @@ class QJL(Codec):
     def encode(self, x: torch.Tensor) -> Packed:
         self.check_input(x)
         xf = x.float()
-        norm = float16_norm(xf, "norm")
+        norm = float16_norm(xf.norm(dim=-1, keepdim=True), "norm")
         return self.make_packed(x, signs=qjl_signs(xf, self.sketch(x.device)), norm=norm)
 
     def decode(self, packed: Packed) -> torch.Tensor:

@@ -36,12 +36,26 @@ __all__ = ["TurboMSE", "TurboProd"]
 
 
 @functools.lru_cache(maxsize=64)
-def _codebook_on(head_dim: int, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(centroids, boundaries) float32 on ``device``."""
-    return (
-        sphere_codebook(head_dim, bits).to(device=device, dtype=torch.float32),
-        sphere_boundaries(head_dim, bits).to(device=device, dtype=torch.float32),
-    )
+def _centroids_on(head_dim: int, bits: int, device: torch.device) -> torch.Tensor:
+    """The sphere codebook as float32 on ``device``."""
+    return sphere_codebook(head_dim, bits).to(device=device, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _edges_f32(head_dim: int, bits: int) -> tuple[float, ...]:
+    """The cell edges rounded to float32 (then held as Python floats: compared exactly as float32)."""
+    return tuple(sphere_boundaries(head_dim, bits).float().tolist())
+
+
+def bucketize_sorted(t: torch.Tensor, edges: tuple[float, ...]) -> torch.Tensor:
+    """``torch.bucketize(t, edges)`` (uint8: the number of edges below ``t``) for float32 ``t``.
+
+    One comparison per edge (at most 15) instead of a binary search per element: ~4x faster on the CPU.
+    """
+    idx = torch.zeros(t.shape, dtype=torch.uint8, device=t.device)
+    for edge in edges:
+        idx += t > edge
+    return idx
 
 
 def _check_turbo_options(codec: Codec) -> None:
@@ -75,16 +89,15 @@ class TurboMSE(Codec):
     def quantize(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(norm16, codes)`` of float32 ``xf`` (..., head_dim), as stored."""
         norm = xf.norm(dim=-1, keepdim=True)
-        norm16 = float16_norm(xf, "norm")
+        norm16 = float16_norm(norm, "norm")
         # zero vectors: divide by 1 instead of 0, so the direction is 0 (not NaN) and decodes to norm 0 * c = 0
         unit = xf / torch.where(norm > 0, norm, torch.ones_like(norm))
-        _, edges = _codebook_on(self.head_dim, self.bits, xf.device)
-        idx = torch.bucketize(rotate(unit, self.rotation, self.seed), edges)
+        idx = bucketize_sorted(rotate(unit, self.rotation, self.seed), _edges_f32(self.head_dim, self.bits))
         return norm16, pack_bits(idx, self.bits)
 
     def dequantize(self, norm16: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """float32 (..., head_dim) reconstruction from the stored ``norm`` and ``codes``."""
-        centroids, _ = _codebook_on(self.head_dim, self.bits, codes.device)
+        centroids = _centroids_on(self.head_dim, self.bits, codes.device)
         idx = unpack_bits(codes, self.bits, self.head_dim).long()
         return unrotate(centroids[idx], self.rotation, self.seed) * norm16.float()
 
@@ -145,7 +158,7 @@ class TurboProd(Codec):
             norm=norm16,
             codes=codes,
             qjl_signs=qjl_signs(residual, self.sketch(x.device)),
-            residual_norm=float16_norm(residual, "residual norm"),
+            residual_norm=float16_norm(residual.norm(dim=-1, keepdim=True), "residual norm"),
         )
 
     def decode(self, packed: Packed) -> torch.Tensor:
