@@ -373,7 +373,7 @@ PANELS = (
 
 
 def plot_heatmaps(result: InspectResult, path: str | Path) -> Path:
-    """One panel per metric: layers (x) by codec and KV head (rows), log colour scale shared across codecs."""
+    """One panel per metric: layers (x) by codec and KV head (rows); log colour, shared across codecs, 3 decades."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -387,12 +387,10 @@ def plot_heatmaps(result: InspectResult, path: str | Path) -> Path:
     )
     for ax, (metric, title) in zip(axes, PANELS):
         grid = torch.cat([result.table(label, metric).T for label in labels])  # (codecs * kv_heads, layers)
-        positive = grid[grid > 0]
-        floor = float(positive.min()) if positive.numel() else 1e-12
-        grid = grid.clamp_min(floor)
-        im = ax.imshow(
-            grid, aspect="auto", cmap="magma", norm=LogNorm(vmin=floor, vmax=max(float(grid.max()), floor * 10))
-        )
+        # three decades below the worst cell: lossless codecs (~1e-8) would otherwise flatten the lossy ones
+        top = max(float(grid.max()), 1e-12)
+        grid = grid.clamp_min(top * 1e-3)
+        im = ax.imshow(grid.numpy(), aspect="auto", cmap="magma", norm=LogNorm(vmin=top * 1e-3, vmax=top))
         ax.set_yticks(range(rows), [f"{lab[:32]}  h{h}" for lab in labels for h in range(result.kv_heads)], fontsize=6)
         for i in range(1, len(labels)):
             ax.axhline(i * result.kv_heads - 0.5, color="white", lw=1)

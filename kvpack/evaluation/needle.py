@@ -297,7 +297,7 @@ def plot_heatmap(result: NeedleResult, path: str | Path) -> Path:
     )  # fmt: skip
     for ax, name in zip(axes[0], names):
         acc = torch.tensor(result.accuracy[name])
-        im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        im = ax.imshow(acc.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         for (r, c), a in zip(((r, c) for r in range(acc.shape[0]) for c in range(acc.shape[1])), acc.flatten()):
             ax.text(c, r, f"{100 * a:.0f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(result.depths)), [f"{100 * d:.0f}" for d in result.depths], fontsize=7)
