@@ -328,8 +328,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluate-windows", type=int, default=0,
                         help="then evaluate each policy with kvpack.evaluate (ctx 1024, n_eval 256) on N windows")  # fmt: skip
     parser.add_argument("--uniform", type=int, default=0, metavar="K",
-                        help="with --evaluate-windows: screen every undominated uniform K/V pair of the candidates "
-                        "within each budget on 2 windows and evaluate the K best (by KL) next to the policy")  # fmt: skip
+                        help="with --evaluate-windows: also evaluate the K undominated uniform K/V pairs of the "
+                        "candidates within each budget that the measured sensitivities predict best")  # fmt: skip
     parser.add_argument("--results", default=None, help="JSON file for the evaluation results")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -389,7 +389,9 @@ def compare_policies(
     model, tokenizer, args, policies: dict, candidates: tuple[str, ...], kl: torch.Tensor
 ) -> list[dict]:
     """kvpack.evaluate (snapshot, ctx 1024, n_eval 256) of each allocated policy and, with ``--uniform K``,
-    of the K best undominated uniform pairs within its budget (screened on 2 windows by KL)."""
+    of the K undominated uniform pairs within its budget of least predicted KL (sum of the measured
+    per-layer sensitivities: the same table the allocation uses, so the baseline is picked as well
+    as the policy is)."""
     from kvpack.cache import KVPackCache
     from kvpack.evaluation.evaluate import evaluate
     from kvpack.evaluation.text import load_text, tokenize
@@ -405,7 +407,6 @@ def compare_policies(
     def predicted(k: str, v: str) -> float:
         return float(kl[:, 0, index[k]].sum() + kl[:, 1, index[v]].sum())
 
-    screened: dict[tuple[str, str], float] = {}
     done: dict[tuple[str, str], dict] = {}
     rows = []
     for budget, policy in policies.items():
@@ -419,14 +420,11 @@ def compare_policies(
                      **_metrics(result)})  # fmt: skip
         if args.uniform:
             pairs = uniform_pairs(candidates, head_dim, budget)
-            for k, v, _ in pairs:
-                if (k, v) not in screened:
-                    screened[(k, v)] = evaluate(**common, windows=2, key=k, value=v).kl
-            for k, v, mean_bits in sorted(pairs, key=lambda p: screened[p[:2]])[: args.uniform]:
+            for k, v, mean_bits in sorted(pairs, key=lambda p: predicted(p[0], p[1]))[: args.uniform]:
                 if (k, v) not in done:
                     done[(k, v)] = _metrics(evaluate(**common, windows=args.evaluate_windows, key=k, value=v))
                 rows.append({"budget": budget, "policy": f"{k}/{v}", "predicted_kl": predicted(k, v),
-                             "mean_bits": mean_bits, "screen_kl_2w": screened[(k, v)], **done[(k, v)]})  # fmt: skip
+                             "mean_bits": mean_bits, **done[(k, v)]})  # fmt: skip
         for r in (r for r in rows if r["budget"] == budget):
             print(f"{budget:>5g} {r['policy']:<36} bits {r['mean_bits']:.3f} (held {r['bits_per_value']:.3f})  "
                   f"delta-ppl {r['delta_ppl_pct']:+.3f}% (+-{r['delta_ppl_pct_std']:.3f})  top1 {r['top1']:.4f}  "

@@ -261,3 +261,20 @@ def test_per_layer_policy_with_fp_heads_persists(tmp_path):
     assert loaded.policy == policy
     for a, b in zip(cache.layers, loaded.layers):
         assert all(torch.equal(x, y) for x, y in zip(a.past(), b.past()))
+
+
+def test_eval_cli_takes_a_policy_file(tmp_path):
+    import argparse
+
+    from kvpack.evaluation import eval_cli
+
+    path = tmp_path / "p.json"
+    policy = CachePolicy(None, None, 32, 2, layer_keys=("e8:2", "int:4", None), layer_values=("e8:3",) * 3)
+    save_policy(policy, path)
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    kwargs = eval_cli._policy_kwargs(parser.parse_args(["--policy", str(path)]))
+    cache = kwargs["cache_factory"](tiny_llama().config)
+    assert cache.policy == policy and kwargs["residual"] == 32 and kwargs["sinks"] == 2
+    with pytest.raises(ValueError, match="replaces --key"):
+        eval_cli._policy_kwargs(parser.parse_args(["--policy", str(path), "--key", "int:4"]))
