@@ -9,6 +9,7 @@ __all__ = ["Codec", "Packed", "get_codec", "list_codecs", "pack_bits", "unpack_b
 __all__ += ["PackedKV", "bpe_accounting", "dequantize_kv", "quantize_kv"]
 __all__ += ["CachePolicy", "EvalResult", "KVPackCache", "evaluate"]
 __all__ += ["load_cache", "save_cache"]
+__all__ += ["load_policy", "save_policy"]
 __version__ = "0.1.0"
 
 # imported on first use: these pull in transformers (~3 s), which `import kvpack` should not pay for
@@ -16,6 +17,8 @@ _LAZY = {
     "KVPackCache": "kvpack.cache",
     "load_cache": "kvpack.persist",
     "save_cache": "kvpack.persist",
+    "load_policy": "kvpack.allocate",
+    "save_policy": "kvpack.allocate",
     "EvalResult": "kvpack.evaluation.evaluate",
     "evaluate": "kvpack.evaluation.evaluate",
 }
