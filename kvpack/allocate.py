@@ -315,7 +315,17 @@ def uniform_pairs(candidates: tuple[str, ...], head_dim: int, budget: float) -> 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--text", default="wikitext2", help="text whose calibration spans avoid the eval windows")
-    parser.add_argument("--budget", type=float, nargs="+", required=True, help="mean bits per value (one or more)")
+    parser.add_argument("--budget", type=float, nargs="+", default=None, help="mean bits per value (one or more)")
+    parser.add_argument(
+        "--outlier-heads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead of a budget: measure each KV head's sensitivity under --key/--value and write "
+        "the policy keeping the N worst heads in 16-bit (and, as a control, the N mildest)",
+    )
+    parser.add_argument("--key", default="e8:2", help="with --outlier-heads: the K codec of every layer")
+    parser.add_argument("--value", default="e8:2", help="with --outlier-heads: the V codec of every layer")
     parser.add_argument("--candidates", nargs="+", default=list(DEFAULT_CANDIDATES), help="codec specs to choose from")
     parser.add_argument("--calib-windows", type=int, default=2, help="calibration windows")
     parser.add_argument("--calib-ctx", type=int, default=512, help="context tokens per calibration window")
@@ -343,8 +353,12 @@ def run(args: argparse.Namespace) -> int:
     from kvpack.evaluation.text import load_text, tokenize
     from kvpack.models import load
 
+    if (args.budget is None) == (args.outlier_heads is None):
+        raise ValueError("give --budget (per-layer allocation) or --outlier-heads N (16-bit outlier heads), not both")
     candidates = tuple(args.candidates)
     model, tokenizer = load(args.model, device=args.device)
+    if args.outlier_heads is not None:
+        return _run_outlier_heads(model, tokenizer, args)
     config = model.config
     head_dim, num_layers = _head_dim(config), config.num_hidden_layers
     bits = [get_codec(c, head_dim=head_dim).bits_per_value() for c in candidates]
@@ -436,3 +450,24 @@ def _metrics(result) -> dict:
     keys = ("ppl_ref", "ppl", "delta_ppl_pct", "delta_ppl_pct_std", "top1", "kl", "kl_std", "bits_k", "bits_v",
             "bits_per_value")  # fmt: skip
     return {k: getattr(result, k) for k in keys}
+
+
+def _run_outlier_heads(model, tokenizer, args: argparse.Namespace) -> int:
+    """``--outlier-heads N``: per-head sensitivities under uniform --key/--value, the worst N kept 16-bit."""
+    from kvpack.calibrate import calibration_ids
+    from kvpack.evaluation.text import load_text, tokenize
+
+    config = model.config
+    ids = tokenize(tokenizer, load_text(args.text))
+    windows = calibration_ids(ids, args.calib_ctx + args.calib_n, args.calib_windows)
+    scores = head_sensitivity(model, windows, args.calib_ctx, args.key, args.value, args.residual, args.sinks,
+                              progress=not args.no_progress)  # fmt: skip
+    shape = (config.num_hidden_layers, config.num_key_value_heads)
+    for label, heads in (("worst", choose_outlier_heads(scores, args.outlier_heads)),
+                         ("mildest", choose_outlier_heads(-scores, args.outlier_heads))):  # fmt: skip
+        policy = CachePolicy(args.key, args.value, args.residual, args.sinks, fp_heads=heads)
+        bits = policy_bits(policy, _head_dim(config), *shape)
+        out = args.out.replace("{budget}", f"{label}{args.outlier_heads}heads")
+        save_policy(policy, out, mean_bits=bits, head_kl=scores.tolist(), chose=label)
+        print(f"{label} {args.outlier_heads} heads {list(heads)}: mean codec bits {bits:.4f} -> {out}")
+    return 0

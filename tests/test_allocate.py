@@ -278,3 +278,15 @@ def test_eval_cli_takes_a_policy_file(tmp_path):
     assert cache.policy == policy and kwargs["residual"] == 32 and kwargs["sinks"] == 2
     with pytest.raises(ValueError, match="replaces --key"):
         eval_cli._policy_kwargs(parser.parse_args(["--policy", str(path), "--key", "int:4"]))
+
+
+def test_allocate_cli_needs_a_budget_or_outlier_heads():
+    import argparse
+
+    from kvpack import allocate
+
+    parser = argparse.ArgumentParser()
+    allocate.add_arguments(parser)
+    for argv in ([], ["--budget", "3", "--outlier-heads", "2"]):
+        with pytest.raises(ValueError, match="--budget .* or --outlier-heads"):
+            allocate.run(parser.parse_args(argv))
