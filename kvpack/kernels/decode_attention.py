@@ -7,7 +7,7 @@ window is simply one more split.
 
 Kernel 1 (grid ``(kv_heads, splits + 1, batch)``): each program owns one KV head and one range of
 tokens (split-K, "flash-decoding", Dao et al. 2023) and scores *all* the query heads of that KV head
-(GQA) from one read of the packed bytes: it reassembles the planar code words with shifts, looks the
+(GQA) from one read of the packed bytes: it unpacks the `pack_bits` code words with shifts (4 bits: one table lookup per byte), looks the
 codes up in the codebook (``turbo_mse``: values of the rotated unit vector; ``int``: the integer
 code itself), and runs an online softmax (Milakov & Gimelshein 2018) with tensor-core dots. For
 ``turbo_mse`` the score is ``norm * <R q, c[code]>`` (the query is rotated once, outside), and the
@@ -20,6 +20,7 @@ decode attention.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,28 +36,50 @@ KIND_IDS = {"turbo_mse": 0, "int": 1}
 
 
 @triton.jit
-def _load_tile(cache_ptr, row, tmask, cb_ptr, KIND: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
-    """Rows (N,) byte offsets -> values (N, D) float16 and side (a, c) float32 (N,): true value = a * v + c."""
+def _tile_slots(block_tables_ptr, b, stride_bt, t, tmask, BLOCK_SIZE: tl.constexpr):
+    """Flat cache slots (int64) of token positions ``t`` of sequence ``b`` through its block table."""
+    blk = tl.load(block_tables_ptr + b * stride_bt + t // BLOCK_SIZE, mask=tmask, other=0)
+    return blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE
+
+
+@triton.jit
+def _load_raw(cache_ptr, row, tmask, KIND: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
+    """Issue the loads of one tile: code bytes (N, D/8, 4) uint8 (byte i < BITS of each 8-code word) and side (a, c)."""
     G: tl.constexpr = D // 8
     CODE_BYTES: tl.constexpr = D * BITS // 8
-    N: tl.constexpr = row.shape[0]
     g = tl.arange(0, G)
-    word = tl.zeros((N, G), dtype=tl.int32)
-    for i in tl.static_range(BITS):
-        byte = tl.load(cache_ptr + row[:, None] + (i * G + g)[None, :], mask=tmask[:, None], other=0)
-        word = word | (byte.to(tl.int32) << (8 * i))
-    k = tl.arange(0, 8)
-    codes = (word[:, None, :] >> (k * BITS)[None, :, None]) & ((1 << BITS) - 1)  # (N, 8, G): dim k G + g
-    codes = tl.reshape(codes, (N, D))
+    i = tl.arange(0, 4)
+    offs = row[:, None, None] + (g * BITS)[None, :, None] + i[None, None, :]
+    raw = tl.load(cache_ptr + offs, mask=tmask[:, None, None] & (i < BITS)[None, None, :], other=0)
     side_ptr = (cache_ptr + row + CODE_BYTES).to(tl.pointer_type(tl.float16))
     a = tl.load(side_ptr, mask=tmask, other=0.0).to(tl.float32)
     if KIND == 0:
-        vals = tl.load(cb_ptr + codes)  # float16 codebook, a few hundred bytes: L1 hits
         c = tl.zeros_like(a)
     else:
-        vals = codes.to(tl.float16)
         c = tl.load(side_ptr + 1, mask=tmask, other=0.0).to(tl.float32)
-    return vals, a, c
+    return raw, a, c
+
+
+@triton.jit
+def _unpack(raw, cb_ptr, table, KIND: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
+            LUT: tl.constexpr):  # fmt: skip
+    """Code bytes (N, D/8, 4) -> values (N, D) float16: codebook entries (turbo_mse) or the integer codes (int).
+
+    ``LUT`` 0: look codes up with loads from the codebook in global memory (L1 hits); 1: ``tl.gather`` from
+    ``table``, the codebook broadcast to (2^BITS, D) in registers.
+    """
+    i = tl.arange(0, 4)
+    k = tl.arange(0, 8)
+    word = tl.sum(raw.to(tl.int32) << (8 * i)[None, None, :], axis=2)  # (N, G): 8 codes, disjoint bits
+    codes = (word[:, :, None] >> (k * BITS)[None, None, :]) & ((1 << BITS) - 1)  # (N, G, 8): dim 8 g + k
+    codes = tl.reshape(codes, (N, D))
+    if KIND == 0:
+        if LUT == 1:
+            return tl.gather(table, codes, 0)
+        else:
+            return tl.load(cb_ptr + codes)  # float16 codebook, a few bytes: L1 hits
+    else:
+        return codes.to(tl.float16)
 
 
 @triton.jit
@@ -90,7 +113,8 @@ def _split_kernel(
     BITS_V: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS,
+    LUT: tl.constexpr,
 ):
     h = tl.program_id(0)
     split = tl.program_id(1)
@@ -111,20 +135,29 @@ def _split_kernel(
         q = tl.load(q_ptr + q_off, mask=qmask[:, None], other=0.0).to(tl.float16)
         if KIND_K == 1:
             q_sum = tl.sum(q.to(tl.float32), axis=1)
+        k_table = tl.broadcast_to(tl.load(k_cb_ptr + tl.arange(0, 1 << BITS_K))[:, None], (1 << BITS_K, D))
+        v_table = tl.broadcast_to(tl.load(v_cb_ptr + tl.arange(0, 1 << BITS_V))[:, None], (1 << BITS_V, D))
         seq_len = tl.load(seq_lens_ptr + b)
         start = split * tokens_per_split
         end = tl.minimum(start + tokens_per_split, seq_len)
+        # software pipeline: block-table entries two tiles ahead, code bytes one tile ahead (loads in flight
+        # while the current tile is unpacked and scored)
+        t = start + tl.arange(0, BLOCK_N)
+        tmask = t < end
+        slot = _tile_slots(block_tables_ptr, b, stride_bt, t, tmask, BLOCK_SIZE)
+        k_raw, k_a, k_c = _load_raw(k_cache_ptr, slot * (HKV * ROW_K) + h * ROW_K, tmask, KIND_K, BITS_K, D)
+        v_raw, v_a, v_c = _load_raw(v_cache_ptr, slot * (HKV * ROW_V) + h * ROW_V, tmask, KIND_V, BITS_V, D)
+        t1 = t + BLOCK_N
+        mask1 = t1 < end
+        slot1 = _tile_slots(block_tables_ptr, b, stride_bt, t1, mask1, BLOCK_SIZE)
         for t0 in range(start, end, BLOCK_N):
-            t = t0 + tl.arange(0, BLOCK_N)
-            tmask = t < end
-            blk = tl.load(block_tables_ptr + b * stride_bt + t // BLOCK_SIZE, mask=tmask, other=0)
-            slot = blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE
-            k_vals, k_a, k_c = _load_tile(
-                k_cache_ptr, slot * (HKV * ROW_K) + h * ROW_K, tmask, k_cb_ptr, KIND_K, BITS_K, D
-            )
-            v_vals, v_a, v_c = _load_tile(
-                v_cache_ptr, slot * (HKV * ROW_V) + h * ROW_V, tmask, v_cb_ptr, KIND_V, BITS_V, D
-            )
+            t2 = t0 + 2 * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask2 = t2 < end
+            slot2 = _tile_slots(block_tables_ptr, b, stride_bt, t2, mask2, BLOCK_SIZE)
+            k_raw1, k_a1, k_c1 = _load_raw(k_cache_ptr, slot1 * (HKV * ROW_K) + h * ROW_K, mask1, KIND_K, BITS_K, D)
+            v_raw1, v_a1, v_c1 = _load_raw(v_cache_ptr, slot1 * (HKV * ROW_V) + h * ROW_V, mask1, KIND_V, BITS_V, D)
+
+            k_vals = _unpack(k_raw, k_cb_ptr, k_table, KIND_K, BITS_K, D, BLOCK_N, LUT)
             s = tl.dot(q, tl.trans(k_vals)) * k_a[None, :]
             if KIND_K == 1:
                 s += q_sum[:, None] * k_c[None, :]
@@ -133,10 +166,14 @@ def _split_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_vals = _unpack(v_raw, v_cb_ptr, v_table, KIND_V, BITS_V, D, BLOCK_N, LUT)
             acc = acc * alpha[:, None] + tl.dot((p * v_a[None, :]).to(tl.float16), v_vals)
             if KIND_V == 1:
                 acc += tl.sum(p * v_c[None, :], axis=1)[:, None]
             m_i = m_new
+
+            k_raw, k_a, k_c, v_raw, v_a, v_c, tmask = k_raw1, k_a1, k_c1, v_raw1, v_a1, v_c1, mask1
+            slot1, mask1 = slot2, mask2
     else:
         qw = tl.load(qw_ptr + q_off, mask=qmask[:, None], other=0.0)
         w_len = tl.load(window_lens_ptr + b)
@@ -172,7 +209,7 @@ def _reduce_kernel(
     GQA: tl.constexpr,
     GPAD: tl.constexpr,
     D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS,
     ROTATED_V: tl.constexpr,
 ):
     h = tl.program_id(0)
@@ -204,9 +241,17 @@ def _reduce_kernel(
     tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
 
 
-def choose_splits(batch: int, kv_heads: int, capacity: int, block_n: int, num_sms: int = 132) -> int:
-    """Splits of the packed tokens so that ``batch * kv_heads * splits`` programs fill about two waves of the GPU."""
-    want = max(1, math.ceil(2 * num_sms / max(1, batch * kv_heads)))
+@functools.lru_cache(maxsize=8)
+def _no_codebook(device: torch.device) -> torch.Tensor:
+    """A float16 (16,) placeholder for the codebook argument of an ``int`` stream (read, never used)."""
+    return torch.zeros(16, dtype=torch.float16, device=device)
+
+
+def choose_splits(
+    batch: int, kv_heads: int, capacity: int, block_n: int, num_sms: int = 132, waves: float = 2.0
+) -> int:
+    """Splits of the packed tokens so that ``batch * kv_heads * splits`` programs fill about ``waves`` waves of the GPU."""
+    want = max(1, math.ceil(waves * num_sms / max(1, batch * kv_heads)))
     return max(1, min(want, math.ceil(capacity / (4 * block_n))))
 
 
@@ -223,9 +268,11 @@ def paged_decode_attention(
     value_codec: PagedCodec,
     scale: float,
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int = 32,
     num_warps: int = 4,
     num_stages: int = 2,
+    waves: float = 4.0,
+    lut: int = 0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the two kernels (inputs already checked by `kvpack.attention.decode`); returns ``(B, HQ, D)``.
@@ -239,26 +286,26 @@ def paged_decode_attention(
     gpad = max(16, triton.next_power_of_2(gqa))
     if num_splits is None:
         num_sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 132
-        num_splits = choose_splits(batch, hkv, block_tables.shape[1] * block_size, block_n, num_sms)
+        num_splits = choose_splits(batch, hkv, block_tables.shape[1] * block_size, block_n, num_sms, waves)
     capacity = block_tables.shape[1] * block_size
     tokens_per_split = math.ceil(capacity / num_splits / block_n) * block_n
-    q_keys = query if key_codec.rotation is None else query.float() @ key_codec.rotation
-    q_keys = q_keys.to(torch.float16).contiguous()
+    q_keys = query.to(torch.float16)
+    if key_codec.rotation16 is not None:
+        q_keys = torch.matmul(q_keys, key_codec.rotation16)  # rotate the query once; scores need R q
     part_m = torch.empty(batch, hq, num_splits + 1, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(batch, hq, num_splits + 1, d, device=query.device, dtype=torch.float32)
     out = torch.empty_like(query) if out is None else out
-
-    def cb16(fmt: PagedCodec) -> torch.Tensor:
-        return (fmt.codebook if fmt.codebook is not None else torch.zeros(1, device=query.device)).to(torch.float16)
+    k_cb = key_codec.codebook16 if key_codec.codebook16 is not None else _no_codebook(query.device)
+    v_cb = value_codec.codebook16 if value_codec.codebook16 is not None else _no_codebook(query.device)
 
     _split_kernel[(hkv, num_splits + 1, batch)](
         q_keys,
         query.contiguous(),
         key_cache,
         value_cache,
-        cb16(key_codec),
-        cb16(value_codec),
+        k_cb,
+        v_cb,
         block_tables,
         seq_lens,
         window_keys,
@@ -283,11 +330,12 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
+        LUT=lut,
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    rotated_v = value_codec.rotation is not None
-    unrot = value_codec.rotation.T.contiguous().float() if rotated_v else part_m
+    rotated_v = value_codec.unrotation is not None
+    unrot = value_codec.unrotation if rotated_v else part_m
     _reduce_kernel[(hkv, batch)](
         part_m,
         part_l,

@@ -3,7 +3,7 @@
 One program takes ``BLOCK_T`` tokens of one KV head and does, in registers: ``turbo_mse`` (TurboQuant,
 Zandieh et al., arXiv 2504.19874): norm, ``x / norm``, rotation by ``M`` (a tensor-core dot, 3xTF32 on
 the GPU so that it matches float32), bucketize against the Lloyd-Max boundaries (``idx = #{edges <
-y}``, as ``torch.bucketize``), planar bit packing, float16 norm; ``int`` (axis token, one group,
+y}``, as ``torch.bucketize``), `kvpack.pack_bits` packing, float16 norm; ``int`` (axis token, one group,
 KIVI-style): float16 ``zero = min`` and ``scale = (max - min) / (2^b - 1)``, ``round((x - zero) /
 scale)`` half to even with an exact floor/fraction test. Rows go to ``slot_mapping[t]`` (negative:
 skipped), as vLLM's ``reshape_and_cache``.
@@ -32,6 +32,7 @@ def _encode_kernel(
     rot_ptr,  # float32 (D, D): M (turbo_mse)
     edges_ptr,  # float32 (2^BITS - 1,)
     num_tokens,
+    num_programs,
     HKV: tl.constexpr,
     D: tl.constexpr,
     KIND: tl.constexpr,
@@ -45,50 +46,60 @@ def _encode_kernel(
     CODE_BYTES: tl.constexpr = D * BITS // 8
     ROW: tl.constexpr = CODE_BYTES + 2 + 2 * KIND
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
-    slot = tl.load(slot_ptr + t, mask=t < num_tokens, other=-1)
-    tmask = slot >= 0
-    x = tl.load(x_ptr + (t.to(tl.int64)[:, None] * HKV + h) * D + d[None, :], mask=tmask[:, None], other=0.0)
-    x = x.to(tl.float32)
-    if KIND == 0:
-        norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
-        unit = tl.math.div_rn(x, tl.where(norm > 0, norm, 1.0)[:, None])
-        rot = tl.load(rot_ptr + d[:, None] * D + d[None, :])
-        y = tl.dot(unit, rot, input_precision=DOT_PRECISION)
-        idx = tl.zeros((BLOCK_T, D), dtype=tl.int32)
-        for i in tl.static_range(LEVELS):
-            idx += (y > tl.load(edges_ptr + i)).to(tl.int32)
-        side0 = norm.to(tl.float16)
-    else:
-        mn = tl.min(tl.where(tmask[:, None], x, float("inf")), axis=1)
-        mx = tl.max(tl.where(tmask[:, None], x, float("-inf")), axis=1)
-        zero16 = tl.where(tmask, mn, 0.0).to(tl.float16)
-        scale16 = tl.math.div_rn(tl.where(tmask, mx - mn, 0.0), LEVELS * 1.0).to(tl.float16)
-        scale16 = tl.where(scale16 == 0, 1.0, scale16.to(tl.float32)).to(tl.float16)
-        v = tl.math.div_rn(x - zero16.to(tl.float32)[:, None], scale16.to(tl.float32)[:, None])
-        r = tl.floor(v)
-        frac = v - r  # exact for v >= -1
-        odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
-        r = tl.where((frac > 0.5) | ((frac == 0.5) & odd), r + 1.0, r)
-        idx = tl.minimum(tl.maximum(r, 0.0), LEVELS * 1.0).to(tl.int32)
-        side0 = scale16
-    k = tl.arange(0, 8)
-    idx3 = tl.reshape(idx, (BLOCK_T, 8, G))  # [t, k, g] = dim k G + g
-    word = tl.sum(idx3 << (k * BITS)[None, :, None], axis=1)  # disjoint bit ranges: sum == or
-    row = slot * (HKV * ROW) + h * ROW
     g = tl.arange(0, G)
-    for i in tl.static_range(BITS):
-        byte = ((word >> (8 * i)) & 0xFF).to(tl.uint8)
-        tl.store(cache_ptr + row[:, None] + (i * G + g)[None, :], byte, mask=tmask[:, None])
-    side_ptr = (cache_ptr + row + CODE_BYTES).to(tl.pointer_type(tl.float16))
-    tl.store(side_ptr, side0, mask=tmask)
-    if KIND == 1:
-        tl.store(side_ptr + 1, zero16, mask=tmask)
+    k = tl.arange(0, 8)
+    if KIND == 0:  # loaded once per program (persistent grid): the matrix is 64 KB at D = 128
+        rot = tl.load(rot_ptr + d[:, None] * D + d[None, :])
+    for tile in range(pid_t, tl.cdiv(num_tokens, BLOCK_T), num_programs):
+        t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        slot = tl.load(slot_ptr + t, mask=t < num_tokens, other=-1)
+        tmask = slot >= 0
+        x = tl.load(x_ptr + (t.to(tl.int64)[:, None] * HKV + h) * D + d[None, :], mask=tmask[:, None], other=0.0)
+        x = x.to(tl.float32)
+        if KIND == 0:
+            norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+            unit = tl.math.div_rn(x, tl.where(norm > 0, norm, 1.0)[:, None])
+            y = tl.dot(unit, rot, input_precision=DOT_PRECISION)
+            idx = tl.zeros((BLOCK_T, D), dtype=tl.int32)
+            for i in tl.static_range(LEVELS):
+                idx += (y > tl.load(edges_ptr + i)).to(tl.int32)
+            side0 = norm.to(tl.float16)
+            side1 = side0
+        else:
+            mn = tl.min(tl.where(tmask[:, None], x, float("inf")), axis=1)
+            mx = tl.max(tl.where(tmask[:, None], x, float("-inf")), axis=1)
+            zero16 = tl.where(tmask, mn, 0.0).to(tl.float16)
+            scale16 = tl.math.div_rn(tl.where(tmask, mx - mn, 0.0), LEVELS * 1.0).to(tl.float16)
+            scale16 = tl.where(scale16 == 0, 1.0, scale16.to(tl.float32)).to(tl.float16)
+            v = tl.math.div_rn(x - zero16.to(tl.float32)[:, None], scale16.to(tl.float32)[:, None])
+            r = tl.floor(v)
+            frac = v - r  # exact for v >= -1
+            odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+            r = tl.where((frac > 0.5) | ((frac == 0.5) & odd), r + 1.0, r)
+            idx = tl.minimum(tl.maximum(r, 0.0), LEVELS * 1.0).to(tl.int32)
+            side0 = scale16
+            side1 = zero16
+        idx3 = tl.reshape(idx, (BLOCK_T, G, 8))  # [t, g, k] = dim 8 g + k: pack_bits' groups of 8 codes
+        word = tl.sum(idx3 << (k * BITS)[None, None, :], axis=2)  # disjoint bit ranges: sum == or
+        row = slot * (HKV * ROW) + h * ROW
+        for i in tl.static_range(BITS):
+            byte = ((word >> (8 * i)) & 0xFF).to(tl.uint8)
+            tl.store(cache_ptr + row[:, None] + (g * BITS + i)[None, :], byte, mask=tmask[:, None])
+        side_ptr = (cache_ptr + row + CODE_BYTES).to(tl.pointer_type(tl.float16))
+        tl.store(side_ptr, side0, mask=tmask)
+        if KIND == 1:
+            tl.store(side_ptr + 1, side1, mask=tmask)
 
 
 def paged_encode(
-    x: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor, codec: PagedCodec, block_t: int = 32
+    x: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cache: torch.Tensor,
+    codec: PagedCodec,
+    block_t: int = 32,
+    num_warps: int = 8,
+    programs_per_sm: int = 4,
 ) -> None:
     """Encode ``x`` (tokens, kv_heads, D) into ``cache`` (num_blocks, block_size, kv_heads, row_bytes) at ``slot_mapping``."""
     if not isinstance(codec, PagedCodec):
@@ -109,9 +120,10 @@ def paged_encode(
     rotated = codec.kind == "turbo_mse"
     rot = codec.rotation.float().contiguous() if rotated else slot_mapping
     edges = codec.boundaries.float().contiguous() if rotated else slot_mapping
-    grid = (triton.cdiv(x.shape[0], block_t), x.shape[1])
-    _encode_kernel[grid](
-        x, slot_mapping, cache, rot, edges, x.shape[0], HKV=x.shape[1], D=codec.head_dim,
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    programs = max(1, min(triton.cdiv(x.shape[0], block_t), triton.cdiv(programs_per_sm * num_sms, x.shape[1])))
+    _encode_kernel[(programs, x.shape[1])](
+        x, slot_mapping, cache, rot, edges, x.shape[0], programs, HKV=x.shape[1], D=codec.head_dim,
         KIND=0 if rotated else 1, BITS=codec.bits, BLOCK_T=block_t,
-        DOT_PRECISION="tf32x3" if x.is_cuda else "ieee", num_warps=4,
+        DOT_PRECISION="tf32x3" if x.is_cuda else "ieee", num_warps=num_warps,
     )  # fmt: skip

@@ -5,12 +5,9 @@ A cache stream (K or V) is a uint8 tensor ``[num_blocks, block_size, num_kv_head
 block ``block_tables[b, t // block_size]`` at row ``t % block_size``. One row holds one token of
 one KV head: the ``head_dim`` codes, then the per-token side data.
 
-Code bytes (``head_dim * bits / 8``, planar so that a kernel unpacks whole tiles with shifts): the
-``G = head_dim / 8`` groups ``g`` each hold the codes of dims ``g + G k`` (``k = 0..7``) as one
-``8 bits``-bit little-endian integer ``sum_k code[g + G k] << (bits k)``, whose byte ``i`` is stored
-at ``i G + g``. So byte plane ``i`` is ``G`` contiguous bytes and shifting the reassembled words by
-``bits k`` gives the codes of the contiguous dims ``[G k, G k + G)``. The codes are the codec's own
-(``unpack_bits`` of its ``"codes"``); only their byte arrangement differs from `kvpack.pack_bits`.
+Code bytes (``head_dim * bits / 8``): exactly the codec's ``"codes"``, i.e. `kvpack.pack_bits` (code
+``i`` at stream bits ``[i bits, (i + 1) bits)``, least significant first), so 8 codes make one
+``bits``-byte little-endian word and a kernel unpacks a whole ``(tokens, D / 8, 8)`` tile with shifts.
 
 Side data (float16, after the codes): ``turbo_mse``: ``norm`` (2 bytes; value = ``norm *
 unrotate(codebook[code])``); ``int`` (axis token, one group): ``scale``, ``zero`` (4 bytes; value =
@@ -20,12 +17,12 @@ codebook (``turbo_mse``) and the rotation as a matrix ``M`` with ``rotate(x) = x
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kvpack.codec import Codec, Packed
-from kvpack.packing import unpack_bits
+from kvpack.packing import pack_bits, unpack_bits
 
 __all__ = [
     "KINDS",
@@ -57,6 +54,10 @@ class PagedCodec:
     codebook: torch.Tensor | None = None
     boundaries: torch.Tensor | None = None
     rotation: torch.Tensor | None = None
+    # derived once (not per call): float16 codebook, float16 M, float32 M.T for the kernels
+    codebook16: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    rotation16: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    unrotation: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -74,6 +75,9 @@ class PagedCodec:
             if self.boundaries is None:
                 cb = self.codebook.float()
                 object.__setattr__(self, "boundaries", (cb[1:] + cb[:-1]) / 2)
+            object.__setattr__(self, "codebook16", self.codebook.to(torch.float16).contiguous())
+            object.__setattr__(self, "rotation16", self.rotation.to(torch.float16).contiguous())
+            object.__setattr__(self, "unrotation", self.rotation.float().T.contiguous())
 
     @property
     def code_bytes(self) -> int:
@@ -124,42 +128,27 @@ def _check_codes(codes: torch.Tensor, fmt: PagedCodec) -> None:
 def pack_rows(codes: torch.Tensor, side: torch.Tensor, fmt: PagedCodec) -> torch.Tensor:
     """Codes ``(..., D)`` in ``[0, 2^bits)`` and float16 side data ``(..., side_values)`` -> rows uint8 ``(..., row_bytes)``."""
     _check_codes(codes, fmt)
-    d, b = fmt.head_dim, fmt.bits
-    g = d // 8
-    c = codes.to(torch.int64).reshape(*codes.shape[:-1], 8, g)  # [k, g] = dim k G + g
-    shifts = (torch.arange(8, device=codes.device) * b).reshape(8, 1)
-    word = (c << shifts).sum(dim=-2)  # (..., G): disjoint bit ranges
-    byte_shifts = (torch.arange(b, device=codes.device) * 8).reshape(b, 1)
-    planes = ((word.unsqueeze(-2) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(*codes.shape[:-1], b * g)
     side_bytes = side.to(torch.float16).contiguous().view(torch.uint8)
     if side_bytes.shape[-1] != SIDE_BYTES[fmt.kind]:
         raise ValueError(f"side data must hold {SIDE_BYTES[fmt.kind] // 2} float16 values, got {side.shape[-1]}")
-    return torch.cat([planes, side_bytes], dim=-1)
+    return torch.cat([pack_bits(codes, fmt.bits), side_bytes], dim=-1)
 
 
 def unpack_rows(rows: torch.Tensor, fmt: PagedCodec) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack_rows`: rows uint8 ``(..., row_bytes)`` -> codes uint8 ``(..., D)``, side float16."""
     if rows.dtype != torch.uint8 or rows.shape[-1] != fmt.row_bytes:
         raise ValueError(f"rows must be uint8 (..., {fmt.row_bytes}), got {rows.dtype} {tuple(rows.shape)}")
-    d, b = fmt.head_dim, fmt.bits
-    g = d // 8
-    planes = rows[..., : fmt.code_bytes].to(torch.int64).reshape(*rows.shape[:-1], b, g)
-    byte_shifts = (torch.arange(b, device=rows.device) * 8).reshape(b, 1)
-    word = (planes << byte_shifts).sum(dim=-2)  # (..., G)
-    shifts = (torch.arange(8, device=rows.device) * b).reshape(8, 1)
-    codes = ((word.unsqueeze(-2) >> shifts) & ((1 << b) - 1)).reshape(*rows.shape[:-1], d).to(torch.uint8)
+    codes = unpack_bits(rows[..., : fmt.code_bytes].contiguous(), fmt.bits, fmt.head_dim)
     side = rows[..., fmt.code_bytes :].contiguous().view(torch.float16)
     return codes, side
 
 
 def rows_from_packed(packed: Packed, fmt: PagedCodec) -> torch.Tensor:
     """Rows ``(..., row_bytes)`` holding exactly the codes and side data of a codec's `Packed` (shape ``(..., D)``)."""
-    codes = unpack_bits(packed.data["codes"], fmt.bits, fmt.head_dim)
-    if fmt.kind == "turbo_mse":
-        side = packed.data["norm"]
-    else:
-        side = torch.cat([packed.data["scale"], packed.data["zero"]], dim=-1)
-    return pack_rows(codes, side, fmt)
+    side = (
+        packed.data["norm"] if fmt.kind == "turbo_mse" else torch.cat([packed.data["scale"], packed.data["zero"]], -1)
+    )
+    return torch.cat([packed.data["codes"], side.contiguous().view(torch.uint8)], dim=-1)
 
 
 def dequantize_rows(rows: torch.Tensor, fmt: PagedCodec) -> torch.Tensor:
