@@ -29,4 +29,8 @@ def __getattr__(name: str):
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "attention":  # kvpack.attention.decode: the packed-cache decode kernel (Triton on CUDA)
+        import importlib
+
+        return importlib.import_module("kvpack.attention")
     raise AttributeError(f"module 'kvpack' has no attribute {name!r}")
