@@ -59,8 +59,9 @@ INSTRUCTION = (
     "I will quiz you about the pass key.\n\n"
 )
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "\n\nWhat is the pass key?"
-ANSWER_PREFIX = "The pass key is"
+# "5-digit" in the question: without it SmolLM2-135M answers "a magical item ..." at 4K tokens (measured)
+QUESTION = "\n\nWhat is the 5-digit pass key?"
+ANSWER_PREFIX = "The 5-digit pass key is"
 
 
 def passkey_for(seed: int, length: int, depth: float, trial: int) -> int:
@@ -127,7 +128,7 @@ def build_prompt(
     The haystack is the filler repeated (or the text from token ``offset`` on) cut to fit, with the
     needle inserted at the sentence start nearest to ``depth`` of it (``filler_text``: at the token
     nearest to ``depth``). ``context_ids``: chat header, instruction, haystack; ``question_ids``:
-    question, assistant header and the answer prefix "The pass key is".
+    question, assistant header and the answer prefix `ANSWER_PREFIX`.
     """
     parts = _prompt_parts(tokenizer, filler_text)
     needle = _ids(tokenizer, NEEDLE.format(key=passkey))
