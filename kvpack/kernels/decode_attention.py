@@ -271,7 +271,7 @@ def paged_decode_attention(
     block_n: int = 32,
     num_warps: int = 4,
     num_stages: int = 2,
-    waves: float = 4.0,
+    waves: float = 8.0,
     lut: int = 0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
