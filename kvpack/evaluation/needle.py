@@ -267,19 +267,20 @@ def _policy_dict(policy: CachePolicy) -> dict:
 
 def format_table(result: NeedleResult) -> str:
     """Accuracy per length (rows) and depth (columns) for each configuration, with the bits held."""
+    width = max(len(name) for name in result.accuracy) + 2
     depth_cols = "".join(f"{f'{100 * d:.0f}%':>7}" for d in result.depths)
     lines = [
         f"kvpack needle  model={result.model}  filler={result.filler}  trials per cell={result.trials}  "
         + f"({result.seconds:.0f} s)",
         "",
-        f"{'config':34}{'length':>7}{'bits':>7}{depth_cols}{'mean':>7}",
+        f"{'config':{width}}{'length':>7}{'bits':>7}{depth_cols}{'mean':>7}",
     ]
     for name, acc in result.accuracy.items():
         for i, length in enumerate(result.lengths):
             b = result.bits_per_value[name][i]
             row = "".join(f"{100 * a:6.0f}%" for a in acc[i])
             mean = 100 * sum(acc[i]) / len(acc[i])
-            lines.append(f"{name[:33]:34}{length:7d}{'16*' if math.isnan(b) else f'{b:.2f}':>7}{row}{mean:6.0f}%")
+            lines.append(f"{name:{width}}{length:7d}{'16*' if math.isnan(b) else f'{b:.2f}':>7}{row}{mean:6.0f}%")
     lines += ["", "bits: measured average bits per K/V value held after the context is stored (* model dtype)."]
     return "\n".join(lines)
 
