@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run through the interpreter without a GPU. The variable must be set before anything imports
+# triton (its own library functions are decorated at import), so here, not in tests/kernels/conftest.py.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = Path(os.environ.get("KVPACK_WIKITEXT", REPO.parent / "shared" / "data" / "wikitext2-test.txt"))
 

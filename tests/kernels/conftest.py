@@ -1,12 +1,7 @@
-"""Kernel tests run through Triton's interpreter when there is no GPU (set before any kernel module is imported)."""
-
-import os
+"""Kernel tests run through Triton's interpreter when there is no GPU (TRITON_INTERPRET=1, set in tests/conftest.py)."""
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
