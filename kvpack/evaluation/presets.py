@@ -14,10 +14,11 @@ evaluation windows; the KL of a whole-model policy is close to the sum of its la
 budget is a multiple-choice knapsack solved exactly (by dynamic programming) on those numbers.
 ``e8`` (Hadamard + E8 lattice) beat ``turbo_mse``, ``polar``, per-token ``int`` and ``turbo_prod``
 at equal bits for both K and V (``turbo_prod`` was the worst: its QJL residual adds variance that
-softmax amplifies). ``sinks=4, residual=0, block=1``: the four first tokens stay 16-bit (dropping
-them doubles K's KL); a residual window barely helps on this snapshot protocol and costs 16 bits a
-token, and ``block=1`` packs every token past the sinks (per-token codecs allow it), so only 4 of
-1024 tokens are held in 16 bits.
+softmax amplifies). ``residual=0, block=1``: a residual window barely helps on this snapshot
+protocol and costs 16 bits a token, and ``block=1`` packs every token past the sinks (per-token
+codecs allow it), so only the sinks are held in 16 bits. Sinks: dropping them doubles K's KL; one
+is as good as four; ``4bit`` keeps 4, ``3bit``/``2.5bit`` keep 1 (their knapsack re-solved for
+the 3 freed tokens; measured on the evaluation windows: 3bit top-1 93.8% -> 94.2%).
 
 The presets are tuned on SmolLM2-135M (30 layers): ``layer_keys``/``layer_values`` name its layers;
 on another model the layers past 30 use ``key``/``value``.
@@ -51,29 +52,29 @@ PRESETS: dict[str, dict] = {
         ),
     },
     "3bit": {
-        "key": "e8:3",
+        "key": "e8:4",
         "value": "e8:2",
         "residual": 0,
-        "sinks": 4,
+        "sinks": 1,
         "block": 1,
         "layer_keys": _layers(
             "e8:2 e8:3 e8:3 e8:3 e8:3 e8:3 e8:3 e8:4 e8:4 e8:4 e8:3 e8:3 e8:3 e8:3 e8:4 "
-            "e8:4 e8:4 e8:4 e8:4 e8:4 e8:4 e8:4 e8:4 e8:4 e8:4 e8:3 e8:4 e8:3 e8:3 e8:3"
+            "e8:4 e8:4 e8:4 e8:4 e8:4 e8:4 e8:4 e8:4 e8:4 e8:4 e8:3 e8:4 e8:3 e8:4 e8:3"
         ),
         "layer_values": _layers(
             "e8:3 e8:3 e8:3 e8:2 e8:2 e8:2 e8:2 e8:3 e8:3 e8:2 e8:2 e8:2 e8:2 e8:2 e8:3 "
-            "e8:2 e8:2 e8:3 e8:3 e8:2 e8:3 e8:2 e8:2 e8:3 e8:3 e8:2 e8:2 e8:2 e8:3 e8:2"
+            "e8:2 e8:2 e8:3 e8:3 e8:2 e8:3 e8:3 e8:2 e8:4 e8:3 e8:2 e8:2 e8:2 e8:3 e8:2"
         ),
     },
     "2.5bit": {
         "key": "e8:2",
         "value": "e8:2",
         "residual": 0,
-        "sinks": 4,
+        "sinks": 1,
         "block": 1,
         "layer_keys": _layers(
-            "e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:3 "
-            "e8:3 e8:2 e8:3 e8:4 e8:3 e8:3 e8:3 e8:2 e8:4 e8:3 e8:2 e8:2 e8:2 e8:2 e8:2"
+            "e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:2 e8:3 e8:2 e8:3 "
+            "e8:3 e8:2 e8:3 e8:4 e8:3 e8:3 e8:3 e8:3 e8:4 e8:3 e8:2 e8:2 e8:2 e8:2 e8:2"
         ),
     },
 }
