@@ -5,7 +5,7 @@ Every configuration runs through `kvpack.evaluate` on the same model, text and w
 each window are computed once and every configuration only pays for its own compressed pass.
 
 Configurations come from the command line (the cartesian product of ``--key``, ``--value``,
-``--residual``, ``--sinks`` and ``--skip-layers``, each repeatable), from ``--preset NAME`` and from a
+``--residual``, ``--sinks`` and ``--skip-layers``, each taking several values), from ``--preset NAME`` and from a
 config file (``--config FILE``, JSON or TOML)::
 
     {"configs": [{"name": "k4v3", "key": "int:4:axis=channel", "value": "e8:3", "residual": 28,
@@ -13,11 +13,13 @@ config file (``--config FILE``, JSON or TOML)::
      "peers": ["quanto:4", "fp8"]}
 
 (TOML: ``peers = [...]`` and ``[[configs]]`` tables; a bare JSON list is a list of configs.)
-``block`` (tokens packed at once) is passed through a `KVPackCache` ``cache_factory``. ``--peers``
+Entries take any of ``key``, ``value``, ``residual``, ``sinks``, ``skip_layers``, ``block``,
+``layer_keys``, ``layer_values``, ``fp_heads`` (`kvpack.CachePolicy` fields; the last four go through a
+`KVPackCache` ``cache_factory``, as `kvpack.evaluate` takes the plain ones only) or ``preset``. ``--peers``
 adds transformers' `QuantizedCache` backends (`kvpack.evaluation.peers`; ``--peers`` alone: all of
 ``PEERS``), measured with their true bits.
 
-Output: a table on stdout, ``--json``/``--csv`` rows, and ``--plot`` a PNG with delta-ppl (symlog)
+Output: a table on stdout, ``--json``/``--csv``/``--markdown`` rows, and ``--plot`` a PNG with delta-ppl (symlog)
 and top-1 agreement against the average bits per value of K and V as held (matplotlib, Agg).
 """
 
