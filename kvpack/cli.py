@@ -15,7 +15,7 @@ COMMANDS = {
     "sweep": ("kvpack.evaluation.sweep", "many configurations and the peers on the same windows: table and plot"),
     "needle": ("kvpack.evaluation.needle", "passkey retrieval at several depths and lengths through the compressed cache"),
     "inspect": ("kvpack.evaluation.inspect", "per-layer, per-head codec error and attention fidelity on real Q/K/V"),
-    "bench": ("kvpack.bench", "speed benchmarks (attention, encode, generate)"),
+    "bench": ("kvpack.bench", "GPU speed benchmarks (decode attention, fused encode)"),
     "calibrate": ("kvpack.calibrate", "fit codebooks / preconditioners on calibration text"),
     "allocate": ("kvpack.allocate", "per-layer bit allocation under a bits-per-value budget"),
     "memory": ("kvpack.memory", "cache bytes per token and the longest context that fits a GPU"),
