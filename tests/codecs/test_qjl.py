@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import kvpack
 from kvpack.codecs.qjl import sketch_matrix, sketch_seed
 from kvpack.packing import pack_bits
-from kvpack.validate import random_unit_vectors
+from kvpack.validate import inner_product_error_z, random_unit_vectors
 
 
 def test_sketch_matrix_is_seeded_standard_gaussian():
@@ -43,25 +43,6 @@ def test_stored_format():
     torch.testing.assert_close(codec.decode(packed), expected)
     assert codec.bits_per_value() == (96 + 16) / 64
     assert kvpack.get_codec("qjl", head_dim=128).bits_per_value() == 1 + 16 / 128
-
-
-def inner_product_error_z(spec: str, head_dim: int = 128, seeds: int = 250, per_seed: int = 400) -> float:
-    """Mean of ``<q, decode(k)> - <q, k>`` over ``seeds * per_seed`` pairs, in standard errors of the per-seed means.
-
-    QJL is unbiased over the draw of the sketch, not for one fixed sketch, so each block of pairs has its own
-    seed; ``q = k + noise`` correlates with ``k`` (with a zero-mean ``q`` independent of ``k`` any estimator
-    would show zero mean error).
-    """
-    k = random_unit_vectors(seeds * per_seed, head_dim, seed=5).reshape(seeds, per_seed, head_dim)
-    noise = torch.randn(seeds, per_seed, head_dim, generator=torch.Generator().manual_seed(6))
-    q = k + noise / math.sqrt(head_dim)
-    means = []
-    for i in range(seeds):
-        codec = kvpack.get_codec(spec, head_dim=head_dim, seed=1000 + i)
-        k_hat = codec.decode(codec.encode(k[i]))
-        means.append((q[i] * (k_hat - k[i])).sum(-1).double().mean())
-    means = torch.stack(means)
-    return (means.mean() / (means.std() / math.sqrt(seeds))).item()
 
 
 @pytest.mark.parametrize("spec", ["qjl", "qjl:sketch_dim=256"])

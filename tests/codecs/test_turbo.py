@@ -14,7 +14,7 @@ from kvpack.codecs.turbo import TurboMSE
 from kvpack.lloyd_max import sphere_boundaries, sphere_codebook, sphere_mse
 from kvpack.packing import pack_bits
 from kvpack.rotation import rotate, unrotate
-from kvpack.validate import random_unit_vectors
+from kvpack.validate import inner_product_error_z, random_unit_vectors
 
 # Lloyd-Max MSE of a N(0, 1) source (Max 1960); the issue's reference for TurboQuant-MSE at d=128
 GAUSSIAN_LLOYD_MAX = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497}
@@ -76,26 +76,6 @@ def test_turbo_prod_stored_format():
     scale = packed.data["residual_norm"].float() * math.sqrt(math.pi / 2) / 64
     torch.testing.assert_close(codec.decode(packed), codec.mse.decode(first) + scale * (signs @ s))
     assert codec.bits_per_value() == 3 + 32 / 64
-
-
-def inner_product_error_z(spec: str, head_dim: int = 128, seeds: int = 250, per_seed: int = 400) -> float:
-    """Mean of ``<q, decode(k)> - <q, k>`` over ``seeds * per_seed`` pairs, in standard errors.
-
-    Unbiasedness holds over the codec's random draw (rotation, sketch), not for one fixed seed (a fixed
-    Gaussian sketch has a small bias of its own), so every block of pairs gets its own seed and the
-    standard error is that of the per-seed means. ``q = k + noise`` correlates with ``k``: against an
-    independent zero-mean ``q`` every estimator, biased or not, would have zero mean error.
-    """
-    k = random_unit_vectors(seeds * per_seed, head_dim, seed=5).reshape(seeds, per_seed, head_dim)
-    noise = torch.randn(seeds, per_seed, head_dim, generator=torch.Generator().manual_seed(6))
-    q = k + noise / math.sqrt(head_dim)
-    means = []
-    for i in range(seeds):
-        codec = kvpack.get_codec(spec, head_dim=head_dim, seed=1000 + i)
-        k_hat = codec.decode(codec.encode(k[i]))
-        means.append((q[i] * (k_hat - k[i])).sum(-1).double().mean())
-    means = torch.stack(means)
-    return (means.mean() / (means.std() / math.sqrt(seeds))).item()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5])
