@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["Codec", "Packed", "CODECS", "register_codec", "get_codec", "list_codecs", "parse_spec"]
+__all__ = ["CODECS", "Codec", "Packed", "get_codec", "list_codecs", "parse_spec", "register_codec"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_bits", "unpack_bits", "packed_nbytes"]
+__all__ = ["pack_bits", "packed_nbytes", "unpack_bits"]
 
 
 def packed_nbytes(n: int, bits: int) -> int:

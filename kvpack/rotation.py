@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-__all__ = ["ROTATIONS", "rotate", "unrotate", "rotation_matrix", "random_signs", "hadamard_transform"]
+__all__ = ["ROTATIONS", "hadamard_transform", "random_signs", "rotate", "rotation_matrix", "unrotate"]
 
 ROTATIONS = ("haar", "hadamard")
 

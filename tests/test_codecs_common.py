@@ -95,7 +95,7 @@ def test_bad_input(spec):
 def test_truncated_or_mismatched_packed(spec):
     codec = kvpack.get_codec(spec, head_dim=64)
     packed = codec.encode(torch.randn(2, 32, 64))
-    key = sorted(packed.data)[0]
+    key = min(packed.data)
     truncated = kvpack.Packed(packed.codec, packed.shape, packed.dtype, {**packed.data, key: packed.data[key][..., :-1]})
     with pytest.raises(ValueError, match="truncated or mismatched"):
         codec.decode(truncated)
