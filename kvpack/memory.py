@@ -156,7 +156,10 @@ def model_shape(model: str) -> ModelShape:
 
 def policy_label(policy: CachePolicy) -> str:
     key, value = policy.key or "fp16", policy.value or "fp16"
-    return key if key == value else f"{key}/{value}"
+    label = key if key == value else f"{key}/{value}"
+    if policy.layer_keys or policy.layer_values:
+        label = f"per-layer (else {label})"
+    return label + (f" +{len(policy.fp_heads)} fp16 heads" if policy.fp_heads else "")
 
 
 def _stream_bits(spec: str | None, head_dim: int) -> float:
@@ -164,17 +167,34 @@ def _stream_bits(spec: str | None, head_dim: int) -> float:
     return 8.0 * FP16_BYTES if spec is None else get_codec(spec, head_dim=head_dim).bits_per_value()
 
 
+def _layer_bits(shape: ModelShape, policy: CachePolicy) -> list[tuple[float, float]]:
+    """Per layer, (K, V) bits per value of a compressed token averaged over the KV heads.
+
+    ``skip_layers`` hold fp16, other layers their own specs (``layer_keys``/``layer_values``), with the
+    KV heads of ``fp_heads`` in fp16.
+    """
+    bad = [f"skip_layers {i}" for i in policy.skip_layers if not 0 <= i < shape.num_layers]
+    bad += [f"fp_heads {p}" for p in policy.fp_heads if not (p[0] < shape.num_layers and p[1] < shape.num_kv_heads)]
+    if bad:
+        raise ValueError(
+            f"{', '.join(bad)} out of range for {shape.num_layers} layers of {shape.num_kv_heads} KV heads"
+        )
+    fp_bits, out = 8.0 * FP16_BYTES, []
+    for layer in range(shape.num_layers):
+        if layer in policy.skip_layers:
+            out.append((fp_bits, fp_bits))
+            continue
+        share = len(policy.heads_in_fp(layer)) / shape.num_kv_heads
+        k, v = (_stream_bits(spec, shape.head_dim) for spec in policy.specs(layer))
+        out.append((share * fp_bits + (1 - share) * k, share * fp_bits + (1 - share) * v))
+    return out
+
+
 def _per_token_bytes(shape: ModelShape, policy: CachePolicy) -> tuple[float, float]:
     """(bytes of one fp16 token, bytes of one compressed token) over all layers and KV heads."""
-    bad = [i for i in policy.skip_layers if not 0 <= i < shape.num_layers]
-    if bad:
-        raise ValueError(f"skip_layers {bad} out of range for {shape.num_layers} layers")
     elems = shape.num_kv_heads * shape.head_dim  # per layer, per token, per stream
-    k_bits, v_bits = _stream_bits(policy.key, shape.head_dim), _stream_bits(policy.value, shape.head_dim)
-    fp_layer = 2 * elems * FP16_BYTES
-    packed_layer = elems * (k_bits + v_bits) / 8
-    n_skip = len(policy.skip_layers)
-    return shape.num_layers * fp_layer, n_skip * fp_layer + (shape.num_layers - n_skip) * packed_layer
+    packed = sum(elems * (k + v) / 8 for k, v in _layer_bits(shape, policy))
+    return shape.num_layers * 2 * elems * FP16_BYTES, packed
 
 
 def cache_bytes(shape: ModelShape, policy: CachePolicy, context: int, batch: int = 1) -> float:
@@ -241,11 +261,12 @@ def memory_table(
     rows = []
     for p in policies:
         fp_tok, packed_tok = _per_token_bytes(shape, p)
+        bits = _layer_bits(shape, p)
         rows.append(
             {
                 "policy": policy_label(p),
-                "k_bits": _stream_bits(p.key, shape.head_dim),
-                "v_bits": _stream_bits(p.value, shape.head_dim),
+                "k_bits": sum(k for k, _ in bits) / len(bits),
+                "v_bits": sum(v for _, v in bits) / len(bits),
                 "bytes_per_token": packed_tok,
                 "fp16_bytes_per_token": fp_tok,
                 "total_bytes": cache_bytes(shape, p, context, batch),
@@ -270,6 +291,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--residual", type=int, default=128, help="fp16 recent-token window")
     parser.add_argument("--sinks", type=int, default=4, help="fp16 attention-sink tokens")
     parser.add_argument("--skip-layers", type=int, nargs="*", default=(), help="layers kept entirely in fp16")
+    parser.add_argument(
+        "--policy", default=None, help="a policy JSON (kvpack allocate) instead of --codecs/--residual/--sinks"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -281,6 +305,12 @@ def run(args: argparse.Namespace) -> int:
     specs = args.codecs if args.codecs is not None else [s for s in DEFAULT_CODECS if _available(s, shape.head_dim)]
     fp_parts = {"residual": args.residual, "sinks": args.sinks, "skip_layers": tuple(args.skip_layers)}
     policies = [CachePolicy(*parse_pair(s), **fp_parts) for s in specs]
+    if args.policy is not None:
+        from kvpack.allocate import load_policy
+
+        policy = load_policy(args.policy)
+        fp_parts = {"residual": policy.residual, "sinks": policy.sinks, "skip_layers": policy.skip_layers}
+        policies = [policy]
     rows = memory_table(shape, policies, args.context, args.batch, gpu)
     if args.json:
         print(

@@ -121,3 +121,31 @@ def test_matches_the_bytes_kvpackcache_holds(spec):
         )
     shape = ModelShape("toy", num_layers=3, num_kv_heads=2, head_dim=64, weight_bytes=0)
     assert cache.nbytes() == cache_bytes(shape, policy, tokens, batch=2)
+
+
+def test_per_layer_specs_and_fp_heads_match_the_bytes_kvpackcache_holds(tmp_path, capsys):
+    """Per-layer specs (as `kvpack allocate` writes them) and 16-bit outlier heads, against a real cache."""
+    from transformers import LlamaConfig
+
+    from kvpack.allocate import save_policy
+    from kvpack.cache import KVPackCache
+
+    config = LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=256)
+    policy = CachePolicy(
+        "int:4", "int:4", residual=16, sinks=4, block=32, layer_keys=("e8:2", "int:2"), layer_values=("e8:3",),
+        fp_heads={2: (1,)},
+    )  # fmt: skip
+    cache = KVPackCache(config=config, policy=policy)
+    tokens = 4 + 3 * 32 + 16
+    for layer in range(3):
+        cache.layers[layer].update(
+            torch.randn(2, 2, tokens, 64, dtype=torch.float16), torch.randn(2, 2, tokens, 64, dtype=torch.float16)
+        )
+    shape = ModelShape("toy", num_layers=3, num_kv_heads=2, head_dim=64, weight_bytes=0)
+    assert cache.nbytes() == cache_bytes(shape, policy, tokens, batch=2)
+    path = tmp_path / "policy.json"
+    save_policy(policy, path)
+    assert main(["memory", "--model", "smollm2", "--policy", str(path)]) == 0
+    assert "per-layer (else int:4) +1 fp16 heads" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="fp_heads"):
+        cache_bytes(shape, CachePolicy("int:4", "int:4", fp_heads={2: (5,)}), 100)
