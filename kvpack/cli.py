@@ -13,7 +13,10 @@ COMMANDS = {
     "validate": ("kvpack.validate", "rate-distortion table of every codec (bits, MSE, bounds, IP bias, speed)"),
     "eval": ("kvpack.evaluation.eval_cli", "delta-perplexity / top-1 / KL of a cache policy on a real model and text"),
     "sweep": ("kvpack.evaluation.sweep", "many configurations and the peers on the same windows: table and plot"),
-    "needle": ("kvpack.evaluation.needle", "passkey retrieval at several depths and lengths through the compressed cache"),
+    "needle": (
+        "kvpack.evaluation.needle",
+        "passkey retrieval at several depths and lengths through the compressed cache",
+    ),
     "inspect": ("kvpack.evaluation.inspect", "per-layer, per-head codec error and attention fidelity on real Q/K/V"),
     "bench": ("kvpack.bench", "GPU speed benchmarks (decode attention, fused encode)"),
     "calibrate": ("kvpack.calibrate", "fit codebooks / preconditioners on calibration text"),
@@ -36,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)

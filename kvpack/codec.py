@@ -141,7 +141,9 @@ class Codec:
             raise ValueError(f"Packed was made by codec {packed.codec!r}, not by {self.spec!r}")
         expected = self.layout(tuple(packed.shape))
         if set(packed.data) != set(expected):
-            raise ValueError(f"Packed holds tensors {sorted(packed.data)}, codec {self.spec!r} expects {sorted(expected)}")
+            raise ValueError(
+                f"Packed holds tensors {sorted(packed.data)}, codec {self.spec!r} expects {sorted(expected)}"
+            )
         for key, (shape, dtype) in expected.items():
             t = packed.data[key]
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:

@@ -96,10 +96,14 @@ def test_truncated_or_mismatched_packed(spec):
     codec = kvpack.get_codec(spec, head_dim=64)
     packed = codec.encode(torch.randn(2, 32, 64))
     key = min(packed.data)
-    truncated = kvpack.Packed(packed.codec, packed.shape, packed.dtype, {**packed.data, key: packed.data[key][..., :-1]})
+    truncated = kvpack.Packed(
+        packed.codec, packed.shape, packed.dtype, {**packed.data, key: packed.data[key][..., :-1]}
+    )
     with pytest.raises(ValueError, match="truncated or mismatched"):
         codec.decode(truncated)
-    missing = kvpack.Packed(packed.codec, packed.shape, packed.dtype, {k: v for k, v in packed.data.items() if k != key})
+    missing = kvpack.Packed(
+        packed.codec, packed.shape, packed.dtype, {k: v for k, v in packed.data.items() if k != key}
+    )
     with pytest.raises(ValueError, match="expects"):
         codec.decode(missing)
     other = kvpack.get_codec(spec, head_dim=64, seed=1)
@@ -121,7 +125,10 @@ def test_bits_out_of_range(spec):
 
 
 @pytest.mark.parametrize("spec", SPECS)
-@given(lead=st.lists(st.integers(1, 5), min_size=1, max_size=3), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
+@given(
+    lead=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+)
 @settings(max_examples=15, deadline=None)
 def test_property_shapes(spec, lead, dtype):
     codec = kvpack.get_codec(spec, head_dim=64)

@@ -26,7 +26,12 @@ def test_measure_fp8():
 
 def test_cli_json(tmp_path, capsys):
     out = tmp_path / "v.json"
-    assert main(["validate", "--codecs", "fp16", "fp8", "--head-dims", "64", "-n", "500", "--no-speed", "--json", str(out)]) == 0
+    assert (
+        main(
+            ["validate", "--codecs", "fp16", "fp8", "--head-dims", "64", "-n", "500", "--no-speed", "--json", str(out)]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())
     assert [r["spec"] for r in rows] == ["fp16", "fp8"]
     assert "bits/val" in capsys.readouterr().out

@@ -89,6 +89,10 @@ def format_result(result) -> str:
     policy = (
         f"policy: key={p['key']}  value={p['value']}  residual={p['residual']}  sinks={p['sinks']}  skip_layers={skip}"
     )
+    if p.get("layer_keys") or p.get("layer_values"):
+        policy += "  (per-layer specs override key/value: see --json)"
+    if p.get("fp_heads"):
+        policy += f"  fp_heads={len(p['fp_heads'])}"
     policy += (f"  only={p['only']}" if p["only"] else "") + (f"  preset={p['preset']}" if p["preset"] else "")
     policy += f"  ({p['cache_factory']})" if p.get("cache_factory") else ""
     bits = (

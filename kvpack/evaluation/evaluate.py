@@ -321,6 +321,8 @@ def evaluate(
         model=model_name, text=label, protocol=protocol, ctx=ctx, n_eval=n_eval,
         policy={"key": policy.key, "value": policy.value, "residual": policy.residual, "sinks": policy.sinks,
                 "skip_layers": list(policy.skip_layers), "only": only, "preset": preset,
+                "layer_keys": list(policy.layer_keys), "layer_values": list(policy.layer_values),
+                "fp_heads": [list(p) for p in policy.fp_heads],
                 "cache_factory": None if cache_factory is None else getattr(cache_factory, "__name__", "custom")},
         ppl_ref=ppl_ref, ppl=ppl, delta_ppl_pct=delta, top1=top1, kl=kl,
         delta_ppl_pct_std=_std([r["delta_ppl_pct"] for r in public]), top1_std=_std([r["top1"] for r in public]),

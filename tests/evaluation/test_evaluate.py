@@ -92,9 +92,19 @@ def test_cache_factory_bits_come_from_the_caller(smollm2, wikitext_path):
 
 
 def test_preset_replaces_the_policy(smollm2, wikitext_path, monkeypatch):
-    monkeypatch.setitem(presets.PRESETS, "test-int4", {"key": "int:4", "value": "int:4", "residual": 8, "sinks": 2})
+    preset = {
+        "key": "int:4",
+        "value": "int:4",
+        "residual": 8,
+        "sinks": 2,
+        "layer_keys": ("int:8",),
+        "fp_heads": {1: (0,)},
+    }
+    monkeypatch.setitem(presets.PRESETS, "test-int4", preset)
     result = run(smollm2, wikitext_path, preset="test-int4", windows=1)
     assert result.policy["key"] == "int:4" and result.policy["residual"] == 8 and result.policy["sinks"] == 2
+    # the per-layer parts are in the result too, so that its JSON says what ran
+    assert result.policy["layer_keys"] == ["int:8"] and result.policy["fp_heads"] == [[1, 0]]
     with pytest.raises(ValueError, match="unknown preset 'nope'; known presets: .*test-int4"):
         run(smollm2, wikitext_path, preset="nope")
 
