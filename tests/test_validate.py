@@ -41,3 +41,9 @@ def test_cli_errors(capsys):
     assert main(["validate", "--codecs", "nope", "-n", "100", "--no-speed"]) == 2
     assert "unknown codec 'nope'" in capsys.readouterr().err
     assert main(["validate", "-n", "1", "--no-speed"]) == 2
+
+
+def test_ip_z_column_shows_the_shrinkage_of_turbo_mse():
+    # turbo_mse shrinks inner products (slope < 1); with queries correlated with the keys the z column shows it
+    report = measure("turbo_mse:2", 64, n=4000, speed=False)
+    assert report.ip_slope < 0.95 and report.ip_z < -10
