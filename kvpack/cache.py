@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpack.codec import Packed
 from kvpack.policy import CachePolicy
+from kvpack.rope import rerope, rope_table, unrope
 
 __all__ = ["KVPackCache", "KVPackLayer", "layer_kinds"]
 
@@ -44,6 +45,7 @@ class _Chunk:
     value: Packed
     tokens: int
     order: torch.Tensor | None = None
+    start: int = 0  # position of the first token (pre-RoPE keys are re-rotated from it)
 
 
 class KVPackLayer(CacheLayerMixin):
@@ -65,6 +67,7 @@ class KVPackLayer(CacheLayerMixin):
         self.residual = policy.residual
         self.cumulative_length = 0
         self.chunks: list[_Chunk] = []
+        self.rope = None  # a `kvpack.rope.RopeTable` when keys are packed before RoPE (`pre_rope_keys`)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -83,7 +86,8 @@ class KVPackLayer(CacheLayerMixin):
         """The held past as the model sees it, decoded to the model dtype: ``(B, H, tokens, D)`` each."""
         keys, values = [self.sink_keys.to(self.dtype)], [self.sink_values.to(self.dtype)]
         for chunk in self.chunks:
-            k, v = self.key_codec.decode(chunk.key).to(self.dtype), self.value_codec.decode(chunk.value).to(self.dtype)
+            k, v = self.key_codec.decode(chunk.key), self.value_codec.decode(chunk.value).to(self.dtype)
+            k = (k if self.rope is None else rerope(k, chunk.start, self.rope)).to(self.dtype)
             if chunk.order is not None:
                 k, v = k.index_select(0, chunk.order), v.index_select(0, chunk.order)
             keys.append(k)
@@ -119,11 +123,16 @@ class KVPackLayer(CacheLayerMixin):
             self._drop_outside_window()
         n_pack = (self.keys.shape[-2] - self.residual) // self.block * self.block
         if n_pack > 0:
+            start = self.cumulative_length - self.keys.shape[-2]  # position of the window's first token
+            keys = self.keys[..., :n_pack, :]
+            if self.rope is not None:
+                keys = unrope(keys, start, self.rope)
             self.chunks.append(
                 _Chunk(
-                    key=self.key_codec.encode(self.keys[..., :n_pack, :].contiguous()),
+                    key=self.key_codec.encode(keys.contiguous()),
                     value=self.value_codec.encode(self.values[..., :n_pack, :].contiguous()),
                     tokens=n_pack,
+                    start=start,
                 )
             )
             # clone: a view would keep the whole pre-packing window alive behind a small tensor
@@ -291,6 +300,10 @@ class KVPackCache(Cache):
         if bad:
             raise ValueError(f"fp_heads/layer_keys/layer_values name layers {bad}: the model has {len(kinds)} layers")
         super().__init__(layers=[self.layer_class(policy, i, window) for i, window in enumerate(kinds)])
+        if policy.pre_rope_keys:
+            table = rope_table(config)
+            for layer in self.layers:
+                layer.rope = table
 
     def nbytes(self, stream: str | None = None) -> int:
         """Bytes of every tensor held: ``stream`` ``"k"``, ``"v"`` or ``None`` (both)."""

@@ -84,6 +84,7 @@ def save_cache(cache: KVPackCache, path: str | Path, *, model_id: str | None = N
             chunks.append(
                 {
                     "tokens": chunk.tokens,
+                    "start": chunk.start,
                     "key": _packed_meta(chunk.key),
                     "value": _packed_meta(chunk.value),
                     "order": chunk.order is not None,
@@ -208,6 +209,6 @@ def _restore_layer(layer, state: dict, tensors: dict[str, torch.Tensor], prefix:
         order = tensors[f"{prefix}chunks.{j}.order"].to(device) if meta["order"] else None
         if packed["key"].shape[-2] != meta["tokens"]:
             raise ValueError(f"{prefix}chunks.{j}: {meta['tokens']} tokens recorded, shape {packed['key'].shape}")
-        chunks.append(_Chunk(packed["key"], packed["value"], meta["tokens"], order))
+        chunks.append(_Chunk(packed["key"], packed["value"], meta["tokens"], order, meta.get("start", 0)))
     layer.chunks = chunks
     layer.cumulative_length = int(state["cumulative_length"])

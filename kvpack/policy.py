@@ -34,6 +34,7 @@ class CachePolicy:
     ``layer_keys``/``layer_values``: per-layer specs (``None``: that layer's stream uncompressed) for
     layers ``< len``; later layers use ``key``/``value``. ``fp_heads``: ``(layer, kv_head)`` pairs (or a
     dict ``{layer: heads}``) whose K and V stay 16-bit in packed blocks too (`HeadSplitCodec`).
+    ``pre_rope_keys``: pack keys with RoPE undone (KVQuant; `kvpack.rope`), re-applied after decoding.
     """
 
     key: str | None = "fp16"
@@ -47,8 +48,11 @@ class CachePolicy:
     layer_keys: tuple[str | None, ...] = field(default=())
     layer_values: tuple[str | None, ...] = field(default=())
     fp_heads: tuple[tuple[int, int], ...] = field(default=())
+    pre_rope_keys: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pre_rope_keys, bool):
+            raise TypeError(f"pre_rope_keys must be a bool, got {self.pre_rope_keys!r}")
         for name in ("key", "value"):
             spec = getattr(self, name)
             if spec is not None and (not isinstance(spec, str) or not spec):

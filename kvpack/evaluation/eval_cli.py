@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-eval", type=int, default=256, help="continuation tokens scored per window")
     parser.add_argument("--windows", type=int, default=8, help="non-overlapping windows evenly spread over the text")
     parser.add_argument("--protocol", choices=("snapshot", "inforward"), default="snapshot")
+    parser.add_argument(
+        "--pre-rope-keys", action="store_true", help="pack keys with RoPE undone (KVQuant), re-applied after decoding"
+    )
     parser.add_argument("--only", choices=("k", "v"), default=None, help="compress only K or only V")
     parser.add_argument("--seed", type=int, default=0, help="codec seed")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON to OUT")
@@ -135,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
 
     result = evaluate(
         model=args.model, text=args.text, ctx=args.ctx, n_eval=args.n_eval, windows=args.windows,
-        protocol=args.protocol, only=args.only, progress=not args.no_progress, seed=args.seed, **_policy_kwargs(args),
+        protocol=args.protocol, only=args.only, progress=not args.no_progress, seed=args.seed,
+        pre_rope_keys=args.pre_rope_keys, **_policy_kwargs(args),
     )  # fmt: skip
     print(format_result(result))
     if args.json:

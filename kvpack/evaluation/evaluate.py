@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -211,21 +211,22 @@ def _bits_of(cache) -> tuple[float, float] | None:
     return None
 
 
-def _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed) -> CachePolicy:
+def _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys=False) -> CachePolicy:
     if preset is not None:
         from kvpack.evaluation.presets import PRESETS
 
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; known presets: {sorted(PRESETS) or 'none yet'}")
         policy = CachePolicy(**{"seed": seed, **PRESETS[preset]})
+        policy = replace(policy, pre_rope_keys=True) if pre_rope_keys else policy
     else:
-        policy = CachePolicy(key, value, residual, sinks, tuple(skip_layers), None, seed)
+        policy = CachePolicy(key, value, residual, sinks, tuple(skip_layers), None, seed, pre_rope_keys=pre_rope_keys)
     if only not in (None, "k", "v"):
         raise ValueError(f"only must be None, 'k' or 'v', got {only!r}")
-    if only == "k":  # compress K only: V stays in the model dtype
-        return CachePolicy(policy.key, None, policy.residual, policy.sinks, policy.skip_layers, policy.block, seed)
+    if only == "k":  # compress K only: V stays uncompressed (per-layer K specs kept)
+        return replace(policy, value=None, layer_values=())
     if only == "v":
-        return CachePolicy(None, policy.value, policy.residual, policy.sinks, policy.skip_layers, policy.block, seed)
+        return replace(policy, key=None, layer_keys=(), pre_rope_keys=False)
     return policy
 
 
@@ -253,13 +254,15 @@ def evaluate(
     progress: bool = True,
     seed: int = 0,
     reference_memo: dict | None = None,
+    pre_rope_keys: bool = False,
 ) -> EvalResult:
     """Evaluate a cache policy on ``windows`` windows of ``ctx`` + ``n_eval`` tokens of ``text``.
 
     ``model``: a name/path for `kvpack.models.load` or a ``(model, tokenizer)`` pair. ``text``: a path,
     ``"wikitext2"``, ``None`` (the embedded default) or a 1-D LongTensor of token ids. ``preset``
     replaces key/value/residual/sinks/skip_layers by a named policy from `kvpack.evaluation.presets`.
-    ``only="k"``/``"v"`` compresses one stream. ``cache_factory(config) -> Cache`` evaluates another
+    ``only="k"``/``"v"`` compresses one stream. ``pre_rope_keys``: keys packed with RoPE undone (KVQuant;
+    snapshot only). ``cache_factory(config) -> Cache`` evaluates another
     cache (snapshot only; ``bits`` gives its bits when it cannot report them). ``reference_memo``: a
     dict passed to several calls on the same model and windows keeps each window's uncompressed
     prefill K/V and reference logits, so later calls run only the compressed continuation (about 3x
@@ -270,9 +273,11 @@ def evaluate(
     _check_int("ctx", ctx, 1)
     _check_int("n_eval", n_eval, 1)
     _check_int("windows", windows, 1)
-    policy = _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed)
-    if cache_factory is not None and (protocol != "snapshot" or only is not None):
-        raise ValueError("cache_factory works with protocol='snapshot' and only=None")
+    policy = _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys)
+    if policy.pre_rope_keys and protocol != "snapshot":
+        raise ValueError("pre_rope_keys works with protocol='snapshot' (the inforward round trip sees post-RoPE keys)")
+    if cache_factory is not None and (protocol != "snapshot" or only is not None or pre_rope_keys):
+        raise ValueError("cache_factory works with protocol='snapshot', only=None and pre_rope_keys=False")
     raw_text = None if isinstance(text, torch.Tensor) else load_text(text)  # a bad path fails before the model loads
     if isinstance(model, (str, Path)):
         from kvpack.models import load
@@ -322,7 +327,7 @@ def evaluate(
         policy={"key": policy.key, "value": policy.value, "residual": policy.residual, "sinks": policy.sinks,
                 "skip_layers": list(policy.skip_layers), "only": only, "preset": preset,
                 "layer_keys": list(policy.layer_keys), "layer_values": list(policy.layer_values),
-                "fp_heads": [list(p) for p in policy.fp_heads],
+                "fp_heads": [list(p) for p in policy.fp_heads], "pre_rope_keys": policy.pre_rope_keys,
                 "cache_factory": None if cache_factory is None else getattr(cache_factory, "__name__", "custom")},
         ppl_ref=ppl_ref, ppl=ppl, delta_ppl_pct=delta, top1=top1, kl=kl,
         delta_ppl_pct_std=_std([r["delta_ppl_pct"] for r in public]), top1_std=_std([r["top1"] for r in public]),

@@ -168,3 +168,20 @@ def test_reference_memo_reuses_the_reference_and_changes_nothing(smollm2, wikite
     assert second.windows == first.windows
     if protocol == "snapshot":
         assert first.windows == int2.windows
+
+
+def test_pre_rope_keys_run_in_snapshot_and_are_refused_elsewhere(smollm2, wikitext_path):
+    result = run(smollm2, wikitext_path, key="int:2:axis=channel", value="int:4", residual=8, windows=1,
+                 pre_rope_keys=True)  # fmt: skip
+    assert result.policy["pre_rope_keys"] and result.kl > 0
+    with pytest.raises(ValueError, match="pre_rope_keys works with protocol='snapshot'"):
+        run(smollm2, wikitext_path, key="int:2", value="int:2", protocol="inforward", pre_rope_keys=True)
+
+
+def test_only_keeps_the_per_layer_specs_of_the_kept_stream(smollm2, wikitext_path, monkeypatch):
+    preset = {"key": "int:4", "value": "int:4", "residual": 8, "sinks": 2, "layer_keys": ("int:8",),
+              "layer_values": ("int:2",)}  # fmt: skip
+    monkeypatch.setitem(presets.PRESETS, "test-layers", preset)
+    only_k = run(smollm2, wikitext_path, preset="test-layers", only="k", windows=1)
+    assert only_k.policy["layer_keys"] == ["int:8"] and only_k.policy["layer_values"] == []
+    assert only_k.policy["value"] is None and only_k.bits_v == 16.0
