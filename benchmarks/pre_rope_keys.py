@@ -1,6 +1,7 @@
 """Pre-RoPE vs post-RoPE per-channel int keys on SmolLM2 + WikiText-2 (8 windows, ctx 1024): the BENCHMARKS table."""
 
 import torch
+
 from kvpack import evaluate
 from kvpack.models import load
 
