@@ -103,49 +103,42 @@ def test_cli(capsys):
     assert "neither a known name" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("spec", ["fp8", "int:2", "fp16/int:4"])
-def test_matches_the_bytes_kvpackcache_holds(spec):
-    """The formula against a real KVPackCache fed random K/V (window exactly ``residual`` tokens)."""
+def _toy_cache_bytes(policy: CachePolicy) -> tuple[int, float]:
+    """(bytes a real KVPackCache holds, the formula's bytes) for random K/V of a 3-layer toy model."""
     from transformers import LlamaConfig
 
     from kvpack.cache import KVPackCache
 
     config = LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=256)
-    key, value = parse_pair(spec)
-    policy = CachePolicy(key, value, residual=16, sinks=4, skip_layers=(1,), block=32)
     cache = KVPackCache(config=config, policy=policy)
-    tokens = 4 + 3 * 32 + 16
+    tokens = 4 + 3 * 32 + 16  # the window holds exactly ``residual`` tokens
     for layer in range(3):
         cache.layers[layer].update(
             torch.randn(2, 2, tokens, 64, dtype=torch.float16), torch.randn(2, 2, tokens, 64, dtype=torch.float16)
         )
     shape = ModelShape("toy", num_layers=3, num_kv_heads=2, head_dim=64, weight_bytes=0)
-    assert cache.nbytes() == cache_bytes(shape, policy, tokens, batch=2)
+    return cache.nbytes(), cache_bytes(shape, policy, tokens, batch=2)
+
+
+@pytest.mark.parametrize("spec", ["fp8", "int:2", "fp16/int:4"])
+def test_matches_the_bytes_kvpackcache_holds(spec):
+    held, formula = _toy_cache_bytes(CachePolicy(*parse_pair(spec), residual=16, sinks=4, skip_layers=(1,), block=32))
+    assert held == formula
 
 
 def test_per_layer_specs_and_fp_heads_match_the_bytes_kvpackcache_holds(tmp_path, capsys):
     """Per-layer specs (as `kvpack allocate` writes them) and 16-bit outlier heads, against a real cache."""
-    from transformers import LlamaConfig
-
     from kvpack.allocate import save_policy
-    from kvpack.cache import KVPackCache
 
-    config = LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=256)
     policy = CachePolicy(
         "int:4", "int:4", residual=16, sinks=4, block=32, layer_keys=("e8:2", "int:2"), layer_values=("e8:3",),
         fp_heads={2: (1,)},
     )  # fmt: skip
-    cache = KVPackCache(config=config, policy=policy)
-    tokens = 4 + 3 * 32 + 16
-    for layer in range(3):
-        cache.layers[layer].update(
-            torch.randn(2, 2, tokens, 64, dtype=torch.float16), torch.randn(2, 2, tokens, 64, dtype=torch.float16)
-        )
-    shape = ModelShape("toy", num_layers=3, num_kv_heads=2, head_dim=64, weight_bytes=0)
-    assert cache.nbytes() == cache_bytes(shape, policy, tokens, batch=2)
+    held, formula = _toy_cache_bytes(policy)
+    assert held == formula
     path = tmp_path / "policy.json"
     save_policy(policy, path)
     assert main(["memory", "--model", "smollm2", "--policy", str(path)]) == 0
     assert "per-layer (else int:4) +1 fp16 heads" in capsys.readouterr().out
     with pytest.raises(ValueError, match="fp_heads"):
-        cache_bytes(shape, CachePolicy("int:4", "int:4", fp_heads={2: (5,)}), 100)
+        cache_bytes(model_shape("smollm2"), CachePolicy("int:4", "int:4", fp_heads={2: (5,)}), 100)
