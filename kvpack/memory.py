@@ -302,15 +302,18 @@ def run(args: argparse.Namespace) -> int:
     if args.weights_gb is not None:
         shape = ModelShape(shape.name, shape.num_layers, shape.num_kv_heads, shape.head_dim, int(args.weights_gb * 1e9))
     gpu = parse_bytes(args.gpu_memory)
-    specs = args.codecs if args.codecs is not None else [s for s in DEFAULT_CODECS if _available(s, shape.head_dim)]
-    fp_parts = {"residual": args.residual, "sinks": args.sinks, "skip_layers": tuple(args.skip_layers)}
-    policies = [CachePolicy(*parse_pair(s), **fp_parts) for s in specs]
     if args.policy is not None:
+        if args.codecs is not None:
+            raise ValueError("--policy replaces --codecs: give one or the other")
         from kvpack.allocate import load_policy
 
         policy = load_policy(args.policy)
         fp_parts = {"residual": policy.residual, "sinks": policy.sinks, "skip_layers": policy.skip_layers}
         policies = [policy]
+    else:
+        specs = args.codecs if args.codecs is not None else [s for s in DEFAULT_CODECS if _available(s, shape.head_dim)]
+        fp_parts = {"residual": args.residual, "sinks": args.sinks, "skip_layers": tuple(args.skip_layers)}
+        policies = [CachePolicy(*parse_pair(s), **fp_parts) for s in specs]
     rows = memory_table(shape, policies, args.context, args.batch, gpu)
     if args.json:
         print(
@@ -320,9 +323,9 @@ def run(args: argparse.Namespace) -> int:
                     "context": args.context,
                     "batch": args.batch,
                     "gpu_bytes": gpu,
-                    "residual": args.residual,
-                    "sinks": args.sinks,
-                    "skip_layers": list(args.skip_layers),
+                    "residual": fp_parts["residual"],
+                    "sinks": fp_parts["sinks"],
+                    "skip_layers": list(fp_parts["skip_layers"]),
                     "rows": rows,
                 },
                 indent=2,
@@ -331,8 +334,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{shape.name}: {shape.num_layers} layers x {shape.num_kv_heads} KV heads x head_dim {shape.head_dim}; "
-        f"weights {shape.weight_bytes / 1e9:.2f} GB; residual {args.residual} + sinks {args.sinks} fp16"
-        + (f"; fp16 layers {list(args.skip_layers)}" if args.skip_layers else "")
+        f"weights {shape.weight_bytes / 1e9:.2f} GB; residual {fp_parts['residual']} + sinks {fp_parts['sinks']} fp16"
+        + (f"; fp16 layers {list(fp_parts['skip_layers'])}" if fp_parts["skip_layers"] else "")
     )
     print(f"context {args.context} x batch {args.batch}; GPU {gpu / 1e9:.1f} GB")
     head = f"{'policy':<22} {'K bits':>7} {'V bits':>7} {'KiB/token':>10} {'vs fp16':>8} {'total GB':>9} {'max context':>12}"

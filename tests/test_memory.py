@@ -140,5 +140,11 @@ def test_per_layer_specs_and_fp_heads_match_the_bytes_kvpackcache_holds(tmp_path
     save_policy(policy, path)
     assert main(["memory", "--model", "smollm2", "--policy", str(path)]) == 0
     assert "per-layer (else int:4) +1 fp16 heads" in capsys.readouterr().out
+    # the policy's own window and sinks are reported, not the CLI defaults (128 and 4)
+    assert main(["memory", "--model", "smollm2", "--policy", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["residual"], report["sinks"]) == (16, 4) and len(report["rows"]) == 1
+    assert main(["memory", "--model", "smollm2", "--policy", str(path), "--codecs", "int:4"]) == 2
+    assert "--policy replaces --codecs" in capsys.readouterr().err
     with pytest.raises(ValueError, match="fp_heads"):
         cache_bytes(model_shape("smollm2"), CachePolicy("int:4", "int:4", fp_heads={2: (5,)}), 100)
