@@ -29,7 +29,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpack.codec import Packed
-from kvpack.policy import CachePolicy
+from kvpack.policy import CachePolicy, IdentityCodec
 from kvpack.rope import rerope, rope_table, unrope
 
 __all__ = ["KVPackCache", "KVPackLayer", "layer_kinds"]
@@ -74,6 +74,8 @@ class KVPackLayer(CacheLayerMixin):
         self.held_dtype = self.policy.held_dtype(self.dtype)
         self.key_codec, self.value_codec = self.policy.codecs(key_states.shape[-1], self.layer_idx)
         self.block = self.policy.block_for(self.key_codec, self.value_codec)
+        # an uncompressed key stream keeps its post-RoPE keys: undoing RoPE would only cost time and a float32 copy
+        self.key_rope = None if isinstance(self.key_codec, IdentityCodec) else self.rope
         empty_k = key_states[..., :0, :].to(self.held_dtype)
         empty_v = value_states[..., :0, :].to(self.held_dtype)
         self.sink_keys, self.sink_values = empty_k.clone(), empty_v.clone()
@@ -87,7 +89,7 @@ class KVPackLayer(CacheLayerMixin):
         keys, values = [self.sink_keys.to(self.dtype)], [self.sink_values.to(self.dtype)]
         for chunk in self.chunks:
             k, v = self.key_codec.decode(chunk.key), self.value_codec.decode(chunk.value).to(self.dtype)
-            k = (k if self.rope is None else rerope(k, chunk.start, self.rope)).to(self.dtype)
+            k = (k if self.key_rope is None else rerope(k, chunk.start, self.key_rope)).to(self.dtype)
             if chunk.order is not None:
                 k, v = k.index_select(0, chunk.order), v.index_select(0, chunk.order)
             keys.append(k)
@@ -125,8 +127,8 @@ class KVPackLayer(CacheLayerMixin):
         if n_pack > 0:
             start = self.cumulative_length - self.keys.shape[-2]  # position of the window's first token
             keys = self.keys[..., :n_pack, :]
-            if self.rope is not None:
-                keys = unrope(keys, start, self.rope)
+            if self.key_rope is not None:
+                keys = unrope(keys, start, self.key_rope)
             self.chunks.append(
                 _Chunk(
                     key=self.key_codec.encode(keys.contiguous()),

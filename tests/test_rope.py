@@ -61,3 +61,16 @@ def test_errors():
     no_rope.rope_parameters = {}
     with pytest.raises(ValueError, match="rope_theta"):
         rope_table(no_rope)
+
+
+def test_pre_rope_keys_leave_uncompressed_key_streams_as_they_are():
+    # a skipped layer and a key=None stream hold their 16-bit post-RoPE keys, as without pre_rope_keys
+    k = torch.randn(1, 2, 48, 64, dtype=torch.float16)
+    for key, skip in (("int:4", (0,)), (None, ())):
+        held = {}
+        for pre in (False, True):
+            policy = CachePolicy(key, "int:4", residual=0, sinks=0, block=16, skip_layers=skip, pre_rope_keys=pre)
+            cache = KVPackCache(config=CONFIG, policy=policy)
+            cache.layers[0].update(k, k)
+            held[pre] = (cache.nbytes(), cache.layers[0].past()[0])
+        assert held[True][0] == held[False][0] and torch.equal(held[True][1], held[False][1])
