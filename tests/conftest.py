@@ -29,3 +29,22 @@ def smollm2():
 
     torch.manual_seed(0)
     return load("smollm2")
+
+
+def _check_codec_contract(codec, x: torch.Tensor) -> None:
+    """Packed shape/dtype and layout as declared, decode back to ``x``'s shape and dtype, finite, and each
+    vector coded on its own (the flattened batch gives the same bytes)."""
+    packed = codec.encode(x)
+    assert packed.shape == x.shape and packed.dtype == x.dtype
+    for key, (shape, kind) in codec.layout(tuple(x.shape)).items():
+        assert packed.data[key].shape == shape and packed.data[key].dtype == kind
+    y = codec.decode(packed)
+    assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
+    flat = codec.encode(x.reshape(-1, x.shape[-1]))
+    assert all(torch.equal(flat.data[k].reshape(packed.data[k].shape), packed.data[k]) for k in packed.data)
+
+
+@pytest.fixture(scope="session")
+def check_codec_contract():
+    """The per-vector codec contract as a function (session-scoped, so hypothesis tests can use it)."""
+    return _check_codec_contract

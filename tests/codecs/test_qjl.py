@@ -105,14 +105,6 @@ def test_errors():
     dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
 )
 @settings(max_examples=30, deadline=None)
-def test_property_shapes_dtypes(head_dim, sketch_dim, lead, dtype):
+def test_property_shapes_dtypes(head_dim, sketch_dim, lead, dtype, check_codec_contract):
     codec = kvpack.get_codec("qjl", head_dim=head_dim, sketch_dim=sketch_dim)
-    x = (torch.randn(*lead, head_dim) * 2).to(dtype)
-    packed = codec.encode(x)
-    assert packed.shape == x.shape and packed.dtype == dtype
-    for key, (shape, kind) in codec.layout(tuple(x.shape)).items():
-        assert packed.data[key].shape == shape and packed.data[key].dtype == kind
-    y = codec.decode(packed)
-    assert y.shape == x.shape and y.dtype == dtype and torch.isfinite(y).all()
-    flat = codec.encode(x.reshape(-1, head_dim))
-    assert all(torch.equal(flat.data[k].reshape(packed.data[k].shape), packed.data[k]) for k in packed.data)
+    check_codec_contract(codec, (torch.randn(*lead, head_dim) * 2).to(dtype))
