@@ -42,8 +42,10 @@ from kvpack.policy import CachePolicy
 __all__ = [
     "allocate_bits",
     "choose_outlier_heads",
+    "head_policy_for",
     "head_sensitivity",
     "load_policy",
+    "measure_head_sensitivity",
     "measure_sensitivity",
     "policy_bits",
     "policy_for",
@@ -65,11 +67,9 @@ def policy_bits(policy: CachePolicy, head_dim: int, num_layers: int, num_kv_head
     """Average codec bits per value over layers, KV heads and both streams (16 for what stays 16-bit)."""
     total = 0.0
     for i in range(num_layers):
-        fp = len(policy.heads_in_fp(i)) if i not in policy.skip_layers else num_kv_heads
-        for spec in policy.specs(i):
-            bits = 16.0 if spec is None else get_codec(spec, head_dim=head_dim).bits_per_value()
-            total += (fp * 16.0 + (num_kv_heads - fp) * bits) / num_kv_heads
-    return total / (2 * num_layers)
+        for heads in policy.held_specs(i, num_kv_heads):
+            total += sum(16.0 if s is None else get_codec(s, head_dim=head_dim).bits_per_value() for s in heads)
+    return total / (2 * num_layers * num_kv_heads)
 
 
 def save_policy(policy: CachePolicy, path: str | Path, **info) -> None:
@@ -211,6 +211,42 @@ def head_sensitivity(
     return _kl_of_policies(model, windows, ctx, policies, "head sensitivity", progress).reshape(num_layers, num_heads)
 
 
+def measure_head_sensitivity(
+    model, windows: list[torch.Tensor], ctx: int, key_candidates: tuple[str, ...], value_candidates: tuple[str, ...],
+    residual: int = 0, sinks: int = 1, block: int | None = 1, progress: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """float64 ``(layers, kv_heads, 2, max(len(key_candidates), len(value_candidates)))``: mean KL per
+    continuation token when only that KV head's K (stream 0, ``key_candidates``) or V (stream 1,
+    ``value_candidates``) of that layer goes through that codec and everything else stays exact (the
+    layer's other heads through ``fp_heads``, 16-bit). Slots past a stream's candidates are NaN.
+
+    One clean prefill and one exact continuation per window serve every candidate (`_kl_of_policies`),
+    so the cost is one teacher-forced continuation per (layer, head, stream, candidate) and window.
+    ``residual``/``sinks``/``block`` should be those of the policy the numbers will allocate."""
+    if not key_candidates and not value_candidates:
+        raise ValueError("measure_head_sensitivity needs key_candidates or value_candidates")
+    config = model.config
+    num_layers, num_heads = config.num_hidden_layers, config.num_key_value_heads
+    dtype = next(model.parameters()).dtype
+    width = max(len(key_candidates), len(value_candidates))
+    policies, slots = [], []
+    for layer in range(num_layers):
+        for head in range(num_heads):
+            others = tuple((layer, h) for h in range(num_heads) if h != head)
+            for stream, candidates in enumerate((key_candidates, value_candidates)):
+                for j, spec in enumerate(candidates):
+                    specs = tuple(spec if i == layer else None for i in range(num_layers))
+                    blank = (None,) * num_layers
+                    keys, values = (specs, blank) if stream == 0 else (blank, specs)
+                    policies.append(CachePolicy(None, None, residual, sinks, block=block, window_dtype=dtype,
+                                                layer_keys=keys, layer_values=values, fp_heads=others))  # fmt: skip
+                    slots.append(((layer * num_heads + head) * 2 + stream) * width + j)
+    kl = _kl_of_policies(model, windows, ctx, policies, "head sensitivity", progress)
+    out = torch.full((num_layers * num_heads * 2 * width,), float("nan"), dtype=torch.float64)
+    out[torch.tensor(slots)] = kl
+    return out.reshape(num_layers, num_heads, 2, width)
+
+
 def choose_outlier_heads(scores: torch.Tensor, count: int) -> tuple[tuple[int, int], ...]:
     """The ``count`` (layer, kv_head) pairs of largest ``scores`` ``(layers, kv_heads)``, sorted: `CachePolicy.fp_heads`."""
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
@@ -236,9 +272,13 @@ def _bit_units(bits: list[float]) -> tuple[list[int], int]:
 def allocate_bits(sensitivity: torch.Tensor, bits: list[float], budget: float) -> torch.Tensor:
     """Choice ``(items,)`` of a candidate per row of ``sensitivity`` ``(items, candidates)`` minimizing the
     summed sensitivity with ``mean(bits[choice]) <= budget``; exact (dynamic programming over bits in units
-    of the candidates' common denominator). Ties go to the cheaper total."""
+    of the candidates' common denominator). Ties go to the cheaper total. A NaN entry marks a candidate
+    that item cannot take (e.g. a K-only codec for a V item)."""
     if not isinstance(sensitivity, torch.Tensor) or sensitivity.dim() != 2 or 0 in sensitivity.shape:
         raise ValueError(f"sensitivity must be a non-empty (items, candidates) tensor, got {sensitivity!r}")
+    sensitivity = sensitivity.double().nan_to_num(nan=float("inf"), posinf=float("inf"))
+    if not bool(sensitivity.isfinite().any(dim=1).all()):
+        raise ValueError("every item of sensitivity needs at least one finite (non-NaN) candidate")
     items, n_cand = sensitivity.shape
     if len(bits) != n_cand:
         raise ValueError(f"bits has {len(bits)} entries for {n_cand} candidates")
@@ -278,6 +318,22 @@ def policy_for(choice: torch.Tensor, candidates: tuple[str, ...], num_layers: in
         raise ValueError(f"choice has {choice.numel()} items, expected 2 * num_layers = {2 * num_layers}")
     specs = [candidates[int(j)] for j in choice]
     return CachePolicy(None, None, layer_keys=tuple(specs[0::2]), layer_values=tuple(specs[1::2]), **policy_fields)
+
+
+def head_policy_for(
+    choice: torch.Tensor, candidates: tuple[str, ...], num_layers: int, num_kv_heads: int, **policy_fields
+) -> CachePolicy:
+    """The `CachePolicy` (``head_keys``/``head_values``) of an :func:`allocate_bits` choice over items
+    ordered (layer, KV head, stream), as :func:`measure_head_sensitivity` ``.reshape(-1, candidates)`` gives."""
+    if choice.numel() != 2 * num_layers * num_kv_heads:
+        raise ValueError(
+            f"choice has {choice.numel()} items, expected 2 * num_layers * num_kv_heads = "
+            f"{2 * num_layers * num_kv_heads}"
+        )
+    specs = [candidates[int(j)] for j in choice.reshape(num_layers, num_kv_heads, 2).flatten()]
+    keys = tuple(tuple(specs[(i * num_kv_heads + h) * 2] for h in range(num_kv_heads)) for i in range(num_layers))
+    values = tuple(tuple(specs[(i * num_kv_heads + h) * 2 + 1] for h in range(num_kv_heads)) for i in range(num_layers))
+    return CachePolicy(None, None, head_keys=keys, head_values=values, **policy_fields)
 
 
 def uniform_pairs(candidates: tuple[str, ...], head_dim: int, budget: float) -> list[tuple[str, str, float]]:

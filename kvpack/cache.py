@@ -297,10 +297,18 @@ class KVPackCache(Cache):
         if bad:
             raise ValueError(f"skip_layers {bad} out of range: the model has {len(kinds)} layers")
         bad = [i for i, _ in policy.fp_heads if i >= len(kinds)] + [
-            i for i in range(len(kinds), max(len(policy.layer_keys), len(policy.layer_values)))
+            i for i in range(len(kinds), policy.num_layers_named())
         ]
         if bad:
-            raise ValueError(f"fp_heads/layer_keys/layer_values name layers {bad}: the model has {len(kinds)} layers")
+            raise ValueError(
+                f"fp_heads/layer_keys/layer_values/head_keys/head_values name layers {bad}: "
+                f"the model has {len(kinds)} layers"
+            )
+        heads = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                        "num_key_value_heads", None)  # fmt: skip
+        bad = [i for i in range(len(kinds)) for h in policy.head_specs(i) if h is not None and len(h) != heads]
+        if heads is not None and bad:
+            raise ValueError(f"head_keys/head_values of layers {sorted(set(bad))} need {heads} specs (KV heads)")
         super().__init__(layers=[self.layer_class(policy, i, window) for i, window in enumerate(kinds)])
         if policy.pre_rope_keys:
             table = rope_table(config)

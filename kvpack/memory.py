@@ -157,7 +157,9 @@ def model_shape(model: str) -> ModelShape:
 def policy_label(policy: CachePolicy) -> str:
     key, value = policy.key or "fp16", policy.value or "fp16"
     label = key if key == value else f"{key}/{value}"
-    if policy.layer_keys or policy.layer_values:
+    if any(h is not None for h in (*policy.head_keys, *policy.head_values)):
+        label = f"per-head (else {label})"
+    elif policy.layer_keys or policy.layer_values:
         label = f"per-layer (else {label})"
     return label + (f" +{len(policy.fp_heads)} fp16 heads" if policy.fp_heads else "")
 
@@ -175,18 +177,18 @@ def _layer_bits(shape: ModelShape, policy: CachePolicy) -> list[tuple[float, flo
     """
     bad = [f"skip_layers {i}" for i in policy.skip_layers if not 0 <= i < shape.num_layers]
     bad += [f"fp_heads {p}" for p in policy.fp_heads if not (p[0] < shape.num_layers and p[1] < shape.num_kv_heads)]
+    bad += [f"head_keys/head_values layer {i}" for i in range(shape.num_layers, policy.num_layers_named())]
     if bad:
         raise ValueError(
             f"{', '.join(bad)} out of range for {shape.num_layers} layers of {shape.num_kv_heads} KV heads"
         )
-    fp_bits, out = 8.0 * FP16_BYTES, []
+    out = []
     for layer in range(shape.num_layers):
-        if layer in policy.skip_layers:
-            out.append((fp_bits, fp_bits))
-            continue
-        share = len(policy.heads_in_fp(layer)) / shape.num_kv_heads
-        k, v = (_stream_bits(spec, shape.head_dim) for spec in policy.specs(layer))
-        out.append((share * fp_bits + (1 - share) * k, share * fp_bits + (1 - share) * v))
+        k, v = (
+            sum(_stream_bits(s, shape.head_dim) for s in heads) / shape.num_kv_heads
+            for heads in policy.held_specs(layer, shape.num_kv_heads)
+        )
+        out.append((k, v))
     return out
 
 

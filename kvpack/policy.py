@@ -4,7 +4,8 @@ The shape follows KIVI (Liu et al., arXiv 2402.02750): the newest ``residual`` t
 full precision and are packed in blocks of ``block`` tokens as they age; StreamingLLM (Xiao et al.,
 arXiv 2309.17453) motivates keeping the first ``sinks`` tokens (attention sinks) in full precision;
 layers in ``skip_layers`` are not compressed at all; ``layer_keys``/``layer_values`` give a codec per
-layer (`kvpack allocate` writes them); ``fp_heads`` keeps chosen (layer, KV head) pairs of both K and V
+layer (`kvpack allocate` writes them), ``head_keys``/``head_values`` a codec per KV head of a layer
+(`PerHeadCodec`; `kvpack.allocate.allocate_heads` writes them); ``fp_heads`` keeps chosen (layer, KV head) pairs of both K and V
 in 16-bit (outlier heads, chosen by `kvpack.allocate.choose_outlier_heads`). "Full precision" means 16-bit floats, as
 deployed: the model dtype when it is float16/bfloat16, float16 for a float32 model (``window_dtype``
 overrides), so the bits a float32 CPU evaluation reports are those a 16-bit deployment holds.
@@ -19,7 +20,7 @@ import torch
 
 from kvpack.codec import Codec, Packed, get_codec
 
-__all__ = ["DEFAULT_BLOCK", "CachePolicy", "HeadSplitCodec", "IdentityCodec"]
+__all__ = ["DEFAULT_BLOCK", "CachePolicy", "HeadSplitCodec", "IdentityCodec", "PerHeadCodec"]
 
 DEFAULT_BLOCK = 32  # tokens packed at once as the residual window ages (KIVI's group size)
 
@@ -34,6 +35,9 @@ class CachePolicy:
     ``layer_keys``/``layer_values``: per-layer specs (``None``: that layer's stream uncompressed) for
     layers ``< len``; later layers use ``key``/``value``. ``fp_heads``: ``(layer, kv_head)`` pairs (or a
     dict ``{layer: heads}``) whose K and V stay 16-bit in packed blocks too (`HeadSplitCodec`).
+    ``head_keys``/``head_values``: per layer (layer 0 first), ``None`` (the layer's spec applies) or a
+    tuple of one spec per KV head (``None``: that head 16-bit); such a layer goes through `PerHeadCodec`,
+    overriding ``layer_keys``/``key`` there. ``fp_heads`` and ``skip_layers`` still apply on top.
     ``pre_rope_keys``: pack keys with RoPE undone (KVQuant; `kvpack.rope`), re-applied after decoding.
     """
 
@@ -49,6 +53,8 @@ class CachePolicy:
     layer_values: tuple[str | None, ...] = field(default=())
     fp_heads: tuple[tuple[int, int], ...] = field(default=())
     pre_rope_keys: bool = False
+    head_keys: tuple[tuple[str | None, ...] | None, ...] = field(default=())
+    head_values: tuple[tuple[str | None, ...] | None, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if not isinstance(self.pre_rope_keys, bool):
@@ -88,17 +94,45 @@ class CachePolicy:
             if any(s is not None and (not isinstance(s, str) or not s) for s in specs):
                 raise TypeError(f"{name} must hold codec spec strings or None, got {specs!r}")
             object.__setattr__(self, name, specs)
+        for name in ("head_keys", "head_values"):
+            object.__setattr__(self, name, _normalize_head_specs(getattr(self, name), name))
         object.__setattr__(self, "fp_heads", _normalize_fp_heads(self.fp_heads))
         # build once with a nominal head_dim so that a bad spec fails here, not mid-forward
         self.codecs(head_dim=64)
-        for i in range(max(len(self.layer_keys), len(self.layer_values))):
+        for i in range(self.num_layers_named()):
             self.codecs(head_dim=64, layer_idx=i)
+
+    def num_layers_named(self) -> int:
+        """Layers that ``layer_keys``/``layer_values``/``head_keys``/``head_values`` give specs for."""
+        return max(len(self.layer_keys), len(self.layer_values), len(self.head_keys), len(self.head_values))
+
+    def head_specs(self, layer_idx: int) -> tuple[tuple[str | None, ...] | None, tuple[str | None, ...] | None]:
+        """Per-KV-head (key, value) specs of one layer (``None``: the layer's single spec applies)."""
+        keys = self.head_keys[layer_idx] if layer_idx < len(self.head_keys) else None
+        values = self.head_values[layer_idx] if layer_idx < len(self.head_values) else None
+        return keys, values
 
     def specs(self, layer_idx: int) -> tuple[str | None, str | None]:
         """The (key, value) specs of one layer before skip_layers/fp_heads apply."""
         key = self.layer_keys[layer_idx] if layer_idx < len(self.layer_keys) else self.key
         value = self.layer_values[layer_idx] if layer_idx < len(self.layer_values) else self.value
         return key, value
+
+    def held_specs(self, layer_idx: int, num_kv_heads: int) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
+        """Per stream (K, V), the spec each KV head of ``layer_idx`` is held with (``None``: 16-bit), after
+        ``skip_layers``, ``head_keys``/``head_values`` and ``fp_heads``: what bit counts add up."""
+        if layer_idx in self.skip_layers:
+            return ((None,) * num_kv_heads,) * 2  # type: ignore[return-value]
+        fp = self.heads_in_fp(layer_idx)
+        if fp and max(fp) >= num_kv_heads:
+            raise ValueError(f"fp_heads {fp} of layer {layer_idx} out of range for {num_kv_heads} KV heads")
+        out = []
+        for spec, heads in zip(self.specs(layer_idx), self.head_specs(layer_idx)):
+            if heads is not None and len(heads) != num_kv_heads:
+                raise ValueError(f"layer {layer_idx} has {len(heads)} per-head specs for {num_kv_heads} KV heads")
+            heads = (spec,) * num_kv_heads if heads is None else heads
+            out.append(tuple(None if h in fp else s for h, s in enumerate(heads)))
+        return tuple(out)  # type: ignore[return-value]
 
     def heads_in_fp(self, layer_idx: int) -> tuple[int, ...]:
         """KV heads of ``layer_idx`` kept in 16-bit."""
@@ -111,17 +145,31 @@ class CachePolicy:
         if layer_idx is not None and layer_idx in self.skip_layers:
             return IdentityCodec(head_dim), IdentityCodec(head_dim)
         specs = (self.key, self.value) if layer_idx is None else self.specs(layer_idx)
-        codecs = [
-            IdentityCodec(head_dim) if s is None else get_codec(s, head_dim=head_dim, seed=self.seed) for s in specs
-        ]
+        per_head = (None, None) if layer_idx is None else self.head_specs(layer_idx)
         heads = () if layer_idx is None else self.heads_in_fp(layer_idx)
-        if heads:
-            codecs = [c if isinstance(c, IdentityCodec) else HeadSplitCodec(c, heads) for c in codecs]
+        codecs = []
+        for spec, head_specs in zip(specs, per_head):
+            if head_specs is not None:
+                if heads and max(heads) >= len(head_specs):
+                    raise ValueError(
+                        f"fp_heads {heads} of layer {layer_idx} out of range for its {len(head_specs)} per-head specs"
+                    )
+                head_specs = tuple(None if h in heads else s for h, s in enumerate(head_specs))
+                codecs.append(PerHeadCodec(tuple(self._codec(s, head_dim) for s in head_specs), head_dim))
+            elif spec is None:
+                codecs.append(IdentityCodec(head_dim))
+            else:
+                codec = self._codec(spec, head_dim)
+                codecs.append(HeadSplitCodec(codec, heads) if heads else codec)
         return tuple(codecs)  # type: ignore[return-value]
+
+    def _codec(self, spec: str | None, head_dim: int) -> Codec | None:
+        return None if spec is None else get_codec(spec, head_dim=head_dim, seed=self.seed)
 
     def compresses_anything(self) -> bool:
         """Whether any layer's K or V goes through a codec."""
-        return any(s is not None for s in (self.key, self.value, *self.layer_keys, *self.layer_values))
+        per_head = [s for heads in (*self.head_keys, *self.head_values) if heads is not None for s in heads]
+        return any(s is not None for s in (self.key, self.value, *self.layer_keys, *self.layer_values, *per_head))
 
     def held_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """Dtype of the full-precision tokens: ``window_dtype``, else the model's 16-bit dtype, else float16.
@@ -165,6 +213,32 @@ class IdentityCodec:
 
     def bits_per_value(self) -> float:
         return float("nan")  # the model dtype's width; known only from the stored tensor
+
+
+def _normalize_head_specs(value, name: str) -> tuple[tuple[str | None, ...] | None, ...]:
+    """``head_keys``/``head_values`` (JSON lists too) -> a tuple over layers of ``None`` or per-head spec tuples."""
+    if isinstance(value, (str, dict)):
+        raise TypeError(f"{name} must be a sequence over layers of None or per-KV-head spec sequences, got {value!r}")
+    try:
+        layers = tuple(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a sequence over layers of None or per-KV-head spec sequences, got {value!r}"
+        ) from None
+    out = []
+    for i, heads in enumerate(layers):
+        if heads is None:
+            out.append(None)
+            continue
+        if isinstance(heads, (str, dict)) or not hasattr(heads, "__iter__"):
+            raise TypeError(f"{name}[{i}] must be None or a sequence of per-KV-head codec specs, got {heads!r}")
+        heads = tuple(heads)
+        if not heads:
+            raise ValueError(f"{name}[{i}] must name at least one KV head (None: the layer's spec applies)")
+        if any(s is not None and (not isinstance(s, str) or not s) for s in heads):
+            raise TypeError(f"{name}[{i}] must hold codec spec strings or None (16-bit), got {heads!r}")
+        out.append(heads)
+    return tuple(out)
 
 
 def _normalize_fp_heads(fp_heads) -> tuple[tuple[int, int], ...]:
@@ -233,3 +307,69 @@ class HeadSplitCodec:
 
     def bits_per_value(self) -> float:
         return float("nan")  # depends on the number of KV heads; the cache measures it
+
+
+class PerHeadCodec:
+    """A codec per KV head (dim -3): head ``h`` goes through ``codecs[h]``, or stays 16-bit where it is ``None``.
+
+    Input ``(..., kv_heads, tokens, head_dim)`` with ``kv_heads == len(codecs)``. Heads that share a
+    spec are encoded together (one call per distinct spec); ``Packed.data`` holds group ``g``'s tensors
+    under ``g<g>.<name>`` and the 16-bit heads under ``fp_heads`` (float16 unless the input is
+    bfloat16/float16), so ``Packed.nbytes`` counts everything. Duck-types the `kvpack.Codec` interface.
+    """
+
+    def __init__(self, codecs: tuple[Codec | None, ...], head_dim: int) -> None:
+        codecs = tuple(codecs)
+        if not codecs:
+            raise ValueError("PerHeadCodec needs at least one KV head")
+        if any(c is not None and c.head_dim != head_dim for c in codecs):
+            raise ValueError(f"PerHeadCodec: every codec must take head_dim={head_dim}")
+        self.codecs, self.head_dim = codecs, head_dim
+        self.block_tokens = math.lcm(*(int(c.block_tokens) for c in codecs if c is not None), 1)
+        self.spec = "heads[" + "|".join("fp16" if c is None else c.spec for c in codecs) + "]"
+        specs = [None if c is None else c.spec for c in codecs]
+        self.fp = tuple(h for h, s in enumerate(specs) if s is None)
+        distinct = list(dict.fromkeys(s for s in specs if s is not None))
+        # (codec, heads) per distinct spec, in the order of each spec's first head
+        self.groups = tuple((codecs[specs.index(s)], tuple(h for h, t in enumerate(specs) if t == s)) for s in distinct)
+
+    def _check_heads(self, num_heads: int) -> None:
+        if num_heads != len(self.codecs):
+            raise ValueError(f"PerHeadCodec has specs for {len(self.codecs)} KV heads, the input has {num_heads}")
+
+    def encode(self, x: torch.Tensor) -> Packed:
+        if x.dim() < 3:
+            raise ValueError(f"PerHeadCodec needs (..., kv_heads, tokens, head_dim), got shape {tuple(x.shape)}")
+        self._check_heads(x.shape[-3])
+        data = {}
+        if self.fp:
+            fp_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16
+            data["fp_heads"] = x.index_select(-3, torch.tensor(self.fp, device=x.device)).to(fp_dtype).contiguous()
+        for g, (codec, heads) in enumerate(self.groups):
+            part = codec.encode(x.index_select(-3, torch.tensor(heads, device=x.device)).contiguous())
+            data.update({f"g{g}.{k}": v for k, v in part.data.items()})
+        return Packed(codec=self.spec, shape=tuple(x.shape), dtype=x.dtype, data=data)
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        self.check_packed(packed)
+        out = torch.empty(packed.shape, dtype=packed.dtype, device=packed.device)
+        if self.fp:
+            out.index_copy_(-3, torch.tensor(self.fp, device=out.device), packed.data["fp_heads"].to(packed.dtype))
+        for g, (codec, heads) in enumerate(self.groups):
+            prefix = f"g{g}."
+            data = {k[len(prefix) :]: v for k, v in packed.data.items() if k.startswith(prefix)}
+            shape = (*packed.shape[:-3], len(heads), *packed.shape[-2:])
+            part = codec.decode(Packed(codec=codec.spec, shape=shape, dtype=packed.dtype, data=data))
+            out.index_copy_(-3, torch.tensor(heads, device=out.device), part.to(packed.dtype))
+        return out
+
+    def check_packed(self, packed: Packed) -> None:
+        if not isinstance(packed, Packed):
+            raise TypeError(f"decode needs a kvpack.Packed, got {type(packed).__name__}")
+        if packed.codec != self.spec:
+            raise ValueError(f"Packed was made by codec {packed.codec!r}, not by {self.spec!r}")
+        self._check_heads(packed.shape[-3])
+
+    def bits_per_value(self) -> float:
+        """Mean over the KV heads (each holds as many values): a codec's own bits, 16 for 16-bit heads."""
+        return sum(16.0 if c is None else c.bits_per_value() for c in self.codecs) / len(self.codecs)

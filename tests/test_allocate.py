@@ -13,8 +13,10 @@ from kvpack import CachePolicy, KVPackCache, get_codec
 from kvpack.allocate import (
     allocate_bits,
     choose_outlier_heads,
+    head_policy_for,
     head_sensitivity,
     load_policy,
+    measure_head_sensitivity,
     measure_sensitivity,
     policy_bits,
     policy_for,
@@ -93,6 +95,72 @@ def test_allocate_bits_non_dyadic_bits():
 def test_allocate_bits_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         allocate_bits(*args)
+
+
+def test_allocate_bits_never_picks_a_nan_candidate():
+    # a K-only candidate (NaN for the V item) is skipped even when it would be the best use of the budget
+    s = torch.tensor([[1.0, 0.5, 0.4], [1.0, 0.2, float("nan")]], dtype=torch.float64)
+    choice = allocate_bits(s, [2.0, 3.0, 4.0], 4.0).tolist()
+    assert choice[1] != 2 and choice == [2, 1]
+    with pytest.raises(ValueError, match="at least one finite"):
+        allocate_bits(torch.tensor([[1.0, float("nan")], [float("nan")] * 2]), [2.0, 3.0], 3.0)
+
+
+def test_head_policy_for_orders_items_layer_head_stream():
+    # items (layer, head, stream): L0H0K L0H0V L0H1K L0H1V L1H0K ...
+    choice = torch.tensor([0, 1, 1, 0, 1, 1, 0, 0])
+    policy = head_policy_for(choice, ("e8:2", "int:8"), 2, 2, residual=0, sinks=1, block=1)
+    assert policy.head_keys == (("e8:2", "int:8"), ("int:8", "e8:2"))
+    assert policy.head_values == (("int:8", "e8:2"), ("int:8", "e8:2"))
+    assert (policy.residual, policy.sinks, policy.block) == (0, 1, 1)
+    assert policy_bits(policy, 64, 2, 2) == pytest.approx((2.25 + 8.5) / 2)
+    with pytest.raises(ValueError, match="expected 2 \\* num_layers \\* num_kv_heads = 8"):
+        head_policy_for(choice[:6], ("e8:2", "int:8"), 2, 2)
+
+
+def test_measure_head_sensitivity_is_the_kl_of_the_one_head_policy():
+    from kvpack.allocate import _kl_of_policies
+
+    model, ws = tiny_llama(layers=2, kv_heads=2), windows(1, 60)
+    kl = measure_head_sensitivity(model, ws, 56, ("int:2", "int:4"), ("int:2",), residual=0, sinks=1, block=1,
+                                  progress=False)  # fmt: skip
+    assert kl.shape == (2, 2, 2, 2) and kl.dtype == torch.float64
+    assert torch.isnan(kl[:, :, 1, 1]).all() and not torch.isnan(kl[:, :, 0]).any()
+    # each slot is the KL of that one head's policy (layer 1, head 0's V in int:2; layer 0, head 1's K in
+    # int:4), measured on its own: the one shared prefill and reference change nothing
+    one_head = [
+        CachePolicy(None, None, 0, 1, block=1, window_dtype=torch.float32, head_values=(None, ("int:2", None))),
+        CachePolicy(None, None, 0, 1, block=1, window_dtype=torch.float32, head_keys=((None, "int:4"),)),
+    ]
+    alone = _kl_of_policies(model, ws, 56, one_head, "", False)
+    assert alone.tolist() == pytest.approx([float(kl[1, 0, 1, 0]), float(kl[0, 1, 0, 1])], rel=1e-9)
+    assert (kl[:, :, 1, 0] > 0).all()
+    with pytest.raises(ValueError, match="key_candidates or value_candidates"):
+        measure_head_sensitivity(model, ws, 56, (), ())
+
+
+def test_per_head_policy_file_and_saved_cache_round_trip(tmp_path):
+    import kvpack
+
+    policy = CachePolicy(None, "int:4", 8, 2, block=8, head_keys=(("int:2", None), None, ("e8:3", "int:8")),
+                         head_values=(None, ("int:2", "int:2")), fp_heads={2: (0,)})  # fmt: skip
+    save_policy(policy, tmp_path / "p.json")
+    assert load_policy(tmp_path / "p.json") == policy
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc["policy"]["head_keys"] == [["int:2", None], None, ["e8:3", "int:8"]]
+    doc["policy"]["head_keys"] = [["int:2"], "e8:3"]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="bad fields.*head_keys\\[1\\]"):
+        load_policy(tmp_path / "bad.json")
+    model = tiny_llama()
+    cache = KVPackCache(model.config, policy=policy)
+    with torch.inference_mode():
+        model(windows(1, 60)[0][None], past_key_values=cache)
+    kvpack.save_cache(cache, tmp_path / "c.safetensors", config=model.config)
+    loaded = kvpack.load_cache(tmp_path / "c.safetensors", config=model.config)
+    assert loaded.policy == policy and loaded.nbytes() == cache.nbytes()
+    for a, b in zip(cache.layers, loaded.layers):
+        assert all(torch.equal(x, y) for x, y in zip(a.past(), b.past()))
 
 
 def test_uniform_pairs_are_within_budget_and_undominated():

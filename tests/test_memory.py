@@ -103,6 +103,30 @@ def test_cli(capsys):
     assert "neither a known name" in capsys.readouterr().err
 
 
+def test_per_head_specs_match_the_bytes_kvpackcache_holds(tmp_path, capsys):
+    """Per-(layer, KV head) specs, with an fp16 head on top, against a real cache; and `kvpack memory`'s label."""
+    from kvpack.allocate import save_policy
+
+    policy = CachePolicy(
+        "int:4", "int:4", residual=16, sinks=4, block=32, head_keys=(("e8:2", "int:8"), None, ("int:2", None)),
+        head_values=(None, ("e8:3", "e8:4")), fp_heads={1: (1,)},
+    )  # fmt: skip
+    held, formula = _toy_cache_bytes(policy)
+    assert held == formula
+    path = tmp_path / "policy.json"
+    save_policy(policy, path)
+    assert main(["memory", "--model", "smollm2", "--policy", str(path)]) == 2  # 2 specs, smollm2 has 3 KV heads
+    assert "2 per-head specs for 3 KV heads" in capsys.readouterr().err
+    heads = [["e8:3", "e8:2", "int:8"]] * 30
+    save_policy(CachePolicy(None, None, residual=0, sinks=1, block=1, head_keys=heads, head_values=heads), path)
+    assert main(["memory", "--model", "smollm2", "--policy", str(path), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    bits = (3.25 + 2.25 + 8.5) / 3
+    assert row["policy"].startswith("per-head") and row["k_bits"] == pytest.approx(bits)
+    with pytest.raises(ValueError, match="head_keys/head_values layer 3"):
+        cache_bytes(ModelShape("toy", 3, 2, 64, 0), CachePolicy(head_keys=[None] * 3 + [("e8:2",) * 2]), 10)
+
+
 def _toy_cache_bytes(policy: CachePolicy) -> tuple[int, float]:
     """(bytes a real KVPackCache holds, the formula's bytes) for random K/V of a 3-layer toy model."""
     from transformers import LlamaConfig

@@ -92,7 +92,9 @@ def format_result(result) -> str:
     policy = (
         f"policy: key={p['key']}  value={p['value']}  residual={p['residual']}  sinks={p['sinks']}  skip_layers={skip}"
     )
-    if p.get("layer_keys") or p.get("layer_values"):
+    if any(h is not None for h in (*p.get("head_keys", ()), *p.get("head_values", ()))):
+        policy += "  (per-head specs override key/value: see --json)"
+    elif p.get("layer_keys") or p.get("layer_values"):
         policy += "  (per-layer specs override key/value: see --json)"
     if p.get("fp_heads"):
         policy += f"  fp_heads={len(p['fp_heads'])}"
@@ -141,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
         protocol=args.protocol, only=args.only, progress=not args.no_progress, seed=args.seed,
         pre_rope_keys=args.pre_rope_keys, **_policy_kwargs(args),
     )  # fmt: skip
+    if args.policy is not None:  # the file's policy went through a cache_factory: record all of it
+        from kvpack.allocate import load_policy
+        from kvpack.evaluation.evaluate import policy_record
+
+        result.policy.update(policy_record(load_policy(args.policy)))
     print(format_result(result))
     if args.json:
         out = Path(args.json)

@@ -14,7 +14,8 @@ config file (``--config FILE``, JSON or TOML)::
 
 (TOML: ``peers = [...]`` and ``[[configs]]`` tables; a bare JSON list is a list of configs.)
 Entries take any of ``key``, ``value``, ``residual``, ``sinks``, ``skip_layers``, ``block``,
-``layer_keys``, ``layer_values``, ``fp_heads`` (`kvpack.CachePolicy` fields; the last four go through a
+``layer_keys``, ``layer_values``, ``head_keys``, ``head_values`` (per layer: null or a list of per-KV-head
+specs), ``fp_heads`` (`kvpack.CachePolicy` fields; the last six go through a
 `KVPackCache` ``cache_factory``, as `kvpack.evaluate` takes the plain ones only) or ``preset``. ``--peers``
 adds transformers' `QuantizedCache` backends (`kvpack.evaluation.peers`; ``--peers`` alone: all of
 ``PEERS``), measured with their true bits.
@@ -45,7 +46,8 @@ _PARSE_ERRORS = (json.JSONDecodeError,) if tomllib is None else (json.JSONDecode
 __all__ = ["SweepConfig", "add_arguments", "configs_from_args", "load_config_file", "plot", "run", "run_sweep"]
 
 CONFIG_FIELDS = (
-    "name", "key", "value", "residual", "sinks", "skip_layers", "block", "layer_keys", "layer_values", "fp_heads", "preset",
+    "name", "key", "value", "residual", "sinks", "skip_layers", "block", "layer_keys", "layer_values", "head_keys",
+    "head_values", "fp_heads", "preset",
 )  # fmt: skip
 DEFAULT_RESIDUAL, DEFAULT_SINKS = 128, 4
 TABLE_FIELDS = (
@@ -69,13 +71,16 @@ class SweepConfig:
     layer_values: tuple[str | None, ...] = field(default=())
     fp_heads: tuple[tuple[int, int], ...] = field(default=())
     preset: str | None = None
+    head_keys: tuple[tuple[str | None, ...] | None, ...] = field(default=())
+    head_values: tuple[tuple[str | None, ...] | None, ...] = field(default=())
     peer: str | None = None
 
     def policy_kwargs(self) -> dict:
         """The `kvpack.CachePolicy` keyword arguments of a kvpack configuration (not a preset or a peer)."""
         return {"key": self.key, "value": self.value, "residual": self.residual, "sinks": self.sinks,
                 "skip_layers": self.skip_layers, "block": self.block, "layer_keys": self.layer_keys,
-                "layer_values": self.layer_values, "fp_heads": self.fp_heads}  # fmt: skip
+                "layer_values": self.layer_values, "fp_heads": self.fp_heads, "head_keys": self.head_keys,
+                "head_values": self.head_values}  # fmt: skip
 
     @property
     def kind(self) -> str:
@@ -118,8 +123,13 @@ def _specs(default, per_layer) -> str:
     return f"{text}(+{default})" if default is not None else text
 
 
-def _name(key, value, residual, sinks, skip, block, layer_keys=(), layer_values=(), fp_heads=()) -> str:
-    name = f"K={_specs(key, layer_keys)} V={_specs(value, layer_values)} r={residual} s={sinks}"
+def _name(
+    key, value, residual, sinks, skip, block, layer_keys=(), layer_values=(), fp_heads=(), head_keys=(), head_values=()
+) -> str:
+    keys = [s for h in head_keys if h is not None for s in h] or layer_keys
+    values = [s for h in head_values if h is not None for s in h] or layer_values
+    name = f"K={_specs(key, keys)} V={_specs(value, values)} r={residual} s={sinks}"
+    name += " per-head" if any(h is not None for h in (*head_keys, *head_values)) else ""
     name += f" skip={','.join(map(str, skip))}" if skip else ""
     name += f" fp_heads={len(fp_heads)}" if fp_heads else ""
     return name + (f" block={block}" if block is not None else "")
@@ -143,8 +153,11 @@ def config_from_dict(entry: dict, where: str = "config") -> SweepConfig:
         if clash:
             raise ValueError(f"{where}: 'preset' replaces {clash}; give one or the other")
         return _preset_config(entry["preset"], entry.get("name"), f"{where}.preset")
-    if not {"key", "value", "layer_keys", "layer_values"} & set(entry):
-        raise ValueError(f"{where} needs 'key'/'value' codec specs, 'layer_keys'/'layer_values' or 'preset'")
+    if not {"key", "value", "layer_keys", "layer_values", "head_keys", "head_values"} & set(entry):
+        raise ValueError(
+            f"{where} needs 'key'/'value' codec specs, 'layer_keys'/'layer_values', 'head_keys'/'head_values' "
+            "or 'preset'"
+        )
     key, value = _spec(entry.get("key"), f"{where}.key"), _spec(entry.get("value"), f"{where}.value")
     residual = _int(entry.get("residual", DEFAULT_RESIDUAL), f"{where}.residual")
     sinks = _int(entry.get("sinks", DEFAULT_SINKS), f"{where}.sinks")
@@ -160,10 +173,23 @@ def config_from_dict(entry: dict, where: str = "config") -> SweepConfig:
     fp_heads = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in fp_heads)
     from kvpack.policy import CachePolicy
 
-    CachePolicy(key, value, residual, sinks, skip, block, layer_keys=layer_keys, layer_values=layer_values,
-                fp_heads=fp_heads)  # fmt: skip  # a bad spec or field fails here, before the model loads
-    name = entry.get("name") or _name(key, value, residual, sinks, skip, block, layer_keys, layer_values, fp_heads)
-    return SweepConfig(str(name), key, value, residual, sinks, skip, block, layer_keys, layer_values, fp_heads)
+    # a bad spec or field fails here, before the model loads; the policy normalizes head_keys/head_values
+    policy = CachePolicy(key, value, residual, sinks, skip, block, layer_keys=layer_keys, layer_values=layer_values,
+                         fp_heads=fp_heads, head_keys=_per_head(entry.get("head_keys", ()), f"{where}.head_keys"),
+                         head_values=_per_head(entry.get("head_values", ()), f"{where}.head_values"))  # fmt: skip
+    head_keys, head_values = policy.head_keys, policy.head_values
+    name = entry.get("name") or _name(
+        key, value, residual, sinks, skip, block, layer_keys, layer_values, fp_heads, head_keys, head_values
+    )
+    return SweepConfig(str(name), key, value, residual, sinks, skip, block, layer_keys, layer_values, fp_heads,
+                       head_keys=head_keys, head_values=head_values)  # fmt: skip
+
+
+def _per_head(value, what: str) -> tuple:
+    """``head_keys``/``head_values`` of a config entry: per layer null or a list of specs ('none'/null: 16-bit)."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{what} must be a list over layers of null or per-KV-head spec lists, got {value!r}")
+    return tuple(None if heads is None else _per_layer(heads, f"{what}[{i}]") for i, heads in enumerate(value))
 
 
 def load_config_file(path: str | Path) -> tuple[list[SweepConfig], list[str]]:
@@ -254,7 +280,8 @@ def _evaluate_kwargs(config: SweepConfig) -> dict:
         return {"cache_factory": peer_factory(config.peer)}
     if config.preset is not None:
         return {"preset": config.preset}
-    if config.block is not None or config.layer_keys or config.layer_values or config.fp_heads:
+    if (config.block is not None or config.layer_keys or config.layer_values or config.fp_heads
+            or config.head_keys or config.head_values):  # fmt: skip
         # evaluate() takes the plain fields only; the full policy goes through a KVPackCache factory
         from kvpack.cache import KVPackCache
         from kvpack.policy import CachePolicy
@@ -307,7 +334,8 @@ def run_sweep(
             progress=progress, reference_memo=memo, **_evaluate_kwargs(config),
         )  # fmt: skip
         row = {**asdict(config), "kind": config.kind}
-        row.update({k: _jsonable(row[k]) for k in ("skip_layers", "layer_keys", "layer_values", "fp_heads")})
+        row.update({k: _jsonable(row[k]) for k in ("skip_layers", "layer_keys", "layer_values", "fp_heads", "head_keys",
+                                                 "head_values")})  # fmt: skip
         if config.preset is not None:  # what the preset stands for
             from kvpack.evaluation.presets import PRESETS
 

@@ -80,6 +80,25 @@ def test_eval_preset(loaded, wikitext_path, tmp_path, monkeypatch):
     assert json.loads(out.read_text())["policy"]["preset"] == "cli-test"
 
 
+@pytest.mark.model
+def test_eval_policy_file_records_its_per_head_specs(loaded, wikitext_path, tmp_path):
+    from kvpack import CachePolicy
+    from kvpack.allocate import save_policy
+
+    heads = [["e8:3", "int:8", None]] + [None] * 29
+    policy = CachePolicy(
+        "e8:4", "e8:3", residual=0, sinks=1, block=1, head_keys=heads, head_values=[None, ["e8:2"] * 3]
+    )
+    save_policy(policy, tmp_path / "p.json")
+    out = tmp_path / "r.json"
+    assert main(short(wikitext_path, "--policy", str(tmp_path / "p.json"), "--json", str(out))) == 0
+    recorded = json.loads(out.read_text())["policy"]
+    assert recorded["head_keys"] == heads and recorded["head_values"] == [None, ["e8:2"] * 3]
+    assert (recorded["residual"], recorded["sinks"], recorded["block"]) == (0, 1, 1)
+    assert CachePolicy(**{k: recorded[k] for k in ("key", "value", "residual", "sinks", "block", "head_keys",
+                                                  "head_values")}) == policy  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

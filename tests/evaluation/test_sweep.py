@@ -45,6 +45,11 @@ def test_json_and_toml_files(tmp_path):
     toml.write_text('peers = ["fp8"]\n[[configs]]\nkey = "int:4"\nvalue = "int:2"\nresidual = 8\n')
     configs, peers = load_config_file(toml)
     assert peers == ["fp8"] and (configs[0].key, configs[0].value, configs[0].residual) == ("int:4", "int:2", 8)
+    heads = tmp_path / "h.json"
+    heads.write_text(json.dumps([{"key": "e8:4", "head_keys": [None, ["e8:3", "none", "int:8"]], "block": 1}]))
+    config = load_config_file(heads)[0][0]
+    assert config.head_keys == (None, ("e8:3", None, "int:8")) and "per-head" in config.name
+    assert config.policy_kwargs()["head_keys"] == config.head_keys
     listed = tmp_path / "l.json"
     listed.write_text(json.dumps([{"key": "int:4"}]))
     assert load_config_file(listed)[0][0].value is None and parse("--config", str(listed))[0].key == "int:4"
@@ -61,6 +66,9 @@ def test_json_and_toml_files(tmp_path):
      ({"configs": [{"preset": "9bit"}]}, ValueError, "unknown preset"),
      ({"configs": [{"key": "int:4", "skip_layers": "a,b"}]}, ValueError, "layer indices"),
      ({"configs": [{"key": "int:4", "layer_values": "e8:3"}]}, TypeError, "per layer"),
+     ({"configs": [{"head_keys": "e8:3"}]}, TypeError, "head_keys must be a list over layers"),
+     ({"configs": [{"head_values": [["e8:3", 4]]}]}, TypeError, r"head_values\[0\]\[1\]"),
+     ({"configs": [{"head_keys": [["bogus:3"]]}]}, ValueError, "bogus"),
      ({"configs": {"key": "int:4"}}, TypeError, "must be lists"),
      ({"configs": [], "peers": [4]}, TypeError, "peer spec strings"),
      ({"configs": [], "runs": []}, ValueError, "unknown top-level"),
