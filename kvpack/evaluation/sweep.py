@@ -15,7 +15,7 @@ config file (``--config FILE``, JSON or TOML)::
 (TOML: ``peers = [...]`` and ``[[configs]]`` tables; a bare JSON list is a list of configs.)
 Entries take any of ``key``, ``value``, ``residual``, ``sinks``, ``skip_layers``, ``block``,
 ``layer_keys``, ``layer_values``, ``head_keys``, ``head_values`` (per layer: null or a list of per-KV-head
-specs), ``fp_heads`` (`kvpack.CachePolicy` fields; the last six go through a
+specs), ``fp_heads``, ``pre_rope_keys`` (`kvpack.CachePolicy` fields; the last seven go through a
 `KVPackCache` ``cache_factory``, as `kvpack.evaluate` takes the plain ones only) or ``preset``. ``--peers``
 adds transformers' `QuantizedCache` backends (`kvpack.evaluation.peers`; ``--peers`` alone: all of
 ``PEERS``), measured with their true bits.
@@ -47,7 +47,7 @@ __all__ = ["SweepConfig", "add_arguments", "configs_from_args", "load_config_fil
 
 CONFIG_FIELDS = (
     "name", "key", "value", "residual", "sinks", "skip_layers", "block", "layer_keys", "layer_values", "head_keys",
-    "head_values", "fp_heads", "preset",
+    "head_values", "fp_heads", "pre_rope_keys", "preset",
 )  # fmt: skip
 DEFAULT_RESIDUAL, DEFAULT_SINKS = 128, 4
 TABLE_FIELDS = (
@@ -73,6 +73,7 @@ class SweepConfig:
     preset: str | None = None
     head_keys: tuple[tuple[str | None, ...] | None, ...] = field(default=())
     head_values: tuple[tuple[str | None, ...] | None, ...] = field(default=())
+    pre_rope_keys: bool = False
     peer: str | None = None
 
     def policy_kwargs(self) -> dict:
@@ -80,7 +81,7 @@ class SweepConfig:
         return {"key": self.key, "value": self.value, "residual": self.residual, "sinks": self.sinks,
                 "skip_layers": self.skip_layers, "block": self.block, "layer_keys": self.layer_keys,
                 "layer_values": self.layer_values, "fp_heads": self.fp_heads, "head_keys": self.head_keys,
-                "head_values": self.head_values}  # fmt: skip
+                "head_values": self.head_values, "pre_rope_keys": self.pre_rope_keys}  # fmt: skip
 
     @property
     def kind(self) -> str:
@@ -171,18 +172,22 @@ def config_from_dict(entry: dict, where: str = "config") -> SweepConfig:
     if not isinstance(fp_heads, (list, tuple)):
         raise TypeError(f"{where}.fp_heads must be a list of [layer, kv_head] pairs, got {fp_heads!r}")
     fp_heads = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in fp_heads)
+    pre_rope_keys = entry.get("pre_rope_keys", False)
+    if not isinstance(pre_rope_keys, bool):
+        raise TypeError(f"{where}.pre_rope_keys must be true or false, got {pre_rope_keys!r}")
     from kvpack.policy import CachePolicy
 
     # a bad spec or field fails here, before the model loads; the policy normalizes head_keys/head_values
     policy = CachePolicy(key, value, residual, sinks, skip, block, layer_keys=layer_keys, layer_values=layer_values,
                          fp_heads=fp_heads, head_keys=_per_head(entry.get("head_keys", ()), f"{where}.head_keys"),
-                         head_values=_per_head(entry.get("head_values", ()), f"{where}.head_values"))  # fmt: skip
+                         head_values=_per_head(entry.get("head_values", ()), f"{where}.head_values"),
+                         pre_rope_keys=pre_rope_keys)  # fmt: skip
     head_keys, head_values = policy.head_keys, policy.head_values
     name = entry.get("name") or _name(
         key, value, residual, sinks, skip, block, layer_keys, layer_values, fp_heads, head_keys, head_values
-    )
+    ) + (" pre-RoPE K" if pre_rope_keys and not entry.get("name") else "")
     return SweepConfig(str(name), key, value, residual, sinks, skip, block, layer_keys, layer_values, fp_heads,
-                       head_keys=head_keys, head_values=head_values)  # fmt: skip
+                       head_keys=head_keys, head_values=head_values, pre_rope_keys=pre_rope_keys)  # fmt: skip
 
 
 def _per_head(value, what: str) -> tuple:
@@ -281,7 +286,7 @@ def _evaluate_kwargs(config: SweepConfig) -> dict:
     if config.preset is not None:
         return {"preset": config.preset}
     if (config.block is not None or config.layer_keys or config.layer_values or config.fp_heads
-            or config.head_keys or config.head_values):  # fmt: skip
+            or config.head_keys or config.head_values or config.pre_rope_keys):  # fmt: skip
         # evaluate() takes the plain fields only; the full policy goes through a KVPackCache factory
         from kvpack.cache import KVPackCache
         from kvpack.policy import CachePolicy

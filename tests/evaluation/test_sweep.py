@@ -46,8 +46,10 @@ def test_json_and_toml_files(tmp_path):
     configs, peers = load_config_file(toml)
     assert peers == ["fp8"] and (configs[0].key, configs[0].value, configs[0].residual) == ("int:4", "int:2", 8)
     heads = tmp_path / "h.json"
-    heads.write_text(json.dumps([{"key": "e8:4", "head_keys": [None, ["e8:3", "none", "int:8"]], "block": 1}]))
+    entry = {"key": "e8:4", "head_keys": [None, ["e8:3", "none", "int:8"]], "block": 1, "pre_rope_keys": True}
+    heads.write_text(json.dumps([entry]))
     config = load_config_file(heads)[0][0]
+    assert config.pre_rope_keys and config.policy_kwargs()["pre_rope_keys"]
     assert config.head_keys == (None, ("e8:3", None, "int:8")) and "per-head" in config.name
     assert config.policy_kwargs()["head_keys"] == config.head_keys
     listed = tmp_path / "l.json"
@@ -69,6 +71,7 @@ def test_json_and_toml_files(tmp_path):
      ({"configs": [{"head_keys": "e8:3"}]}, TypeError, "head_keys must be a list over layers"),
      ({"configs": [{"head_values": [["e8:3", 4]]}]}, TypeError, r"head_values\[0\]\[1\]"),
      ({"configs": [{"head_keys": [["bogus:3"]]}]}, ValueError, "bogus"),
+     ({"configs": [{"key": "int:4", "pre_rope_keys": "yes"}]}, TypeError, "pre_rope_keys must be true or false"),
      ({"configs": {"key": "int:4"}}, TypeError, "must be lists"),
      ({"configs": [], "peers": [4]}, TypeError, "peer spec strings"),
      ({"configs": [], "runs": []}, ValueError, "unknown top-level"),
