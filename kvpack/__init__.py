@@ -9,12 +9,15 @@ __all__ = ["Codec", "Packed", "get_codec", "list_codecs", "pack_bits", "unpack_b
 __all__ += ["PackedKV", "bpe_accounting", "dequantize_kv", "quantize_kv"]
 __all__ += ["CachePolicy", "EvalResult", "KVPackCache", "evaluate"]
 __all__ += ["load_cache", "save_cache"]
+__all__ += ["PagedKVPackCache", "use_paged_attention"]
 __all__ += ["load_policy", "save_policy"]
 __version__ = "0.1.0"
 
 # imported on first use: these pull in transformers (~3 s), which `import kvpack` should not pay for
 _LAZY = {
     "KVPackCache": "kvpack.cache",
+    "PagedKVPackCache": "kvpack.paged_cache",
+    "use_paged_attention": "kvpack.paged_cache",
     "load_cache": "kvpack.persist",
     "save_cache": "kvpack.persist",
     "load_policy": "kvpack.allocate",

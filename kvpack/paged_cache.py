@@ -1,0 +1,366 @@
+"""`PagedKVPackCache`: a `KVPackCache` whose decode steps run `kvpack.attention.decode` on the packed pages.
+
+Usage (see the README)::
+
+    use_paged_attention(model)  # registers "kvpack_paged" and sets it as the model's attention
+    cache = PagedKVPackCache(model.config, key="turbo_mse:4", value="turbo_mse:4")
+    model.generate(ids, past_key_values=cache)
+
+A `PagedLayer` holds what a `KVPackLayer` holds (16-bit sinks and residual window, ``(B, H, t, D)``)
+but its packed tokens live in the paged layout of `kvpack.kernels.paged`: per stream a uint8 pool
+``(num_blocks, block_size, kv_heads, row_bytes)``, ``block_tables`` int32 ``(B, max_blocks)`` and
+``seq_lens`` int32 ``(B,)``; the pools grow by whole blocks (the vLLM layout, arXiv 2309.06180).
+
+Wiring with transformers 5.x: the attention module calls ``past_key_values.update(k, v, layer_idx)``
+and then the function registered under ``config._attn_implementation`` with the tensors ``update``
+returned; the cache itself never reaches that function (only transformers' own continuous-batching
+cache is passed in kwargs). So on a paged layer ``update`` returns its tensors tagged with the layer
+(attribute ``kvpack_layer``) and `paged_attention` reads the tag:
+
+* one query token (decode): ``update`` only appends the new token to the 16-bit window and returns it;
+  `paged_attention` calls `kvpack.attention.decode` over the pages plus sinks and window (the kernel on
+  CUDA, `decode_ref` elsewhere). Nothing is dequantized.
+* several query tokens (prefill, chunked prefill): ``update`` returns the past (pages dequantized by
+  `dequantize_rows`) + the new tokens, exactly as `KVPackLayer` does, and attention is transformers' SDPA.
+
+Packing of aged window tokens happens in `paged_attention`, after the attention of the step, because
+only there is the mask known: left-padding tokens are not written to the pages at all (their row keeps
+fewer tokens), so the kernel, which has no mask, never sees them. Which tokens are packed and when is
+the same as in `KVPackLayer` (its ``past()`` is taken before it packs), so both hold the same bits.
+
+The mask interface of "kvpack_paged" is transformers' ``sdpa_mask`` (boolean, or ``None`` without padding).
+A layer falls back to plain `KVPackLayer` behaviour (``paged = False``) when its codecs are not
+``turbo_mse``/``int`` (token axis, one group) at a head_dim the kernels take, for sliding-window layers,
+pre-RoPE keys, or a float32 window.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from kvpack.attention import decode
+from kvpack.cache import KVPackCache, KVPackLayer
+from kvpack.kernels.paged import PagedCodec, dequantize_rows, paged_codec, rows_from_packed, write_slots
+from kvpack.policy import CachePolicy
+
+__all__ = ["ATTENTION_NAME", "PagedKVPackCache", "PagedLayer", "paged_attention", "use_paged_attention"]
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_NAME = "kvpack_paged"
+BLOCK_SIZE = 16  # tokens per page, as in `kvpack bench attention`
+_WINDOW_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class PagedLayer(KVPackLayer):
+    """One layer of `PagedKVPackCache`: packed tokens in pages, decode steps through `kvpack.attention.decode`."""
+
+    def __init__(self, policy: CachePolicy, layer_idx: int, sliding_window: int | None = None) -> None:
+        super().__init__(policy, layer_idx, sliding_window)
+        self.model_config = None  # set by PagedKVPackCache: its `_attn_implementation` is checked at each decode
+        self.paged = False
+        self.block_size = BLOCK_SIZE
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.paged = self._paged_formats() is not None
+        if not self.paged:
+            return
+        self.key_fmt, self.value_fmt = self._paged_formats()
+        batch, heads = key_states.shape[:2]
+        self.use_kernel = self.device.type == "cuda"
+        self.key_pages = torch.empty(1, self.block_size, heads, self.key_fmt.row_bytes, dtype=torch.uint8,
+                                     device=self.device)  # fmt: skip
+        self.value_pages = torch.empty(1, self.block_size, heads, self.value_fmt.row_bytes, dtype=torch.uint8,
+                                       device=self.device)  # fmt: skip
+        self.block_tables = torch.zeros(batch, 1, dtype=torch.int32, device=self.device)
+        self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self.used_blocks = 0
+        self.row_blocks = [0] * batch  # host mirrors: no device sync to plan block allocation
+        self.row_tokens = [0] * batch
+        self.packed_positions = 0  # token positions behind the pages (padding included), same for every row
+
+    def _paged_formats(self) -> tuple[PagedCodec, PagedCodec] | None:
+        if self.is_sliding or self.key_rope is not None or self.held_dtype not in _WINDOW_DTYPES:
+            return None
+        try:
+            return paged_codec(self.key_codec, self.device), paged_codec(self.value_codec, self.device)
+        except (TypeError, ValueError) as exc:
+            logger.info("layer %d keeps KVPackLayer storage: %s", self.layer_idx, exc)
+            return None
+
+    # ---- update: store, return what attention needs --------------------------------------------
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, H, n, D)`` in; decode (n = 1): the new token, tagged; else past (dequantized) + new, tagged."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if not self.paged:
+            return super().update(key_states, value_states, *args, **kwargs)
+        implementation = getattr(self.model_config, "_attn_implementation", None)
+        if implementation != ATTENTION_NAME:
+            raise ValueError(
+                f"PagedKVPackCache needs the model's attention implementation {ATTENTION_NAME!r}, now {implementation!r}:"
+                " call kvpack.use_paged_attention(model) before generating"
+            )
+        n = key_states.shape[-2]
+        if n == 1:
+            keys, values = key_states, value_states
+        else:
+            past_keys, past_values = self.past()
+            keys, values = torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
+        self.cumulative_length += n
+        self._append(key_states, value_states)
+        keys, values = keys.view(keys.shape), values.view(values.shape)  # fresh tensor objects to carry the tag
+        keys.kvpack_layer = values.kvpack_layer = self
+        return keys, values
+
+    def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Sinks first, the rest to the 16-bit window; packing waits for `pack_aged` (after attention)."""
+        keys, values = keys.to(self.held_dtype), values.to(self.held_dtype)
+        n_sink = min(self.sinks - self.sink_keys.shape[-2], keys.shape[-2])
+        if n_sink > 0:
+            self.sink_keys = torch.cat([self.sink_keys, keys[..., :n_sink, :]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, values[..., :n_sink, :]], dim=-2)
+            keys, values = keys[..., n_sink:, :], values[..., n_sink:, :]
+        self.keys = torch.cat([self.keys, keys], dim=-2)
+        self.values = torch.cat([self.values, values], dim=-2)
+
+    def past(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sinks, dequantized pages (zeros at skipped padding positions) and window: ``(B, H, tokens, D)``, model dtype."""
+        if not self.paged:
+            return super().past()
+        keys = [
+            self.sink_keys.to(self.dtype),
+            self._dequantized(self.key_pages, self.key_fmt),
+            self.keys.to(self.dtype),
+        ]
+        values = [self.sink_values.to(self.dtype), self._dequantized(self.value_pages, self.value_fmt),
+                  self.values.to(self.dtype)]  # fmt: skip
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+    def _dequantized(self, pages: torch.Tensor, fmt: PagedCodec) -> torch.Tensor:
+        batch, heads, positions = self.seq_lens.shape[0], pages.shape[2], self.packed_positions
+        if positions == 0:
+            return self.keys.new_zeros(batch, heads, 0, fmt.head_dim).to(self.dtype)
+        # a row that skipped padding holds its tokens at the last seq_lens[b] of the positions
+        idx = torch.arange(positions, device=self.device) - (positions - self.seq_lens.long())[:, None]
+        held = idx >= 0
+        idx = idx.clamp(min=0)
+        slots = self.block_tables.long().gather(1, idx // self.block_size) * self.block_size + idx % self.block_size
+        rows = pages.view(-1, heads, fmt.row_bytes)[slots]  # (B, positions, H, row_bytes)
+        values = dequantize_rows(rows, fmt) * held[:, :, None, None]
+        return values.transpose(1, 2).to(self.dtype).reshape(batch, heads, positions, fmt.head_dim)
+
+    # ---- attention of one new token, packing after a step --------------------------------------
+    def attend(self, query: torch.Tensor, valid: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """``query`` (B, Hq, D) of the newest token -> ``(B, Hq, D)``; ``valid`` (B, tokens) bool key mask or None."""
+        window_keys = torch.cat([self.sink_keys, self.keys], dim=-2).transpose(1, 2)  # (B, W, H, D)
+        window_values = torch.cat([self.sink_values, self.values], dim=-2).transpose(1, 2)
+        batch, width = window_keys.shape[:2]
+        if valid is None:
+            lens = torch.full((batch,), width, dtype=torch.int32, device=self.device)
+        else:
+            # padding inside sinks/window: move each row's valid tokens first (attention ignores token order)
+            held = torch.cat(
+                [valid[:, : self.sink_keys.shape[-2]], valid[:, valid.shape[1] - self.keys.shape[-2] :]], 1
+            )
+            order = torch.argsort((~held).to(torch.int8), dim=1, stable=True)
+            take = order[:, :, None, None].expand_as(window_keys)
+            window_keys, window_values = window_keys.gather(1, take), window_values.gather(1, take)
+            lens = held.sum(1, dtype=torch.int32)
+        out = decode(
+            query.to(self.held_dtype), self.key_pages, self.value_pages, self.block_tables, self.seq_lens,
+            key_codec=self.key_fmt, value_codec=self.value_fmt, window_keys=window_keys.contiguous(),
+            window_values=window_values.contiguous(), window_lens=lens, scale=scale, use_kernel=self.use_kernel,
+        )  # fmt: skip
+        return out.to(query.dtype)
+
+    def pack_aged(self, valid: torch.Tensor | None) -> None:
+        """Pack the window's oldest whole blocks beyond ``residual`` (as `KVPackLayer`), skipping invalid tokens."""
+        n_pack = (self.keys.shape[-2] - self.residual) // self.block * self.block
+        if n_pack <= 0:
+            return
+        start = self.cumulative_length - self.keys.shape[-2]
+        keep = None if valid is None else valid[:, start : start + n_pack]
+        self._write(self.keys[..., :n_pack, :], self.values[..., :n_pack, :], keep)
+        self.packed_positions += n_pack
+        # clone: a view would keep the whole pre-packing window alive behind a small tensor
+        self.keys, self.values = self.keys[..., n_pack:, :].clone(), self.values[..., n_pack:, :].clone()
+
+    def _write(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor | None) -> None:
+        batch, heads, n, _ = keys.shape
+        if keep is None:
+            counts = [n] * batch
+            index = torch.arange(n, device=self.device) + self.seq_lens.long()[:, None]
+        else:
+            counts = keep.sum(1).tolist()
+            for b, c in enumerate(counts):  # left padding only: once a row holds a token, it holds every later one
+                if c and (not bool(keep[b, n - c :].all()) or (self.row_tokens[b] and c != n)):
+                    raise NotImplementedError(
+                        "PagedKVPackCache handles left padding only: a padded position after a real token"
+                    )
+            index = torch.where(keep, keep.long().cumsum(1) - 1 + self.seq_lens.long()[:, None], -1)
+        self._reserve([t + c for t, c in zip(self.row_tokens, counts)])
+        at = index.clamp(min=0)
+        slots = self.block_tables.long().gather(1, at // self.block_size) * self.block_size + at % self.block_size
+        slots = torch.where(index >= 0, slots, -1).reshape(-1)  # (B * n,) token order (b, t)
+        for pages, fmt, codec, x in (
+            (self.key_pages, self.key_fmt, self.key_codec, keys),
+            (self.value_pages, self.value_fmt, self.value_codec, values),
+        ):
+            if self.use_kernel:
+                from kvpack.kernels.encode import paged_encode
+
+                paged_encode(x.transpose(1, 2).reshape(batch * n, heads, -1), slots, pages, fmt)
+            else:  # the codec itself, called on the same (B, H, n, D) tensor as KVPackLayer: the same bits
+                rows = rows_from_packed(codec.encode(x.contiguous()), fmt)
+                write_slots(pages, rows.transpose(1, 2).reshape(batch * n, heads, -1), slots)
+        self.row_tokens = [t + c for t, c in zip(self.row_tokens, counts)]
+        self.seq_lens += torch.tensor(counts, dtype=torch.int32, device=self.device)
+
+    def _reserve(self, lengths: list[int]) -> None:
+        """Give each row enough blocks for ``lengths[b]`` tokens; grow the pools by at least 1/8 (amortized copies)."""
+        need = [math.ceil(t / self.block_size) for t in lengths]
+        extra = sum(max(0, k - have) for k, have in zip(need, self.row_blocks))
+        if extra == 0:
+            return
+        capacity = self.key_pages.shape[0]
+        if self.used_blocks + extra > capacity:
+            grow = max(self.used_blocks + extra, capacity + capacity // 8) - capacity
+            self.key_pages = torch.cat([self.key_pages, self.key_pages.new_empty(grow, *self.key_pages.shape[1:])])
+            self.value_pages = torch.cat([self.value_pages,
+                                          self.value_pages.new_empty(grow, *self.value_pages.shape[1:])])  # fmt: skip
+        width = self.block_tables.shape[1]
+        if max(need) > width:
+            more = max(max(need), width + width // 8) - width
+            self.block_tables = torch.cat([self.block_tables, self.block_tables.new_zeros(len(need), more)], dim=1)
+        for b, (k, have) in enumerate(zip(need, self.row_blocks)):
+            if k > have:
+                self.block_tables[b, have:k] = torch.arange(self.used_blocks, self.used_blocks + k - have)
+                self.used_blocks += k - have
+                self.row_blocks[b] = k
+
+    # ---- accounting -----------------------------------------------------------------------------
+    def stored_bytes(self) -> tuple[int, int]:
+        """Bytes of every tensor held: allocated pages (spare capacity included), tables counted with K."""
+        if not self.paged:
+            return super().stored_bytes()
+        window = [t.numel() * t.element_size() for t in (self.sink_keys, self.keys, self.sink_values, self.values)]
+        tables = sum(t.numel() * t.element_size() for t in (self.block_tables, self.seq_lens))
+        k = window[0] + window[1] + self.key_pages.numel() + tables
+        return k, window[2] + window[3] + self.value_pages.numel()
+
+    def stored_values(self) -> int:
+        """K values held: 16-bit tokens (padding included, as held) plus the tokens in the pages."""
+        if not self.paged:
+            return super().stored_values()
+        return (
+            self.sink_keys.numel() + self.keys.numel() + sum(self.row_tokens) * self.keys.shape[1] * self.keys.shape[3]
+        )
+
+    # ---- cache management -----------------------------------------------------------------------
+    def reset(self) -> None:
+        super().reset()
+        self.paged = False
+        self.key_pages = self.value_pages = self.block_tables = self.seq_lens = None
+
+    def _select_batch(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows``: their blocks are copied into fresh pools (rows may repeat, blocks never shared)."""
+        if not self.paged:
+            return super()._select_batch(rows)
+        rows = rows.to(self.device)
+        super()._select_batch(rows)  # the 16-bit sinks and window
+        width = self.block_tables.shape[1]
+        blocks = self.block_tables.index_select(0, rows).long().reshape(-1)
+        self.key_pages, self.value_pages = self.key_pages[blocks], self.value_pages[blocks]
+        self.block_tables = torch.arange(blocks.numel(), dtype=torch.int32, device=self.device).view(-1, width)
+        self.seq_lens = self.seq_lens.index_select(0, rows)
+        host = rows.tolist()
+        self.row_tokens = [self.row_tokens[r] for r in host]
+        self.row_blocks = [width] * len(host)
+        self.used_blocks = blocks.numel()
+
+    def __repr__(self) -> str:
+        if not self.paged:
+            return super().__repr__()
+        return f"PagedLayer({self.layer_idx}, tokens={self.cumulative_length}, pages={self.used_blocks})"
+
+
+class PagedKVPackCache(KVPackCache):
+    """`KVPackCache` with `PagedLayer` layers: same arguments, same held bits, decode through the paged kernel.
+
+    The model must use the ``"kvpack_paged"`` attention (`use_paged_attention`); layers whose codecs the
+    kernels do not take keep `KVPackLayer` storage (``layer.paged`` is False) and work with it too.
+    """
+
+    layer_class = PagedLayer
+
+    def __init__(self, config=None, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        if getattr(text, "_attn_implementation", None) != ATTENTION_NAME:
+            raise ValueError(
+                f"config's attention implementation is {getattr(text, '_attn_implementation', None)!r}: "
+                f"call kvpack.use_paged_attention(model) first (it sets {ATTENTION_NAME!r})"
+            )
+        for layer in self.layers:
+            layer.model_config = text
+
+
+def _key_validity(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """Per row, which of the ``length`` key positions the newest query may see: ``(B, length)`` bool, or None (all)."""
+    if mask is None:
+        return None
+    if mask.dim() != 4 or mask.shape[-1] != length:
+        raise ValueError(f"attention_mask must be (batch, 1, queries, {length}), got {tuple(mask.shape)}")
+    last = mask[:, 0, -1, :]
+    valid = last if last.dtype == torch.bool else last == 0  # additive float mask: 0 where attended
+    return valid.expand(batch, length)
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The ``"kvpack_paged"`` attention: ``query`` (B, Hq, q, D) -> ``((B, q, Hq, D), None)``.
+
+    Keys tagged by a `PagedLayer`: one query token goes to `kvpack.attention.decode`, several to SDPA, and
+    the layer packs its aged window after. Untagged keys (other caches, no cache): transformers' SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer = getattr(key, "kvpack_layer", None)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)  # fmt: skip
+    batch, _, q_len, head_dim = query.shape
+    valid = _key_validity(attention_mask, batch, layer.cumulative_length)
+    if q_len == 1:
+        scale = head_dim**-0.5 if scaling is None else scaling
+        out = layer.attend(query[:, :, 0], valid, scale)[:, None]
+    else:
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                        **kwargs)  # fmt: skip
+    layer.pack_aged(valid)
+    return out, None
+
+
+def use_paged_attention(model) -> None:
+    """Register ``"kvpack_paged"`` (attention and mask) with transformers and make it ``model``'s attention."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    model.set_attn_implementation(ATTENTION_NAME)
