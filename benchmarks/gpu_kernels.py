@@ -20,15 +20,14 @@ from kvpack import bench
 from kvpack.attention import decode, decode_ref
 from kvpack.kernels.decode_attention import paged_decode_attention
 
-CONFIGS = [  # block_n, num_warps, num_stages, waves, lut (0: codebook loads, 1: tl.gather)
-    (32, 4, 2, 8.0, 0),
-    (32, 8, 2, 8.0, 0),
-    (16, 4, 2, 8.0, 0),
-    (64, 8, 2, 8.0, 0),
-    (32, 4, 2, 8.0, 1),
-    (32, 8, 2, 8.0, 1),
-    (16, 4, 2, 8.0, 1),
-    (64, 8, 2, 8.0, 1),
+CONFIGS = [  # block_n, num_warps, num_stages, waves, lut (0: codebook loads, 1: tl.gather), pipe, unpack
+    (32, 1, 2, 32.0, 0, 0, 1),
+    (64, 2, 2, 32.0, 0, 0, 1),
+    (32, 4, 2, 16.0, 0, 0, 1),
+    (64, 2, 2, 32.0, 0, 0, 0),
+    (32, 4, 2, 16.0, 0, 0, 0),
+    (32, 2, 2, 32.0, 0, 0, 0),
+    (16, 1, 2, 32.0, 0, 0, 0),
 ]
 ENCODE_CONFIGS = [(32, 8, 4), (64, 8, 2), (32, 4, 8), (16, 4, 8), (128, 8, 1)]
 
@@ -95,10 +94,11 @@ def sweep(out_dir: Path, specs: list[str]) -> dict:
         ref = decode_ref(q, kc, vc, bt, seq, key_codec=fmt, value_codec=fmt, window_keys=wk, window_values=wv,
                          window_lens=wl)  # fmt: skip
         table[spec] = []
-        for block_n, warps, stages, waves, lut in CONFIGS:
+        for block_n, warps, stages, waves, lut, pipe, unpack in CONFIGS:
             if lut and not spec.startswith("turbo"):
                 continue
-            kw = {"block_n": block_n, "num_warps": warps, "num_stages": stages, "waves": waves, "lut": lut}
+            kw = {"block_n": block_n, "num_warps": warps, "num_stages": stages, "waves": waves, "lut": lut,
+                  "pipe": pipe, "unpack": unpack}  # fmt: skip
             out = torch.full_like(q, float("nan"))
             try:
                 paged_decode_attention(q, kc, vc, bt, seq, wk, wv, wl, fmt, fmt, d**-0.5, out=out, **kw)
@@ -167,7 +167,7 @@ def main() -> int:
     args.tuning = best
     bench.run(args)
     args = parser.parse_args(["encode", "--json", str(out_dir / "encode.json")])
-    args.tuning = sweep_encode(out_dir, ["turbo_mse:4", "int:4"])
+    args.tuning = sweep_encode(out_dir, ["turbo_mse:4", "int:4", "int:4:rotation=hadamard"])
     args.tuning["turbo_mse:3"] = args.tuning["turbo_mse:2"] = args.tuning["turbo_mse:4"]
     bench.run(args)
     return 0

@@ -7,7 +7,8 @@ before each repetition, median). Reported: time, speed-up, bytes each must read 
 plus the 16-bit window for the kernel; K and V for SDPA) and that over time as % of a large
 device-to-device copy measured in the same run (bytes read + written). A CUDA-graph replay time of
 the kernel is given too (no launch gaps). ``encode``: the fused encode kernel on ``tokens x kv_heads``
-vectors, bytes read + written over time as % of the copy bandwidth.
+vectors, bytes read + written over time as % of the copy bandwidth. ``generate``: end-to-end
+``model.generate`` decode tokens/s and peak memory per cache (`kvpack.bench_generate`).
 
 Caches are filled with random codes (and valid random float16 norms/scales), never zeros; block
 tables are random permutations, so the pages of a sequence are scattered as in a serving engine.
@@ -24,15 +25,16 @@ import platform
 
 import torch
 
+from kvpack.bench_generate import add_arguments as add_generate_arguments
 from kvpack.kernels.paged import PagedCodec, paged_codec
 
 __all__ = ["add_arguments", "run"]
 
-DEFAULT_CODECS = ("turbo_mse:4", "turbo_mse:3", "turbo_mse:2", "int:4")
+DEFAULT_CODECS = ("turbo_mse:4", "turbo_mse:3", "turbo_mse:2", "int:4", "int:4:rotation=hadamard")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=("attention", "encode"), help="which kernel to time")
+    parser.add_argument("what", choices=("attention", "encode", "generate"), help="which kernel to time, or generate")
     parser.add_argument("--contexts", default="4096,16384,32768,131072", help="comma-separated context lengths")
     parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     parser.add_argument("--codecs", default=",".join(DEFAULT_CODECS), help="codec specs (same codec for K and V)")
@@ -44,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=65536, help="encode: tokens per call")
     parser.add_argument("--max-gib", type=float, default=60.0, help="skip cases whose buffers exceed this")
     parser.add_argument("--json", default=None, help="write all numbers to this JSON file")
+    add_generate_arguments(parser)
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -72,10 +75,10 @@ def random_paged_cache(num_blocks: int, block_size: int, kv_heads: int, fmt: Pag
     cache.random_(0, 256)
     lead = (num_blocks, block_size, kv_heads, 1)
     if fmt.kind == "turbo_mse":
-        side = torch.rand(lead, device="cuda") * 1.5 + 0.5
+        side = torch.cat([torch.rand(lead, device="cuda") * 1.5 + 0.5, torch.zeros(lead, device="cuda")], dim=-1)
     else:
         side = torch.cat([torch.rand(lead, device="cuda") * 0.1, torch.randn(lead, device="cuda")], dim=-1)
-    cache[..., fmt.code_bytes :] = side.half().view(torch.uint8)
+    cache[..., fmt.code_bytes :] = side.half().view(torch.uint8)  # the 4 side bytes (turbo_mse: norm, padding)
     return cache
 
 
@@ -188,8 +191,9 @@ def bench_encode(args) -> dict:
     for spec in (s for s in args.codecs.split(",") if s):
         fmt = _fmt(spec, d)
         cache = random_paged_cache(num_blocks, bs, hkv, fmt)
+        kw = _tuning(args, spec)
         ms = triton.testing.do_bench(
-            lambda cache=cache, fmt=fmt: paged_encode(x, slots, cache, fmt), return_mode="median"
+            lambda cache=cache, fmt=fmt, kw=kw: paged_encode(x, slots, cache, fmt, **kw), return_mode="median"
         )
         nbytes = tokens * hkv * (d * 2 + fmt.row_bytes) + tokens * 8
         rows.append({"codec": spec, "tokens": tokens, "us": ms * 1e3, "bytes": nbytes,
@@ -200,6 +204,11 @@ def bench_encode(args) -> dict:
 
 
 def run(args) -> int:
+    generate = None
+    if args.what == "generate":  # checks its options first, then refuses without CUDA
+        from kvpack.bench_generate import run_generate
+
+        generate = run_generate(args)
     if not torch.cuda.is_available():
         raise ValueError("kvpack bench needs a CUDA GPU (the kernels are timed on the device)")
     result = {
@@ -209,7 +218,10 @@ def run(args) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    result.update(bench_attention(args) if args.what == "attention" else bench_encode(args))
+    if generate is not None:
+        result.update(generate)
+    else:
+        result.update(bench_attention(args) if args.what == "attention" else bench_encode(args))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -13,6 +13,12 @@ round to nearest (half to even), never truncation. Which values share a group (`
   must be 0). ``bits_per_value()`` reports the asymptotic ``b``: the true cost
   ``b + 32 / (tokens * head_dim)`` depends on the token count.
 
+``rotation`` (axis token only; ``none`` by default): ``haar`` or ``hadamard`` rotates each vector by
+the seeded rotation of `kvpack.rotation` before quantizing and back after decoding (QuaRot, Ashkboos
+et al., arXiv 2404.00456): the coordinates become near-Gaussian without outlier channels, so one
+scale per vector suits them, and the paged kernels score such keys in the rotated domain as they
+do ``turbo_mse``'s with plain integer arithmetic instead of a codebook lookup.
+
 Stored tensors: ``codes`` = ``pack_bits`` of the per-token codes along the last dim, uint8
 ``(..., ceil(head_dim * b / 8))`` for every axis; ``scale`` and ``zero`` float16 of shape
 ``(..., head_dim / group)`` (token), ``(..., ceil(tokens / group), head_dim)`` (channel) or
@@ -33,6 +39,7 @@ import torch
 
 from kvpack.codec import Codec, Layout, Packed, register_codec
 from kvpack.packing import pack_bits, packed_nbytes, unpack_bits
+from kvpack.rotation import check_rotation, rotate, unrotate
 
 __all__ = ["UniformInt", "affine_dequantize_ref", "affine_quantize_ref"]
 
@@ -71,6 +78,7 @@ class UniformInt(Codec):
 
     axis: str = "token"
     group: int = 0
+    rotation: str = "none"
 
     name = "int"
     allowed_bits = (2, 3, 4, 8)
@@ -86,6 +94,10 @@ class UniformInt(Codec):
             raise ValueError(f"group={self.group} must divide head_dim={self.head_dim} for axis='token'")
         if self.axis == "head" and self.group != 0:
             raise ValueError(f"axis='head' shares one scale over the whole head; group must be 0, got {self.group}")
+        if self.rotation != "none":
+            check_rotation(self.rotation, self.head_dim)
+            if self.axis != "token":
+                raise ValueError(f"rotation={self.rotation!r} mixes channels: it needs axis='token', got {self.axis!r}")
 
     @property
     def group_size(self) -> int:
@@ -115,7 +127,9 @@ class UniformInt(Codec):
 
     def encode(self, x: torch.Tensor) -> Packed:
         self.check_input(x, min_dim=1 if self.axis == "token" else 2)
-        d, g = self.head_dim, self.group_size
+        d, g, source = self.head_dim, self.group_size, x
+        if self.rotation != "none":
+            x = rotate(x.float(), self.rotation, self.seed)
         if self.axis == "token":
             codes, scale, zero = affine_quantize_ref(x.reshape(*x.shape[:-1], d // g, g), self.bits)
             codes, scale, zero = codes.reshape(x.shape), scale.squeeze(-1), zero.squeeze(-1)
@@ -124,7 +138,9 @@ class UniformInt(Codec):
         else:
             codes, scale, zero = affine_quantize_ref(x.reshape(*x.shape[:-2], 1, -1), self.bits)
             codes = codes.reshape(x.shape)  # scale/zero: (..., 1, 1)
-        return self.make_packed(x, codes=pack_bits(codes, self.bits), scale=scale.contiguous(), zero=zero.contiguous())
+        return self.make_packed(
+            source, codes=pack_bits(codes, self.bits), scale=scale.contiguous(), zero=zero.contiguous()
+        )
 
     def _encode_channel(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Groups of ``g`` tokens per channel -> codes (..., tokens, d), scale/zero (..., groups, d)."""
@@ -151,4 +167,7 @@ class UniformInt(Codec):
             out = affine_dequantize_ref(codes, scale, zero)
         else:
             out = affine_dequantize_ref(codes, scale, zero)
-        return out.reshape(shape).to(packed.dtype)
+        out = out.reshape(shape)
+        if self.rotation != "none":
+            out = unrotate(out, self.rotation, self.seed)
+        return out.to(packed.dtype)

@@ -7,8 +7,8 @@ window is simply one more split.
 
 Kernel 1 (grid ``(kv_heads, splits + 1, batch)``): each program owns one KV head and one range of
 tokens (split-K, "flash-decoding", Dao et al. 2023) and scores *all* the query heads of that KV head
-(GQA) from one read of the packed bytes: it unpacks the `pack_bits` code words with shifts (4 bits: one table lookup per byte), looks the
-codes up in the codebook (``turbo_mse``: values of the rotated unit vector; ``int``: the integer
+(GQA) from one read of the packed bytes: it loads the rows' code planes as int32 words, unpacks them
+with shifts, looks the codes up in the codebook (``turbo_mse``: values of the rotated unit vector; ``int``: the integer
 code itself), and runs an online softmax (Milakov & Gimelshein 2018) with tensor-core dots. For
 ``turbo_mse`` the score is ``norm * <R q, c[code]>`` (the query is rotated once, outside), and the
 values are accumulated in the rotated domain with ``p * norm``; for ``int``, ``scale * <q, code> +
@@ -29,57 +29,156 @@ import triton.language as tl
 
 from kvpack.kernels.paged import PagedCodec
 
-__all__ = ["choose_splits", "paged_decode_attention"]
+__all__ = ["choose_splits", "default_tuning", "paged_decode_attention"]
 
 LOG2E = 1.4426950408889634
 KIND_IDS = {"turbo_mse": 0, "int": 1}
 
 
 @triton.jit
-def _tile_slots(block_tables_ptr, b, stride_bt, t, tmask, BLOCK_SIZE: tl.constexpr):
-    """Flat cache slots (int64) of token positions ``t`` of sequence ``b`` through its block table."""
+def _tile_slots(block_tables_ptr, b, stride_bt, t, tmask, BLOCK_SIZE: tl.constexpr, OFF64: tl.constexpr):
+    """Flat cache slots of token positions ``t`` of sequence ``b`` through its block table (int64 iff ``OFF64``:
+    int32 offsets save the 64-bit multiplies and adds of every row address when the caches hold < 2^31 words)."""
     blk = tl.load(block_tables_ptr + b * stride_bt + t // BLOCK_SIZE, mask=tmask, other=0)
-    return blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE
+    if OFF64:
+        blk = blk.to(tl.int64)
+    return blk * BLOCK_SIZE + t % BLOCK_SIZE
 
 
 @triton.jit
-def _load_raw(cache_ptr, row, tmask, KIND: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
-    """Issue the loads of one tile: code bytes (N, D/8, 4) uint8 (byte i < BITS of each 8-code word) and side (a, c)."""
-    G: tl.constexpr = D // 8
-    CODE_BYTES: tl.constexpr = D * BITS // 8
-    g = tl.arange(0, G)
-    i = tl.arange(0, 4)
-    offs = row[:, None, None] + (g * BITS)[None, :, None] + i[None, None, :]
-    raw = tl.load(cache_ptr + offs, mask=tmask[:, None, None] & (i < BITS)[None, None, :], other=0)
-    side_ptr = (cache_ptr + row + CODE_BYTES).to(tl.pointer_type(tl.float16))
-    a = tl.load(side_ptr, mask=tmask, other=0.0).to(tl.float32)
+def _load_tile(cache_ptr, row, tmask, KIND: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, UNPACK: tl.constexpr):
+    """Issue the int32 loads of one tile: ``row`` (N,) word offsets -> code plane words and side (a, c).
+
+    Plane 0 is (N, D * W0 / 32) words (W0 = 2 for 3 bits, else BITS); plane 1 (3 bits only) the
+    (N, D / 32) words of the high bit; ``a`` the norm (turbo_mse) or scale (int), ``c`` the int zero.
+    """
+    W0: tl.constexpr = 2 if BITS == 3 else BITS
+    NW0: tl.constexpr = D * W0 // 32
+    CODE_WORDS: tl.constexpr = D * BITS // 32
+    w0 = tl.load(cache_ptr + row[:, None] + tl.arange(0, NW0)[None, :], mask=tmask[:, None], other=0)
+    if BITS == 3:
+        if UNPACK == 1:  # the high bits as int16 lanes: lane j holds the high bits of plane-0 word j's 16 codes
+            half_ptr = cache_ptr.to(tl.pointer_type(tl.int16))
+            w1 = tl.load(half_ptr + 2 * (row[:, None] + NW0) + tl.arange(0, D // 16)[None, :], mask=tmask[:, None],
+                         other=0).to(tl.int32)  # fmt: skip
+        else:
+            w1 = tl.load(cache_ptr + row[:, None] + NW0 + tl.arange(0, D // 32)[None, :], mask=tmask[:, None], other=0)
+    else:
+        w1 = w0
+    side = tl.load(cache_ptr + row + CODE_WORDS, mask=tmask, other=0)  # two float16 in one word, little-endian
+    a = (side & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     if KIND == 0:
         c = tl.zeros_like(a)
     else:
-        c = tl.load(side_ptr + 1, mask=tmask, other=0.0).to(tl.float32)
-    return raw, a, c
+        c = (side >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return w0, w1, a, c
 
 
 @triton.jit
-def _unpack(raw, cb_ptr, table, KIND: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
-            LUT: tl.constexpr):  # fmt: skip
-    """Code bytes (N, D/8, 4) -> values (N, D) float16: codebook entries (turbo_mse) or the integer codes (int).
+def _plane(words, W: tl.constexpr, D: tl.constexpr, N: tl.constexpr):
+    """Words (N, D * W / 32) of a W-bit plane -> codes (N, D) int32 (32 / W codes per word, lowest first)."""
+    PER: tl.constexpr = 32 // W
+    k = tl.arange(0, PER)
+    codes = (words[:, :, None] >> (k * W)[None, None, :]) & ((1 << W) - 1)
+    return tl.reshape(codes, (N, D))
 
-    ``LUT`` 0: look codes up with loads from the codebook in global memory (L1 hits); 1: ``tl.gather`` from
-    ``table``, the codebook broadcast to (2^BITS, D) in registers.
-    """
-    i = tl.arange(0, 4)
-    k = tl.arange(0, 8)
-    word = tl.sum(raw.to(tl.int32) << (8 * i)[None, None, :], axis=2)  # (N, G): 8 codes, disjoint bits
-    codes = (word[:, :, None] >> (k * BITS)[None, None, :]) & ((1 << BITS) - 1)  # (N, G, 8): dim 8 g + k
-    codes = tl.reshape(codes, (N, D))
-    if KIND == 0:
-        if LUT == 1:
-            return tl.gather(table, codes, 0)
-        else:
-            return tl.load(cb_ptr + codes)  # float16 codebook, a few bytes: L1 hits
+
+@triton.jit
+def _slot(w0, w1, cb_ptr, K: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr):
+    """Values (N, D / S) float16 of slot ``K`` of every lane: codes ``K`` of the plane words (``w1``: 3-bit high bits)."""
+    if BITS == 3:
+        c = ((w0 >> (2 * K)) & 3) | (((w1 >> K) & 1) << 2)
     else:
-        return codes.to(tl.float16)
+        c = (w0 >> (BITS * K)) & ((1 << BITS) - 1)
+    if KIND == 0:
+        return tl.load(cb_ptr + c)  # float16 codebook, a few bytes: L1 hits
+    else:
+        return (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0  # 1024 + c exactly, minus 1024
+
+
+# Slot trees: tl.join puts the new axis in each thread's registers, so the 2^n slots of a lane end up
+# contiguous in one thread (index = slot offset, least significant axis last) and the (N, D) result
+# feeds the dot operand with vector stores instead of one store per value.
+@triton.jit
+def _tree2(w0, w1, cb_ptr, K0: tl.constexpr, ST: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_slot(w0, w1, cb_ptr, K0, KIND, BITS), _slot(w0, w1, cb_ptr, K0 + ST, KIND, BITS))
+
+
+@triton.jit
+def _tree4(w0, w1, cb_ptr, K0: tl.constexpr, ST: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_tree2(w0, w1, cb_ptr, K0, 2 * ST, KIND, BITS), _tree2(w0, w1, cb_ptr, K0 + ST, 2 * ST, KIND, BITS))
+
+
+@triton.jit
+def _tree8(w0, w1, cb_ptr, K0: tl.constexpr, ST: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_tree4(w0, w1, cb_ptr, K0, 2 * ST, KIND, BITS), _tree4(w0, w1, cb_ptr, K0 + ST, 2 * ST, KIND, BITS))
+
+
+@triton.jit
+def _tree16(w0, w1, cb_ptr, K0: tl.constexpr, ST: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_tree8(w0, w1, cb_ptr, K0, 2 * ST, KIND, BITS), _tree8(w0, w1, cb_ptr, K0 + ST, 2 * ST, KIND, BITS))
+
+
+@triton.jit
+def _tree32(w0, w1, cb_ptr, K0: tl.constexpr, ST: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(
+        _tree16(w0, w1, cb_ptr, K0, 2 * ST, KIND, BITS), _tree16(w0, w1, cb_ptr, K0 + ST, 2 * ST, KIND, BITS)
+    )
+
+
+@triton.jit
+def _dequant(w0, w1, cb_ptr, table, KIND: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
+             LUT: tl.constexpr, UNPACK: tl.constexpr):  # fmt: skip
+    """Plane words -> values (N, D) float16: codebook entries (turbo_mse) or the integer codes (int).
+
+    ``UNPACK`` 1: slot by slot on the words' own layout, joined (see the slot trees); 0: one broadcast shift
+    over (N, words, codes per word) and a reshape. ``LUT`` (``UNPACK`` 0) 0: codebook loads from global
+    memory; 1: ``tl.gather`` from ``table`` (the codebook broadcast to (2^BITS, D)). ``int`` codes become
+    float16 exactly with the 0x6400 trick.
+    """
+    if UNPACK == 1:
+        S: tl.constexpr = 8 if BITS == 4 else (32 if BITS == 1 else 16)  # codes per lane
+        if S == 8:
+            vals = _tree8(w0, w1, cb_ptr, 0, 1, KIND, BITS)
+        elif S == 16:
+            vals = _tree16(w0, w1, cb_ptr, 0, 1, KIND, BITS)
+        else:
+            vals = _tree32(w0, w1, cb_ptr, 0, 1, KIND, BITS)
+        return tl.reshape(vals, (N, D))
+    else:
+        if BITS == 3:
+            codes = _plane(w0, 2, D, N) | (_plane(w1, 1, D, N) << 2)
+        else:
+            codes = _plane(w0, BITS, D, N)
+        if KIND == 0:
+            if LUT == 1:
+                return tl.gather(table, codes, 0)
+            else:
+                return tl.load(cb_ptr + codes)
+        else:
+            return (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _attend_tile(q, q_sum, k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, acc, k_cb_ptr, v_cb_ptr, k_table,
+                 v_table, qk_scale, KIND_K: tl.constexpr, BITS_K: tl.constexpr, KIND_V: tl.constexpr,
+                 BITS_V: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, LUT: tl.constexpr,
+                 UNPACK: tl.constexpr):  # fmt: skip
+    """One tile of online softmax: scores from the key codes, then the value codes accumulated."""
+    k_vals = _dequant(k0, k1, k_cb_ptr, k_table, KIND_K, BITS_K, D, BLOCK_N, LUT, UNPACK)
+    s = tl.dot(q, tl.trans(k_vals)) * k_a[None, :]
+    if KIND_K == 1:
+        s += q_sum[:, None] * k_c[None, :]
+    s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v_vals = _dequant(v0, v1, v_cb_ptr, v_table, KIND_V, BITS_V, D, BLOCK_N, LUT, UNPACK)
+    acc = acc * alpha[:, None] + tl.dot((p * v_a[None, :]).to(tl.float16), v_vals)
+    if KIND_V == 1:
+        acc += tl.sum(p * v_c[None, :], axis=1)[:, None]
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -87,7 +186,7 @@ def _split_kernel(
     q_ptr,  # (B, HQ, D) float16: the query as the keys see it (rotated by M_k for turbo_mse)
     qw_ptr,  # (B, HQ, D) float16: the query as given (for the window)
     k_cache_ptr,
-    v_cache_ptr,  # uint8 (num_blocks, block_size, HKV, ROW_K / ROW_V)
+    v_cache_ptr,  # int32 view of the uint8 (num_blocks, block_size, HKV, row_bytes) caches
     k_cb_ptr,
     v_cb_ptr,  # float16 codebooks
     block_tables_ptr,  # int32 (B, max_blocks)
@@ -115,13 +214,16 @@ def _split_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS,
     LUT: tl.constexpr,
+    PIPE: tl.constexpr,
+    UNPACK: tl.constexpr,
+    OFF64: tl.constexpr,
 ):
     h = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
     HQ: tl.constexpr = HKV * GQA
-    ROW_K: tl.constexpr = D * BITS_K // 8 + 2 + 2 * KIND_K
-    ROW_V: tl.constexpr = D * BITS_V // 8 + 2 + 2 * KIND_V
+    ROW_K: tl.constexpr = D * BITS_K // 32 + 1  # row length in int32 words: code planes + side word
+    ROW_V: tl.constexpr = D * BITS_V // 32 + 1
     rows_q = tl.arange(0, GPAD)
     qmask = rows_q < GQA
     d = tl.arange(0, D)
@@ -133,47 +235,54 @@ def _split_kernel(
 
     if split < NUM_SPLITS:
         q = tl.load(q_ptr + q_off, mask=qmask[:, None], other=0.0).to(tl.float16)
-        if KIND_K == 1:
-            q_sum = tl.sum(q.to(tl.float32), axis=1)
+        q_sum = tl.sum(q.to(tl.float32), axis=1)  # used by int keys only
         k_table = tl.broadcast_to(tl.load(k_cb_ptr + tl.arange(0, 1 << BITS_K))[:, None], (1 << BITS_K, D))
         v_table = tl.broadcast_to(tl.load(v_cb_ptr + tl.arange(0, 1 << BITS_V))[:, None], (1 << BITS_V, D))
         seq_len = tl.load(seq_lens_ptr + b)
         start = split * tokens_per_split
         end = tl.minimum(start + tokens_per_split, seq_len)
-        # software pipeline: block-table entries two tiles ahead, code bytes one tile ahead (loads in flight
-        # while the current tile is unpacked and scored)
-        t = start + tl.arange(0, BLOCK_N)
-        tmask = t < end
-        slot = _tile_slots(block_tables_ptr, b, stride_bt, t, tmask, BLOCK_SIZE)
-        k_raw, k_a, k_c = _load_raw(k_cache_ptr, slot * (HKV * ROW_K) + h * ROW_K, tmask, KIND_K, BITS_K, D)
-        v_raw, v_a, v_c = _load_raw(v_cache_ptr, slot * (HKV * ROW_V) + h * ROW_V, tmask, KIND_V, BITS_V, D)
-        t1 = t + BLOCK_N
-        mask1 = t1 < end
-        slot1 = _tile_slots(block_tables_ptr, b, stride_bt, t1, mask1, BLOCK_SIZE)
-        for t0 in range(start, end, BLOCK_N):
-            t2 = t0 + 2 * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask2 = t2 < end
-            slot2 = _tile_slots(block_tables_ptr, b, stride_bt, t2, mask2, BLOCK_SIZE)
-            k_raw1, k_a1, k_c1 = _load_raw(k_cache_ptr, slot1 * (HKV * ROW_K) + h * ROW_K, mask1, KIND_K, BITS_K, D)
-            v_raw1, v_a1, v_c1 = _load_raw(v_cache_ptr, slot1 * (HKV * ROW_V) + h * ROW_V, mask1, KIND_V, BITS_V, D)
-
-            k_vals = _unpack(k_raw, k_cb_ptr, k_table, KIND_K, BITS_K, D, BLOCK_N, LUT)
-            s = tl.dot(q, tl.trans(k_vals)) * k_a[None, :]
-            if KIND_K == 1:
-                s += q_sum[:, None] * k_c[None, :]
-            s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_vals = _unpack(v_raw, v_cb_ptr, v_table, KIND_V, BITS_V, D, BLOCK_N, LUT)
-            acc = acc * alpha[:, None] + tl.dot((p * v_a[None, :]).to(tl.float16), v_vals)
-            if KIND_V == 1:
-                acc += tl.sum(p * v_c[None, :], axis=1)[:, None]
-            m_i = m_new
-
-            k_raw, k_a, k_c, v_raw, v_a, v_c, tmask = k_raw1, k_a1, k_c1, v_raw1, v_a1, v_c1, mask1
-            slot1, mask1 = slot2, mask2
+        if PIPE == 0:
+            # software pipeline by hand: block-table entries two tiles ahead, code words one tile ahead
+            # (loads in flight while the current tile is unpacked and scored)
+            t = start + tl.arange(0, BLOCK_N)
+            tmask = t < end
+            slot = _tile_slots(block_tables_ptr, b, stride_bt, t, tmask, BLOCK_SIZE, OFF64)
+            k0, k1, k_a, k_c = _load_tile(
+                k_cache_ptr, slot * (HKV * ROW_K) + h * ROW_K, tmask, KIND_K, BITS_K, D, UNPACK
+            )
+            v0, v1, v_a, v_c = _load_tile(
+                v_cache_ptr, slot * (HKV * ROW_V) + h * ROW_V, tmask, KIND_V, BITS_V, D, UNPACK
+            )
+            t1 = t + BLOCK_N
+            mask1 = t1 < end
+            slot1 = _tile_slots(block_tables_ptr, b, stride_bt, t1, mask1, BLOCK_SIZE, OFF64)
+            for t0 in range(start, end, BLOCK_N):
+                t2 = t0 + 2 * BLOCK_N + tl.arange(0, BLOCK_N)
+                mask2 = t2 < end
+                slot2 = _tile_slots(block_tables_ptr, b, stride_bt, t2, mask2, BLOCK_SIZE, OFF64)
+                k0n, k1n, k_an, k_cn = _load_tile(k_cache_ptr, slot1 * (HKV * ROW_K) + h * ROW_K, mask1, KIND_K,
+                                                  BITS_K, D, UNPACK)  # fmt: skip
+                v0n, v1n, v_an, v_cn = _load_tile(v_cache_ptr, slot1 * (HKV * ROW_V) + h * ROW_V, mask1, KIND_V,
+                                                  BITS_V, D, UNPACK)  # fmt: skip
+                m_i, l_i, acc = _attend_tile(q, q_sum, k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, acc,
+                                             k_cb_ptr, v_cb_ptr, k_table, v_table, qk_scale, KIND_K, BITS_K, KIND_V,
+                                             BITS_V, D, BLOCK_N, LUT, UNPACK)  # fmt: skip
+                k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask = k0n, k1n, k_an, k_cn, v0n, v1n, v_an, v_cn, mask1
+                slot1, mask1 = slot2, mask2
+        else:  # let Triton's pipeliner stage the loads (cp.async of the int32 words)
+            for t0 in tl.range(start, end, BLOCK_N, num_stages=PIPE):
+                t = t0 + tl.arange(0, BLOCK_N)
+                tmask = t < end
+                slot = _tile_slots(block_tables_ptr, b, stride_bt, t, tmask, BLOCK_SIZE, OFF64)
+                k0, k1, k_a, k_c = _load_tile(
+                    k_cache_ptr, slot * (HKV * ROW_K) + h * ROW_K, tmask, KIND_K, BITS_K, D, UNPACK
+                )
+                v0, v1, v_a, v_c = _load_tile(
+                    v_cache_ptr, slot * (HKV * ROW_V) + h * ROW_V, tmask, KIND_V, BITS_V, D, UNPACK
+                )
+                m_i, l_i, acc = _attend_tile(q, q_sum, k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, acc,
+                                             k_cb_ptr, v_cb_ptr, k_table, v_table, qk_scale, KIND_K, BITS_K, KIND_V,
+                                             BITS_V, D, BLOCK_N, LUT, UNPACK)  # fmt: skip
     else:
         qw = tl.load(qw_ptr + q_off, mask=qmask[:, None], other=0.0)
         w_len = tl.load(window_lens_ptr + b)
@@ -247,6 +356,18 @@ def _no_codebook(device: torch.device) -> torch.Tensor:
     return torch.zeros(16, dtype=torch.float16, device=device)
 
 
+def default_tuning(key_codec: PagedCodec, value_codec: PagedCodec) -> dict:
+    """Launch parameters measured best on an H100 (batch 8, 32K context, Llama-3-8B heads; BENCHMARKS.md).
+
+    ``int`` streams (no codebook): one warp per program, 32-token tiles, codes unpacked slot by slot.
+    With a codebook (``turbo_mse``) the per-value gathers dominate and the broadcast unpack of two warps
+    over 64-token tiles was faster.
+    """
+    if key_codec.kind == "int" and value_codec.kind == "int":
+        return {"block_n": 32, "num_warps": 1, "waves": 32.0, "unpack": 1}
+    return {"block_n": 64, "num_warps": 2, "waves": 32.0, "unpack": 0}
+
+
 def choose_splits(
     batch: int, kv_heads: int, capacity: int, block_n: int, num_sms: int = 132, waves: float = 2.0
 ) -> int:
@@ -268,18 +389,28 @@ def paged_decode_attention(
     value_codec: PagedCodec,
     scale: float,
     num_splits: int | None = None,
-    block_n: int = 32,
-    num_warps: int = 4,
+    block_n: int | None = None,
+    num_warps: int | None = None,
     num_stages: int = 2,
-    waves: float = 8.0,
+    waves: float | None = None,
     lut: int = 0,
+    pipe: int = 0,
+    unpack: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the two kernels (inputs already checked by `kvpack.attention.decode`); returns ``(B, HQ, D)``.
 
+    Tuning (``None``: `default_tuning`): ``block_n`` tokens per tile, ``num_warps``, ``waves`` (programs per SM
+    that the split count aims at), ``unpack`` (see ``_dequant``), ``lut`` 0/1 (codebook loads / ``tl.gather``), ``pipe`` 0 (loads issued a
+    tile ahead by hand) or n >= 2 (``tl.range(num_stages=n)``: Triton's pipeliner stages them).
     No host synchronisation: every length is read on the device, and the split count depends only
     on shapes (the block table's capacity), so a step can be captured in a CUDA graph.
     """
+    tuned = default_tuning(key_codec, value_codec)
+    block_n = tuned["block_n"] if block_n is None else block_n
+    num_warps = tuned["num_warps"] if num_warps is None else num_warps
+    waves = tuned["waves"] if waves is None else waves
+    unpack = tuned["unpack"] if unpack is None else unpack
     batch, hq, d = query.shape
     _, block_size, hkv, _ = key_cache.shape
     gqa = hq // hkv
@@ -302,8 +433,8 @@ def paged_decode_attention(
     _split_kernel[(hkv, num_splits + 1, batch)](
         q_keys,
         query.contiguous(),
-        key_cache,
-        value_cache,
+        key_cache.view(torch.int32),
+        value_cache.view(torch.int32),
         k_cb,
         v_cb,
         block_tables,
@@ -331,6 +462,9 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         LUT=lut,
+        PIPE=pipe,
+        UNPACK=unpack,
+        OFF64=max(key_cache.numel(), value_cache.numel()) // 4 >= 2**31,
         num_warps=num_warps,
         num_stages=num_stages,
     )

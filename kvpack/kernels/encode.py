@@ -3,7 +3,7 @@
 One program takes ``BLOCK_T`` tokens of one KV head and does, in registers: ``turbo_mse`` (TurboQuant,
 Zandieh et al., arXiv 2504.19874): norm, ``x / norm``, rotation by ``M`` (a tensor-core dot, 3xTF32 on
 the GPU so that it matches float32), bucketize against the Lloyd-Max boundaries (``idx = #{edges <
-y}``, as ``torch.bucketize``), `kvpack.pack_bits` packing, float16 norm; ``int`` (axis token, one group,
+y}``, as ``torch.bucketize``), packing into the int32 words of the code planes, float16 norm; ``int`` (axis token, one group,
 KIVI-style): float16 ``zero = min`` and ``scale = (max - min) / (2^b - 1)``, ``round((x - zero) /
 scale)`` half to even with an exact floor/fraction test. Rows go to ``slot_mapping[t]`` (negative:
 skipped), as vLLM's ``reshape_and_cache``.
@@ -25,10 +25,21 @@ __all__ = ["paged_encode"]
 
 
 @triton.jit
+def _store_plane(cache_ptr, row, codes, tmask, START: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
+                 N: tl.constexpr):  # fmt: skip
+    """Codes (N, D) of a W-bit plane -> int32 words at word ``row + START`` (32 / W codes a word, lowest first)."""
+    PER: tl.constexpr = 32 // W
+    NW: tl.constexpr = D // PER
+    k = tl.arange(0, PER)
+    word = tl.sum(tl.reshape(codes, (N, NW, PER)) << (k * W)[None, None, :], axis=2)  # disjoint bits: sum == or
+    tl.store(cache_ptr + row[:, None] + START + tl.arange(0, NW)[None, :], word, mask=tmask[:, None])
+
+
+@triton.jit
 def _encode_kernel(
     x_ptr,  # (T, HKV, D) float
     slot_ptr,  # int64 (T,)
-    cache_ptr,  # uint8 (num_blocks, block_size, HKV, ROW)
+    cache_ptr,  # int32 view of the uint8 (num_blocks, block_size, HKV, row_bytes) cache
     rot_ptr,  # float32 (D, D): M (turbo_mse)
     edges_ptr,  # float32 (2^BITS - 1,)
     num_tokens,
@@ -39,17 +50,15 @@ def _encode_kernel(
     BITS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ROTATED: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
-    G: tl.constexpr = D // 8
-    CODE_BYTES: tl.constexpr = D * BITS // 8
-    ROW: tl.constexpr = CODE_BYTES + 2 + 2 * KIND
+    CODE_WORDS: tl.constexpr = D * BITS // 32
+    ROW: tl.constexpr = CODE_WORDS + 1  # int32 words: code planes, then the side word
     LEVELS: tl.constexpr = (1 << BITS) - 1
     d = tl.arange(0, D)
-    g = tl.arange(0, G)
-    k = tl.arange(0, 8)
-    if KIND == 0:  # loaded once per program (persistent grid): the matrix is 64 KB at D = 128
+    if ROTATED:  # loaded once per program (persistent grid): the matrix is 64 KB at D = 128
         rot = tl.load(rot_ptr + d[:, None] * D + d[None, :])
     for tile in range(pid_t, tl.cdiv(num_tokens, BLOCK_T), num_programs):
         t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -65,8 +74,9 @@ def _encode_kernel(
             for i in tl.static_range(LEVELS):
                 idx += (y > tl.load(edges_ptr + i)).to(tl.int32)
             side0 = norm.to(tl.float16)
-            side1 = side0
         else:
+            if ROTATED:  # int with a rotation: quantize the rotated vector
+                x = tl.dot(x, rot, input_precision=DOT_PRECISION)
             mn = tl.min(tl.where(tmask[:, None], x, float("inf")), axis=1)
             mx = tl.max(tl.where(tmask[:, None], x, float("-inf")), axis=1)
             zero16 = tl.where(tmask, mn, 0.0).to(tl.float16)
@@ -80,16 +90,16 @@ def _encode_kernel(
             idx = tl.minimum(tl.maximum(r, 0.0), LEVELS * 1.0).to(tl.int32)
             side0 = scale16
             side1 = zero16
-        idx3 = tl.reshape(idx, (BLOCK_T, G, 8))  # [t, g, k] = dim 8 g + k: pack_bits' groups of 8 codes
-        word = tl.sum(idx3 << (k * BITS)[None, None, :], axis=2)  # disjoint bit ranges: sum == or
         row = slot * (HKV * ROW) + h * ROW
-        for i in tl.static_range(BITS):
-            byte = ((word >> (8 * i)) & 0xFF).to(tl.uint8)
-            tl.store(cache_ptr + row[:, None] + (g * BITS + i)[None, :], byte, mask=tmask[:, None])
-        side_ptr = (cache_ptr + row + CODE_BYTES).to(tl.pointer_type(tl.float16))
-        tl.store(side_ptr, side0, mask=tmask)
+        if BITS == 3:  # planes: the 2 low bits, then the high bit
+            _store_plane(cache_ptr, row, idx & 3, tmask, 0, 2, D, BLOCK_T)
+            _store_plane(cache_ptr, row, idx >> 2, tmask, D // 16, 1, D, BLOCK_T)
+        else:
+            _store_plane(cache_ptr, row, idx, tmask, 0, BITS, D, BLOCK_T)
+        lo = side0.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         if KIND == 1:
-            tl.store(side_ptr + 1, side1, mask=tmask)
+            lo = lo | (side1.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+        tl.store(cache_ptr + row + CODE_WORDS, lo, mask=tmask)  # turbo_mse: the norm and 2 zero bytes
 
 
 def paged_encode(
@@ -117,13 +127,13 @@ def paged_encode(
             f"slot_mapping must be int64 ({x.shape[0]},), got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
         )
     x = x.contiguous()
-    rotated = codec.kind == "turbo_mse"
+    rotated = codec.rotation is not None
     rot = codec.rotation.float().contiguous() if rotated else slot_mapping
-    edges = codec.boundaries.float().contiguous() if rotated else slot_mapping
+    edges = codec.boundaries.float().contiguous() if codec.kind == "turbo_mse" else slot_mapping
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     programs = max(1, min(triton.cdiv(x.shape[0], block_t), triton.cdiv(programs_per_sm * num_sms, x.shape[1])))
     _encode_kernel[(programs, x.shape[1])](
-        x, slot_mapping, cache, rot, edges, x.shape[0], programs, HKV=x.shape[1], D=codec.head_dim,
-        KIND=0 if rotated else 1, BITS=codec.bits, BLOCK_T=block_t,
-        DOT_PRECISION="tf32x3" if x.is_cuda else "ieee", num_warps=num_warps,
+        x, slot_mapping, cache.view(torch.int32), rot, edges, x.shape[0], programs, HKV=x.shape[1], D=codec.head_dim,
+        KIND=0 if codec.kind == "turbo_mse" else 1, BITS=codec.bits, BLOCK_T=block_t,
+        DOT_PRECISION="tf32x3" if x.is_cuda else "ieee", ROTATED=rotated, num_warps=num_warps,
     )  # fmt: skip

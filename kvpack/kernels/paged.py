@@ -3,16 +3,19 @@
 A cache stream (K or V) is a uint8 tensor ``[num_blocks, block_size, num_kv_heads, row_bytes]``
 (the paged layout of vLLM, Kwon et al., arXiv 2309.06180): token ``t`` of sequence ``b`` lives in
 block ``block_tables[b, t // block_size]`` at row ``t % block_size``. One row holds one token of
-one KV head: the ``head_dim`` codes, then the per-token side data.
+one KV head: the ``head_dim`` codes, then the per-token side data. Rows are a multiple of 4 bytes
+so that a kernel reads and writes them as int32 words (byte loads cost an instruction per byte).
 
-Code bytes (``head_dim * bits / 8``): exactly the codec's ``"codes"``, i.e. `kvpack.pack_bits` (code
-``i`` at stream bits ``[i bits, (i + 1) bits)``, least significant first), so 8 codes make one
-``bits``-byte little-endian word and a kernel unpacks a whole ``(tokens, D / 8, 8)`` tile with shifts.
+Code planes (``head_dim * bits / 8`` bytes in all): the codes split into bit planes of width 4, 2
+or 1 (``PLANES``: 4 -> (4,), 3 -> (2, 1) low bits first, 2 -> (2,), 1 -> (1,)), each plane packed by
+`kvpack.pack_bits` (code ``i`` at plane bits ``[i w, (i + 1) w)``, least significant first), so a
+little-endian int32 word of a plane holds ``32 / w`` whole codes and a kernel unpacks it with
+shifts. For 1, 2 and 4 bits the bytes are exactly the codec's ``"codes"``.
 
-Side data (float16, after the codes): ``turbo_mse``: ``norm`` (2 bytes; value = ``norm *
-unrotate(codebook[code])``); ``int`` (axis token, one group): ``scale``, ``zero`` (4 bytes; value =
-``code * scale + zero``). A `PagedCodec` carries what a kernel needs besides the bytes: the
-codebook (``turbo_mse``) and the rotation as a matrix ``M`` with ``rotate(x) = x @ M``.
+Side data (4 bytes, after the codes): ``turbo_mse``: float16 ``norm`` and 2 zero bytes of padding
+(value = ``norm * unrotate(codebook[code])``); ``int`` (axis token, one group): float16 ``scale``,
+``zero`` (value = ``code * scale + zero``). A `PagedCodec` carries what a kernel needs besides the
+bytes: the codebook (``turbo_mse``) and the rotation as a matrix ``M`` with ``rotate(x) = x @ M``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ __all__ = [
 ]
 
 KINDS = ("turbo_mse", "int")
-SIDE_BYTES = {"turbo_mse": 2, "int": 4}
+SIDE_BYTES = 4  # turbo_mse: float16 norm + 2 bytes of padding; int: float16 scale and zero
+SIDE_VALUES = {"turbo_mse": 1, "int": 2}  # float16 side values a codec gives (turbo_mse: norm)
+PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,)}  # bit-plane widths, low bits first
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,8 @@ class PagedCodec:
 
     ``codebook``: float32 ``(2^bits,)`` sorted centroids (``turbo_mse``; ``None`` for ``int``);
     ``boundaries``: their float32 midpoints, used by the encoder; ``rotation``: float32 ``(D, D)``
-    matrix ``M`` with ``rotate(x) = x @ M`` and ``unrotate(y) = y @ M.T`` (``None`` for ``int``).
+    matrix ``M`` with ``rotate(x) = x @ M`` and ``unrotate(y) = y @ M.T`` (``int``: ``None`` unless
+    the codec rotates, ``int:...:rotation=hadamard``).
     """
 
     kind: str
@@ -63,8 +69,8 @@ class PagedCodec:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         d = self.head_dim
-        if isinstance(d, bool) or not isinstance(d, int) or d < 16 or d & (d - 1):
-            raise ValueError(f"head_dim must be a power of two >= 16 for the paged kernels, got {d!r}")
+        if isinstance(d, bool) or not isinstance(d, int) or d < 32 or d & (d - 1):
+            raise ValueError(f"head_dim must be a power of two >= 32 for the paged kernels, got {d!r}")
         if isinstance(self.bits, bool) or self.bits not in (1, 2, 3, 4):
             raise ValueError(f"bits must be 1, 2, 3 or 4 for the paged kernels, got {self.bits!r}")
         if self.kind == "turbo_mse":
@@ -76,6 +82,11 @@ class PagedCodec:
                 cb = self.codebook.float()
                 object.__setattr__(self, "boundaries", (cb[1:] + cb[:-1]) / 2)
             object.__setattr__(self, "codebook16", self.codebook.to(torch.float16).contiguous())
+        elif self.rotation is not None and (
+            not isinstance(self.rotation, torch.Tensor) or tuple(self.rotation.shape) != (d, d)
+        ):
+            raise ValueError(f"int's rotation must be None or a ({d}, {d}) tensor, got {self.rotation!r}")
+        if self.rotation is not None:
             object.__setattr__(self, "rotation16", self.rotation.to(torch.float16).contiguous())
             object.__setattr__(self, "unrotation", self.rotation.float().T.contiguous())
 
@@ -85,8 +96,8 @@ class PagedCodec:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one token of one KV head: codes plus float16 side data."""
-        return self.code_bytes + SIDE_BYTES[self.kind]
+        """Bytes of one token of one KV head: code planes plus 4 bytes of side data (a multiple of 4)."""
+        return self.code_bytes + SIDE_BYTES
 
     def to(self, device: torch.device | str) -> PagedCodec:
         move = {k: None if t is None else t.to(device) for k, t in self._tables().items()}
@@ -100,11 +111,12 @@ def paged_codec(codec: Codec, device: torch.device | str = "cpu") -> PagedCodec:
     """The `PagedCodec` of a kvpack codec: ``turbo_mse`` (any rotation) or ``int`` (axis token, one group)."""
     if not isinstance(codec, Codec):
         raise TypeError(f"codec must be a kvpack Codec, got {type(codec).__name__}")
+    from kvpack.rotation import rotate
+
+    eye = torch.eye(codec.head_dim, dtype=torch.float64)
     if codec.name == "turbo_mse":
         from kvpack.lloyd_max import sphere_boundaries, sphere_codebook
-        from kvpack.rotation import rotate
 
-        eye = torch.eye(codec.head_dim, dtype=torch.float64)
         return PagedCodec(
             "turbo_mse",
             codec.head_dim,
@@ -116,7 +128,10 @@ def paged_codec(codec: Codec, device: torch.device | str = "cpu") -> PagedCodec:
     if codec.name == "int":
         if codec.axis != "token" or codec.group_size != codec.head_dim:
             raise ValueError(f"the paged kernels take int with axis=token and one group per vector, got {codec.spec!r}")
-        return PagedCodec("int", codec.head_dim, codec.bits)
+        if codec.bits not in (1, 2, 3, 4):
+            raise ValueError(f"the paged kernels take int with bits 1-4, got {codec.spec!r}")
+        rotation = None if codec.rotation == "none" else rotate(eye, codec.rotation, codec.seed).float().to(device)
+        return PagedCodec("int", codec.head_dim, codec.bits, rotation=rotation)
     raise ValueError(f"the paged kernels support turbo_mse and int, not {codec.spec!r}")
 
 
@@ -128,18 +143,30 @@ def _check_codes(codes: torch.Tensor, fmt: PagedCodec) -> None:
 def pack_rows(codes: torch.Tensor, side: torch.Tensor, fmt: PagedCodec) -> torch.Tensor:
     """Codes ``(..., D)`` in ``[0, 2^bits)`` and float16 side data ``(..., side_values)`` -> rows uint8 ``(..., row_bytes)``."""
     _check_codes(codes, fmt)
-    side_bytes = side.to(torch.float16).contiguous().view(torch.uint8)
-    if side_bytes.shape[-1] != SIDE_BYTES[fmt.kind]:
-        raise ValueError(f"side data must hold {SIDE_BYTES[fmt.kind] // 2} float16 values, got {side.shape[-1]}")
-    return torch.cat([pack_bits(codes, fmt.bits), side_bytes], dim=-1)
+    if side.shape[-1] != SIDE_VALUES[fmt.kind]:
+        raise ValueError(f"{fmt.kind} side data must hold {SIDE_VALUES[fmt.kind]} float16 values, got {side.shape[-1]}")
+    side = side.to(torch.float16)
+    if fmt.kind == "turbo_mse":
+        side = torch.cat([side, torch.zeros_like(side)], dim=-1)  # padding: rows stay a multiple of 4 bytes
+    codes = codes.to(torch.uint8)
+    planes, low = [], 0
+    for width in PLANES[fmt.bits]:
+        planes.append(pack_bits((codes >> low) & ((1 << width) - 1), width))
+        low += width
+    return torch.cat([*planes, side.contiguous().view(torch.uint8)], dim=-1)
 
 
 def unpack_rows(rows: torch.Tensor, fmt: PagedCodec) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack_rows`: rows uint8 ``(..., row_bytes)`` -> codes uint8 ``(..., D)``, side float16."""
     if rows.dtype != torch.uint8 or rows.shape[-1] != fmt.row_bytes:
         raise ValueError(f"rows must be uint8 (..., {fmt.row_bytes}), got {rows.dtype} {tuple(rows.shape)}")
-    codes = unpack_bits(rows[..., : fmt.code_bytes].contiguous(), fmt.bits, fmt.head_dim)
-    side = rows[..., fmt.code_bytes :].contiguous().view(torch.float16)
+    codes = torch.zeros(*rows.shape[:-1], fmt.head_dim, dtype=torch.uint8, device=rows.device)
+    start = low = 0
+    for width in PLANES[fmt.bits]:
+        nbytes = fmt.head_dim * width // 8
+        codes |= unpack_bits(rows[..., start : start + nbytes].contiguous(), width, fmt.head_dim) << low
+        start, low = start + nbytes, low + width
+    side = rows[..., fmt.code_bytes :].contiguous().view(torch.float16)[..., : SIDE_VALUES[fmt.kind]]
     return codes, side
 
 
@@ -148,7 +175,8 @@ def rows_from_packed(packed: Packed, fmt: PagedCodec) -> torch.Tensor:
     side = (
         packed.data["norm"] if fmt.kind == "turbo_mse" else torch.cat([packed.data["scale"], packed.data["zero"]], -1)
     )
-    return torch.cat([packed.data["codes"], side.contiguous().view(torch.uint8)], dim=-1)
+    codes = unpack_bits(packed.data["codes"], fmt.bits, fmt.head_dim)
+    return pack_rows(codes, side, fmt)
 
 
 def dequantize_rows(rows: torch.Tensor, fmt: PagedCodec) -> torch.Tensor:
@@ -157,7 +185,8 @@ def dequantize_rows(rows: torch.Tensor, fmt: PagedCodec) -> torch.Tensor:
     side = side.float()
     if fmt.kind == "turbo_mse":
         return (fmt.codebook.float()[codes.long()] @ fmt.rotation.float().T) * side
-    return codes.float() * side[..., :1] + side[..., 1:]
+    values = codes.float() * side[..., :1] + side[..., 1:]
+    return values if fmt.rotation is None else values @ fmt.rotation.float().T
 
 
 def write_slots(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -40,6 +40,25 @@ def test_token_axis_rounds_to_nearest(bits, group):
     assert err.mean() < 0.3 * ((xg.amax(-1) - xg.amin(-1)) / ((1 << bits) - 1)).mean()
 
 
+@pytest.mark.parametrize("rotation", ["hadamard", "haar"])
+def test_rotation_quantizes_the_rotated_vector(rotation):
+    from kvpack.rotation import rotate, unrotate
+
+    codec = kvpack.get_codec(f"int:4:rotation={rotation}", head_dim=64, seed=5)
+    plain = kvpack.get_codec("int:4", head_dim=64)
+    x = torch.randn(7, 64, dtype=torch.float16)
+    x[:, 3] *= 30  # an outlier channel: the rotation spreads it over every coordinate
+    packed = codec.encode(x)
+    rotated = rotate(x.float(), rotation, 5)
+    assert torch.equal(packed.data["codes"], plain.encode(rotated).data["codes"])
+    y = codec.decode(packed)
+    assert y.dtype == torch.float16 and y.shape == x.shape
+    torch.testing.assert_close(y.float(), unrotate(plain.decode(plain.encode(rotated)).float(), rotation, 5),
+                               rtol=1e-3, atol=1e-3)  # fmt: skip
+    assert rel_error(x, y) < 0.9 * rel_error(x, plain.decode(plain.encode(x)))
+    assert codec.bits_per_value() == plain.bits_per_value() == 4.5  # 4 + 32 / 64: scale and zero
+
+
 def test_int8_relative_error_below_one_percent():
     x = torch.randn(4, 128, 128)
     for spec in ("int:8", "int:8:axis=channel", "int:8:group=32"):
@@ -143,3 +162,9 @@ def test_error_paths():
         kvpack.get_codec("int:4:axis=head", head_dim=64).encode(torch.randn(64))
     with pytest.raises(ValueError, match="float16 range"):
         kvpack.get_codec("int:4", head_dim=64).encode(torch.full((2, 64), 1e6))
+    with pytest.raises(ValueError, match="needs axis='token'"):
+        kvpack.get_codec("int:4:axis=channel,rotation=hadamard", head_dim=64)
+    with pytest.raises(ValueError, match="rotation must be one of"):
+        kvpack.get_codec("int:4:rotation=random", head_dim=64)
+    with pytest.raises(ValueError, match="power-of-two"):
+        kvpack.get_codec("int:4:rotation=hadamard", head_dim=48)
