@@ -63,6 +63,7 @@ class PagedLayer(KVPackLayer):
         self.model_config = None  # set by PagedKVPackCache: its `_attn_implementation` is checked at each decode
         self.paged = False
         self.block_size = BLOCK_SIZE
+        self.use_kernel: bool | None = None  # Triton encode + decode kernels; None: iff the cache is on CUDA
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -71,7 +72,7 @@ class PagedLayer(KVPackLayer):
             return
         self.key_fmt, self.value_fmt = self._paged_formats()
         batch, heads = key_states.shape[:2]
-        self.use_kernel = self.device.type == "cuda"
+        self.use_kernel = self.device.type == "cuda" if self.use_kernel is None else self.use_kernel
         self.key_pages = torch.empty(1, self.block_size, heads, self.key_fmt.row_bytes, dtype=torch.uint8,
                                      device=self.device)  # fmt: skip
         self.value_pages = torch.empty(1, self.block_size, heads, self.value_fmt.row_bytes, dtype=torch.uint8,
@@ -296,11 +297,15 @@ class PagedKVPackCache(KVPackCache):
 
     The model must use the ``"kvpack_paged"`` attention (`use_paged_attention`); layers whose codecs the
     kernels do not take keep `KVPackLayer` storage (``layer.paged`` is False) and work with it too.
+    ``use_kernel``: the Triton encode and decode kernels (``None``: iff on CUDA; ``False``: the codec and
+    `kvpack.attention.decode_ref`; ``True`` on the CPU runs them through ``TRITON_INTERPRET=1``).
     """
 
     layer_class = PagedLayer
 
-    def __init__(self, config=None, *args, **kwargs) -> None:
+    def __init__(self, config=None, *args, use_kernel: bool | None = None, **kwargs) -> None:
+        if use_kernel is not None and not isinstance(use_kernel, bool):
+            raise TypeError(f"use_kernel must be a bool or None, got {use_kernel!r}")
         super().__init__(config, *args, **kwargs)
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         if getattr(text, "_attn_implementation", None) != ATTENTION_NAME:
@@ -309,7 +314,7 @@ class PagedKVPackCache(KVPackCache):
                 f"call kvpack.use_paged_attention(model) first (it sets {ATTENTION_NAME!r})"
             )
         for layer in self.layers:
-            layer.model_config = text
+            layer.model_config, layer.use_kernel = text, use_kernel
 
 
 def _key_validity(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:

@@ -93,6 +93,20 @@ def test_pages_hold_the_codec_bytes_and_nbytes_counts_them(spec):
     assert paged.bits_per_value() >= plain.bits_per_value()
 
 
+@pytest.mark.parametrize(("spec", "pad"), [("int:4", (0, 21)), ("turbo_mse:2", (0, 0))])
+def test_triton_kernels_path_equals_kvpack_cache(spec, pad):
+    """use_kernel=True: the fused encoder and the decode kernel (the CUDA path; TRITON_INTERPRET=1 on the CPU)."""
+    pytest.importorskip("triton")
+    model = tiny_llama(layers=2)
+    ids, mask = prompt(pad=pad)
+    model.set_attn_implementation("sdpa")
+    ref = generate(model, ids, mask, KVPackCache(model.config, key=spec, value=spec, **SMALL), n=12)
+    use_paged_attention(model)
+    cache = PagedKVPackCache(model.config, key=spec, value=spec, use_kernel=True, **SMALL)
+    assert torch.equal(generate(model, ids, mask, cache, n=12), ref)
+    assert all(layer.use_kernel for layer in cache.layers)
+
+
 def test_chunked_prefill_and_single_token_prompt_equal_kvpack_cache():
     model = tiny_llama()
     ids, mask = prompt(batch=2, pad=(0, 13))
@@ -150,6 +164,8 @@ def test_errors():
             attention_mask=right,
             past_key_values=PagedKVPackCache(model.config, key="int:4", value="int:4", **SMALL),
         )
+    with pytest.raises(TypeError, match="use_kernel"):
+        PagedKVPackCache(model.config, use_kernel="yes")
     with pytest.raises(ValueError, match="attention_mask"):
         _key_validity(torch.ones(2, 1, 1, 5, dtype=torch.bool), 2, 6)
 

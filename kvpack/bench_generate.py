@@ -1,0 +1,233 @@
+"""``kvpack bench generate``: end-to-end ``model.generate`` decode speed and peak memory at a long context (CUDA).
+
+The model is a random-weight Llama with Llama-3-8B's shapes (hidden 4096, 32 q / 8 kv heads, head_dim
+128, intermediate 14336, vocab 128256, float16; ``--layers`` shrinks it): speed does not depend on the
+weights' values. For each cache in ``--caches``: prefill ``context - 1`` random tokens once, in chunks of
+``--prefill-chunk`` (each chunk's SDPA mask is ``chunk x context`` booleans, never ``context^2``, and only
+the last position's logits are computed), then ``model.generate`` from the full ``context`` ids: the cache
+already holds all but the last token, so every forward of generate is a one-token decode step. A short
+untimed generate (``--warmup-tokens``: Triton compilation, allocator warm-up) precedes the timed one of
+``--new-tokens`` tokens (``torch.cuda.synchronize`` around it). Prefill is not timed into tokens/s.
+
+Caches: a kvpack codec spec (``turbo_mse:4``, ``int:4``: `PagedKVPackCache`, same codec for K and V,
+decode through the paged kernel), ``dynamic`` (transformers' DynamicCache, float16), ``quanto:N``
+(transformers' QuantizedCache, optimum-quanto int N, skipped with a note when optimum-quanto is absent).
+
+Memory (``torch.cuda.max_memory_allocated``, reset before each cache's prefill): ``peak_gib`` over prefill
+and decode, ``prefill_peak_gib`` over prefill and warm-up, ``decode_peak_gib`` over the timed decode only, ``held_gib`` allocated after the decode minus
+before the prefill (the cache and anything it keeps alive), ``weights_gib`` the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+__all__ = ["DEFAULT_CACHES", "add_arguments", "build_model", "measure", "parse_caches", "run_generate"]
+
+DEFAULT_CACHES = ("turbo_mse:4", "int:4", "dynamic", "quanto:4")
+LLAMA3_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 131072,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``kvpack bench generate`` (the other ``bench`` options are ignored by it)."""
+    group = parser.add_argument_group("generate")
+    group.add_argument("--context", type=int, default=32768, help="generate: tokens in the cache before decoding")
+    group.add_argument("--new-tokens", type=int, default=128, help="generate: timed decode tokens")
+    group.add_argument("--warmup-tokens", type=int, default=8, help="generate: untimed decode tokens first")
+    group.add_argument("--layers", type=int, default=32, help="generate: decoder layers (Llama-3-8B: 32)")
+    group.add_argument("--batch", type=int, default=1, help="generate: sequences decoded together")
+    group.add_argument("--prefill-chunk", type=int, default=4096, help="generate: tokens per prefill forward")
+    group.add_argument(
+        "--caches", default=",".join(DEFAULT_CACHES), help="generate: kvpack codec specs, 'dynamic', 'quanto:N'"
+    )
+    group.add_argument("--residual", type=int, default=128, help="generate: kvpack 16-bit residual window")
+    group.add_argument("--sinks", type=int, default=4, help="generate: kvpack 16-bit attention sinks")
+
+
+def parse_caches(text: str, head_dim: int = 128) -> list[str]:
+    """Validated cache names from ``--caches``: codec specs the paged kernels take, ``dynamic``, ``quanto:2|4``."""
+    from kvpack import get_codec
+    from kvpack.kernels.paged import paged_codec
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise ValueError(f"--caches must name at least one cache, got {text!r}")
+    for name in names:
+        if name == "dynamic":
+            continue
+        if name.startswith("quanto:"):
+            if name not in ("quanto:2", "quanto:4"):
+                raise ValueError(f"--caches: quanto takes 2 or 4 bits, got {name!r}")
+            continue
+        try:
+            paged_codec(get_codec(name, head_dim=head_dim))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(
+                f"--caches: {name!r} is not 'dynamic', 'quanto:N' or a paged-kernel codec: {exc}"
+            ) from None
+    return names
+
+
+def _check_args(args) -> list[str]:
+    for name in ("context", "new_tokens", "layers", "batch", "prefill_chunk"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("warmup_tokens", "residual", "sinks"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.context < 2:
+        raise ValueError(f"--context must be >= 2 (a prefill and a first decode token), got {args.context}")
+    return parse_caches(args.caches)
+
+
+def build_model(layers: int, device: str | torch.device = "cuda", dtype: torch.dtype = torch.float16, **shape):
+    """Random-weight LlamaForCausalLM with Llama-3-8B's shapes (``shape`` overrides them), eval mode, on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**LLAMA3_8B, **shape, "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialize in the target dtype: no float32 copy of 8B weights on the device
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def _make_cache(name: str, model, residual: int, sinks: int):
+    """The cache called ``name``, with the model's attention set to what it needs; None if it cannot be built here."""
+    if name == "dynamic" or name.startswith("quanto:"):
+        from transformers import DynamicCache, QuantizedCache
+
+        model.set_attn_implementation("sdpa")
+        if name == "dynamic":
+            return DynamicCache(config=model.config)
+        import importlib.util
+
+        if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
+            return None
+        return QuantizedCache(backend="quanto", config=model.config, nbits=int(name.split(":")[1]))
+    from kvpack.paged_cache import PagedKVPackCache, use_paged_attention
+
+    use_paged_attention(model)
+    return PagedKVPackCache(model.config, key=name, value=name, residual=residual, sinks=sinks)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model, name: str, ids: torch.Tensor, *, new_tokens: int, warmup_tokens: int = 8,
+            prefill_chunk: int = 4096, residual: int = 128, sinks: int = 4) -> dict:  # fmt: skip
+    """Prefill ``ids[:, :-1]`` into cache ``name`` (chunked), then time ``generate`` of ``new_tokens`` from ``ids``."""
+    device = ids.device
+    cuda = device.type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device) if cuda else 0
+    cache = _make_cache(name, model, residual, sinks)
+    if cache is None:
+        return {"cache": name, "skipped": "optimum-quanto is not installed (pip install optimum-quanto)"}
+    batch, context = ids.shape
+    mask = torch.ones_like(ids)
+    row = {"cache": name, "batch": batch, "context": context}
+    with torch.inference_mode():
+        _sync(device)
+        start = time.perf_counter()
+        for at in range(0, context - 1, prefill_chunk):
+            end = min(at + prefill_chunk, context - 1)
+            model(ids[:, at:end], attention_mask=mask[:, :end], past_key_values=cache, logits_to_keep=1)
+        _sync(device)
+        row["prefill_s"] = time.perf_counter() - start
+        generate = {"attention_mask": mask, "past_key_values": cache, "do_sample": False}
+        out = ids
+        if warmup_tokens:
+            out = model.generate(out, max_new_tokens=warmup_tokens, min_new_tokens=warmup_tokens, **generate)
+            generate["attention_mask"] = torch.ones_like(out)
+        if cuda:  # the prefill's (and warm-up's) peak, then the timed decode's alone
+            row["prefill_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        start = time.perf_counter()
+        final = model.generate(out, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **generate)
+        _sync(device)
+        seconds = time.perf_counter() - start
+    made = final.shape[1] - out.shape[1]
+    if made != new_tokens:
+        raise RuntimeError(f"generate made {made} tokens, not {new_tokens}")
+    row.update(
+        {
+            "new_tokens": new_tokens,
+            "decode_s": seconds,
+            "tokens_per_s": batch * new_tokens / seconds,
+            "ms_per_token": 1e3 * seconds / new_tokens,
+            "cache_seq_length": cache.get_seq_length(),
+        }
+    )
+    if hasattr(cache, "bits_per_value"):
+        row["bits_per_value"] = cache.bits_per_value()
+        row["nbytes"] = cache.nbytes()
+    if cuda:
+        row["decode_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["peak_gib"] = max(row["decode_peak_gib"], row["prefill_peak_gib"])
+        row["held_gib"] = (torch.cuda.memory_allocated(device) - before) / 2**30
+    del cache, out, final
+    return row
+
+
+def run_generate(args) -> dict:
+    """Validate the options (before any device check), refuse without CUDA, then measure every cache."""
+    caches = _check_args(args)
+    if not torch.cuda.is_available():
+        raise ValueError("kvpack bench generate needs a CUDA GPU (it times the Triton decode kernel); none found")
+    model = build_model(args.layers, "cuda")
+    weights = torch.cuda.memory_allocated() / 2**30
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context), device="cuda", generator=g)
+    rows = []
+    for name in caches:
+        try:
+            row = measure(model, name, ids, new_tokens=args.new_tokens, warmup_tokens=args.warmup_tokens,
+                          prefill_chunk=args.prefill_chunk, residual=args.residual, sinks=args.sinks)  # fmt: skip
+        except torch.cuda.OutOfMemoryError as exc:
+            row = {"cache": name, "skipped": f"out of memory: {str(exc).splitlines()[0]}"}
+        rows.append(row)
+        print(_line(row), flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    model.set_attn_implementation("sdpa")
+    shape = {"layers": args.layers, **LLAMA3_8B, "dtype": "float16"}
+    return {"model": shape, "weights_gib": weights, "rows": rows}
+
+
+def _line(row: dict) -> str:
+    if "skipped" in row:
+        return f"{row['cache']:>12}: skipped ({row['skipped']})"
+    text = (
+        f"{row['cache']:>12}: ctx {row['context']} batch {row['batch']}: {row['tokens_per_s']:8.1f} tok/s "
+        f"{row['ms_per_token']:7.2f} ms/token, prefill {row['prefill_s']:.1f} s"
+    )
+    if "peak_gib" in row:
+        text += f", peak {row['peak_gib']:.2f} GiB (decode {row['decode_peak_gib']:.2f}, held {row['held_gib']:.2f})"
+    return text

@@ -1,0 +1,69 @@
+"""``kvpack bench generate``: argument errors and the CPU refusal (CLI), and the measurement loop on a tiny CPU model."""
+
+import pytest
+import torch
+
+from kvpack.bench_generate import build_model, measure, parse_caches
+from kvpack.cli import main
+from kvpack.paged_cache import PagedLayer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+TINY = {"hidden_size": 128, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "vocab_size": 256}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--context", "1"], "--context"),
+        (["--new-tokens", "0"], "--new-tokens"),
+        (["--layers", "0"], "--layers"),
+        (["--prefill-chunk", "0"], "--prefill-chunk"),
+        (["--warmup-tokens", "-1"], "--warmup-tokens"),
+        (["--caches", ""], "--caches"),
+        (["--caches", "dynamic,turbo_prod:3"], "--caches: 'turbo_prod:3'"),
+        (["--caches", "int:4:axis=channel"], "--caches"),
+        (["--caches", "quanto:3"], "quanto takes 2 or 4"),
+        (["--caches", "nonsense:4"], "--caches"),
+    ],
+)
+def test_argument_errors_name_the_option(argv, match, capsys):
+    assert main(["bench", "generate", *argv]) == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_refuses_without_cuda(capsys):
+    assert main(["bench", "generate", "--layers", "2", "--context", "4096"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_parse_caches_defaults():
+    assert parse_caches("turbo_mse:4, int:4,dynamic,quanto:4") == ["turbo_mse:4", "int:4", "dynamic", "quanto:4"]
+
+
+@pytest.mark.parametrize("name", ["int:4", "turbo_mse:2", "dynamic", "quanto:4"])
+def test_measure_prefills_once_then_decodes_one_token_per_forward(name, monkeypatch):
+    model = build_model(2, "cpu", torch.float16, **TINY)
+    ids = torch.randint(3, 256, (2, 80), generator=torch.Generator().manual_seed(0))
+    decode_steps, masks = [], []
+    attend = PagedLayer.attend
+    monkeypatch.setattr(PagedLayer, "attend", lambda self, *a: decode_steps.append(1) or attend(self, *a))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        masks.append(0 if attn_mask is None else attn_mask.numel())
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    row = measure(model, name, ids, new_tokens=5, warmup_tokens=2, prefill_chunk=32, residual=8, sinks=4)
+    if name == "quanto:4" and "skipped" in row:
+        pytest.skip(row["skipped"])
+    assert row["new_tokens"] == 5 and row["tokens_per_s"] > 0 and row["ms_per_token"] > 0
+    assert row["cache_seq_length"] == 80 + 2 + 5 - 1  # all but the last generated token are held
+    if name in ("int:4", "turbo_mse:2"):
+        assert len(decode_steps) == (2 + 5) * 2  # every generate forward, every layer: the paged decode
+        assert 0 < row["bits_per_value"] < 16
+    # masks of the chunked prefill: at most chunk x context per sequence and head group, never context^2
+    assert max(masks) <= 2 * 4 * 32 * 80
