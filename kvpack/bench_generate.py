@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import time
 
 import torch
 
-__all__ = ["DEFAULT_CACHES", "add_arguments", "build_model", "measure", "parse_caches", "run_generate"]
+__all__ = ["DEFAULT_CACHES", "add_arguments", "build_model", "measure", "parse_caches", "run_caches", "run_generate"]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CACHES = ("turbo_mse:4", "int:4", "dynamic", "quanto:4")
 LLAMA3_8B = {
@@ -201,10 +204,17 @@ def run_generate(args) -> dict:
     caches = _check_args(args)
     if not torch.cuda.is_available():
         raise ValueError("kvpack bench generate needs a CUDA GPU (it times the Triton decode kernel); none found")
-    model = build_model(args.layers, "cuda")
-    weights = torch.cuda.memory_allocated() / 2**30
-    g = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context), device="cuda", generator=g)
+    return run_caches(args, caches, "cuda")
+
+
+def run_caches(args, caches: list[str], device: str | torch.device, **shape) -> dict:
+    """Build the model (``shape`` overrides Llama-3-8B's), then `measure` each cache; a failing cache becomes a row."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    model = build_model(args.layers, device, **shape)
+    weights = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context), device=device, generator=g)
     rows = []
     for name in caches:
         try:
@@ -212,18 +222,24 @@ def run_generate(args) -> dict:
                           prefill_chunk=args.prefill_chunk, residual=args.residual, sinks=args.sinks)  # fmt: skip
         except torch.cuda.OutOfMemoryError as exc:
             row = {"cache": name, "skipped": f"out of memory: {str(exc).splitlines()[0]}"}
+        except Exception as exc:  # one failing cache (e.g. a quanto build problem) must not lose the other rows
+            logger.exception("kvpack bench generate: %s failed", name)
+            row = {"cache": name, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
         rows.append(row)
         print(_line(row), flush=True)
         gc.collect()
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     model.set_attn_implementation("sdpa")
-    shape = {"layers": args.layers, **LLAMA3_8B, "dtype": "float16"}
-    return {"model": shape, "weights_gib": weights, "rows": rows}
+    config = {"layers": args.layers, **LLAMA3_8B, **shape, "dtype": "float16"}
+    return {"model": config, "weights_gib": weights, "rows": rows}
 
 
 def _line(row: dict) -> str:
-    if "skipped" in row:
-        return f"{row['cache']:>12}: skipped ({row['skipped']})"
+    if "skipped" in row or "error" in row:
+        return f"{row['cache']:>12}: " + (
+            f"skipped ({row['skipped']})" if "skipped" in row else f"ERROR {row['error']}"
+        )
     text = (
         f"{row['cache']:>12}: ctx {row['context']} batch {row['batch']}: {row['tokens_per_s']:8.1f} tok/s "
         f"{row['ms_per_token']:7.2f} ms/token, prefill {row['prefill_s']:.1f} s"

@@ -1,5 +1,7 @@
 """``kvpack bench generate``: argument errors and the CPU refusal (CLI), and the measurement loop on a tiny CPU model."""
 
+import argparse
+
 import pytest
 import torch
 
@@ -67,3 +69,28 @@ def test_measure_prefills_once_then_decodes_one_token_per_forward(name, monkeypa
         assert 0 < row["bits_per_value"] < 16
     # masks of the chunked prefill: at most chunk x context per sequence and head group, never context^2
     assert max(masks) <= 2 * 4 * 32 * 80
+
+
+def test_run_caches_reports_every_row_and_survives_a_failing_cache(monkeypatch, capsys):
+    from kvpack.bench import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["generate", "--layers", "1", "--context", "40", "--new-tokens", "3",
+                              "--warmup-tokens", "1", "--prefill-chunk", "16", "--residual", "8"])  # fmt: skip
+    import kvpack.bench_generate as bench
+
+    real = bench._make_cache
+
+    def broken(name, *a):
+        if name == "dynamic":
+            raise RuntimeError("boom")
+        return real(name, *a)
+
+    monkeypatch.setattr(bench, "_make_cache", broken)
+    result = bench.run_caches(args, ["int:4", "dynamic"], "cpu", **TINY)
+    assert [r["cache"] for r in result["rows"]] == ["int:4", "dynamic"]
+    assert result["rows"][0]["new_tokens"] == 3 and result["rows"][1]["error"] == "RuntimeError: boom"
+    assert result["model"]["layers"] == 1 and result["model"]["head_dim"] == 64
+    out = capsys.readouterr().out
+    assert "int:4: ctx 40 batch 1" in out and "ERROR RuntimeError: boom" in out
