@@ -65,6 +65,21 @@ class PagedLayer(KVPackLayer):
         self.block_size = BLOCK_SIZE
         self.use_kernel: bool | None = None  # Triton encode + decode kernels; None: iff the cache is on CUDA
 
+    @property
+    def chunks(self) -> list:
+        """`KVPackLayer`'s packed chunks; a paged layer has pages instead, and reading its chunks is an error
+        (so that code made for chunks, such as `kvpack.save_cache`, cannot silently miss the packed tokens)."""
+        if self.paged:
+            raise NotImplementedError(
+                "a paged layer holds its packed tokens in pages, not chunks: save_cache and other chunk readers "
+                "do not take PagedKVPackCache"
+            )
+        return self._chunks
+
+    @chunks.setter
+    def chunks(self, value: list) -> None:
+        self._chunks = value
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self.paged = self._paged_formats() is not None
@@ -275,7 +290,8 @@ class PagedLayer(KVPackLayer):
         if not self.paged:
             return super()._select_batch(rows)
         rows = rows.to(self.device)
-        super()._select_batch(rows)  # the 16-bit sinks and window
+        self.sink_keys, self.sink_values = self.sink_keys.index_select(0, rows), self.sink_values.index_select(0, rows)
+        self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
         width = self.block_tables.shape[1]
         blocks = self.block_tables.index_select(0, rows).long().reshape(-1)
         self.key_pages, self.value_pages = self.key_pages[blocks], self.value_pages[blocks]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from kvpack import KVPackCache, PagedKVPackCache, get_codec, use_paged_attention
+from kvpack import KVPackCache, PagedKVPackCache, get_codec, save_cache, use_paged_attention
 from kvpack.kernels.paged import paged_codec, rows_from_packed
 from kvpack.paged_cache import _key_validity
 
@@ -143,7 +143,7 @@ def test_unsupported_layers_keep_kvpack_storage():
     assert torch.equal(out, ref) and [layer.paged for layer in paged.layers] == [True, False, True]
 
 
-def test_errors():
+def test_errors(tmp_path):
     model = tiny_llama()
     model.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match="use_paged_attention"):
@@ -164,6 +164,8 @@ def test_errors():
             attention_mask=right,
             past_key_values=PagedKVPackCache(model.config, key="int:4", value="int:4", **SMALL),
         )
+    with pytest.raises(NotImplementedError, match="save_cache"):
+        save_cache(cache, tmp_path / "paged.safetensors", config=model.config)
     with pytest.raises(TypeError, match="use_kernel"):
         PagedKVPackCache(model.config, use_kernel="yes")
     with pytest.raises(ValueError, match="attention_mask"):
