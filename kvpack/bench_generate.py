@@ -188,9 +188,12 @@ def measure(model, name: str, ids: torch.Tensor, *, new_tokens: int, warmup_toke
             "cache_seq_length": cache.get_seq_length(),
         }
     )
-    if hasattr(cache, "bits_per_value"):
+    if hasattr(cache, "bits_per_value"):  # kvpack: measured bytes; layers whose decode ran on the pages
         row["bits_per_value"] = cache.bits_per_value()
         row["nbytes"] = cache.nbytes()
+        row["paged_layers"] = sum(layer.paged for layer in cache.layers)
+    elif name == "dynamic":
+        row["nbytes"] = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     if cuda:
         row["decode_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         row["peak_gib"] = max(row["decode_peak_gib"], row["prefill_peak_gib"])

@@ -66,7 +66,9 @@ def test_measure_prefills_once_then_decodes_one_token_per_forward(name, monkeypa
     assert row["cache_seq_length"] == 80 + 2 + 5 - 1  # all but the last generated token are held
     if name in ("int:4", "turbo_mse:2"):
         assert len(decode_steps) == (2 + 5) * 2  # every generate forward, every layer: the paged decode
-        assert 0 < row["bits_per_value"] < 16
+        assert 0 < row["bits_per_value"] < 16 and row["paged_layers"] == 2
+    if name == "dynamic":  # float16 K and V of every held token, 2 layers, 2 KV heads of 64
+        assert row["nbytes"] == 2 * 2 * 2 * 86 * 2 * 64 * 2
     # masks of the chunked prefill: at most chunk x context per sequence and head group, never context^2
     assert max(masks) <= 2 * 4 * 32 * 80
 
