@@ -98,6 +98,17 @@ class PagedLayer(KVPackLayer):
         self.row_blocks = [0] * batch  # host mirrors: no device sync to plan block allocation
         self.row_tokens = [0] * batch
         self.packed_positions = 0  # token positions behind the pages (padding included), same for every row
+        # the 16-bit tokens in the layout `decode` reads, (B, tokens, H, D): sinks, then the residual window;
+        # sink_keys/keys (B, H, t, D) are views of it, so a decode step copies nothing to build its window
+        self.window_k = key_states.new_empty(batch, 0, heads, key_states.shape[-1], dtype=self.held_dtype)
+        self.window_v = value_states.new_empty(batch, 0, heads, value_states.shape[-1], dtype=self.held_dtype)
+        self._window_lens: dict[tuple[int, int], torch.Tensor] = {}
+        self._sync_views()
+
+    def _sync_views(self) -> None:
+        s = min(self.sinks, self.window_k.shape[1])  # the sinks fill first and are never packed
+        self.sink_keys, self.keys = self.window_k[:, :s].transpose(1, 2), self.window_k[:, s:].transpose(1, 2)
+        self.sink_values, self.values = self.window_v[:, :s].transpose(1, 2), self.window_v[:, s:].transpose(1, 2)
 
     def _paged_formats(self) -> tuple[PagedCodec, PagedCodec] | None:
         if self.is_sliding or self.key_rope is not None or self.held_dtype not in _WINDOW_DTYPES:
@@ -136,15 +147,10 @@ class PagedLayer(KVPackLayer):
         return keys, values
 
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Sinks first, the rest to the 16-bit window; packing waits for `pack_aged` (after attention)."""
-        keys, values = keys.to(self.held_dtype), values.to(self.held_dtype)
-        n_sink = min(self.sinks - self.sink_keys.shape[-2], keys.shape[-2])
-        if n_sink > 0:
-            self.sink_keys = torch.cat([self.sink_keys, keys[..., :n_sink, :]], dim=-2)
-            self.sink_values = torch.cat([self.sink_values, values[..., :n_sink, :]], dim=-2)
-            keys, values = keys[..., n_sink:, :], values[..., n_sink:, :]
-        self.keys = torch.cat([self.keys, keys], dim=-2)
-        self.values = torch.cat([self.values, values], dim=-2)
+        """``(B, H, n, D)`` to the 16-bit tokens (sinks first); packing waits for `pack_aged` (after attention)."""
+        self.window_k = torch.cat([self.window_k, keys.to(self.held_dtype).transpose(1, 2)], dim=1)
+        self.window_v = torch.cat([self.window_v, values.to(self.held_dtype).transpose(1, 2)], dim=1)
+        self._sync_views()
 
     def past(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sinks, dequantized pages (zeros at skipped padding positions) and window: ``(B, H, tokens, D)``, model dtype."""
@@ -175,11 +181,13 @@ class PagedLayer(KVPackLayer):
     # ---- attention of one new token, packing after a step --------------------------------------
     def attend(self, query: torch.Tensor, valid: torch.Tensor | None, scale: float) -> torch.Tensor:
         """``query`` (B, Hq, D) of the newest token -> ``(B, Hq, D)``; ``valid`` (B, tokens) bool key mask or None."""
-        window_keys = torch.cat([self.sink_keys, self.keys], dim=-2).transpose(1, 2)  # (B, W, H, D)
-        window_values = torch.cat([self.sink_values, self.values], dim=-2).transpose(1, 2)
+        window_keys, window_values = self.window_k, self.window_v  # (B, W, H, D), contiguous
         batch, width = window_keys.shape[:2]
-        if valid is None:
-            lens = torch.full((batch,), width, dtype=torch.int32, device=self.device)
+        if valid is None:  # W takes few values (sinks + residual .. + block): one small tensor each, made once
+            lens = self._window_lens.get((batch, width))
+            if lens is None:
+                lens = torch.full((batch,), width, dtype=torch.int32, device=self.device)
+                self._window_lens[(batch, width)] = lens
         else:
             # padding inside sinks/window: move each row's valid tokens first (attention ignores token order)
             held = torch.cat(
@@ -191,8 +199,8 @@ class PagedLayer(KVPackLayer):
             lens = held.sum(1, dtype=torch.int32)
         out = decode(
             query.to(self.held_dtype), self.key_pages, self.value_pages, self.block_tables, self.seq_lens,
-            key_codec=self.key_fmt, value_codec=self.value_fmt, window_keys=window_keys.contiguous(),
-            window_values=window_values.contiguous(), window_lens=lens, scale=scale, use_kernel=self.use_kernel,
+            key_codec=self.key_fmt, value_codec=self.value_fmt, window_keys=window_keys,
+            window_values=window_values, window_lens=lens, scale=scale, use_kernel=self.use_kernel,
         )  # fmt: skip
         return out.to(query.dtype)
 
@@ -201,15 +209,17 @@ class PagedLayer(KVPackLayer):
         n_pack = (self.keys.shape[-2] - self.residual) // self.block * self.block
         if n_pack <= 0:
             return
-        start = self.cumulative_length - self.keys.shape[-2]
+        start, s = self.cumulative_length - self.keys.shape[-2], self.sink_keys.shape[-2]
         keep = None if valid is None else valid[:, start : start + n_pack]
-        self._write(self.keys[..., :n_pack, :], self.values[..., :n_pack, :], keep)
+        self._write(self.window_k[:, s : s + n_pack], self.window_v[:, s : s + n_pack], keep)
         self.packed_positions += n_pack
-        # clone: a view would keep the whole pre-packing window alive behind a small tensor
-        self.keys, self.values = self.keys[..., n_pack:, :].clone(), self.values[..., n_pack:, :].clone()
+        self.window_k = torch.cat([self.window_k[:, :s], self.window_k[:, s + n_pack :]], dim=1)
+        self.window_v = torch.cat([self.window_v[:, :s], self.window_v[:, s + n_pack :]], dim=1)
+        self._sync_views()
 
     def _write(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor | None) -> None:
-        batch, heads, n, _ = keys.shape
+        """Encode ``(B, n, H, D)`` tokens into each row's next page slots (``keep`` (B, n) False: not written)."""
+        batch, n, heads, _ = keys.shape
         if keep is None:
             counts = [n] * batch
             index = torch.arange(n, device=self.device) + self.seq_lens.long()[:, None]
@@ -232,9 +242,9 @@ class PagedLayer(KVPackLayer):
             if self.use_kernel:
                 from kvpack.kernels.encode import paged_encode
 
-                paged_encode(x.transpose(1, 2).reshape(batch * n, heads, -1), slots, pages, fmt)
+                paged_encode(x.reshape(batch * n, heads, -1), slots, pages, fmt)
             else:  # the codec itself, called on the same (B, H, n, D) tensor as KVPackLayer: the same bits
-                rows = rows_from_packed(codec.encode(x.contiguous()), fmt)
+                rows = rows_from_packed(codec.encode(x.transpose(1, 2).contiguous()), fmt)
                 write_slots(pages, rows.transpose(1, 2).reshape(batch * n, heads, -1), slots)
         self.row_tokens = [t + c for t, c in zip(self.row_tokens, counts)]
         self.seq_lens += torch.tensor(counts, dtype=torch.int32, device=self.device)
@@ -283,15 +293,23 @@ class PagedLayer(KVPackLayer):
     def reset(self) -> None:
         super().reset()
         self.paged = False
-        self.key_pages = self.value_pages = self.block_tables = self.seq_lens = None
+        self.key_pages = self.value_pages = self.block_tables = self.seq_lens = self.window_k = self.window_v = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """As `KVPackLayer.crop` (only tokens still in the 16-bit window)."""
+        super().crop(tokens_to_remove)
+        if self.paged:  # KVPackLayer replaced keys/values: rebuild the (B, tokens, H, D) window from them
+            self.window_k = torch.cat([self.sink_keys, self.keys], dim=-2).transpose(1, 2).contiguous()
+            self.window_v = torch.cat([self.sink_values, self.values], dim=-2).transpose(1, 2).contiguous()
+            self._sync_views()
 
     def _select_batch(self, rows: torch.Tensor) -> None:
         """Keep batch rows ``rows``: their blocks are copied into fresh pools (rows may repeat, blocks never shared)."""
         if not self.paged:
             return super()._select_batch(rows)
         rows = rows.to(self.device)
-        self.sink_keys, self.sink_values = self.sink_keys.index_select(0, rows), self.sink_values.index_select(0, rows)
-        self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+        self.window_k, self.window_v = self.window_k.index_select(0, rows), self.window_v.index_select(0, rows)
+        self._sync_views()
         width = self.block_tables.shape[1]
         blocks = self.block_tables.index_select(0, rows).long().reshape(-1)
         self.key_pages, self.value_pages = self.key_pages[blocks], self.value_pages[blocks]

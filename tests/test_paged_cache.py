@@ -123,6 +123,21 @@ def test_chunked_prefill_and_single_token_prompt_equal_kvpack_cache():
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
 
 
+def test_crop_within_window_then_generate_equals_kvpack_cache():
+    model = tiny_llama()
+    ids, mask = prompt(batch=2, pad=(0, 7))
+    outs = []
+    for cls in (KVPackCache, PagedKVPackCache):
+        model.set_attn_implementation("sdpa") if cls is KVPackCache else use_paged_attention(model)
+        cache = cls(model.config, key="int:4", value="turbo_mse:3", **SMALL)
+        with torch.inference_mode():
+            model(ids, attention_mask=mask, past_key_values=cache)
+        cache.crop(-3)  # the last 3 prompt tokens leave the 16-bit window; generation re-feeds them
+        outs.append(generate(model, ids, mask, cache, n=10))
+        assert cache.get_seq_length() == ids.shape[1] + 10 - 1
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_beam_search_reorders_pages():
     ids, mask = prompt(batch=1)
     model = tiny_llama()
