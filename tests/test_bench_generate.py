@@ -55,7 +55,7 @@ def test_measure_prefills_once_then_decodes_one_token_per_forward(name, monkeypa
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, **kw):
-        masks.append(0 if attn_mask is None else attn_mask.numel())
+        masks.append((0, torch.bool) if attn_mask is None else (attn_mask.numel(), attn_mask.dtype))
         return sdpa(q, k, v, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
@@ -69,8 +69,8 @@ def test_measure_prefills_once_then_decodes_one_token_per_forward(name, monkeypa
         assert 0 < row["bits_per_value"] < 16 and row["paged_layers"] == 2
     if name == "dynamic":  # float16 K and V of every held token, 2 layers, 2 KV heads of 64
         assert row["nbytes"] == 2 * 2 * 2 * 86 * 2 * 64 * 2
-    # masks of the chunked prefill: at most chunk x context per sequence and head group, never context^2
-    assert max(masks) <= 2 * 4 * 32 * 80
+    # masks of the chunked prefill: at most chunk x context booleans per sequence, never context^2
+    assert max(n for n, _ in masks) <= 2 * 32 * 80 < 2 * 80 * 80 and {dtype for _, dtype in masks} == {torch.bool}
 
 
 def test_run_caches_reports_every_row_and_survives_a_failing_cache(monkeypatch, capsys):
