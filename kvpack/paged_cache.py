@@ -6,7 +6,8 @@ Usage (see the README)::
     cache = PagedKVPackCache(model.config, key="turbo_mse:4", value="turbo_mse:4")
     model.generate(ids, past_key_values=cache)
 
-A `PagedLayer` holds what a `KVPackLayer` holds (16-bit sinks and residual window, ``(B, H, t, D)``)
+A `PagedLayer` holds what a `KVPackLayer` holds (16-bit sinks and residual window, kept as one
+``(B, tokens, H, D)`` tensor, the layout `decode` reads; ``sink_keys``/``keys`` are ``(B, H, t, D)`` views)
 but its packed tokens live in the paged layout of `kvpack.kernels.paged`: per stream a uint8 pool
 ``(num_blocks, block_size, kv_heads, row_bytes)``, ``block_tables`` int32 ``(B, max_blocks)`` and
 ``seq_lens`` int32 ``(B,)``; the pools grow by whole blocks (the vLLM layout, arXiv 2309.06180).
@@ -15,7 +16,11 @@ Wiring with transformers 5.x: the attention module calls ``past_key_values.updat
 and then the function registered under ``config._attn_implementation`` with the tensors ``update``
 returned; the cache itself never reaches that function (only transformers' own continuous-batching
 cache is passed in kwargs). So on a paged layer ``update`` returns its tensors tagged with the layer
-(attribute ``kvpack_layer``) and `paged_attention` reads the tag:
+(attribute ``kvpack_layer``) and `paged_attention` reads the tag. Rejected: passing the cache again
+through ``generate(**kwargs)`` (twice, and by hand), a global "current cache" (wrong with two caches
+alive), patching attention modules (per model). If the model's attention is switched away from
+"kvpack_paged", a paged layer's ``update`` raises instead of handing SDPA only the new token.
+
 
 * one query token (decode): ``update`` only appends the new token to the 16-bit window and returns it;
   `paged_attention` calls `kvpack.attention.decode` over the pages plus sinks and window (the kernel on
