@@ -312,42 +312,43 @@ def _reduce_kernel(
     part_m_ptr,
     part_l_ptr,
     part_acc_ptr,
-    unrot_ptr,  # float32 (D, D): M_v.T (turbo_mse values), unused for int
-    out_ptr,  # (B, HQ, D)
-    HKV: tl.constexpr,
-    GQA: tl.constexpr,
-    GPAD: tl.constexpr,
+    packed_out_ptr,  # float32 (B, HQ, D): the packed part, still rotated (ROTATED_V only)
+    out_ptr,  # (B, HQ, D): the output, or the window part in float32 (ROTATED_V)
+    HQ: tl.constexpr,
     D: tl.constexpr,
     NUM_SPLITS,
+    SPLIT_CHUNK: tl.constexpr,
     ROTATED_V: tl.constexpr,
 ):
-    h = tl.program_id(0)
+    """Merge the splits of one query head: one program per (query head, sequence), splits read in chunks."""
+    qh = tl.program_id(0)
     b = tl.program_id(1)
-    HQ: tl.constexpr = HKV * GQA
-    rows_q = tl.arange(0, GPAD)
-    qmask = rows_q < GQA
     d = tl.arange(0, D)
-    base = (b * HQ + h * GQA + rows_q) * (NUM_SPLITS + 1)
-    m_max = tl.full((GPAD,), float("-inf"), dtype=tl.float32)
-    for s in range(NUM_SPLITS + 1):
-        m_max = tl.maximum(m_max, tl.load(part_m_ptr + base + s, mask=qmask, other=float("-inf")))
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # padded rows
-    l_tot = tl.zeros((GPAD,), dtype=tl.float32)
-    acc_packed = tl.zeros((GPAD, D), dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        w = tl.exp2(tl.load(part_m_ptr + base + s, mask=qmask, other=float("-inf")) - m_safe)
-        l_tot += w * tl.load(part_l_ptr + base + s, mask=qmask, other=0.0)
-        acc_s = tl.load(part_acc_ptr + (base + s)[:, None] * D + d[None, :], mask=qmask[:, None], other=0.0)
-        acc_packed += w[:, None] * acc_s
-    w = tl.exp2(tl.load(part_m_ptr + base + NUM_SPLITS, mask=qmask, other=float("-inf")) - m_safe)
-    l_tot += w * tl.load(part_l_ptr + base + NUM_SPLITS, mask=qmask, other=0.0)
-    acc_window = tl.load(part_acc_ptr + (base + NUM_SPLITS)[:, None] * D + d[None, :], mask=qmask[:, None], other=0.0)
-    if ROTATED_V:
-        unrot = tl.load(unrot_ptr + d[:, None] * D + d[None, :])
-        acc_packed = tl.dot(acc_packed, unrot, input_precision="ieee")
-    out = (acc_packed + w[:, None] * acc_window) / tl.where(qmask, l_tot, 1.0)[:, None]
-    q_off = (b * HQ + h * GQA + rows_q)[:, None] * D + d[None, :]
-    tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
+    c = tl.arange(0, SPLIT_CHUNK)
+    base = (b * HQ + qh) * (NUM_SPLITS + 1)
+    m_max = tl.full((SPLIT_CHUNK,), float("-inf"), dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS + 1, SPLIT_CHUNK):
+        m_max = tl.maximum(m_max, tl.load(part_m_ptr + base + s0 + c, mask=s0 + c <= NUM_SPLITS, other=float("-inf")))
+    m_all = tl.max(m_max, axis=0)
+    l_tot = tl.zeros((SPLIT_CHUNK,), dtype=tl.float32)
+    acc = tl.zeros((SPLIT_CHUNK, D), dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, SPLIT_CHUNK):
+        sm = s0 + c < NUM_SPLITS  # the packed splits; the window's is apart
+        w = tl.exp2(tl.load(part_m_ptr + base + s0 + c, mask=sm, other=float("-inf")) - m_all)
+        l_tot += w * tl.load(part_l_ptr + base + s0 + c, mask=sm, other=0.0)
+        acc += w[:, None] * tl.load(
+            part_acc_ptr + (base + s0 + c)[:, None] * D + d[None, :], mask=sm[:, None], other=0.0
+        )
+    w_win = tl.exp2(tl.load(part_m_ptr + base + NUM_SPLITS) - m_all)
+    l_all = tl.sum(l_tot, axis=0) + w_win * tl.load(part_l_ptr + base + NUM_SPLITS)
+    packed = tl.sum(acc, axis=0) / l_all
+    window = w_win * tl.load(part_acc_ptr + (base + NUM_SPLITS) * D + d) / l_all
+    o = (b * HQ + qh) * D + d
+    if ROTATED_V:  # rotated back outside (one GEMM for the batch)
+        tl.store(packed_out_ptr + o, packed)
+        tl.store(out_ptr + o, window)
+    else:
+        tl.store(out_ptr + o, (packed + window).to(out_ptr.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=8)
@@ -469,19 +470,24 @@ def paged_decode_attention(
         num_stages=num_stages,
     )
     rotated_v = value_codec.unrotation is not None
-    unrot = value_codec.unrotation if rotated_v else part_m
-    _reduce_kernel[(hkv, batch)](
+    packed_part = torch.empty(batch, hq, d, device=query.device, dtype=torch.float32) if rotated_v else part_m
+    window_part = torch.empty_like(packed_part) if rotated_v else out
+    _reduce_kernel[(hq, batch)](
         part_m,
         part_l,
         part_acc,
-        unrot,
-        out,
-        HKV=hkv,
-        GQA=gqa,
-        GPAD=gpad,
+        packed_part,
+        window_part,
+        HQ=hq,
         D=d,
         NUM_SPLITS=num_splits,
+        SPLIT_CHUNK=16,
         ROTATED_V=rotated_v,
         num_warps=4,
     )
+    if rotated_v:  # unrotate the packed values' part once: out = packed @ M_v.T + window
+        torch.addmm(
+            window_part.view(-1, d), packed_part.view(-1, d), value_codec.unrotation, out=window_part.view(-1, d)
+        )
+        out.copy_(window_part)
     return out
