@@ -224,9 +224,9 @@ def _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed
     if only not in (None, "k", "v"):
         raise ValueError(f"only must be None, 'k' or 'v', got {only!r}")
     if only == "k":  # compress K only: V stays uncompressed (per-layer K specs kept)
-        return replace(policy, value=None, layer_values=())
+        return replace(policy, value=None, layer_values=(), head_values=())
     if only == "v":
-        return replace(policy, key=None, layer_keys=(), pre_rope_keys=False)
+        return replace(policy, key=None, layer_keys=(), head_keys=(), pre_rope_keys=False)
     return policy
 
 

@@ -185,3 +185,9 @@ def test_only_keeps_the_per_layer_specs_of_the_kept_stream(smollm2, wikitext_pat
     only_k = run(smollm2, wikitext_path, preset="test-layers", only="k", windows=1)
     assert only_k.policy["layer_keys"] == ["int:8"] and only_k.policy["layer_values"] == []
     assert only_k.policy["value"] is None and only_k.bits_v == 16.0
+    # per-head specs of the dropped stream go too
+    heads = ("int:2", "int:8", "int:2")
+    monkeypatch.setitem(presets.PRESETS, "test-heads", {**preset, "head_keys": (heads,), "head_values": (heads,)})
+    only_v = run(smollm2, wikitext_path, preset="test-heads", only="v", windows=1)
+    assert only_v.policy["head_keys"] == [] and only_v.policy["head_values"] == [list(heads)]
+    assert only_v.bits_k == 16.0 and only_v.bits_v < 16.0
