@@ -61,7 +61,8 @@ def main() -> int:
     run = {"capture_output": True, "text": True}
     usage = subprocess.run([f"{tools}/cuobjdump", "-res-usage", path], check=True, **run).stdout
     print(*[line.strip() for line in usage.splitlines() if "REG" in line])
-    for mix in loop_mixes(subprocess.run([f"{tools}/nvdisasm", "-c", path], check=True, **run).stdout):  # packed loop, window loop
+    listing = subprocess.run([f"{tools}/nvdisasm", "-c", path], check=True, **run).stdout
+    for mix in loop_mixes(listing):  # the packed loop and the 16-bit window loop
         print("loop:", sum(mix.values()), "instructions", mix.most_common(16))
     return 0
 
