@@ -10,8 +10,9 @@ untimed generate (``--warmup-tokens``: Triton compilation, allocator warm-up) pr
 ``--new-tokens`` tokens (``torch.cuda.synchronize`` around it). Prefill is not timed into tokens/s.
 
 Caches: a kvpack codec spec (``turbo_mse:4``, ``int:4``: `PagedKVPackCache`, same codec for K and V,
-decode through the paged kernel), ``dynamic`` (transformers' DynamicCache, float16), ``quanto:N``
-(transformers' QuantizedCache, optimum-quanto int N, skipped with a note when optimum-quanto is absent).
+decode through the paged kernel), ``dynamic`` (transformers' DynamicCache, float16), ``quanto:N`` / ``hqq:N``
+(transformers' QuantizedCache with the optimum-quanto / HQQ backend at N = 2 or 4 bits, skipped with a note
+when the package is absent; quanto builds its CUDA extension at first use, which can take minutes).
 
 Memory (``torch.cuda.max_memory_allocated``, reset before each cache's prefill): ``peak_gib`` over prefill
 and decode, ``prefill_peak_gib`` over prefill and warm-up, ``decode_peak_gib`` over the timed decode only, ``held_gib`` allocated after the decode minus
@@ -54,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch", type=int, default=1, help="generate: sequences decoded together")
     group.add_argument("--prefill-chunk", type=int, default=4096, help="generate: tokens per prefill forward")
     group.add_argument(
-        "--caches", default=",".join(DEFAULT_CACHES), help="generate: kvpack codec specs, 'dynamic', 'quanto:N'"
+        "--caches",
+        default=",".join(DEFAULT_CACHES),
+        help="generate: kvpack codec specs, 'dynamic', 'quanto:N', 'hqq:N'",
     )
     group.add_argument("--residual", type=int, default=128, help="generate: kvpack 16-bit residual window")
     group.add_argument("--sinks", type=int, default=4, help="generate: kvpack 16-bit attention sinks")
@@ -71,15 +74,16 @@ def parse_caches(text: str, head_dim: int = 128) -> list[str]:
     for name in names:
         if name == "dynamic":
             continue
-        if name.startswith("quanto:"):
-            if name not in ("quanto:2", "quanto:4"):
-                raise ValueError(f"--caches: quanto takes 2 or 4 bits, got {name!r}")
+        if name.startswith(("quanto:", "hqq:")):
+            backend = name.split(":")[0]
+            if name not in (f"{backend}:2", f"{backend}:4"):
+                raise ValueError(f"--caches: {backend} takes 2 or 4 bits, got {name!r}")
             continue
         try:
             paged_codec(get_codec(name, head_dim=head_dim))
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(
-                f"--caches: {name!r} is not 'dynamic', 'quanto:N' or a paged-kernel codec: {exc}"
+                f"--caches: {name!r} is not 'dynamic', 'quanto:N', 'hqq:N' or a paged-kernel codec: {exc}"
             ) from None
     return names
 
@@ -117,17 +121,18 @@ def build_model(layers: int, device: str | torch.device = "cuda", dtype: torch.d
 
 def _make_cache(name: str, model, residual: int, sinks: int):
     """The cache called ``name``, with the model's attention set to what it needs; None if it cannot be built here."""
-    if name == "dynamic" or name.startswith("quanto:"):
+    if name == "dynamic" or name.startswith(("quanto:", "hqq:")):
         from transformers import DynamicCache, QuantizedCache
+
+        from kvpack.evaluation.peers import available
 
         model.set_attn_implementation("sdpa")
         if name == "dynamic":
             return DynamicCache(config=model.config)
-        import importlib.util
-
-        if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
+        backend, bits = name.split(":")
+        if available(backend) is not None:
             return None
-        return QuantizedCache(backend="quanto", config=model.config, nbits=int(name.split(":")[1]))
+        return QuantizedCache(backend=backend, config=model.config, nbits=int(bits))
     from kvpack.paged_cache import PagedKVPackCache, use_paged_attention
 
     use_paged_attention(model)
@@ -151,7 +156,9 @@ def measure(model, name: str, ids: torch.Tensor, *, new_tokens: int, warmup_toke
     before = torch.cuda.memory_allocated(device) if cuda else 0
     cache = _make_cache(name, model, residual, sinks)
     if cache is None:
-        return {"cache": name, "skipped": "optimum-quanto is not installed (pip install optimum-quanto)"}
+        from kvpack.evaluation.peers import available
+
+        return {"cache": name, "skipped": f"not installed ({available(name.split(':')[0])})"}
     batch, context = ids.shape
     mask = torch.ones_like(ids)
     row = {"cache": name, "batch": batch, "context": context}

@@ -27,6 +27,7 @@ TINY = {"hidden_size": 128, "intermediate_size": 128, "num_attention_heads": 4, 
         (["--caches", "dynamic,turbo_prod:3"], "--caches: 'turbo_prod:3'"),
         (["--caches", "int:4:axis=channel"], "--caches"),
         (["--caches", "quanto:3"], "quanto takes 2 or 4"),
+        (["--caches", "hqq:8"], "hqq takes 2 or 4"),
         (["--caches", "nonsense:4"], "--caches"),
     ],
 )
@@ -45,7 +46,7 @@ def test_parse_caches_defaults():
     assert parse_caches("turbo_mse:4, int:4,dynamic,quanto:4") == ["turbo_mse:4", "int:4", "dynamic", "quanto:4"]
 
 
-@pytest.mark.parametrize("name", ["int:4", "turbo_mse:2", "dynamic", "quanto:4"])
+@pytest.mark.parametrize("name", ["int:4", "turbo_mse:2", "dynamic", "quanto:4", "hqq:4"])
 def test_measure_prefills_once_then_decodes_one_token_per_forward(name, monkeypatch):
     model = build_model(2, "cpu", torch.float16, **TINY)
     ids = torch.randint(3, 256, (2, 80), generator=torch.Generator().manual_seed(0))
@@ -60,7 +61,7 @@ def test_measure_prefills_once_then_decodes_one_token_per_forward(name, monkeypa
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     row = measure(model, name, ids, new_tokens=5, warmup_tokens=2, prefill_chunk=32, residual=8, sinks=4)
-    if name == "quanto:4" and "skipped" in row:
+    if name in ("quanto:4", "hqq:4") and "skipped" in row:
         pytest.skip(row["skipped"])
     assert row["new_tokens"] == 5 and row["tokens_per_s"] > 0 and row["ms_per_token"] > 0
     assert row["cache_seq_length"] == 80 + 2 + 5 - 1  # all but the last generated token are held
