@@ -20,14 +20,14 @@ from kvpack import bench
 from kvpack.attention import decode, decode_ref
 from kvpack.kernels.decode_attention import paged_decode_attention
 
-CONFIGS = [  # block_n, num_warps, num_stages, waves, lut (0: codebook loads, 1: tl.gather), pipe, unpack
-    (32, 1, 2, 32.0, 0, 0, 1),
-    (64, 2, 2, 32.0, 0, 0, 1),
-    (32, 4, 2, 16.0, 0, 0, 1),
-    (64, 2, 2, 32.0, 0, 0, 0),
-    (32, 4, 2, 16.0, 0, 0, 0),
-    (32, 2, 2, 32.0, 0, 0, 0),
-    (16, 1, 2, 32.0, 0, 0, 0),
+CONFIGS = [  # block_n, num_warps, num_stages, waves, unpack (1: slot by slot + tl.join, 0: broadcast + reshape)
+    (32, 1, 2, 32.0, 1),
+    (64, 2, 2, 32.0, 1),
+    (32, 4, 2, 16.0, 1),
+    (64, 2, 2, 32.0, 0),
+    (32, 4, 2, 16.0, 0),
+    (32, 2, 2, 32.0, 0),
+    (16, 1, 2, 32.0, 0),
 ]
 ENCODE_CONFIGS = [(32, 8, 4), (64, 8, 2), (32, 4, 8), (16, 4, 8), (128, 8, 1)]
 
@@ -94,11 +94,8 @@ def sweep(out_dir: Path, specs: list[str]) -> dict:
         ref = decode_ref(q, kc, vc, bt, seq, key_codec=fmt, value_codec=fmt, window_keys=wk, window_values=wv,
                          window_lens=wl)  # fmt: skip
         table[spec] = []
-        for block_n, warps, stages, waves, lut, pipe, unpack in CONFIGS:
-            if lut and not spec.startswith("turbo"):
-                continue
-            kw = {"block_n": block_n, "num_warps": warps, "num_stages": stages, "waves": waves, "lut": lut,
-                  "pipe": pipe, "unpack": unpack}  # fmt: skip
+        for block_n, warps, stages, waves, unpack in CONFIGS:
+            kw = {"block_n": block_n, "num_warps": warps, "num_stages": stages, "waves": waves, "unpack": unpack}
             out = torch.full_like(q, float("nan"))
             try:
                 paged_decode_attention(q, kc, vc, bt, seq, wk, wv, wl, fmt, fmt, d**-0.5, out=out, **kw)

@@ -1,7 +1,7 @@
 """Compile the decode-attention kernel for sm_90 on any machine (no GPU needed) and count its main loop's SASS.
 
 Usage: ``python benchmarks/kernel_sass.py [kind_k=0] [bits_k=4] [kind_v=0] [bits_v=4] [block_n=32] [warps=4]
-[unpack=1] [lut=0] [pipe=0] [off64=0]`` (kind 0: turbo_mse, 1: int). Prints the registers per thread
+[unpack=1] [off64=0]`` (kind 0: turbo_mse, 1: int). Prints the registers per thread
 (``cuobjdump -res-usage``) and the instruction mix of the longest loop (``nvdisasm``), both from the tools that
 ship with Triton. Shapes: Llama-3-8B heads (8 KV heads, GQA 4, head_dim 128), block size 16.
 """
@@ -26,11 +26,10 @@ POINTERS = {"q_ptr": "*fp16", "qw_ptr": "*fp16", "k_cache_ptr": "*i32", "v_cache
             "part_acc_ptr": "*fp32"}  # fmt: skip
 
 
-def compile_split_kernel(kind_k=0, bits_k=4, kind_v=0, bits_v=4, block_n=32, warps=4, unpack=1, lut=0, pipe=0,
-                         off64=0):  # fmt: skip
+def compile_split_kernel(kind_k=0, bits_k=4, kind_v=0, bits_v=4, block_n=32, warps=4, unpack=1, off64=0):
     fn = da._split_kernel
     consts = {"HKV": 8, "GQA": 4, "GPAD": 16, "D": 128, "KIND_K": kind_k, "BITS_K": bits_k, "KIND_V": kind_v,
-              "BITS_V": bits_v, "BLOCK_SIZE": 16, "BLOCK_N": block_n, "LUT": lut, "PIPE": pipe, "UNPACK": unpack,
+              "BITS_V": bits_v, "BLOCK_SIZE": 16, "BLOCK_N": block_n, "UNPACK": unpack,
               "OFF64": off64}  # fmt: skip
     sig = {p.name: POINTERS.get(p.name, "fp32" if p.name == "qk_scale" else "i32") for p in fn.params}
     sig.update({k: "constexpr" for k in consts})

@@ -127,14 +127,14 @@ def _tree32(w0, w1, cb_ptr, K0: tl.constexpr, ST: tl.constexpr, KIND: tl.constex
 
 
 @triton.jit
-def _dequant(w0, w1, cb_ptr, table, KIND: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
-             LUT: tl.constexpr, UNPACK: tl.constexpr):  # fmt: skip
+def _dequant(w0, w1, cb_ptr, KIND: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
+             UNPACK: tl.constexpr):  # fmt: skip
     """Plane words -> values (N, D) float16: codebook entries (turbo_mse) or the integer codes (int).
 
     ``UNPACK`` 1: slot by slot on the words' own layout, joined (see the slot trees); 0: one broadcast shift
-    over (N, words, codes per word) and a reshape. ``LUT`` (``UNPACK`` 0) 0: codebook loads from global
-    memory; 1: ``tl.gather`` from ``table`` (the codebook broadcast to (2^BITS, D)). ``int`` codes become
-    float16 exactly with the 0x6400 trick.
+    over (N, words, codes per word) and a reshape (faster with a codebook: the gathers stay coalesced).
+    Codebook entries are loaded from global memory (L1 hits; a ``tl.gather`` from registers was slower);
+    ``int`` codes become float16 exactly with the 0x6400 trick.
     """
     if UNPACK == 1:
         S: tl.constexpr = 8 if BITS == 4 else (32 if BITS == 1 else 16)  # codes per lane
@@ -151,21 +151,18 @@ def _dequant(w0, w1, cb_ptr, table, KIND: tl.constexpr, BITS: tl.constexpr, D: t
         else:
             codes = _plane(w0, BITS, D, N)
         if KIND == 0:
-            if LUT == 1:
-                return tl.gather(table, codes, 0)
-            else:
-                return tl.load(cb_ptr + codes)
+            return tl.load(cb_ptr + codes)
         else:
             return (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
 
 
 @triton.jit
-def _attend_tile(q, q_sum, k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, acc, k_cb_ptr, v_cb_ptr, k_table,
-                 v_table, qk_scale, KIND_K: tl.constexpr, BITS_K: tl.constexpr, KIND_V: tl.constexpr,
-                 BITS_V: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, LUT: tl.constexpr,
+def _attend_tile(q, q_sum, k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, acc, k_cb_ptr, v_cb_ptr,
+                 qk_scale, KIND_K: tl.constexpr, BITS_K: tl.constexpr, KIND_V: tl.constexpr,
+                 BITS_V: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                  UNPACK: tl.constexpr):  # fmt: skip
     """One tile of online softmax: scores from the key codes, then the value codes accumulated."""
-    k_vals = _dequant(k0, k1, k_cb_ptr, k_table, KIND_K, BITS_K, D, BLOCK_N, LUT, UNPACK)
+    k_vals = _dequant(k0, k1, k_cb_ptr, KIND_K, BITS_K, D, BLOCK_N, UNPACK)
     s = tl.dot(q, tl.trans(k_vals)) * k_a[None, :]
     if KIND_K == 1:
         s += q_sum[:, None] * k_c[None, :]
@@ -174,7 +171,7 @@ def _attend_tile(q, q_sum, k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, 
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v_vals = _dequant(v0, v1, v_cb_ptr, v_table, KIND_V, BITS_V, D, BLOCK_N, LUT, UNPACK)
+    v_vals = _dequant(v0, v1, v_cb_ptr, KIND_V, BITS_V, D, BLOCK_N, UNPACK)
     acc = acc * alpha[:, None] + tl.dot((p * v_a[None, :]).to(tl.float16), v_vals)
     if KIND_V == 1:
         acc += tl.sum(p * v_c[None, :], axis=1)[:, None]
@@ -213,8 +210,6 @@ def _split_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS,
-    LUT: tl.constexpr,
-    PIPE: tl.constexpr,
     UNPACK: tl.constexpr,
     OFF64: tl.constexpr,
 ):
@@ -236,53 +231,32 @@ def _split_kernel(
     if split < NUM_SPLITS:
         q = tl.load(q_ptr + q_off, mask=qmask[:, None], other=0.0).to(tl.float16)
         q_sum = tl.sum(q.to(tl.float32), axis=1)  # used by int keys only
-        k_table = tl.broadcast_to(tl.load(k_cb_ptr + tl.arange(0, 1 << BITS_K))[:, None], (1 << BITS_K, D))
-        v_table = tl.broadcast_to(tl.load(v_cb_ptr + tl.arange(0, 1 << BITS_V))[:, None], (1 << BITS_V, D))
         seq_len = tl.load(seq_lens_ptr + b)
         start = split * tokens_per_split
         end = tl.minimum(start + tokens_per_split, seq_len)
-        if PIPE == 0:
-            # software pipeline by hand: block-table entries two tiles ahead, code words one tile ahead
-            # (loads in flight while the current tile is unpacked and scored)
-            t = start + tl.arange(0, BLOCK_N)
-            tmask = t < end
-            slot = _tile_slots(block_tables_ptr, b, stride_bt, t, tmask, BLOCK_SIZE, OFF64)
-            k0, k1, k_a, k_c = _load_tile(
-                k_cache_ptr, slot * (HKV * ROW_K) + h * ROW_K, tmask, KIND_K, BITS_K, D, UNPACK
-            )
-            v0, v1, v_a, v_c = _load_tile(
-                v_cache_ptr, slot * (HKV * ROW_V) + h * ROW_V, tmask, KIND_V, BITS_V, D, UNPACK
-            )
-            t1 = t + BLOCK_N
-            mask1 = t1 < end
-            slot1 = _tile_slots(block_tables_ptr, b, stride_bt, t1, mask1, BLOCK_SIZE, OFF64)
-            for t0 in range(start, end, BLOCK_N):
-                t2 = t0 + 2 * BLOCK_N + tl.arange(0, BLOCK_N)
-                mask2 = t2 < end
-                slot2 = _tile_slots(block_tables_ptr, b, stride_bt, t2, mask2, BLOCK_SIZE, OFF64)
-                k0n, k1n, k_an, k_cn = _load_tile(k_cache_ptr, slot1 * (HKV * ROW_K) + h * ROW_K, mask1, KIND_K,
-                                                  BITS_K, D, UNPACK)  # fmt: skip
-                v0n, v1n, v_an, v_cn = _load_tile(v_cache_ptr, slot1 * (HKV * ROW_V) + h * ROW_V, mask1, KIND_V,
-                                                  BITS_V, D, UNPACK)  # fmt: skip
-                m_i, l_i, acc = _attend_tile(q, q_sum, k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, acc,
-                                             k_cb_ptr, v_cb_ptr, k_table, v_table, qk_scale, KIND_K, BITS_K, KIND_V,
-                                             BITS_V, D, BLOCK_N, LUT, UNPACK)  # fmt: skip
-                k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask = k0n, k1n, k_an, k_cn, v0n, v1n, v_an, v_cn, mask1
-                slot1, mask1 = slot2, mask2
-        else:  # let Triton's pipeliner stage the loads (cp.async of the int32 words)
-            for t0 in tl.range(start, end, BLOCK_N, num_stages=PIPE):
-                t = t0 + tl.arange(0, BLOCK_N)
-                tmask = t < end
-                slot = _tile_slots(block_tables_ptr, b, stride_bt, t, tmask, BLOCK_SIZE, OFF64)
-                k0, k1, k_a, k_c = _load_tile(
-                    k_cache_ptr, slot * (HKV * ROW_K) + h * ROW_K, tmask, KIND_K, BITS_K, D, UNPACK
-                )
-                v0, v1, v_a, v_c = _load_tile(
-                    v_cache_ptr, slot * (HKV * ROW_V) + h * ROW_V, tmask, KIND_V, BITS_V, D, UNPACK
-                )
-                m_i, l_i, acc = _attend_tile(q, q_sum, k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, acc,
-                                             k_cb_ptr, v_cb_ptr, k_table, v_table, qk_scale, KIND_K, BITS_K, KIND_V,
-                                             BITS_V, D, BLOCK_N, LUT, UNPACK)  # fmt: skip
+        # software pipeline by hand: block-table entries two tiles ahead, code words one tile ahead
+        # (loads in flight while the current tile is unpacked and scored)
+        t = start + tl.arange(0, BLOCK_N)
+        tmask = t < end
+        slot = _tile_slots(block_tables_ptr, b, stride_bt, t, tmask, BLOCK_SIZE, OFF64)
+        k0, k1, k_a, k_c = _load_tile(k_cache_ptr, slot * (HKV * ROW_K) + h * ROW_K, tmask, KIND_K, BITS_K, D, UNPACK)
+        v0, v1, v_a, v_c = _load_tile(v_cache_ptr, slot * (HKV * ROW_V) + h * ROW_V, tmask, KIND_V, BITS_V, D, UNPACK)
+        t1 = t + BLOCK_N
+        mask1 = t1 < end
+        slot1 = _tile_slots(block_tables_ptr, b, stride_bt, t1, mask1, BLOCK_SIZE, OFF64)
+        for t0 in range(start, end, BLOCK_N):
+            t2 = t0 + 2 * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask2 = t2 < end
+            slot2 = _tile_slots(block_tables_ptr, b, stride_bt, t2, mask2, BLOCK_SIZE, OFF64)
+            k0n, k1n, k_an, k_cn = _load_tile(k_cache_ptr, slot1 * (HKV * ROW_K) + h * ROW_K, mask1, KIND_K,
+                                              BITS_K, D, UNPACK)  # fmt: skip
+            v0n, v1n, v_an, v_cn = _load_tile(v_cache_ptr, slot1 * (HKV * ROW_V) + h * ROW_V, mask1, KIND_V,
+                                              BITS_V, D, UNPACK)  # fmt: skip
+            m_i, l_i, acc = _attend_tile(q, q_sum, k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, acc,
+                                         k_cb_ptr, v_cb_ptr, qk_scale, KIND_K, BITS_K, KIND_V, BITS_V, D, BLOCK_N,
+                                         UNPACK)  # fmt: skip
+            k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask = k0n, k1n, k_an, k_cn, v0n, v1n, v_an, v_cn, mask1
+            slot1, mask1 = slot2, mask2
     else:
         qw = tl.load(qw_ptr + q_off, mask=qmask[:, None], other=0.0)
         w_len = tl.load(window_lens_ptr + b)
@@ -394,16 +368,14 @@ def paged_decode_attention(
     num_warps: int | None = None,
     num_stages: int = 2,
     waves: float | None = None,
-    lut: int = 0,
-    pipe: int = 0,
     unpack: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the two kernels (inputs already checked by `kvpack.attention.decode`); returns ``(B, HQ, D)``.
 
     Tuning (``None``: `default_tuning`): ``block_n`` tokens per tile, ``num_warps``, ``waves`` (programs per SM
-    that the split count aims at), ``unpack`` (see ``_dequant``), ``lut`` 0/1 (codebook loads / ``tl.gather``), ``pipe`` 0 (loads issued a
-    tile ahead by hand) or n >= 2 (``tl.range(num_stages=n)``: Triton's pipeliner stages them).
+    that the split count aims at), ``unpack`` (see ``_dequant``). Loads are issued a tile ahead by hand
+    (Triton's own pipeliner, ``tl.range(num_stages=n)``, was slower: BENCHMARKS.md).
     No host synchronisation: every length is read on the device, and the split count depends only
     on shapes (the block table's capacity), so a step can be captured in a CUDA graph.
     """
@@ -462,8 +434,6 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
-        LUT=lut,
-        PIPE=pipe,
         UNPACK=unpack,
         OFF64=max(key_cache.numel(), value_cache.numel()) // 4 >= 2**31,
         num_warps=num_warps,

@@ -159,9 +159,9 @@ def test_decode_kernel_matches_reference(key, value, device):
     case, kf, vf, _ = make_case(key, value, batch=3, kv_heads=2, gqa=3, head_dim=32, block_size=8,
                                 seq_lens=[45, 3, 20], window_lens=[5, 0, 2], device=device, seed=11)  # fmt: skip
     ref = decode_ref(**case, key_codec=kf, value_codec=vf, scale=0.2)
-    for pipe in (0, 3):  # loads a tile ahead by hand / Triton's pipeliner
+    for unpack in (0, 1):  # broadcast + reshape / slot by slot + tl.join
         out = torch.full_like(case["query"], float("nan"))
-        paged_decode_attention(*case.values(), kf, vf, 0.2, num_splits=3, block_n=16, pipe=pipe, out=out)
+        paged_decode_attention(*case.values(), kf, vf, 0.2, num_splits=3, block_n=16, unpack=unpack, out=out)
         assert bool(torch.isfinite(out).all()), "some outputs were not written"
         assert rel_err(out, ref) <= 1e-2
 
