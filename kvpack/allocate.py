@@ -386,8 +386,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-windows", type=int, default=2, help="calibration windows")
     parser.add_argument("--calib-ctx", type=int, default=512, help="context tokens per calibration window")
     parser.add_argument("--calib-n", type=int, default=64, help="continuation tokens scored per calibration window")
+    parser.add_argument("--per-head", action="store_true",
+                        help="with --budget: choose a candidate per (layer, KV head, stream) (head_keys/head_values) "
+                        "from one-head sensitivities instead of one per (layer, stream)")  # fmt: skip
+    parser.add_argument("--value-candidates", nargs="+", default=None,
+                        help="with --per-head: the V candidates (default: --candidates)")  # fmt: skip
+    parser.add_argument("--held-ctx", type=int, default=None, metavar="N",
+                        help="with --per-head: --budget is the bits HELD at N tokens (16-bit sinks and residual "
+                        "window included), as the presets' budgets are")  # fmt: skip
     parser.add_argument("--residual", type=int, default=128)
     parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--block", type=int, default=None, help="tokens packed at once (1 with --residual 0)")
     parser.add_argument("--sensitivity", default=None, help="JSON file: reused if it exists, else written")
     parser.add_argument("--out", default="policy-{budget}.json", help="policy file ({budget} is replaced)")
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
@@ -411,10 +420,16 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.budget is None) == (args.outlier_heads is None):
         raise ValueError("give --budget (per-layer allocation) or --outlier-heads N (16-bit outlier heads), not both")
+    if not args.per_head and (args.value_candidates is not None or args.held_ctx is not None):
+        raise ValueError("--value-candidates and --held-ctx go with --per-head")
+    if args.held_ctx is not None and args.held_ctx <= args.sinks + args.residual:
+        raise ValueError(f"--held-ctx must exceed --sinks + --residual ({args.sinks + args.residual})")
     candidates = tuple(args.candidates)
     model, tokenizer = load(args.model, device=args.device)
     if args.outlier_heads is not None:
         return _run_outlier_heads(model, tokenizer, args)
+    if args.per_head:
+        return _run_per_head(model, tokenizer, args)
     config = model.config
     head_dim, num_layers = _head_dim(config), config.num_hidden_layers
     bits = [get_codec(c, head_dim=head_dim).bits_per_value() for c in candidates]
@@ -526,4 +541,60 @@ def _run_outlier_heads(model, tokenizer, args: argparse.Namespace) -> int:
         out = args.out.replace("{budget}", f"{label}{args.outlier_heads}heads")
         save_policy(policy, out, mean_bits=bits, head_kl=scores.tolist(), chose=label)
         print(f"{label} {args.outlier_heads} heads {list(heads)}: mean codec bits {bits:.4f} -> {out}")
+    return 0
+
+
+def _run_per_head(model, tokenizer, args: argparse.Namespace) -> int:
+    """``--budget B --per-head``: one-head sensitivities, the knapsack over (layer, KV head, stream) items."""
+    from kvpack.calibrate import calibration_ids
+    from kvpack.evaluation.text import load_text, tokenize
+
+    config = model.config
+    head_dim, num_layers, num_heads = _head_dim(config), config.num_hidden_layers, config.num_key_value_heads
+    keys, values = tuple(args.candidates), tuple(args.value_candidates or args.candidates)
+    union = tuple(dict.fromkeys(keys + values))
+    path = Path(args.sensitivity) if args.sensitivity else None
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        have = (saved.get("key_candidates") or [], saved.get("value_candidates") or [])
+        missing = [c for c in keys if c not in have[0]] + [c for c in values if c not in have[1]]
+        if missing:
+            raise ValueError(f"{path} holds no sensitivities for {missing} (K: {have[0]}, V: {have[1]})")
+        full = torch.tensor([[[[math.nan if x is None else x for x in c] for c in st] for st in h] for h in saved["kl"]],
+                            dtype=torch.float64)  # fmt: skip
+        kl = torch.full((*full.shape[:3], max(len(keys), len(values))), math.nan, dtype=torch.float64)
+        for stream, cands in enumerate((keys, values)):  # the requested candidates, a subset of the saved ones
+            for j, spec in enumerate(cands):
+                kl[:, :, stream, j] = full[:, :, stream, have[stream].index(spec)]
+        print(f"sensitivities from {path}")
+    else:
+        ids = tokenize(tokenizer, load_text(args.text))
+        windows = calibration_ids(ids, args.calib_ctx + args.calib_n, args.calib_windows)
+        kl = measure_head_sensitivity(model, windows, args.calib_ctx, keys, values, args.residual, args.sinks,
+                                      args.block, progress=not args.no_progress)  # fmt: skip
+        if path is not None:
+            rows = [[[[None if math.isnan(x) else x for x in c] for c in st] for st in h] for h in kl.tolist()]
+            path.write_text(json.dumps({"key_candidates": list(keys), "value_candidates": list(values), "kl": rows,
+                                        "text": str(args.text), "calib_windows": args.calib_windows,
+                                        "calib_ctx": args.calib_ctx, "calib_n": args.calib_n}))  # fmt: skip
+    table = torch.full((num_layers, num_heads, 2, len(union)), math.nan, dtype=torch.float64)
+    for stream, cands in enumerate((keys, values)):
+        for j, spec in enumerate(cands):
+            table[:, :, stream, union.index(spec)] = kl[:, :, stream, j]
+    table = table.reshape(-1, len(union))
+    bits = [get_codec(c, head_dim=head_dim).bits_per_value() for c in union]
+    fp = args.sinks + args.residual
+    for budget in args.budget:
+        # held bits at N tokens: fp tokens at 16 bits, the rest at the codec bits
+        codec_budget = budget if args.held_ctx is None else (budget * args.held_ctx - 16 * fp) / (args.held_ctx - fp)
+        choice = allocate_bits(table, bits, codec_budget)
+        policy = head_policy_for(choice, union, num_layers, num_heads, residual=args.residual, sinks=args.sinks,
+                                 block=args.block)  # fmt: skip
+        predicted = float(table.gather(1, choice[:, None]).sum())
+        mean_bits = policy_bits(policy, head_dim, num_layers, num_heads)
+        out = args.out.replace("{budget}", f"{budget:g}")
+        save_policy(policy, out, budget=budget, held_ctx=args.held_ctx, mean_bits=mean_bits, predicted_kl=predicted,
+                    candidates=list(union), calib={"text": str(args.text), "windows": args.calib_windows,
+                    "ctx": args.calib_ctx, "n": args.calib_n})  # fmt: skip
+        print(f"budget {budget:g}: mean codec bits {mean_bits:.4f}, predicted KL {predicted:.5f} -> {out}")
     return 0

@@ -358,3 +358,44 @@ def test_allocate_cli_needs_a_budget_or_outlier_heads():
     for argv in ([], ["--budget", "3", "--outlier-heads", "2"]):
         with pytest.raises(ValueError, match="--budget .* or --outlier-heads"):
             allocate.run(parser.parse_args(argv))
+
+
+def test_allocate_cli_per_head_from_a_saved_table(tmp_path, monkeypatch):
+    import argparse
+
+    from kvpack import allocate, models
+
+    model = tiny_llama(layers=3, kv_heads=2)
+    monkeypatch.setattr(models, "load", lambda name, **kw: (model, None))
+    # K: e8:2, int:8; V: e8:2, e8:3 (a superset of what is asked is fine); layer 1 head 0's K is sensitive
+    kl = torch.full((3, 2, 2, 2), 0.01, dtype=torch.float64)
+    kl[:, :, :, 1] = 0.001
+    kl[1, 0, 0, 0] = 1.0
+    rows = kl.tolist()
+    table = tmp_path / "heads.json"
+    table.write_text(
+        json.dumps({"key_candidates": ["e8:2", "int:8"], "value_candidates": ["e8:2", "e8:3"], "kl": rows})
+    )
+    parser = argparse.ArgumentParser()
+    allocate.add_arguments(parser)
+    out = tmp_path / "p-{budget}.json"
+    argv = ["--per-head", "--budget", "3.5", "--held-ctx", "64", "--residual", "0", "--sinks", "1", "--block", "1",
+            "--candidates", "e8:2", "int:8", "--value-candidates", "e8:2", "--sensitivity", str(table),
+            "--out", str(out)]  # fmt: skip
+    assert allocate.run(parser.parse_args(argv)) == 0
+    policy = load_policy(tmp_path / "p-3.5.json")
+    # at head_dim 16, e8:2 is 3 bits and int:8 10; (3.5 * 64 - 16) / 63 = 3.30 codec bits: one int:8 item among
+    # 12 would be 3.58, too much, so everything stays e8:2
+    assert policy.head_keys == (("e8:2", "e8:2"),) * 3 and policy.head_values == (("e8:2", "e8:2"),) * 3
+    argv[2] = "3.8"  # (3.8 * 64 - 16) / 63 = 3.61 codec bits: room for one int:8 item, layer 1 head 0's K
+    assert allocate.run(parser.parse_args(argv)) == 0
+    policy = load_policy(tmp_path / "p-3.8.json")
+    assert policy.head_keys == (("e8:2", "e8:2"), ("int:8", "e8:2"), ("e8:2", "e8:2"))
+    assert (policy.residual, policy.sinks, policy.block) == (0, 1, 1)
+    bad = [*argv[: argv.index("--value-candidates") + 1], "turbo_mse:1", *argv[argv.index("--sensitivity") :]]
+    with pytest.raises(ValueError, match="no sensitivities for \\['turbo_mse:1'\\]"):
+        allocate.run(parser.parse_args(bad))
+    with pytest.raises(ValueError, match="go with --per-head"):
+        allocate.run(parser.parse_args(["--budget", "3", "--held-ctx", "64"]))
+    with pytest.raises(ValueError, match="--held-ctx must exceed"):
+        allocate.run(parser.parse_args(["--per-head", "--budget", "3", "--held-ctx", "4", "--sinks", "4"]))
