@@ -134,7 +134,8 @@ def test_sweep_runs_configs_presets_and_peers_on_the_same_windows(smollm2, wikit
     # block 1: only the 4 sinks stay 16-bit; e8:3 holds 3 + 16/64 bits per value
     assert rows["e8 block 1"]["bits_k"] == pytest.approx((4 * 16 + 60 * 3.25) / 64)
     assert rows["peer quanto:2"]["kind"] == "peer" and rows["peer quanto:2"]["bits_k"] == pytest.approx(2.5)
-    assert rows["preset 3bit"]["layer_keys"][0] == "e8:2" and rows["preset 3bit"]["block"] == 1
+    preset = rows["preset 3bit"]  # what the preset stands for: its per-head specs, as JSON lists
+    assert preset["head_keys"][0] == ["e8:2", "e8:2", "e8:2"] and preset["block"] == 1
     assert data["setup"]["ctx"] == 64 and data["setup"]["windows"] == 1
     with open(out["csv"]) as f:
         assert len(list(csv.DictReader(f))) == 5
