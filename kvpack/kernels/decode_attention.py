@@ -12,7 +12,10 @@ with shifts, looks the codes up in the codebook (``turbo_mse``: values of the ro
 code itself), and runs an online softmax (Milakov & Gimelshein 2018) with tensor-core dots. For
 ``turbo_mse`` the score is ``norm * <R q, c[code]>`` (the query is rotated once, outside), and the
 values are accumulated in the rotated domain with ``p * norm``; for ``int``, ``scale * <q, code> +
-zero * sum(q)``. Kernel 2 (grid ``(kv_heads, batch)``) merges the splits' partial (max, sum,
+zero * sum(q)``; for ``turbo_prod`` keys (TurboQuant-prod: the mse stage plus QJL signs of the residual),
+``norm * <R q, c[code]> + residual_norm * <sqrt(pi/2) / D * S q, 2 sign - 1>`` with ``S q`` also computed
+once outside (the sign plane is one more 1-bit plane and one more dot; this path has run through Triton's
+interpreter only, not yet on a GPU). Kernel 2 (grid ``(kv_heads, batch)``) merges the splits' partial (max, sum,
 accumulator), rotates the packed-value part back once (``acc @ M_v.T``) and adds the window part.
 This is TurboQuant's (Zandieh et al., arXiv 2504.19874) "score in the rotated domain" applied to
 decode attention.
@@ -32,7 +35,7 @@ from kvpack.kernels.paged import PagedCodec
 __all__ = ["choose_splits", "default_tuning", "paged_decode_attention"]
 
 LOG2E = 1.4426950408889634
-KIND_IDS = {"turbo_mse": 0, "int": 1}
+KIND_IDS = {"turbo_mse": 0, "int": 1, "turbo_prod": 2}
 
 
 @triton.jit
@@ -50,7 +53,9 @@ def _load_tile(cache_ptr, row, tmask, KIND: tl.constexpr, BITS: tl.constexpr, D:
     """Issue the int32 loads of one tile: ``row`` (N,) word offsets -> code plane words and side (a, c).
 
     Plane 0 is (N, D * W0 / 32) words (W0 = 2 for 3 bits, else BITS); plane 1 (3 bits only) the
-    (N, D / 32) words of the high bit; ``a`` the norm (turbo_mse) or scale (int), ``c`` the int zero.
+    (N, D / 32) words of the high bit; ``a`` the norm (turbo_mse, turbo_prod) or scale (int), ``c`` the int
+    zero or the turbo_prod residual norm. ``turbo_prod``: ``BITS`` is its mse stage's; the side word follows
+    the sign plane (loaded apart, `_load_signs`).
     """
     W0: tl.constexpr = 2 if BITS == 3 else BITS
     NW0: tl.constexpr = D * W0 // 32
@@ -65,13 +70,21 @@ def _load_tile(cache_ptr, row, tmask, KIND: tl.constexpr, BITS: tl.constexpr, D:
             w1 = tl.load(cache_ptr + row[:, None] + NW0 + tl.arange(0, D // 32)[None, :], mask=tmask[:, None], other=0)
     else:
         w1 = w0
-    side = tl.load(cache_ptr + row + CODE_WORDS, mask=tmask, other=0)  # two float16 in one word, little-endian
+    SIDE: tl.constexpr = CODE_WORDS + D // 32 if KIND == 2 else CODE_WORDS
+    side = tl.load(cache_ptr + row + SIDE, mask=tmask, other=0)  # two float16 in one word, little-endian
     a = (side & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     if KIND == 0:
         c = tl.zeros_like(a)
     else:
         c = (side >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return w0, w1, a, c
+
+
+@triton.jit
+def _load_signs(cache_ptr, row, tmask, BITS: tl.constexpr, D: tl.constexpr):
+    """The (N, D / 32) int32 words of a turbo_prod row's QJL sign plane (after the ``BITS``-bit mse planes)."""
+    return tl.load(cache_ptr + row[:, None] + D * BITS // 32 + tl.arange(0, D // 32)[None, :], mask=tmask[:, None],
+                   other=0)  # fmt: skip
 
 
 @triton.jit
@@ -157,15 +170,19 @@ def _dequant(w0, w1, cb_ptr, KIND: tl.constexpr, BITS: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def _attend_tile(q, q_sum, k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, acc, k_cb_ptr, v_cb_ptr,
+def _attend_tile(q, q_sum, q_sk, k0, k1, k_s, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, acc, k_cb_ptr, v_cb_ptr,
                  qk_scale, KIND_K: tl.constexpr, BITS_K: tl.constexpr, KIND_V: tl.constexpr,
                  BITS_V: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                  UNPACK: tl.constexpr):  # fmt: skip
     """One tile of online softmax: scores from the key codes, then the value codes accumulated."""
-    k_vals = _dequant(k0, k1, k_cb_ptr, KIND_K, BITS_K, D, BLOCK_N, UNPACK)
+    CB_K: tl.constexpr = 0 if KIND_K == 2 else KIND_K  # turbo_prod's mse stage reads the codebook as turbo_mse
+    k_vals = _dequant(k0, k1, k_cb_ptr, CB_K, BITS_K, D, BLOCK_N, UNPACK)
     s = tl.dot(q, tl.trans(k_vals)) * k_a[None, :]
     if KIND_K == 1:
         s += q_sum[:, None] * k_c[None, :]
+    if KIND_K == 2:  # QJL part: residual_norm * <q_sk, 2 sign - 1>, q_sk = sqrt(pi/2) / D * S q
+        signs = (_plane(k_s, 1, D, BLOCK_N) * 2 - 1).to(tl.float16)
+        s += tl.dot(q_sk, tl.trans(signs)) * k_c[None, :]
     s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
@@ -180,7 +197,8 @@ def _attend_tile(q, q_sum, k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, 
 
 @triton.jit
 def _split_kernel(
-    q_ptr,  # (B, HQ, D) float16: the query as the keys see it (rotated by M_k for turbo_mse)
+    q_ptr,  # (B, HQ, D) float16: the query as the keys see it (rotated by M_k for turbo_mse, turbo_prod)
+    qs_ptr,  # (B, HQ, D) float16: sqrt(pi/2) / D * S q (turbo_prod keys; otherwise not read)
     qw_ptr,  # (B, HQ, D) float16: the query as given (for the window)
     k_cache_ptr,
     v_cache_ptr,  # int32 view of the uint8 (num_blocks, block_size, HKV, row_bytes) caches
@@ -217,7 +235,7 @@ def _split_kernel(
     split = tl.program_id(1)
     b = tl.program_id(2)
     HQ: tl.constexpr = HKV * GQA
-    ROW_K: tl.constexpr = D * BITS_K // 32 + 1  # row length in int32 words: code planes + side word
+    ROW_K: tl.constexpr = D * BITS_K // 32 + 1 + (D // 32 if KIND_K == 2 else 0)  # words: planes (+ signs) + side
     ROW_V: tl.constexpr = D * BITS_V // 32 + 1
     rows_q = tl.arange(0, GPAD)
     qmask = rows_q < GQA
@@ -231,6 +249,9 @@ def _split_kernel(
     if split < NUM_SPLITS:
         q = tl.load(q_ptr + q_off, mask=qmask[:, None], other=0.0).to(tl.float16)
         q_sum = tl.sum(q.to(tl.float32), axis=1)  # used by int keys only
+        q_sk = q  # placeholder, read by turbo_prod keys only
+        if KIND_K == 2:
+            q_sk = tl.load(qs_ptr + q_off, mask=qmask[:, None], other=0.0).to(tl.float16)
         seq_len = tl.load(seq_lens_ptr + b)
         start = split * tokens_per_split
         end = tl.minimum(start + tokens_per_split, seq_len)
@@ -241,6 +262,9 @@ def _split_kernel(
         slot = _tile_slots(block_tables_ptr, b, stride_bt, t, tmask, BLOCK_SIZE, OFF64)
         k0, k1, k_a, k_c = _load_tile(k_cache_ptr, slot * (HKV * ROW_K) + h * ROW_K, tmask, KIND_K, BITS_K, D, UNPACK)
         v0, v1, v_a, v_c = _load_tile(v_cache_ptr, slot * (HKV * ROW_V) + h * ROW_V, tmask, KIND_V, BITS_V, D, UNPACK)
+        k_s = k0  # placeholder: the sign words, turbo_prod keys only (then carried through the loop like k0)
+        if KIND_K == 2:
+            k_s = _load_signs(k_cache_ptr, slot * (HKV * ROW_K) + h * ROW_K, tmask, BITS_K, D)
         t1 = t + BLOCK_N
         mask1 = t1 < end
         slot1 = _tile_slots(block_tables_ptr, b, stride_bt, t1, mask1, BLOCK_SIZE, OFF64)
@@ -250,12 +274,16 @@ def _split_kernel(
             slot2 = _tile_slots(block_tables_ptr, b, stride_bt, t2, mask2, BLOCK_SIZE, OFF64)
             k0n, k1n, k_an, k_cn = _load_tile(k_cache_ptr, slot1 * (HKV * ROW_K) + h * ROW_K, mask1, KIND_K,
                                               BITS_K, D, UNPACK)  # fmt: skip
+            if KIND_K == 2:
+                k_sn = _load_signs(k_cache_ptr, slot1 * (HKV * ROW_K) + h * ROW_K, mask1, BITS_K, D)
             v0n, v1n, v_an, v_cn = _load_tile(v_cache_ptr, slot1 * (HKV * ROW_V) + h * ROW_V, mask1, KIND_V,
                                               BITS_V, D, UNPACK)  # fmt: skip
-            m_i, l_i, acc = _attend_tile(q, q_sum, k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, acc,
+            m_i, l_i, acc = _attend_tile(q, q_sum, q_sk, k0, k1, k_s, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, acc,
                                          k_cb_ptr, v_cb_ptr, qk_scale, KIND_K, BITS_K, KIND_V, BITS_V, D, BLOCK_N,
                                          UNPACK)  # fmt: skip
             k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask = k0n, k1n, k_an, k_cn, v0n, v1n, v_an, v_cn, mask1
+            if KIND_K == 2:
+                k_s = k_sn
             slot1, mask1 = slot2, mask2
     else:
         qw = tl.load(qw_ptr + q_off, mask=qmask[:, None], other=0.0)
@@ -396,6 +424,9 @@ def paged_decode_attention(
     q_keys = query.to(torch.float16)
     if key_codec.rotation16 is not None:
         q_keys = torch.matmul(q_keys, key_codec.rotation16)  # rotate the query once; scores need R q
+    q_sketch = q_keys  # not read unless the keys are turbo_prod
+    if key_codec.kind == "turbo_prod":  # sketch the query once too: the QJL part of the scores needs S q
+        q_sketch = (query.float() @ key_codec.sketch.T * (math.sqrt(math.pi / 2) / d)).to(torch.float16)
     part_m = torch.empty(batch, hq, num_splits + 1, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(batch, hq, num_splits + 1, d, device=query.device, dtype=torch.float32)
@@ -405,6 +436,7 @@ def paged_decode_attention(
 
     _split_kernel[(hkv, num_splits + 1, batch)](
         q_keys,
+        q_sketch,
         query.contiguous(),
         key_cache.view(torch.int32),
         value_cache.view(torch.int32),
@@ -428,7 +460,7 @@ def paged_decode_attention(
         GPAD=gpad,
         D=d,
         KIND_K=KIND_IDS[key_codec.kind],
-        BITS_K=key_codec.bits,
+        BITS_K=key_codec.mse_bits,
         KIND_V=KIND_IDS[value_codec.kind],
         BITS_V=value_codec.bits,
         BLOCK_SIZE=block_size,

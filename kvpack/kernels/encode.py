@@ -3,14 +3,19 @@
 One program takes ``BLOCK_T`` tokens of one KV head and does, in registers: ``turbo_mse`` (TurboQuant,
 Zandieh et al., arXiv 2504.19874): norm, ``x / norm``, rotation by ``M`` (a tensor-core dot, 3xTF32 on
 the GPU so that it matches float32), bucketize against the Lloyd-Max boundaries (``idx = #{edges <
-y}``, as ``torch.bucketize``), packing into the int32 words of the code planes, float16 norm; ``int`` (axis token, one group,
+y}``, as ``torch.bucketize``), packing into the int32 words of the code planes, float16 norm; ``turbo_prod``:
+the same at ``bits - 1`` bits, then the residual ``r = x - norm16 * unrotate(codebook[idx])`` in float32
+(unrotation and sketch as two more dots), the sign plane of ``S r >= 0`` and float16 ``||r||``; ``int`` (axis token, one group,
 KIVI-style): float16 ``zero = min`` and ``scale = (max - min) / (2^b - 1)``, ``round((x - zero) /
 scale)`` half to even with an exact floor/fraction test. Rows go to ``slot_mapping[t]`` (negative:
 skipped), as vLLM's ``reshape_and_cache``.
 
 The codes equal the PyTorch codec's except where float32 rounding differs: the rotation's
 summation order (and the norm's) differs from the BLAS one, so a rotated coordinate within about
-1e-6 of a bucket boundary can land in the neighbouring bucket. `int` is exact.
+1e-6 of a bucket boundary can land in the neighbouring bucket (``turbo_prod``: likewise a sketch
+coordinate within rounding of 0 can flip its sign, and ``||r||`` can differ by one float16 step).
+`int` is exact. The ``turbo_prod`` path has run through Triton's interpreter only, not yet on a GPU
+(it holds three (D, D) float32 matrices per program: M, S and the codebook gathers are not tuned).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import triton.language as tl
 from kvpack.kernels.paged import PagedCodec
 
 __all__ = ["paged_encode"]
+
+KIND_IDS = {"turbo_mse": 0, "int": 1, "turbo_prod": 2}
 
 
 @triton.jit
@@ -40,8 +47,10 @@ def _encode_kernel(
     x_ptr,  # (T, HKV, D) float
     slot_ptr,  # int64 (T,)
     cache_ptr,  # int32 view of the uint8 (num_blocks, block_size, HKV, row_bytes) cache
-    rot_ptr,  # float32 (D, D): M (turbo_mse)
+    rot_ptr,  # float32 (D, D): M (turbo_mse, turbo_prod)
     edges_ptr,  # float32 (2^BITS - 1,)
+    cb_ptr,  # float32 (2^BITS,) codebook (turbo_prod: the residual needs the decoded mse stage)
+    sk_ptr,  # float32 (D, D): the QJL sketch S (turbo_prod)
     num_tokens,
     num_programs,
     HKV: tl.constexpr,
@@ -54,19 +63,22 @@ def _encode_kernel(
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
-    CODE_WORDS: tl.constexpr = D * BITS // 32
-    ROW: tl.constexpr = CODE_WORDS + 1  # int32 words: code planes, then the side word
+    CODE_WORDS: tl.constexpr = D * BITS // 32  # turbo_prod: BITS is its mse stage's, the sign plane follows
+    SIDE: tl.constexpr = CODE_WORDS + D // 32 if KIND == 2 else CODE_WORDS
+    ROW: tl.constexpr = SIDE + 1  # int32 words: code planes, then the side word
     LEVELS: tl.constexpr = (1 << BITS) - 1
     d = tl.arange(0, D)
     if ROTATED:  # loaded once per program (persistent grid): the matrix is 64 KB at D = 128
         rot = tl.load(rot_ptr + d[:, None] * D + d[None, :])
+    if KIND == 2:
+        sketch_t = tl.load(sk_ptr + d[None, :] * D + d[:, None])  # S.T: S r = r @ S.T
     for tile in range(pid_t, tl.cdiv(num_tokens, BLOCK_T), num_programs):
         t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         slot = tl.load(slot_ptr + t, mask=t < num_tokens, other=-1)
         tmask = slot >= 0
         x = tl.load(x_ptr + (t.to(tl.int64)[:, None] * HKV + h) * D + d[None, :], mask=tmask[:, None], other=0.0)
         x = x.to(tl.float32)
-        if KIND == 0:
+        if KIND != 1:
             norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
             unit = tl.math.div_rn(x, tl.where(norm > 0, norm, 1.0)[:, None])
             y = tl.dot(unit, rot, input_precision=DOT_PRECISION)
@@ -74,6 +86,11 @@ def _encode_kernel(
             for i in tl.static_range(LEVELS):
                 idx += (y > tl.load(edges_ptr + i)).to(tl.int32)
             side0 = norm.to(tl.float16)
+            if KIND == 2:  # the codec's residual: x - unrotate(codebook[idx]) * norm16, all float32
+                mse = tl.dot(tl.load(cb_ptr + idx), tl.trans(rot), input_precision=DOT_PRECISION)
+                res = x - mse * side0.to(tl.float32)[:, None]
+                sign = (tl.dot(res, sketch_t, input_precision=DOT_PRECISION) >= 0).to(tl.int32)
+                side1 = tl.sqrt_rn(tl.sum(res * res, axis=1)).to(tl.float16)
         else:
             if ROTATED:  # int with a rotation: quantize the rotated vector
                 x = tl.dot(x, rot, input_precision=DOT_PRECISION)
@@ -96,10 +113,12 @@ def _encode_kernel(
             _store_plane(cache_ptr, row, idx >> 2, tmask, D // 16, 1, D, BLOCK_T)
         else:
             _store_plane(cache_ptr, row, idx, tmask, 0, BITS, D, BLOCK_T)
+        if KIND == 2:
+            _store_plane(cache_ptr, row, sign, tmask, CODE_WORDS, 1, D, BLOCK_T)
         lo = side0.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        if KIND == 1:
+        if KIND != 0:  # int: zero; turbo_prod: residual norm
             lo = lo | (side1.to(tl.int16, bitcast=True).to(tl.int32) << 16)
-        tl.store(cache_ptr + row + CODE_WORDS, lo, mask=tmask)  # turbo_mse: the norm and 2 zero bytes
+        tl.store(cache_ptr + row + SIDE, lo, mask=tmask)  # turbo_mse: the norm and 2 zero bytes
 
 
 def paged_encode(
@@ -129,11 +148,14 @@ def paged_encode(
     x = x.contiguous()
     rotated = codec.rotation is not None
     rot = codec.rotation.float().contiguous() if rotated else slot_mapping
-    edges = codec.boundaries.float().contiguous() if codec.kind == "turbo_mse" else slot_mapping
+    turbo = codec.kind != "int"
+    edges = codec.boundaries.float().contiguous() if turbo else slot_mapping
+    codebook = codec.codebook.float().contiguous() if turbo else slot_mapping
+    sketch = codec.sketch.float().contiguous() if codec.kind == "turbo_prod" else slot_mapping
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     programs = max(1, min(triton.cdiv(x.shape[0], block_t), triton.cdiv(programs_per_sm * num_sms, x.shape[1])))
     _encode_kernel[(programs, x.shape[1])](
-        x, slot_mapping, cache.view(torch.int32), rot, edges, x.shape[0], programs, HKV=x.shape[1], D=codec.head_dim,
-        KIND=0 if codec.kind == "turbo_mse" else 1, BITS=codec.bits, BLOCK_T=block_t,
+        x, slot_mapping, cache.view(torch.int32), rot, edges, codebook, sketch, x.shape[0], programs, HKV=x.shape[1],
+        D=codec.head_dim, KIND=KIND_IDS[codec.kind], BITS=codec.mse_bits, BLOCK_T=block_t,
         DOT_PRECISION="tf32x3" if x.is_cuda else "ieee", ROTATED=rotated, num_warps=num_warps,
     )  # fmt: skip

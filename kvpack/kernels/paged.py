@@ -10,16 +10,21 @@ Code planes (``head_dim * bits / 8`` bytes in all): the codes split into bit pla
 or 1 (``PLANES``: 4 -> (4,), 3 -> (2, 1) low bits first, 2 -> (2,), 1 -> (1,)), each plane packed by
 `kvpack.pack_bits` (code ``i`` at plane bits ``[i w, (i + 1) w)``, least significant first), so a
 little-endian int32 word of a plane holds ``32 / w`` whole codes and a kernel unpacks it with
-shifts. For 1, 2 and 4 bits the bytes are exactly the codec's ``"codes"``.
+shifts. For 1, 2 and 4 bits the bytes are exactly the codec's ``"codes"``. ``turbo_prod`` at ``b`` bits: the
+codes are ``b``-bit, the low ``b - 1`` bits the index of its ``turbo_mse`` stage (planes ``PLANES[b - 1]``)
+and the top bit the QJL sign of sketch coordinate ``i`` (one more 1-bit plane: the codec's ``"qjl_signs"``).
 
 Side data (4 bytes, after the codes): ``turbo_mse``: float16 ``norm`` and 2 zero bytes of padding
 (value = ``norm * unrotate(codebook[code])``); ``int`` (axis token, one group): float16 ``scale``,
-``zero`` (value = ``code * scale + zero``). A `PagedCodec` carries what a kernel needs besides the
-bytes: the codebook (``turbo_mse``) and the rotation as a matrix ``M`` with ``rotate(x) = x @ M``.
+``zero`` (value = ``code * scale + zero``); ``turbo_prod``: float16 ``norm`` and ``residual_norm`` (value =
+``norm * unrotate(codebook[low]) + residual_norm * sqrt(pi/2) / D * S^T (2 sign - 1)``). A `PagedCodec`
+carries what a kernel needs besides the bytes: the codebook (``turbo_mse``; ``turbo_prod``: its mse
+stage's), the rotation as a matrix ``M`` with ``rotate(x) = x @ M`` and the QJL sketch ``S`` (``turbo_prod``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -38,9 +43,9 @@ __all__ = [
     "write_slots",
 ]
 
-KINDS = ("turbo_mse", "int")
-SIDE_BYTES = 4  # turbo_mse: float16 norm + 2 bytes of padding; int: float16 scale and zero
-SIDE_VALUES = {"turbo_mse": 1, "int": 2}  # float16 side values a codec gives (turbo_mse: norm)
+KINDS = ("turbo_mse", "int", "turbo_prod")
+SIDE_BYTES = 4  # turbo_mse: float16 norm + 2 bytes of padding; int: float16 scale and zero; turbo_prod: both norms
+SIDE_VALUES = {"turbo_mse": 1, "int": 2, "turbo_prod": 2}  # float16 side values (turbo_prod: norm, residual_norm)
 PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,)}  # bit-plane widths, low bits first
 
 
@@ -48,10 +53,11 @@ PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,)}  # bit-plane widths, low bits fi
 class PagedCodec:
     """What the kernels need to read or write one stream: codec kind, bits, head_dim and its tables.
 
-    ``codebook``: float32 ``(2^bits,)`` sorted centroids (``turbo_mse``; ``None`` for ``int``);
-    ``boundaries``: their float32 midpoints, used by the encoder; ``rotation``: float32 ``(D, D)``
+    ``codebook``: float32 ``(2^mse_bits,)`` sorted centroids (``turbo_mse``, ``turbo_prod``; ``None`` for
+    ``int``); ``boundaries``: the float32 cell edges, used by the encoder; ``rotation``: float32 ``(D, D)``
     matrix ``M`` with ``rotate(x) = x @ M`` and ``unrotate(y) = y @ M.T`` (``int``: ``None`` unless
-    the codec rotates, ``int:...:rotation=hadamard``).
+    the codec rotates, ``int:...:rotation=hadamard``); ``sketch``: float32 ``(D, D)`` QJL matrix ``S``
+    (``turbo_prod`` only).
     """
 
     kind: str
@@ -60,6 +66,7 @@ class PagedCodec:
     codebook: torch.Tensor | None = None
     boundaries: torch.Tensor | None = None
     rotation: torch.Tensor | None = None
+    sketch: torch.Tensor | None = None
     # derived once (not per call): float16 codebook, float16 M, float32 M.T for the kernels
     codebook16: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     rotation16: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
@@ -71,13 +78,19 @@ class PagedCodec:
         d = self.head_dim
         if isinstance(d, bool) or not isinstance(d, int) or d < 32 or d & (d - 1):
             raise ValueError(f"head_dim must be a power of two >= 32 for the paged kernels, got {d!r}")
-        if isinstance(self.bits, bool) or self.bits not in (1, 2, 3, 4):
-            raise ValueError(f"bits must be 1, 2, 3 or 4 for the paged kernels, got {self.bits!r}")
-        if self.kind == "turbo_mse":
-            for name, shape in (("codebook", (1 << self.bits,)), ("rotation", (d, d))):
+        allowed = (2, 3, 4, 5) if self.kind == "turbo_prod" else (1, 2, 3, 4)
+        if isinstance(self.bits, bool) or self.bits not in allowed:
+            raise ValueError(f"bits must be one of {allowed} for {self.kind} in the paged kernels, got {self.bits!r}")
+        if self.kind == "turbo_prod" and not (isinstance(self.sketch, torch.Tensor) and self.sketch.shape == (d, d)):
+            got = None if not isinstance(self.sketch, torch.Tensor) else tuple(self.sketch.shape)
+            raise ValueError(f"turbo_prod needs sketch of shape ({d}, {d}), got {got}")
+        if self.kind != "turbo_prod" and self.sketch is not None:
+            raise ValueError(f"only turbo_prod takes a sketch, not {self.kind}")
+        if self.kind != "int":
+            for name, shape in (("codebook", (1 << self.mse_bits,)), ("rotation", (d, d))):
                 t = getattr(self, name)
                 if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
-                    raise ValueError(f"turbo_mse needs {name} of shape {shape}, got {t if t is None else t.shape}")
+                    raise ValueError(f"{self.kind} needs {name} of shape {shape}, got {t if t is None else t.shape}")
             if self.boundaries is None:
                 cb = self.codebook.float()
                 object.__setattr__(self, "boundaries", (cb[1:] + cb[:-1]) / 2)
@@ -89,6 +102,16 @@ class PagedCodec:
         if self.rotation is not None:
             object.__setattr__(self, "rotation16", self.rotation.to(torch.float16).contiguous())
             object.__setattr__(self, "unrotation", self.rotation.float().T.contiguous())
+
+    @property
+    def mse_bits(self) -> int:
+        """Bits of the codebook index: ``bits - 1`` for ``turbo_prod`` (its top code bit is the QJL sign), else ``bits``."""
+        return self.bits - 1 if self.kind == "turbo_prod" else self.bits
+
+    @property
+    def planes(self) -> tuple[int, ...]:
+        """Bit-plane widths of the codes, low bits first (``turbo_prod``: the mse stage's, then the sign plane)."""
+        return PLANES[self.mse_bits] + ((1,) if self.kind == "turbo_prod" else ())
 
     @property
     def code_bytes(self) -> int:
@@ -104,26 +127,29 @@ class PagedCodec:
         return PagedCodec(self.kind, self.head_dim, self.bits, **move)
 
     def _tables(self) -> dict[str, torch.Tensor | None]:
-        return {"codebook": self.codebook, "boundaries": self.boundaries, "rotation": self.rotation}
+        return {"codebook": self.codebook, "boundaries": self.boundaries, "rotation": self.rotation,
+                "sketch": self.sketch}  # fmt: skip
 
 
 def paged_codec(codec: Codec, device: torch.device | str = "cpu") -> PagedCodec:
-    """The `PagedCodec` of a kvpack codec: ``turbo_mse`` (any rotation) or ``int`` (axis token, one group)."""
+    """The `PagedCodec` of a kvpack codec: ``turbo_mse``, ``turbo_prod`` (any rotation) or ``int`` (axis token, one group)."""
     if not isinstance(codec, Codec):
         raise TypeError(f"codec must be a kvpack Codec, got {type(codec).__name__}")
     from kvpack.rotation import rotate
 
     eye = torch.eye(codec.head_dim, dtype=torch.float64)
-    if codec.name == "turbo_mse":
+    if codec.name in ("turbo_mse", "turbo_prod"):
         from kvpack.lloyd_max import sphere_boundaries, sphere_codebook
 
+        mse_bits = codec.bits - 1 if codec.name == "turbo_prod" else codec.bits
         return PagedCodec(
-            "turbo_mse",
+            codec.name,
             codec.head_dim,
             codec.bits,
-            codebook=sphere_codebook(codec.head_dim, codec.bits).float().to(device),
-            boundaries=sphere_boundaries(codec.head_dim, codec.bits).float().to(device),
+            codebook=sphere_codebook(codec.head_dim, mse_bits).float().to(device),
+            boundaries=sphere_boundaries(codec.head_dim, mse_bits).float().to(device),
             rotation=rotate(eye, codec.rotation, codec.seed).float().to(device),
+            sketch=codec.sketch(device).float() if codec.name == "turbo_prod" else None,
         )
     if codec.name == "int":
         if codec.axis != "token" or codec.group_size != codec.head_dim:
@@ -132,7 +158,7 @@ def paged_codec(codec: Codec, device: torch.device | str = "cpu") -> PagedCodec:
             raise ValueError(f"the paged kernels take int with bits 1-4, got {codec.spec!r}")
         rotation = None if codec.rotation == "none" else rotate(eye, codec.rotation, codec.seed).float().to(device)
         return PagedCodec("int", codec.head_dim, codec.bits, rotation=rotation)
-    raise ValueError(f"the paged kernels support turbo_mse and int, not {codec.spec!r}")
+    raise ValueError(f"the paged kernels support turbo_mse, turbo_prod and int, not {codec.spec!r}")
 
 
 def _check_codes(codes: torch.Tensor, fmt: PagedCodec) -> None:
@@ -141,7 +167,10 @@ def _check_codes(codes: torch.Tensor, fmt: PagedCodec) -> None:
 
 
 def pack_rows(codes: torch.Tensor, side: torch.Tensor, fmt: PagedCodec) -> torch.Tensor:
-    """Codes ``(..., D)`` in ``[0, 2^bits)`` and float16 side data ``(..., side_values)`` -> rows uint8 ``(..., row_bytes)``."""
+    """Codes ``(..., D)`` in ``[0, 2^bits)`` and float16 side data ``(..., side_values)`` -> rows uint8 ``(..., row_bytes)``.
+
+    ``turbo_prod``: code ``i`` = mse index ``| sign_i << (bits - 1)``; side = (norm, residual_norm).
+    """
     _check_codes(codes, fmt)
     if side.shape[-1] != SIDE_VALUES[fmt.kind]:
         raise ValueError(f"{fmt.kind} side data must hold {SIDE_VALUES[fmt.kind]} float16 values, got {side.shape[-1]}")
@@ -150,7 +179,7 @@ def pack_rows(codes: torch.Tensor, side: torch.Tensor, fmt: PagedCodec) -> torch
         side = torch.cat([side, torch.zeros_like(side)], dim=-1)  # padding: rows stay a multiple of 4 bytes
     codes = codes.to(torch.uint8)
     planes, low = [], 0
-    for width in PLANES[fmt.bits]:
+    for width in fmt.planes:
         planes.append(pack_bits((codes >> low) & ((1 << width) - 1), width))
         low += width
     return torch.cat([*planes, side.contiguous().view(torch.uint8)], dim=-1)
@@ -162,7 +191,7 @@ def unpack_rows(rows: torch.Tensor, fmt: PagedCodec) -> tuple[torch.Tensor, torc
         raise ValueError(f"rows must be uint8 (..., {fmt.row_bytes}), got {rows.dtype} {tuple(rows.shape)}")
     codes = torch.zeros(*rows.shape[:-1], fmt.head_dim, dtype=torch.uint8, device=rows.device)
     start = low = 0
-    for width in PLANES[fmt.bits]:
+    for width in fmt.planes:
         nbytes = fmt.head_dim * width // 8
         codes |= unpack_bits(rows[..., start : start + nbytes].contiguous(), width, fmt.head_dim) << low
         start, low = start + nbytes, low + width
@@ -172,10 +201,16 @@ def unpack_rows(rows: torch.Tensor, fmt: PagedCodec) -> tuple[torch.Tensor, torc
 
 def rows_from_packed(packed: Packed, fmt: PagedCodec) -> torch.Tensor:
     """Rows ``(..., row_bytes)`` holding exactly the codes and side data of a codec's `Packed` (shape ``(..., D)``)."""
-    side = (
-        packed.data["norm"] if fmt.kind == "turbo_mse" else torch.cat([packed.data["scale"], packed.data["zero"]], -1)
-    )
-    codes = unpack_bits(packed.data["codes"], fmt.bits, fmt.head_dim)
+    data, d = packed.data, fmt.head_dim
+    if fmt.kind == "turbo_mse":
+        side = data["norm"]
+    elif fmt.kind == "turbo_prod":
+        side = torch.cat([data["norm"], data["residual_norm"]], -1)
+    else:
+        side = torch.cat([data["scale"], data["zero"]], -1)
+    codes = unpack_bits(data["codes"], fmt.mse_bits, d)
+    if fmt.kind == "turbo_prod":
+        codes = codes | (unpack_bits(data["qjl_signs"], 1, d) << fmt.mse_bits)
     return pack_rows(codes, side, fmt)
 
 
@@ -185,6 +220,11 @@ def dequantize_rows(rows: torch.Tensor, fmt: PagedCodec) -> torch.Tensor:
     side = side.float()
     if fmt.kind == "turbo_mse":
         return (fmt.codebook.float()[codes.long()] @ fmt.rotation.float().T) * side
+    if fmt.kind == "turbo_prod":  # the codec's arithmetic: mse decode, then the QJL estimate of the residual
+        low = (codes & ((1 << fmt.mse_bits) - 1)).long()
+        mse = (fmt.codebook.float()[low] @ fmt.rotation.float().T) * side[..., :1]
+        pm1 = (codes >> fmt.mse_bits).float() * 2 - 1
+        return mse + (pm1 @ fmt.sketch.float()) * (side[..., 1:] * (math.sqrt(math.pi / 2) / fmt.head_dim))
     values = codes.float() * side[..., :1] + side[..., 1:]
     return values if fmt.rotation is None else values @ fmt.rotation.float().T
 

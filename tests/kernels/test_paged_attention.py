@@ -25,6 +25,8 @@ SPECS = [
     "turbo_mse:4:rotation=hadamard",
     "int:3:rotation=hadamard",
     "int:4:rotation=haar",
+    "turbo_prod:4",
+    "turbo_prod:2:rotation=hadamard",
 ]
 
 
@@ -101,6 +103,26 @@ def test_pack_rows_roundtrip(bits):
         )
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+def test_turbo_prod_rows_roundtrip(bits):
+    codec = get_codec(f"turbo_prod:{bits}", head_dim=32)
+    fmt = paged_codec(codec)
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (5, 3, 32), generator=g, dtype=torch.uint8)
+    side = torch.rand(5, 3, 2, generator=g).half()
+    rows = pack_rows(codes, side, fmt)
+    assert fmt.row_bytes * 8 == codec.bits_per_value() * 32  # no padding: the codec's bytes exactly
+    back, side_back = unpack_rows(rows, fmt)
+    assert torch.equal(back, codes) and torch.equal(side_back, side)
+    # the mse planes as turbo_mse's at bits - 1, then the sign plane, then (norm, residual_norm)
+    mse_fmt = paged_codec(get_codec(f"turbo_mse:{bits - 1}", head_dim=32))
+    low = codes & ((1 << (bits - 1)) - 1)
+    mse_rows = pack_rows(low, side[..., :1], mse_fmt)
+    assert torch.equal(rows[..., : mse_fmt.code_bytes], mse_rows[..., : mse_fmt.code_bytes])
+    assert torch.equal(rows[..., mse_fmt.code_bytes : fmt.code_bytes], pack_bits(codes >> (bits - 1), 1))
+    assert torch.equal(rows[..., fmt.code_bytes :].contiguous().view(torch.float16), side)
+
+
 def test_turbo_rows_hold_the_norm_and_zero_padding():
     fmt = paged_codec(get_codec("turbo_mse:3", head_dim=32))
     codes = torch.randint(0, 8, (4, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
@@ -128,7 +150,7 @@ def test_rows_dequantize_as_the_codec_decodes(spec):
 def test_paged_codec_rejects_what_the_kernels_cannot_read():
     with pytest.raises(ValueError, match="axis=token"):
         paged_codec(get_codec("int:4:axis=channel", head_dim=64))
-    with pytest.raises(ValueError, match="support turbo_mse and int"):
+    with pytest.raises(ValueError, match="support turbo_mse, turbo_prod and int"):
         paged_codec(get_codec("fp8", head_dim=64))
     with pytest.raises(ValueError, match="power of two"):
         PagedCodec("int", 48, 4)
@@ -142,6 +164,15 @@ def test_paged_codec_rejects_what_the_kernels_cannot_read():
         paged_codec(get_codec("int:8", head_dim=64))
     with pytest.raises(ValueError, match="rotation must be None"):
         PagedCodec("int", 64, 4, rotation=torch.eye(32))
+    prod = paged_codec(get_codec("turbo_prod:3", head_dim=32))
+    with pytest.raises(ValueError, match="sketch of shape"):
+        PagedCodec("turbo_prod", 32, 3, codebook=prod.codebook, rotation=prod.rotation)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        PagedCodec("turbo_prod", 32, 1, codebook=prod.codebook, rotation=prod.rotation, sketch=prod.sketch)
+    with pytest.raises(ValueError, match="codebook of shape"):
+        PagedCodec("turbo_prod", 32, 4, codebook=prod.codebook, rotation=prod.rotation, sketch=prod.sketch)
+    with pytest.raises(ValueError, match="only turbo_prod"):
+        PagedCodec("int", 32, 4, sketch=prod.sketch)
 
 
 # ---- decode attention ----------------------------------------------------------------------------
@@ -151,7 +182,8 @@ def test_paged_codec_rejects_what_the_kernels_cannot_read():
     "key,value",
     [("turbo_mse:4", "turbo_mse:4"), ("turbo_mse:3", "turbo_mse:3"), ("turbo_mse:2", "turbo_mse:2"),
      ("int:4", "int:4"), ("turbo_mse:4:rotation=hadamard", "int:4"), ("int:4:rotation=hadamard", "int:2"),
-     ("int:3", "int:3:rotation=haar")],
+     ("int:3", "int:3:rotation=haar"), ("turbo_prod:4", "turbo_mse:3"), ("turbo_prod:2", "int:4"),
+     ("turbo_prod:3:rotation=hadamard", "int:2:rotation=hadamard")],
 )  # fmt: skip
 def test_decode_kernel_matches_reference(key, value, device):
     from kvpack.kernels.decode_attention import paged_decode_attention
@@ -178,9 +210,10 @@ def test_decode_kernel_window_only_and_packed_only(device):
     assert rel_err(out, ref) <= 1e-2
 
 
-def test_reference_matches_dense_attention_over_codec_decode():
+@pytest.mark.parametrize("key", ["turbo_mse:3", "turbo_prod:3"])
+def test_reference_matches_dense_attention_over_codec_decode(key):
     """decode_ref == softmax attention over codec.decode(K), codec.decode(V) and the window, in float64."""
-    case, kf, vf, (kc, vc) = make_case("turbo_mse:3", "int:4", batch=1, kv_heads=2, gqa=2, head_dim=32, block_size=4,
+    case, kf, vf, (kc, vc) = make_case(key, "int:4", batch=1, kv_heads=2, gqa=2, head_dim=32, block_size=4,
                                        seq_lens=[10], window_lens=[3], device="cpu", seed=2)  # fmt: skip
     g = torch.Generator().manual_seed(2)
     ref = decode_ref(**case, key_codec=kf, value_codec=vf)
@@ -225,13 +258,20 @@ def test_decode_dispatch_and_errors():
         decode(**partial, key_codec=kf, value_codec=vf)
 
 
+def test_decode_kernel_refuses_turbo_prod_values():
+    case, kf, vf, _ = make_case("turbo_prod:3", "turbo_prod:3", batch=1, kv_heads=1, gqa=2, head_dim=32, block_size=4,
+                                seq_lens=[5], window_lens=[1], device="cpu", seed=1)  # fmt: skip
+    with pytest.raises(ValueError, match="value_codec"):
+        decode(**case, key_codec=kf, value_codec=vf, use_kernel=True)
+    ref = decode_ref(**case, key_codec=kf, value_codec=vf)  # the reference reads them: the codec's decode
+    assert rel_err(decode(**case, key_codec=kf, value_codec=vf), ref) < 1e-3
+
+
 # ---- fused encode --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "spec", ["turbo_mse:4", "turbo_mse:3", "turbo_mse:2", "int:4", "int:3", "int:2", "int:4:rotation=hadamard"]
-)
-def test_encode_kernel_codes_equal_the_codec(spec, device):
+def encode_through_kernel(spec: str, device: str):
+    """(codec, fmt, rows the kernel wrote, rows of the codec's encode) for 50 tokens x 2 heads at D=32."""
     from kvpack.kernels.encode import paged_encode
 
     d, hkv, tokens, block_size = 32, 2, 50, 8
@@ -249,8 +289,18 @@ def test_encode_kernel_codes_equal_the_codec(spec, device):
     cache = cache.cpu()
     flat, flat_before = cache.view(-1, hkv, fmt.row_bytes), before.view(-1, hkv, fmt.row_bytes)
     keep = slots >= 0
-    expected = rows_from_packed(codec.encode(x[keep]), fmt)
-    codes, side = unpack_rows(flat[slots[keep]], fmt)
+    untouched = torch.ones(flat.shape[0], dtype=torch.bool)
+    untouched[slots[keep]] = False
+    assert torch.equal(flat[untouched], flat_before[untouched])
+    return codec, fmt, flat[slots[keep]], rows_from_packed(codec.encode(x[keep]), fmt)
+
+
+@pytest.mark.parametrize(
+    "spec", ["turbo_mse:4", "turbo_mse:3", "turbo_mse:2", "int:4", "int:3", "int:2", "int:4:rotation=hadamard"]
+)
+def test_encode_kernel_codes_equal_the_codec(spec, device):
+    codec, fmt, rows, expected = encode_through_kernel(spec, device)
+    codes, side = unpack_rows(rows, fmt)
     exp_codes, exp_side = unpack_rows(expected, fmt)
     mismatch = codes != exp_codes
     if fmt.rotation is None:
@@ -263,9 +313,24 @@ def test_encode_kernel_codes_equal_the_codec(spec, device):
             assert torch.equal(side, exp_side)
         else:  # min/max of the rotated vector: at most a float16 rounding step apart
             torch.testing.assert_close(side, exp_side, rtol=1e-3, atol=1e-3)
-    untouched = torch.ones(flat.shape[0], dtype=torch.bool)
-    untouched[slots[keep]] = False
-    assert torch.equal(flat[untouched], flat_before[untouched])
+
+
+@pytest.mark.parametrize("spec", ["turbo_prod:4", "turbo_prod:3", "turbo_prod:2", "turbo_prod:5:rotation=hadamard"])
+def test_encode_kernel_turbo_prod_equals_the_codec(spec, device):
+    _, fmt, rows, expected = encode_through_kernel(spec, device)
+    (codes, side), (exp_codes, exp_side) = unpack_rows(rows, fmt), unpack_rows(expected, fmt)
+    b = fmt.mse_bits
+    low, exp_low = (codes & ((1 << b) - 1)).int(), (exp_codes & ((1 << b) - 1)).int()
+    mismatch = low != exp_low  # mse stage: boundary ties only, as turbo_mse
+    assert mismatch.float().mean() <= 1e-3
+    assert ((low - exp_low).abs()[mismatch] == 1).all()
+    assert torch.equal(side[..., 0], exp_side[..., 0])  # the norm
+    # where the mse codes agree the residual is the codec's up to float32 rounding: signs flip only at ~0
+    same = ~mismatch.any(-1)
+    assert same.float().mean() >= 0.9
+    signs, exp_signs = codes >> b, exp_codes >> b
+    assert (signs != exp_signs)[same].float().mean() <= 1e-3
+    torch.testing.assert_close(side[..., 1][same], exp_side[..., 1][same], rtol=1e-3, atol=0)
 
 
 def test_encode_rejects_bad_input():
@@ -287,7 +352,13 @@ def test_encode_rejects_bad_input():
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "key,value", [("turbo_mse:4", "turbo_mse:4"), ("turbo_mse:3", "turbo_mse:3"), ("int:4", "int:4")]
+    "key,value",
+    [
+        ("turbo_mse:4", "turbo_mse:4"),
+        ("turbo_mse:3", "turbo_mse:3"),
+        ("int:4", "int:4"),
+        ("turbo_prod:4", "turbo_mse:4"),
+    ],
 )
 def test_decode_kernel_gpu_llama_heads(key, value):
     case, kf, vf, _ = make_case(key, value, batch=4, kv_heads=8, gqa=4, head_dim=128, block_size=16,
