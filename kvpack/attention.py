@@ -111,8 +111,7 @@ def decode(
     ``query`` (B, Hq, D) float16/bfloat16; ``key_cache``/``value_cache`` uint8 paged rows; ``block_tables``
     int32 (B, max_blocks); ``seq_lens`` int32 (B,) packed tokens per sequence; the window (optional)
     ``(B, W, Hkv, D)`` with ``window_lens`` int32 (B,). Every sequence must hold at least one token.
-    ``scale`` defaults to ``1/sqrt(D)``. ``use_kernel``: ``None`` = the Triton kernel iff on CUDA (which takes
-    ``turbo_prod`` keys but not ``turbo_prod`` values: ValueError; the reference takes both). ``out``: a
+    ``scale`` defaults to ``1/sqrt(D)``. ``use_kernel``: ``None`` = the Triton kernel iff on CUDA. ``out``: a
     ``(B, Hq, D)`` tensor of the query's dtype to write into (the kernel path; for CUDA graphs).
     """
     if window_keys is None and window_values is None and window_lens is None:
@@ -125,8 +124,6 @@ def decode(
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if use_kernel is None:
         use_kernel = query.is_cuda
-    if use_kernel and value_codec.kind == "turbo_prod":  # its QJL part would need a second, sketched accumulator
-        raise ValueError("value_codec: the decode kernel reads turbo_prod keys only; use turbo_mse or int values")
     if not use_kernel:
         ref = decode_ref(query, key_cache, value_cache, block_tables, seq_lens, key_codec=key_codec,
                          value_codec=value_codec, window_keys=window_keys, window_values=window_values,

@@ -15,7 +15,9 @@ values are accumulated in the rotated domain with ``p * norm``; for ``int``, ``s
 zero * sum(q)``; for ``turbo_prod`` keys (TurboQuant-prod: the mse stage plus QJL signs of the residual),
 ``norm * <R q, c[code]> + residual_norm * <sqrt(pi/2) / D * S q, 2 sign - 1>`` with ``S q`` also computed
 once outside (the sign plane is one more 1-bit plane and one more dot; this path has run through Triton's
-interpreter only, not yet on a GPU). Kernel 2 (grid ``(kv_heads, batch)``) merges the splits' partial (max, sum,
+interpreter only, not yet on a GPU). ``turbo_prod`` values add a second accumulator, ``sum p * residual_norm
+* (2 sign - 1)``, in the sketch's domain: kernel 2 merges it like the first and ``S^T`` maps it back once,
+outside. Kernel 2 (grid ``(kv_heads, batch)``) merges the splits' partial (max, sum,
 accumulator), rotates the packed-value part back once (``acc @ M_v.T``) and adds the window part.
 This is TurboQuant's (Zandieh et al., arXiv 2504.19874) "score in the rotated domain" applied to
 decode attention.
@@ -170,8 +172,8 @@ def _dequant(w0, w1, cb_ptr, KIND: tl.constexpr, BITS: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def _attend_tile(q, q_sum, q_sk, k0, k1, k_s, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, acc, k_cb_ptr, v_cb_ptr,
-                 qk_scale, KIND_K: tl.constexpr, BITS_K: tl.constexpr, KIND_V: tl.constexpr,
+def _attend_tile(q, q_sum, q_sk, k0, k1, k_s, k_a, k_c, v0, v1, v_s, v_a, v_c, tmask, m_i, l_i, acc, k_cb_ptr, v_cb_ptr,
+                 acc_qjl, qk_scale, KIND_K: tl.constexpr, BITS_K: tl.constexpr, KIND_V: tl.constexpr,
                  BITS_V: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                  UNPACK: tl.constexpr):  # fmt: skip
     """One tile of online softmax: scores from the key codes, then the value codes accumulated."""
@@ -188,11 +190,15 @@ def _attend_tile(q, q_sum, q_sk, k0, k1, k_s, k_a, k_c, v0, v1, v_a, v_c, tmask,
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v_vals = _dequant(v0, v1, v_cb_ptr, KIND_V, BITS_V, D, BLOCK_N, UNPACK)
+    CB_V: tl.constexpr = 0 if KIND_V == 2 else KIND_V
+    v_vals = _dequant(v0, v1, v_cb_ptr, CB_V, BITS_V, D, BLOCK_N, UNPACK)
     acc = acc * alpha[:, None] + tl.dot((p * v_a[None, :]).to(tl.float16), v_vals)
     if KIND_V == 1:
         acc += tl.sum(p * v_c[None, :], axis=1)[:, None]
-    return m_new, l_i, acc
+    if KIND_V == 2:  # the QJL part, S^T applied after the merge: sum p * residual_norm * (2 sign - 1)
+        v_signs = (_plane(v_s, 1, D, BLOCK_N) * 2 - 1).to(tl.float16)
+        acc_qjl = acc_qjl * alpha[:, None] + tl.dot((p * v_c[None, :]).to(tl.float16), v_signs)
+    return m_new, l_i, acc, acc_qjl
 
 
 @triton.jit
@@ -212,6 +218,7 @@ def _split_kernel(
     part_m_ptr,  # float32 (B, HQ, S + 1): running max (log2 domain)
     part_l_ptr,  # float32 (B, HQ, S + 1): running sum
     part_acc_ptr,  # float32 (B, HQ, S + 1, D)
+    part_qjl_ptr,  # float32 (B, HQ, S + 1, D): the QJL accumulator (turbo_prod values; otherwise not written)
     qk_scale,  # softmax scale * log2(e)
     tokens_per_split,
     stride_bt,
@@ -236,7 +243,7 @@ def _split_kernel(
     b = tl.program_id(2)
     HQ: tl.constexpr = HKV * GQA
     ROW_K: tl.constexpr = D * BITS_K // 32 + 1 + (D // 32 if KIND_K == 2 else 0)  # words: planes (+ signs) + side
-    ROW_V: tl.constexpr = D * BITS_V // 32 + 1
+    ROW_V: tl.constexpr = D * BITS_V // 32 + 1 + (D // 32 if KIND_V == 2 else 0)
     rows_q = tl.arange(0, GPAD)
     qmask = rows_q < GQA
     d = tl.arange(0, D)
@@ -245,6 +252,7 @@ def _split_kernel(
     m_i = tl.full((GPAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((GPAD,), dtype=tl.float32)
     acc = tl.zeros((GPAD, D), dtype=tl.float32)
+    acc_qjl = acc  # turbo_prod values only
 
     if split < NUM_SPLITS:
         q = tl.load(q_ptr + q_off, mask=qmask[:, None], other=0.0).to(tl.float16)
@@ -265,6 +273,9 @@ def _split_kernel(
         k_s = k0  # placeholder: the sign words, turbo_prod keys only (then carried through the loop like k0)
         if KIND_K == 2:
             k_s = _load_signs(k_cache_ptr, slot * (HKV * ROW_K) + h * ROW_K, tmask, BITS_K, D)
+        v_s = v0
+        if KIND_V == 2:
+            v_s = _load_signs(v_cache_ptr, slot * (HKV * ROW_V) + h * ROW_V, tmask, BITS_V, D)
         t1 = t + BLOCK_N
         mask1 = t1 < end
         slot1 = _tile_slots(block_tables_ptr, b, stride_bt, t1, mask1, BLOCK_SIZE, OFF64)
@@ -278,12 +289,16 @@ def _split_kernel(
                 k_sn = _load_signs(k_cache_ptr, slot1 * (HKV * ROW_K) + h * ROW_K, mask1, BITS_K, D)
             v0n, v1n, v_an, v_cn = _load_tile(v_cache_ptr, slot1 * (HKV * ROW_V) + h * ROW_V, mask1, KIND_V,
                                               BITS_V, D, UNPACK)  # fmt: skip
-            m_i, l_i, acc = _attend_tile(q, q_sum, q_sk, k0, k1, k_s, k_a, k_c, v0, v1, v_a, v_c, tmask, m_i, l_i, acc,
-                                         k_cb_ptr, v_cb_ptr, qk_scale, KIND_K, BITS_K, KIND_V, BITS_V, D, BLOCK_N,
+            if KIND_V == 2:
+                v_sn = _load_signs(v_cache_ptr, slot1 * (HKV * ROW_V) + h * ROW_V, mask1, BITS_V, D)
+            m_i, l_i, acc, acc_qjl = _attend_tile(q, q_sum, q_sk, k0, k1, k_s, k_a, k_c, v0, v1, v_s, v_a, v_c, tmask,
+                                                  m_i, l_i, acc, k_cb_ptr, v_cb_ptr, acc_qjl, qk_scale, KIND_K, BITS_K, KIND_V, BITS_V, D, BLOCK_N,
                                          UNPACK)  # fmt: skip
             k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask = k0n, k1n, k_an, k_cn, v0n, v1n, v_an, v_cn, mask1
             if KIND_K == 2:
                 k_s = k_sn
+            if KIND_V == 2:
+                v_s = v_sn
             slot1, mask1 = slot2, mask2
     else:
         qw = tl.load(qw_ptr + q_off, mask=qmask[:, None], other=0.0)
@@ -307,6 +322,8 @@ def _split_kernel(
     tl.store(part_m_ptr + part, m_i, mask=qmask)
     tl.store(part_l_ptr + part, l_i, mask=qmask)
     tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=qmask[:, None])
+    if KIND_V == 2:
+        tl.store(part_qjl_ptr + part[:, None] * D + d[None, :], acc_qjl, mask=qmask[:, None])
 
 
 @triton.jit
@@ -315,12 +332,15 @@ def _reduce_kernel(
     part_l_ptr,
     part_acc_ptr,
     packed_out_ptr,  # float32 (B, HQ, D): the packed part, still rotated (ROTATED_V only)
+    part_qjl_ptr,  # float32 (B, HQ, S + 1, D), QJL_V only: the splits' QJL accumulators
+    qjl_out_ptr,  # float32 (B, HQ, D), QJL_V only: their merge, still in the sketch's domain
     out_ptr,  # (B, HQ, D): the output, or the window part in float32 (ROTATED_V)
     HQ: tl.constexpr,
     D: tl.constexpr,
     NUM_SPLITS,
     SPLIT_CHUNK: tl.constexpr,
     ROTATED_V: tl.constexpr,
+    QJL_V: tl.constexpr,
 ):
     """Merge the splits of one query head: one program per (query head, sequence), splits read in chunks."""
     qh = tl.program_id(0)
@@ -334,6 +354,7 @@ def _reduce_kernel(
     m_all = tl.max(m_max, axis=0)
     l_tot = tl.zeros((SPLIT_CHUNK,), dtype=tl.float32)
     acc = tl.zeros((SPLIT_CHUNK, D), dtype=tl.float32)
+    acc_qjl = acc
     for s0 in range(0, NUM_SPLITS, SPLIT_CHUNK):
         sm = s0 + c < NUM_SPLITS  # the packed splits; the window's is apart
         w = tl.exp2(tl.load(part_m_ptr + base + s0 + c, mask=sm, other=float("-inf")) - m_all)
@@ -341,11 +362,17 @@ def _reduce_kernel(
         acc += w[:, None] * tl.load(
             part_acc_ptr + (base + s0 + c)[:, None] * D + d[None, :], mask=sm[:, None], other=0.0
         )
+        if QJL_V:
+            acc_qjl += w[:, None] * tl.load(
+                part_qjl_ptr + (base + s0 + c)[:, None] * D + d[None, :], mask=sm[:, None], other=0.0
+            )
     w_win = tl.exp2(tl.load(part_m_ptr + base + NUM_SPLITS) - m_all)
     l_all = tl.sum(l_tot, axis=0) + w_win * tl.load(part_l_ptr + base + NUM_SPLITS)
     packed = tl.sum(acc, axis=0) / l_all
     window = w_win * tl.load(part_acc_ptr + (base + NUM_SPLITS) * D + d) / l_all
     o = (b * HQ + qh) * D + d
+    if QJL_V:
+        tl.store(qjl_out_ptr + o, tl.sum(acc_qjl, axis=0) / l_all)
     if ROTATED_V:  # rotated back outside (one GEMM for the batch)
         tl.store(packed_out_ptr + o, packed)
         tl.store(out_ptr + o, window)
@@ -430,6 +457,8 @@ def paged_decode_attention(
     part_m = torch.empty(batch, hq, num_splits + 1, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(batch, hq, num_splits + 1, d, device=query.device, dtype=torch.float32)
+    qjl_v = value_codec.kind == "turbo_prod"
+    part_qjl = torch.empty_like(part_acc) if qjl_v else part_acc
     out = torch.empty_like(query) if out is None else out
     k_cb = key_codec.codebook16 if key_codec.codebook16 is not None else _no_codebook(query.device)
     v_cb = value_codec.codebook16 if value_codec.codebook16 is not None else _no_codebook(query.device)
@@ -450,6 +479,7 @@ def paged_decode_attention(
         part_m,
         part_l,
         part_acc,
+        part_qjl,
         scale * LOG2E,
         tokens_per_split,
         block_tables.stride(0),
@@ -462,7 +492,7 @@ def paged_decode_attention(
         KIND_K=KIND_IDS[key_codec.kind],
         BITS_K=key_codec.mse_bits,
         KIND_V=KIND_IDS[value_codec.kind],
-        BITS_V=value_codec.bits,
+        BITS_V=value_codec.mse_bits,
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
@@ -474,22 +504,28 @@ def paged_decode_attention(
     rotated_v = value_codec.unrotation is not None
     packed_part = torch.empty(batch, hq, d, device=query.device, dtype=torch.float32) if rotated_v else part_m
     window_part = torch.empty_like(packed_part) if rotated_v else out
+    qjl_part = torch.empty_like(packed_part) if qjl_v else packed_part
     _reduce_kernel[(hq, batch)](
         part_m,
         part_l,
         part_acc,
         packed_part,
+        part_qjl,
+        qjl_part,
         window_part,
         HQ=hq,
         D=d,
         NUM_SPLITS=num_splits,
         SPLIT_CHUNK=16,
         ROTATED_V=rotated_v,
+        QJL_V=qjl_v,
         num_warps=4,
     )
     if rotated_v:  # unrotate the packed values' part once: out = packed @ M_v.T + window
         torch.addmm(
             window_part.view(-1, d), packed_part.view(-1, d), value_codec.unrotation, out=window_part.view(-1, d)
         )
+        if qjl_v:  # turbo_prod values: + residual_norm sqrt(pi/2) / D * S^T (2 signs - 1), merged
+            window_part.view(-1, d).addmm_(qjl_part.view(-1, d), value_codec.sketch, alpha=math.sqrt(math.pi / 2) / d)
         out.copy_(window_part)
     return out

@@ -183,7 +183,8 @@ def test_paged_codec_rejects_what_the_kernels_cannot_read():
     [("turbo_mse:4", "turbo_mse:4"), ("turbo_mse:3", "turbo_mse:3"), ("turbo_mse:2", "turbo_mse:2"),
      ("int:4", "int:4"), ("turbo_mse:4:rotation=hadamard", "int:4"), ("int:4:rotation=hadamard", "int:2"),
      ("int:3", "int:3:rotation=haar"), ("turbo_prod:4", "turbo_mse:3"), ("turbo_prod:2", "int:4"),
-     ("turbo_prod:3:rotation=hadamard", "int:2:rotation=hadamard")],
+     ("turbo_prod:3:rotation=hadamard", "int:2:rotation=hadamard"), ("int:4", "turbo_prod:3"),
+     ("turbo_prod:5", "turbo_prod:2:rotation=hadamard")],
 )  # fmt: skip
 def test_decode_kernel_matches_reference(key, value, device):
     from kvpack.kernels.decode_attention import paged_decode_attention
@@ -210,10 +211,10 @@ def test_decode_kernel_window_only_and_packed_only(device):
     assert rel_err(out, ref) <= 1e-2
 
 
-@pytest.mark.parametrize("key", ["turbo_mse:3", "turbo_prod:3"])
-def test_reference_matches_dense_attention_over_codec_decode(key):
+@pytest.mark.parametrize("key,value", [("turbo_mse:3", "int:4"), ("turbo_prod:3", "turbo_prod:2")])
+def test_reference_matches_dense_attention_over_codec_decode(key, value):
     """decode_ref == softmax attention over codec.decode(K), codec.decode(V) and the window, in float64."""
-    case, kf, vf, (kc, vc) = make_case(key, "int:4", batch=1, kv_heads=2, gqa=2, head_dim=32, block_size=4,
+    case, kf, vf, (kc, vc) = make_case(key, value, batch=1, kv_heads=2, gqa=2, head_dim=32, block_size=4,
                                        seq_lens=[10], window_lens=[3], device="cpu", seed=2)  # fmt: skip
     g = torch.Generator().manual_seed(2)
     ref = decode_ref(**case, key_codec=kf, value_codec=vf)
@@ -256,15 +257,6 @@ def test_decode_dispatch_and_errors():
     partial = {k: v for k, v in case.items() if k != "window_lens"}
     with pytest.raises(ValueError, match="together"):
         decode(**partial, key_codec=kf, value_codec=vf)
-
-
-def test_decode_kernel_refuses_turbo_prod_values():
-    case, kf, vf, _ = make_case("turbo_prod:3", "turbo_prod:3", batch=1, kv_heads=1, gqa=2, head_dim=32, block_size=4,
-                                seq_lens=[5], window_lens=[1], device="cpu", seed=1)  # fmt: skip
-    with pytest.raises(ValueError, match="value_codec"):
-        decode(**case, key_codec=kf, value_codec=vf, use_kernel=True)
-    ref = decode_ref(**case, key_codec=kf, value_codec=vf)  # the reference reads them: the codec's decode
-    assert rel_err(decode(**case, key_codec=kf, value_codec=vf), ref) < 1e-3
 
 
 # ---- fused encode --------------------------------------------------------------------------------
@@ -358,6 +350,7 @@ def test_encode_rejects_bad_input():
         ("turbo_mse:3", "turbo_mse:3"),
         ("int:4", "int:4"),
         ("turbo_prod:4", "turbo_mse:4"),
+        ("turbo_mse:4", "turbo_prod:4"),
     ],
 )
 def test_decode_kernel_gpu_llama_heads(key, value):
