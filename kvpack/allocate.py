@@ -14,12 +14,19 @@
 3. The result is a `CachePolicy` with per-layer specs (``layer_keys``/``layer_values``), accepted
    by ``KVPackCache(config, policy=load_policy(path))`` and ``kvpack eval --policy PATH``.
 
+Per head (``--per-head``): :func:`measure_head_sensitivity` measures ``D[layer, kv_head, stream, codec]``
+with one KV head's K or V compressed (one clean prefill per window serves every candidate), and the
+same knapsack runs over (layer, KV head, stream) items; :func:`head_policy_for` turns the choice into
+``head_keys``/``head_values``. K's error concentrates in single heads, so this beats the per-layer
+choice at equal bits (BENCHMARKS.md, "How the presets were found", 6.).
+
 Outlier heads: :func:`head_sensitivity` measures the same KL with one KV head (K and V) of one
 layer compressed and everything else exact; :func:`choose_outlier_heads` keeps the worst ones in
 16-bit (`CachePolicy.fp_heads`).
 
 The budget counts the codecs' own bits per value (scales and norms included); the 16-bit sinks
-and residual window are the same for every policy and not counted.
+and residual window are the same for every policy and not counted (``--held-ctx N`` counts them
+at N tokens instead, as the presets' budgets do).
 """
 
 from __future__ import annotations

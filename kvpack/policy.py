@@ -5,8 +5,9 @@ full precision and are packed in blocks of ``block`` tokens as they age; Streami
 arXiv 2309.17453) motivates keeping the first ``sinks`` tokens (attention sinks) in full precision;
 layers in ``skip_layers`` are not compressed at all; ``layer_keys``/``layer_values`` give a codec per
 layer (`kvpack allocate` writes them), ``head_keys``/``head_values`` a codec per KV head of a layer
-(`PerHeadCodec`; `kvpack.allocate.allocate_heads` writes them); ``fp_heads`` keeps chosen (layer, KV head) pairs of both K and V
-in 16-bit (outlier heads, chosen by `kvpack.allocate.choose_outlier_heads`). "Full precision" means 16-bit floats, as
+(`PerHeadCodec`; `kvpack allocate --per-head` writes them); ``fp_heads`` keeps chosen (layer, KV head)
+pairs of both K and V in 16-bit (outlier heads, chosen by `kvpack.allocate.choose_outlier_heads`).
+"Full precision" means 16-bit floats, as
 deployed: the model dtype when it is float16/bfloat16, float16 for a float32 model (``window_dtype``
 overrides), so the bits a float32 CPU evaluation reports are those a 16-bit deployment holds.
 """
