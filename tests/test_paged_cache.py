@@ -157,10 +157,21 @@ def test_beam_search_reorders_pages():
 
 def test_unsupported_layers_keep_kvpack_storage():
     ids, mask = prompt(pad=(0, 9))
-    ref, out, _, paged = both(tiny_llama(), ids, mask, key="turbo_prod:3", value="int:4", **SMALL)
+    ref, out, _, paged = both(tiny_llama(), ids, mask, key="fp8", value="int:4", **SMALL)
     assert torch.equal(out, ref) and not any(layer.paged for layer in paged.layers)
     ref, out, _, paged = both(tiny_llama(), ids, mask, key="int:4", value="int:4", skip_layers=(1,), **SMALL)
     assert torch.equal(out, ref) and [layer.paged for layer in paged.layers] == [True, False, True]
+
+
+def test_turbo_prod_kernels_stay_off_the_gpu_until_run_there():
+    from kvpack.paged_cache import kernels_verified
+
+    assert kernels_verified(("turbo_prod", "int"), "cpu", None)  # the reference path
+    assert kernels_verified(("turbo_prod", "int"), "cpu", True)  # the interpreter
+    assert not kernels_verified(("turbo_prod", "int"), "cuda", None)
+    assert not kernels_verified(("int", "turbo_prod"), "cuda", True)
+    assert kernels_verified(("turbo_prod", "int"), "cuda", False)
+    assert kernels_verified(("turbo_mse", "int"), "cuda", None)
 
 
 def test_errors(tmp_path):
