@@ -29,6 +29,8 @@ evaluation windows: ``4bit`` +0.24% -> +0.18% (4.234 -> 4.246 bits, within 4.25)
 +0.71% at the same held bits. ``2.5bit`` also offers V ``turbo_mse:1`` (1.25 bits; +35% on every V
 head at once, but mild on many single heads): 40 of 90 V heads take it and pay for ``e8:3``/``e8:4`` on
 the sensitive K heads; +7.13% (per layer) -> +5.82% (per head, ``e8`` only) -> +3.42% (2.480 -> 2.497 bits).
+Caveat: that ``2.5bit`` fails the 4K passkey test (`kvpack needle`, 0 of 4 depths; per layer: 3 of 4):
+it is tuned for perplexity at ctx 1024, not for long-context retrieval.
 
 The presets are tuned on SmolLM2-135M (30 layers, 3 KV heads): ``layer_keys``/``layer_values`` and
 ``head_keys``/``head_values`` name its layers and heads; on another model the layers past 30 use
