@@ -17,7 +17,7 @@ def smollm2_config() -> LlamaConfig:
 
 
 def test_the_three_budgets_have_presets():
-    assert set(PRESETS) == {"4bit", "3bit", "2.5bit"} == set(BUDGETS)
+    assert set(PRESETS) == {"4bit", "3bit", "2.5bit", "2.5bit-retrieval"} == set(BUDGETS)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
