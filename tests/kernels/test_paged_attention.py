@@ -363,3 +363,31 @@ def test_decode_kernel_gpu_llama_heads(key, value):
         ref = decode_ref(**case, key_codec=kf, value_codec=vf)
         assert bool(torch.isfinite(out).all())
         assert rel_err(out, ref) <= 1e-2
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("key,value", [("turbo_mse:4", "turbo_mse:3"), ("int:4:rotation=hadamard", "int:4")])
+def test_decode_step_replays_from_a_cuda_graph(key, value):
+    """A captured decode step replays exactly what eager computes, also after new lengths are written in place."""
+    case, kf, vf, _ = make_case(key, value, batch=3, kv_heads=8, gqa=4, head_dim=128, block_size=16,
+                                seq_lens=[900, 17, 300], window_lens=[20, 4, 0], device="cuda", seed=9)  # fmt: skip
+    out = torch.full_like(case["query"], float("nan"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode(**case, key_codec=kf, value_codec=vf, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode(**case, key_codec=kf, value_codec=vf, out=out)
+    for step in range(2):
+        if step == 1:  # the next step: a new query and new lengths (within the encoded tokens) in the buffers
+            case["query"].copy_(torch.randn_like(case["query"]))
+            case["seq_lens"].copy_(torch.tensor([899, 3, 299], dtype=torch.int32))
+            case["window_lens"].copy_(torch.tensor([19, 1, 1], dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, decode(**case, key_codec=kf, value_codec=vf))
+        assert rel_err(out, decode_ref(**case, key_codec=kf, value_codec=vf)) <= 1e-2
