@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from kvpack.cache import KVPackCache
+
 __all__ = ["DEFAULT_CACHES", "add_arguments", "build_model", "measure", "parse_caches", "run_caches", "run_generate"]
 
 logger = logging.getLogger(__name__)
@@ -120,19 +122,19 @@ def build_model(layers: int, device: str | torch.device = "cuda", dtype: torch.d
 
 
 def _make_cache(name: str, model, residual: int, sinks: int):
-    """The cache called ``name``, with the model's attention set to what it needs; None if it cannot be built here."""
+    """The cache called ``name``, with the model's attention set to what it needs.
+
+    Peers are built by `kvpack.evaluation.peers.peer_factory` (transformers' `QuantizedCache`, which also
+    counts its bytes); it raises ImportError naming the install when the backend package is missing.
+    """
     if name == "dynamic" or name.startswith(("quanto:", "hqq:")):
-        from transformers import DynamicCache, QuantizedCache
+        from transformers import DynamicCache
 
-        from kvpack.evaluation.peers import available
+        from kvpack.evaluation.peers import peer_factory
 
+        make = (lambda config: DynamicCache(config=config)) if name == "dynamic" else peer_factory(name)
         model.set_attn_implementation("sdpa")
-        if name == "dynamic":
-            return DynamicCache(config=model.config)
-        backend, bits = name.split(":")
-        if available(backend) is not None:
-            return None
-        return QuantizedCache(backend=backend, config=model.config, nbits=int(bits))
+        return make(model.config)
     from kvpack.paged_cache import PagedKVPackCache, use_paged_attention
 
     use_paged_attention(model)
@@ -154,11 +156,10 @@ def measure(model, name: str, ids: torch.Tensor, *, new_tokens: int, warmup_toke
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device) if cuda else 0
-    cache = _make_cache(name, model, residual, sinks)
-    if cache is None:
-        from kvpack.evaluation.peers import available
-
-        return {"cache": name, "skipped": f"not installed ({available(name.split(':')[0])})"}
+    try:
+        cache = _make_cache(name, model, residual, sinks)
+    except ImportError as exc:  # a peer whose package is not installed
+        return {"cache": name, "skipped": str(exc)}
     batch, context = ids.shape
     mask = torch.ones_like(ids)
     row = {"cache": name, "batch": batch, "context": context}
@@ -195,7 +196,7 @@ def measure(model, name: str, ids: torch.Tensor, *, new_tokens: int, warmup_toke
             "cache_seq_length": cache.get_seq_length(),
         }
     )
-    if hasattr(cache, "bits_per_value"):  # kvpack: measured bytes; layers whose decode ran on the pages
+    if isinstance(cache, KVPackCache):  # kvpack: measured bytes; layers whose decode ran on the pages
         row["bits_per_value"] = cache.bits_per_value()
         row["nbytes"] = cache.nbytes()
         row["paged_layers"] = sum(layer.paged for layer in cache.layers)
