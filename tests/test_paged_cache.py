@@ -37,13 +37,20 @@ def generate(model, ids, mask, cache, n=30, **kwargs):
                               pad_token_id=0, **kwargs)  # fmt: skip
 
 
+def cache_for(model, cls, **kwargs):
+    """A ``cls`` cache, with the model's attention set to what it needs (SDPA, or the paged attention)."""
+    if cls is PagedKVPackCache:
+        use_paged_attention(model)
+    else:
+        model.set_attn_implementation("sdpa")
+    return cls(model.config, **kwargs)
+
+
 def both(model, ids, mask, n=30, **kwargs):
     """Generation with plain KVPackCache (SDPA over decoded K/V), then with PagedKVPackCache on the same policy."""
-    model.set_attn_implementation("sdpa")
-    plain = KVPackCache(model.config, **kwargs)
+    plain = cache_for(model, KVPackCache, **kwargs)
     ref = generate(model, ids, mask, plain, n)
-    use_paged_attention(model)
-    paged = PagedKVPackCache(model.config, **kwargs)
+    paged = cache_for(model, PagedKVPackCache, **kwargs)
     return ref, generate(model, ids, mask, paged, n), plain, paged
 
 
@@ -117,8 +124,7 @@ def test_chunked_prefill_and_single_token_prompt_equal_kvpack_cache():
     ids, mask = prompt(batch=2, pad=(0, 13))
     outs = []
     for cls in (KVPackCache, PagedKVPackCache):
-        model.set_attn_implementation("sdpa") if cls is KVPackCache else use_paged_attention(model)
-        cache = cls(model.config, key="turbo_mse:3", value="int:3", **SMALL)
+        cache = cache_for(model, cls, key="turbo_mse:3", value="int:3", **SMALL)
         with torch.inference_mode():  # a 40-token chunk (packs), then a 29-token chunk attends to dequantized pages
             model(ids[:, :40], attention_mask=mask[:, :40], past_key_values=cache)
             model(ids[:, 40:69], attention_mask=mask[:, :69], past_key_values=cache)
@@ -133,8 +139,7 @@ def test_crop_within_window_then_generate_equals_kvpack_cache():
     ids, mask = prompt(batch=2, pad=(0, 7))
     outs = []
     for cls in (KVPackCache, PagedKVPackCache):
-        model.set_attn_implementation("sdpa") if cls is KVPackCache else use_paged_attention(model)
-        cache = cls(model.config, key="int:4", value="turbo_mse:3", **SMALL)
+        cache = cache_for(model, cls, key="int:4", value="turbo_mse:3", **SMALL)
         with torch.inference_mode():
             model(ids, attention_mask=mask, past_key_values=cache)
         cache.crop(-3)  # the last 3 prompt tokens leave the 16-bit window; generation re-feeds them
