@@ -161,6 +161,18 @@ def _kl_of_policies(model, windows, ctx: int, policies: list[CachePolicy], desc:
     return kl
 
 
+def _only_layer(layer: int, num_layers: int, key: str | None, value: str | None, **fields) -> CachePolicy:
+    """A policy compressing only layer ``layer``: its K with ``key``, its V with ``value`` (``None``: exact)."""
+    keys = tuple(key if i == layer else None for i in range(num_layers))
+    values = tuple(value if i == layer else None for i in range(num_layers))
+    return CachePolicy(None, None, layer_keys=keys, layer_values=values, **fields)
+
+
+def _other_heads(layer: int, head: int, num_heads: int) -> tuple[tuple[int, int], ...]:
+    """``fp_heads`` that keep every KV head of ``layer`` but ``head`` exact."""
+    return tuple((layer, h) for h in range(num_heads) if h != head)
+
+
 def measure_sensitivity(
     model, windows: list[torch.Tensor], ctx: int, candidates: tuple[str, ...], residual: int = 128, sinks: int = 4,
     progress: bool = True,
@@ -171,16 +183,19 @@ def measure_sensitivity(
     ``D`` is the codec's effect alone."""
     num_layers = model.config.num_hidden_layers
     dtype = next(model.parameters()).dtype
-    blank = (None,) * num_layers
-    policies = []
-    for layer in range(num_layers):
-        for stream in range(2):
-            for spec in candidates:
-                specs = tuple(spec if i == layer else None for i in range(num_layers))
-                keys, values = (specs, blank) if stream == 0 else (blank, specs)
-                policies.append(
-                    CachePolicy(None, None, residual, sinks, window_dtype=dtype, layer_keys=keys, layer_values=values)
-                )
+    policies = [
+        _only_layer(
+            layer,
+            num_layers,
+            *((spec, None) if stream == 0 else (None, spec)),
+            residual=residual,
+            sinks=sinks,
+            window_dtype=dtype,
+        )
+        for layer in range(num_layers)
+        for stream in range(2)
+        for spec in candidates
+    ]
     kl = _kl_of_policies(model, windows, ctx, policies, "sensitivity", progress)
     return kl.reshape(num_layers, 2, len(candidates))
 
@@ -197,24 +212,20 @@ def head_sensitivity(
     config = model.config
     num_layers, num_heads = config.num_hidden_layers, config.num_key_value_heads
     dtype = next(model.parameters()).dtype
-    policies = []
-    for layer in range(num_layers):
-        keys = tuple(key if i == layer else None for i in range(num_layers))
-        values = tuple(value if i == layer else None for i in range(num_layers))
-        for head in range(num_heads):
-            others = tuple((layer, h) for h in range(num_heads) if h != head)
-            policies.append(
-                CachePolicy(
-                    None,
-                    None,
-                    residual,
-                    sinks,
-                    window_dtype=dtype,
-                    layer_keys=keys,
-                    layer_values=values,
-                    fp_heads=others,
-                )
-            )
+    policies = [
+        _only_layer(
+            layer,
+            num_layers,
+            key,
+            value,
+            residual=residual,
+            sinks=sinks,
+            window_dtype=dtype,
+            fp_heads=_other_heads(layer, head, num_heads),
+        )
+        for layer in range(num_layers)
+        for head in range(num_heads)
+    ]
     return _kl_of_policies(model, windows, ctx, policies, "head sensitivity", progress).reshape(num_layers, num_heads)
 
 
@@ -239,14 +250,11 @@ def measure_head_sensitivity(
     policies, slots = [], []
     for layer in range(num_layers):
         for head in range(num_heads):
-            others = tuple((layer, h) for h in range(num_heads) if h != head)
             for stream, candidates in enumerate((key_candidates, value_candidates)):
                 for j, spec in enumerate(candidates):
-                    specs = tuple(spec if i == layer else None for i in range(num_layers))
-                    blank = (None,) * num_layers
-                    keys, values = (specs, blank) if stream == 0 else (blank, specs)
-                    policies.append(CachePolicy(None, None, residual, sinks, block=block, window_dtype=dtype,
-                                                layer_keys=keys, layer_values=values, fp_heads=others))  # fmt: skip
+                    kv = (spec, None) if stream == 0 else (None, spec)
+                    policies.append(_only_layer(layer, num_layers, *kv, residual=residual, sinks=sinks, block=block,
+                                                window_dtype=dtype, fp_heads=_other_heads(layer, head, num_heads)))  # fmt: skip
                     slots.append(((layer * num_heads + head) * 2 + stream) * width + j)
     kl = _kl_of_policies(model, windows, ctx, policies, "head sensitivity", progress)
     out = torch.full((num_layers * num_heads * 2 * width,), float("nan"), dtype=torch.float64)
