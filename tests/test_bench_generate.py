@@ -97,3 +97,12 @@ def test_run_caches_reports_every_row_and_survives_a_failing_cache(monkeypatch, 
     assert result["model"]["layers"] == 1 and result["model"]["head_dim"] == 64
     out = capsys.readouterr().out
     assert "int:4: ctx 40 batch 1" in out and "ERROR RuntimeError: boom" in out
+
+
+def test_a_peer_without_its_package_becomes_a_skipped_row(monkeypatch):
+    from kvpack.evaluation import peers
+
+    monkeypatch.setattr(peers, "available", lambda backend: f"pip install {backend}-package")
+    model = build_model(1, "cpu", torch.float16, **TINY)
+    row = measure(model, "hqq:4", torch.randint(3, 256, (1, 20)), new_tokens=2, warmup_tokens=0)
+    assert row == {"cache": "hqq:4", "skipped": "peer 'hqq:4' needs its backend package: pip install hqq-package"}
