@@ -58,15 +58,6 @@ logger = logging.getLogger(__name__)
 ATTENTION_NAME = "kvpack_paged"
 BLOCK_SIZE = 16  # tokens per page, as in `kvpack bench attention`
 _WINDOW_DTYPES = (torch.float16, torch.bfloat16)
-# codecs whose Triton kernels are tested through the interpreter only, not yet on a GPU: on CUDA their layers
-# keep `KVPackLayer` storage (dequantize + SDPA) rather than run unverified device code
-KERNELS_UNTESTED_ON_GPU = ("turbo_prod",)
-
-
-def kernels_verified(codec_names: tuple[str, ...], device_type: str, use_kernel: bool | None) -> bool:
-    """Whether a layer with these codecs may run the Triton kernels on ``device_type`` (``use_kernel`` as given)."""
-    on_gpu = device_type == "cuda" if use_kernel is None else use_kernel and device_type == "cuda"
-    return not (on_gpu and any(name in KERNELS_UNTESTED_ON_GPU for name in codec_names))
 
 
 class PagedLayer(KVPackLayer):
@@ -126,10 +117,6 @@ class PagedLayer(KVPackLayer):
 
     def _paged_formats(self) -> tuple[PagedCodec, PagedCodec] | None:
         if self.is_sliding or self.key_rope is not None or self.held_dtype not in _WINDOW_DTYPES:
-            return None
-        names = (getattr(self.key_codec, "name", ""), getattr(self.value_codec, "name", ""))
-        if not kernels_verified(names, self.device.type, self.use_kernel):
-            logger.info("layer %d keeps KVPackLayer storage: %s kernels have not run on a GPU", self.layer_idx, names)
             return None
         try:
             return paged_codec(self.key_codec, self.device), paged_codec(self.value_codec, self.device)

@@ -173,10 +173,13 @@ def _dequant(w0, w1, cb_ptr, KIND: tl.constexpr, BITS: tl.constexpr, D: tl.const
 
 @triton.jit
 def _attend_tile(q, q_sum, q_sk, k0, k1, k_s, k_a, k_c, v0, v1, v_s, v_a, v_c, tmask, m_i, l_i, acc, k_cb_ptr, v_cb_ptr,
-                 acc_qjl, qk_scale, KIND_K: tl.constexpr, BITS_K: tl.constexpr, KIND_V: tl.constexpr,
+                 acc_qjl, KIND_K: tl.constexpr, BITS_K: tl.constexpr, KIND_V: tl.constexpr,
                  BITS_V: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                  UNPACK: tl.constexpr):  # fmt: skip
-    """One tile of online softmax: scores from the key codes, then the value codes accumulated."""
+    """One tile of online softmax: scores from the key codes, then the value codes accumulated.
+
+    ``q`` and ``q_sk`` come scaled by the softmax scale times log2(e): the scores leave the dots in the log2 domain.
+    """
     CB_K: tl.constexpr = 0 if KIND_K == 2 else KIND_K  # turbo_prod's mse stage reads the codebook as turbo_mse
     k_vals = _dequant(k0, k1, k_cb_ptr, CB_K, BITS_K, D, BLOCK_N, UNPACK)
     s = tl.dot(q, tl.trans(k_vals)) * k_a[None, :]
@@ -185,7 +188,7 @@ def _attend_tile(q, q_sum, q_sk, k0, k1, k_s, k_a, k_c, v0, v1, v_s, v_a, v_c, t
     if KIND_K == 2:  # QJL part: residual_norm * <q_sk, 2 sign - 1>, q_sk = sqrt(pi/2) / D * S q
         signs = (_plane(k_s, 1, D, BLOCK_N) * 2 - 1).to(tl.float16)
         s += tl.dot(q_sk, tl.trans(signs)) * k_c[None, :]
-    s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
+    s = tl.where(tmask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -255,11 +258,12 @@ def _split_kernel(
     acc_qjl = acc  # turbo_prod values only
 
     if split < NUM_SPLITS:
-        q = tl.load(q_ptr + q_off, mask=qmask[:, None], other=0.0).to(tl.float16)
+        # the softmax scale goes into the query once instead of into every score
+        q = (tl.load(q_ptr + q_off, mask=qmask[:, None], other=0.0).to(tl.float32) * qk_scale).to(tl.float16)
         q_sum = tl.sum(q.to(tl.float32), axis=1)  # used by int keys only
         q_sk = q  # placeholder, read by turbo_prod keys only
         if KIND_K == 2:
-            q_sk = tl.load(qs_ptr + q_off, mask=qmask[:, None], other=0.0).to(tl.float16)
+            q_sk = (tl.load(qs_ptr + q_off, mask=qmask[:, None], other=0.0).to(tl.float32) * qk_scale).to(tl.float16)
         seq_len = tl.load(seq_lens_ptr + b)
         start = split * tokens_per_split
         end = tl.minimum(start + tokens_per_split, seq_len)
@@ -292,7 +296,7 @@ def _split_kernel(
             if KIND_V == 2:
                 v_sn = _load_signs(v_cache_ptr, slot1 * (HKV * ROW_V) + h * ROW_V, mask1, BITS_V, D)
             m_i, l_i, acc, acc_qjl = _attend_tile(q, q_sum, q_sk, k0, k1, k_s, k_a, k_c, v0, v1, v_s, v_a, v_c, tmask,
-                                                  m_i, l_i, acc, k_cb_ptr, v_cb_ptr, acc_qjl, qk_scale, KIND_K, BITS_K, KIND_V, BITS_V, D, BLOCK_N,
+                                                  m_i, l_i, acc, k_cb_ptr, v_cb_ptr, acc_qjl, KIND_K, BITS_K, KIND_V, BITS_V, D, BLOCK_N,
                                          UNPACK)  # fmt: skip
             k0, k1, k_a, k_c, v0, v1, v_a, v_c, tmask = k0n, k1n, k_an, k_cn, v0n, v1n, v_an, v_cn, mask1
             if KIND_K == 2:

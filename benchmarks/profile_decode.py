@@ -1,0 +1,49 @@
+"""Run the packed decode-attention kernel a few times on one shape, for a profiler (``ncu``) to read.
+
+Usage (CUDA machine, repository root): ``ncu --clock-control none -k regex:_split_kernel -c 1 --section
+WarpStateStats python benchmarks/profile_decode.py int:4 [batch=8] [context=32768] [key=value tuning...]``.
+Inputs as ``kvpack bench attention`` builds them (Llama-3-8B heads, random codes, 16-token pages, 132-token
+window). Prints the median time of the calls (``triton.testing.do_bench``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import triton.testing
+
+from kvpack import bench
+from kvpack.kernels.decode_attention import paged_decode_attention
+
+
+def main() -> int:
+    spec = sys.argv[1]
+    opts = dict(a.split("=") for a in sys.argv[2:])
+    batch, ctx = int(opts.pop("batch", 8)), int(opts.pop("context", 32768))
+    tuning = {k: (float(v) if k == "waves" else int(v)) for k, v in opts.items()}
+    hq, hkv, d, bs, window = 32, 8, 128, 16, 132
+    fmt = bench._fmt(spec, d)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    packed = ctx - window
+    blocks = math.ceil(packed / bs)
+    tables = torch.randperm(batch * blocks, device="cuda", generator=g).to(torch.int32).reshape(batch, blocks)
+    lens = torch.full((batch,), packed, dtype=torch.int32, device="cuda")
+    query = torch.randn(batch, hq, d, device="cuda", dtype=torch.float16, generator=g)
+    wk = torch.randn(batch, window, hkv, d, device="cuda", dtype=torch.float16, generator=g)
+    wv = torch.randn_like(wk)
+    wl = torch.full((batch,), window, dtype=torch.int32, device="cuda")
+    kc = bench.random_paged_cache(batch * blocks, bs, hkv, fmt)
+    vc = bench.random_paged_cache(batch * blocks, bs, hkv, fmt)
+
+    def step():
+        return paged_decode_attention(query, kc, vc, tables, lens, wk, wv, wl, fmt, fmt, d**-0.5, **tuning)
+
+    ms = triton.testing.do_bench(step, warmup=5, rep=20, return_mode="median")
+    print(f"{spec} batch {batch} context {ctx} {tuning}: {ms * 1e3:.1f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
