@@ -35,7 +35,7 @@ the same as in `KVPackLayer` (its ``past()`` is taken before it packs), so both 
 
 The mask interface of "kvpack_paged" is transformers' ``sdpa_mask`` (boolean, or ``None`` without padding).
 A layer falls back to plain `KVPackLayer` behaviour (``paged = False``) when its codecs are not
-``turbo_mse``/``int`` (token axis, one group) at a head_dim the kernels take, for sliding-window layers,
+``turbo_mse``/``turbo_prod``/``int`` (token axis, one group) at a head_dim the kernels take, for sliding-window layers,
 pre-RoPE keys, or a float32 window.
 """
 
@@ -87,10 +87,11 @@ class PagedLayer(KVPackLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self.paged = self._paged_formats() is not None
+        formats = self._paged_formats()
+        self.paged = formats is not None
         if not self.paged:
             return
-        self.key_fmt, self.value_fmt = self._paged_formats()
+        self.key_fmt, self.value_fmt = formats
         batch, heads = key_states.shape[:2]
         self.use_kernel = self.device.type == "cuda" if self.use_kernel is None else self.use_kernel
         self.key_pages = torch.empty(1, self.block_size, heads, self.key_fmt.row_bytes, dtype=torch.uint8,
@@ -161,27 +162,29 @@ class PagedLayer(KVPackLayer):
         """Sinks, dequantized pages (zeros at skipped padding positions) and window: ``(B, H, tokens, D)``, model dtype."""
         if not self.paged:
             return super().past()
-        keys = [
-            self.sink_keys.to(self.dtype),
-            self._dequantized(self.key_pages, self.key_fmt),
-            self.keys.to(self.dtype),
-        ]
-        values = [self.sink_values.to(self.dtype), self._dequantized(self.value_pages, self.value_fmt),
+        # a row that skipped padding holds its tokens at the last seq_lens[b] of the packed positions
+        positions = self.packed_positions
+        idx = torch.arange(positions, device=self.device) - (positions - self.seq_lens.long())[:, None]
+        held, slots = idx >= 0, self._slots(idx.clamp(min=0))  # (B, positions), for both streams
+        keys = [self.sink_keys.to(self.dtype), self._dequantized(self.key_pages, self.key_fmt, slots, held),
+                self.keys.to(self.dtype)]  # fmt: skip
+        values = [self.sink_values.to(self.dtype), self._dequantized(self.value_pages, self.value_fmt, slots, held),
                   self.values.to(self.dtype)]  # fmt: skip
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
-    def _dequantized(self, pages: torch.Tensor, fmt: PagedCodec) -> torch.Tensor:
-        batch, heads, positions = self.seq_lens.shape[0], pages.shape[2], self.packed_positions
-        if positions == 0:
-            return self.keys.new_zeros(batch, heads, 0, fmt.head_dim).to(self.dtype)
-        # a row that skipped padding holds its tokens at the last seq_lens[b] of the positions
-        idx = torch.arange(positions, device=self.device) - (positions - self.seq_lens.long())[:, None]
-        held = idx >= 0
-        idx = idx.clamp(min=0)
-        slots = self.block_tables.long().gather(1, idx // self.block_size) * self.block_size + idx % self.block_size
-        rows = pages.view(-1, heads, fmt.row_bytes)[slots]  # (B, positions, H, row_bytes)
+    def _dequantized(
+        self, pages: torch.Tensor, fmt: PagedCodec, slots: torch.Tensor, held: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows at ``slots`` (B, positions) decoded, zero where not ``held``: ``(B, H, positions, D)``."""
+        batch, positions = slots.shape
+        rows = pages.view(-1, pages.shape[2], fmt.row_bytes)[slots]  # (B, positions, H, row_bytes)
         values = dequantize_rows(rows, fmt) * held[:, :, None, None]
-        return values.transpose(1, 2).to(self.dtype).reshape(batch, heads, positions, fmt.head_dim)
+        return values.transpose(1, 2).to(self.dtype).reshape(batch, pages.shape[2], positions, fmt.head_dim)
+
+    def _slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """Flat page slots of each row's token positions ``(B, n)`` (>= 0) through the block table."""
+        blocks = self.block_tables.long().gather(1, positions // self.block_size)
+        return blocks * self.block_size + positions % self.block_size
 
     # ---- attention of one new token, packing after a step --------------------------------------
     def attend(self, query: torch.Tensor, valid: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -237,9 +240,7 @@ class PagedLayer(KVPackLayer):
                     )
             index = torch.where(keep, keep.long().cumsum(1) - 1 + self.seq_lens.long()[:, None], -1)
         self._reserve([t + c for t, c in zip(self.row_tokens, counts)])
-        at = index.clamp(min=0)
-        slots = self.block_tables.long().gather(1, at // self.block_size) * self.block_size + at % self.block_size
-        slots = torch.where(index >= 0, slots, -1).reshape(-1)  # (B * n,) token order (b, t)
+        slots = torch.where(index >= 0, self._slots(index.clamp(min=0)), -1).reshape(-1)  # (B * n,) token order (b, t)
         for pages, fmt, codec, x in (
             (self.key_pages, self.key_fmt, self.key_codec, keys),
             (self.value_pages, self.value_fmt, self.value_codec, values),
