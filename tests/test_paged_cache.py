@@ -46,6 +46,14 @@ def cache_for(model, cls, **kwargs):
     return cls(model.config, **kwargs)
 
 
+def teacher_forced(model, ids, cache, prefill=60):
+    """Last-position logits ``(steps, B, V)`` of a ``prefill``-token prefill, then one step per further token of ``ids``."""
+    with torch.inference_mode():
+        logits = [model(ids[:, :prefill], past_key_values=cache).logits[:, -1]]
+        logits += [model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(prefill, ids.shape[1])]
+    return torch.stack(logits).float()
+
+
 def both(model, ids, mask, n=30, **kwargs):
     """Generation with plain KVPackCache (SDPA over decoded K/V), then with PagedKVPackCache on the same policy."""
     plain = cache_for(model, KVPackCache, **kwargs)
@@ -212,11 +220,7 @@ def test_real_model_greedy_choices_and_logits_follow_kvpack_cache(smollm2, wikit
     kwargs = {"key": "turbo_mse:4", "value": "int:4", "residual": 16, "sinks": 4, "block": 16}
 
     def forced(cache_class, **kw):
-        cache = cache_class(config=model.config, **kw)
-        with torch.inference_mode():
-            logits = [model(ids[:, :60], past_key_values=cache).logits[:, -1]]
-            logits += [model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(60, 120)]
-        return torch.cat(logits)
+        return teacher_forced(model, ids, cache_class(config=model.config, **kw))
 
     try:
         model.set_attn_implementation("sdpa")
@@ -225,9 +229,9 @@ def test_real_model_greedy_choices_and_logits_follow_kvpack_cache(smollm2, wikit
         paged = forced(PagedKVPackCache, **kwargs)
     finally:
         model.set_attn_implementation("sdpa")
-    codec_error, paged_error = (plain - exact).abs().amax(1), (paged - plain).abs().amax(1)
+    codec_error, paged_error = (plain - exact).abs().amax(-1), (paged - plain).abs().amax(-1)
     assert paged_error.max() <= 0.1 * codec_error.max() and paged_error.median() <= 0.1 * codec_error.median()
-    assert torch.equal(paged.argmax(1), plain.argmax(1))
+    assert torch.equal(paged.argmax(-1), plain.argmax(-1))
 
 
 def test_dynamic_cache_untouched_by_paged_attention():
@@ -252,10 +256,7 @@ def test_cuda_kernels_follow_kvpack_cache(key, value):
 
     def forced(cache_class, **kw):
         cache = cache_class(config=model.config, **kw)
-        with torch.inference_mode():
-            logits = [model(ids[:, :60], past_key_values=cache).logits[:, -1]]
-            logits += [model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(60, 120)]
-        return torch.stack(logits).float(), cache
+        return teacher_forced(model, ids, cache), cache
 
     kwargs = {"key": key, "value": value, **SMALL}
     try:
