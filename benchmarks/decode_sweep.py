@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import sys
 
 import torch
@@ -44,17 +43,12 @@ def main() -> int:
     del k, v
     print(f"copy {copy / 1e12:.2f} TB/s, sdpa {sdpa:.1f} us", flush=True)
     packed, query = ctx - window, q4.reshape(batch, hq, d)
-    blocks = math.ceil(packed / bs)
-    tables = torch.randperm(batch * blocks, device="cuda", generator=g).to(torch.int32).reshape(batch, blocks)
-    lens = torch.full((batch,), packed, dtype=torch.int32, device="cuda")
-    wk = torch.randn(batch, window, hkv, d, device="cuda", dtype=torch.float16, generator=g)
-    wv = torch.randn_like(wk)
-    wl = torch.full((batch,), window, dtype=torch.int32, device="cuda")
+    tables, lens, wk, wv, wl = bench.paged_decode_inputs(batch, packed, window, hkv, d, bs, g)
     result = {"sdpa_us": sdpa, "copy_tbps": copy / 1e12, "batch": batch, "context": ctx, "rows": []}
     for spec, cfgs in plan:
         fmt = bench._fmt(spec, d)
-        kc = bench.random_paged_cache(batch * blocks, bs, hkv, fmt)
-        vc = bench.random_paged_cache(batch * blocks, bs, hkv, fmt)
+        kc = bench.random_paged_cache(tables.numel(), bs, hkv, fmt)
+        vc = bench.random_paged_cache(tables.numel(), bs, hkv, fmt)
         nbytes = batch * hkv * (packed * 2 * fmt.row_bytes + window * d * 4)
         for rnd in range(2):
             for cfg in cfgs.split(","):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -79,13 +78,8 @@ def graph_check(out_dir: Path) -> dict:
 def sweep(out_dir: Path, specs: list[str]) -> dict:
     """Time each kernel configuration at batch 8 / 32K context (Llama-3-8B heads); best per codec."""
     batch, hq, hkv, d, bs, ctx, window = 8, 32, 8, 128, 16, 32768, 132
-    packed = ctx - window
-    nb = batch * math.ceil(packed / bs)
-    bt = torch.randperm(nb, device="cuda").to(torch.int32).reshape(batch, -1)
-    seq = torch.full((batch,), packed, dtype=torch.int32, device="cuda")
-    wl = torch.full((batch,), window, dtype=torch.int32, device="cuda")
-    wk = torch.randn(batch, window, hkv, d, device="cuda", dtype=torch.float16)
-    wv = torch.randn_like(wk)
+    bt, seq, wk, wv, wl = bench.paged_decode_inputs(batch, ctx - window, window, hkv, d, bs)
+    nb = bt.numel()
     q = torch.randn(batch, hq, d, device="cuda", dtype=torch.float16)
     best, table = {}, {}
     for spec in specs:

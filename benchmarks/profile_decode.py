@@ -8,7 +8,6 @@ window). Prints the median time of the calls (``triton.testing.do_bench``).
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -26,16 +25,10 @@ def main() -> int:
     hq, hkv, d, bs, window = 32, 8, 128, 16, 132
     fmt = bench._fmt(spec, d)
     g = torch.Generator(device="cuda").manual_seed(0)
-    packed = ctx - window
-    blocks = math.ceil(packed / bs)
-    tables = torch.randperm(batch * blocks, device="cuda", generator=g).to(torch.int32).reshape(batch, blocks)
-    lens = torch.full((batch,), packed, dtype=torch.int32, device="cuda")
     query = torch.randn(batch, hq, d, device="cuda", dtype=torch.float16, generator=g)
-    wk = torch.randn(batch, window, hkv, d, device="cuda", dtype=torch.float16, generator=g)
-    wv = torch.randn_like(wk)
-    wl = torch.full((batch,), window, dtype=torch.int32, device="cuda")
-    kc = bench.random_paged_cache(batch * blocks, bs, hkv, fmt)
-    vc = bench.random_paged_cache(batch * blocks, bs, hkv, fmt)
+    tables, lens, wk, wv, wl = bench.paged_decode_inputs(batch, ctx - window, window, hkv, d, bs, g)
+    kc = bench.random_paged_cache(tables.numel(), bs, hkv, fmt)
+    vc = bench.random_paged_cache(tables.numel(), bs, hkv, fmt)
 
     def step():
         return paged_decode_attention(query, kc, vc, tables, lens, wk, wv, wl, fmt, fmt, d**-0.5, **tuning)

@@ -82,6 +82,26 @@ def random_paged_cache(num_blocks: int, block_size: int, kv_heads: int, fmt: Pag
     return cache
 
 
+def paged_decode_inputs(
+    batch: int,
+    packed_tokens: int,
+    window: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block tables (``packed_tokens`` per sequence in randomly permuted blocks), ``seq_lens``, and a random float16
+    window of ``window`` tokens per sequence with its ``window_lens``: a decode step's inputs besides query and pages."""
+    blocks = math.ceil(packed_tokens / block_size)
+    tables = torch.randperm(batch * blocks, device="cuda", generator=generator).to(torch.int32).reshape(batch, blocks)
+    seq_lens = torch.full((batch,), packed_tokens, dtype=torch.int32, device="cuda")
+    wk = torch.randn(batch, window, kv_heads, head_dim, device="cuda", dtype=torch.float16, generator=generator)
+    wv = torch.randn_like(wk)
+    window_lens = torch.full((batch,), window, dtype=torch.int32, device="cuda")
+    return tables, seq_lens, wk, wv, window_lens
+
+
 def _fmt(spec: str, head_dim: int) -> PagedCodec:
     from kvpack import get_codec
 
@@ -116,13 +136,8 @@ def bench_attention(args) -> dict:
             row = {"context": ctx, "batch": batch, "sdpa_us": sdpa_ms * 1e3, "sdpa_bytes": fp16_bytes}
             row["sdpa_pct_copy"] = 100 * fp16_bytes / (sdpa_ms * 1e-3) / copy_bps
             packed_tokens = ctx - window
-            blocks_per_seq = math.ceil(packed_tokens / bs)
-            num_blocks = batch * blocks_per_seq
-            block_tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).reshape(batch, blocks_per_seq)
-            seq_lens = torch.full((batch,), packed_tokens, dtype=torch.int32, device="cuda")
-            wk = torch.randn(batch, window, hkv, d, device="cuda", dtype=torch.float16, generator=g)
-            wv = torch.randn_like(wk)
-            wl = torch.full((batch,), window, dtype=torch.int32, device="cuda")
+            block_tables, seq_lens, wk, wv, wl = paged_decode_inputs(batch, packed_tokens, window, hkv, d, bs, g)
+            num_blocks = block_tables.numel()
             query = q.reshape(batch, hq, d)
             for spec, fmt in fmts.items():
                 kc = random_paged_cache(num_blocks, bs, hkv, fmt)
