@@ -32,12 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kvpack.kernels.paged import PagedCodec
+from kvpack.kernels.paged import KIND_IDS, PagedCodec
 
 __all__ = ["choose_splits", "default_tuning", "paged_decode_attention"]
 
 LOG2E = 1.4426950408889634
-KIND_IDS = {"turbo_mse": 0, "int": 1, "turbo_prod": 2}
 
 
 @triton.jit

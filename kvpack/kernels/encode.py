@@ -24,11 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvpack.kernels.paged import PagedCodec
+from kvpack.kernels.paged import KIND_IDS, PagedCodec
 
 __all__ = ["paged_encode"]
-
-KIND_IDS = {"turbo_mse": 0, "int": 1, "turbo_prod": 2}
 
 
 @triton.jit

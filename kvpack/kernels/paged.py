@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 KINDS = ("turbo_mse", "int", "turbo_prod")
+KIND_IDS = {kind: i for i, kind in enumerate(KINDS)}  # the kernels' KIND constexpr: 0 turbo_mse, 1 int, 2 turbo_prod
 SIDE_BYTES = 4  # turbo_mse: float16 norm + 2 bytes of padding; int: float16 scale and zero; turbo_prod: both norms
 SIDE_VALUES = {"turbo_mse": 1, "int": 2, "turbo_prod": 2}  # float16 side values (turbo_prod: norm, residual_norm)
 PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,)}  # bit-plane widths, low bits first
