@@ -2,7 +2,7 @@
 
 Usage (CUDA machine, repository root): ``python benchmarks/generate_loop.py OUT CONTEXT LAYERS CACHES``, e.g.
 ``python benchmarks/generate_loop.py out 32768 32 int:4,dynamic``. Same random-weight Llama-3-8B-shaped model
-and cache construction as `kvpack.bench_generate`; the context is prefilled in 4096-token chunks, then 40
+and cache construction as `kvpack.bench.generate`; the context is prefilled in 4096-token chunks, then 40
 one-token steps are timed one by one (synchronized); the median of steps 8..39 is reported. Writes
 ``OUT/gen_loop.json``.
 """

@@ -16,7 +16,7 @@ import torch
 import triton.testing
 
 from kvpack import bench
-from kvpack.attention import decode, decode_ref
+from kvpack.kernels.attention import decode, decode_ref
 from kvpack.kernels.decode_attention import paged_decode_attention
 
 CONFIGS = [  # block_n, num_warps, num_stages, waves, unpack (1: slot by slot + tl.join, 0: broadcast + reshape)

@@ -1,7 +1,7 @@
 """Where a decode step's host time goes: cProfile of 16 greedy ``model()`` steps after a chunked prefill.
 
 Usage (CUDA machine, repository root): ``python benchmarks/host_profile.py [layers=8] [context=4096]``.
-Random-weight Llama-3-8B-shaped model (`kvpack.bench_generate.build_model`), batch 1, caches ``int:4``
+Random-weight Llama-3-8B-shaped model (`kvpack.bench.generate.build_model`), batch 1, caches ``int:4``
 (`PagedKVPackCache`, the kernels) and ``dynamic``; prints ms per step and the top functions by own time.
 At batch 1 a step is bound by the host when the time per step equals the profiled Python time.
 """
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from kvpack.bench_generate import _make_cache, build_model
+from kvpack.bench.generate import _make_cache, build_model
 
 
 def main() -> int:

@@ -3,7 +3,7 @@
 import torch
 
 from kvpack import evaluate
-from kvpack.models import load
+from kvpack.evaluation.models import load
 
 torch.manual_seed(0)
 m = load("smollm2")

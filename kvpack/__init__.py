@@ -2,7 +2,7 @@
 
 from kvpack.codec import Codec, Packed, get_codec, list_codecs
 from kvpack.engine import PackedKV, bpe_accounting, dequantize_kv, quantize_kv
-from kvpack.packing import pack_bits, unpack_bits
+from kvpack.ops.packing import pack_bits, unpack_bits
 from kvpack.policy import CachePolicy
 
 __all__ = ["Codec", "Packed", "get_codec", "list_codecs", "pack_bits", "unpack_bits"]
@@ -15,13 +15,13 @@ __version__ = "0.1.0"
 
 # imported on first use: these pull in transformers (~3 s), which `import kvpack` should not pay for
 _LAZY = {
-    "KVPackCache": "kvpack.cache",
-    "PagedKVPackCache": "kvpack.paged_cache",
-    "use_paged_attention": "kvpack.paged_cache",
-    "load_cache": "kvpack.persist",
-    "save_cache": "kvpack.persist",
-    "load_policy": "kvpack.allocate",
-    "save_policy": "kvpack.allocate",
+    "KVPackCache": "kvpack.hf.cache",
+    "PagedKVPackCache": "kvpack.hf.paged_cache",
+    "use_paged_attention": "kvpack.hf.paged_cache",
+    "load_cache": "kvpack.hf.persist",
+    "save_cache": "kvpack.hf.persist",
+    "load_policy": "kvpack.tuning.allocate",
+    "save_policy": "kvpack.tuning.allocate",
     "EvalResult": "kvpack.evaluation.evaluate",
     "evaluate": "kvpack.evaluation.evaluate",
 }
@@ -32,8 +32,8 @@ def __getattr__(name: str):
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name == "attention":  # kvpack.attention.decode: the packed-cache decode kernel (Triton on CUDA)
+    if name == "attention":  # kvpack.kernels.attention.decode: the packed-cache decode kernel (Triton on CUDA)
         import importlib
 
-        return importlib.import_module("kvpack.attention")
+        return importlib.import_module("kvpack.kernels.attention")
     raise AttributeError(f"module 'kvpack' has no attribute {name!r}")

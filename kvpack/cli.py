@@ -10,7 +10,7 @@ import logging
 import sys
 
 COMMANDS = {
-    "validate": ("kvpack.validate", "rate-distortion table of every codec (bits, MSE, bounds, IP bias, speed)"),
+    "validate": ("kvpack.evaluation.validate", "rate-distortion table of every codec (bits, MSE, bounds, IP bias, speed)"),
     "eval": ("kvpack.evaluation.eval_cli", "delta-perplexity / top-1 / KL of a cache policy on a real model and text"),
     "sweep": ("kvpack.evaluation.sweep", "many configurations and the peers on the same windows: table and plot"),
     "needle": (
@@ -18,10 +18,10 @@ COMMANDS = {
         "passkey retrieval at several depths and lengths through the compressed cache",
     ),
     "inspect": ("kvpack.evaluation.inspect", "per-layer, per-head codec error and attention fidelity on real Q/K/V"),
-    "bench": ("kvpack.bench", "GPU speed benchmarks (decode attention, fused encode)"),
-    "calibrate": ("kvpack.calibrate", "fit codebooks / preconditioners on calibration text"),
-    "allocate": ("kvpack.allocate", "per-layer bit allocation under a bits-per-value budget"),
-    "memory": ("kvpack.memory", "cache bytes per token and the longest context that fits a GPU"),
+    "bench": ("kvpack.bench.kernels", "GPU speed benchmarks (decode attention, fused encode)"),
+    "calibrate": ("kvpack.tuning.calibrate", "fit codebooks / preconditioners on calibration text"),
+    "allocate": ("kvpack.tuning.allocate", "per-layer bit allocation under a bits-per-value budget"),
+    "memory": ("kvpack.tuning.memory", "cache bytes per token and the longest context that fits a GPU"),
 }
 
 

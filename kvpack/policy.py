@@ -6,7 +6,7 @@ arXiv 2309.17453) motivates keeping the first ``sinks`` tokens (attention sinks)
 layers in ``skip_layers`` are not compressed at all; ``layer_keys``/``layer_values`` give a codec per
 layer (`kvpack allocate` writes them), ``head_keys``/``head_values`` a codec per KV head of a layer
 (`PerHeadCodec`; `kvpack allocate --per-head` writes them); ``fp_heads`` keeps chosen (layer, KV head)
-pairs of both K and V in 16-bit (outlier heads, chosen by `kvpack.allocate.choose_outlier_heads`).
+pairs of both K and V in 16-bit (outlier heads, chosen by `kvpack.tuning.allocate.choose_outlier_heads`).
 "Full precision" means 16-bit floats, as
 deployed: the model dtype when it is float16/bfloat16, float16 for a float32 model (``window_dtype``
 overrides), so the bits a float32 CPU evaluation reports are those a 16-bit deployment holds.
@@ -39,7 +39,7 @@ class CachePolicy:
     ``head_keys``/``head_values``: per layer (layer 0 first), ``None`` (the layer's spec applies) or a
     tuple of one spec per KV head (``None``: that head 16-bit); such a layer goes through `PerHeadCodec`,
     overriding ``layer_keys``/``key`` there. ``fp_heads`` and ``skip_layers`` still apply on top.
-    ``pre_rope_keys``: pack keys with RoPE undone (KVQuant; `kvpack.rope`), re-applied after decoding.
+    ``pre_rope_keys``: pack keys with RoPE undone (KVQuant; `kvpack.hf.rope`), re-applied after decoding.
     """
 
     key: str | None = "fp16"

@@ -25,7 +25,7 @@ def wikitext_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct in float32, eval mode; loaded once (~25 s)."""
-    from kvpack.models import load
+    from kvpack.evaluation.models import load
 
     torch.manual_seed(0)
     return load("smollm2")

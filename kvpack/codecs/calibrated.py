@@ -19,8 +19,8 @@ Storage equals `turbo_mse` at the same bits (``b + 16/d``), so the two compare a
 Spec: ``calibrated:3:calib=NAME,layer=5,stream=k,basis=whiten``. With a calibration the input must be
 ``(..., kv_heads, tokens, head_dim)`` (a cache's layout), since the basis is per head. Without one
 (``calib`` empty, the default) the basis is the seeded Haar rotation and every codebook the sphere
-codebook (`kvpack.lloyd_max`): exactly what `turbo_mse` stores, the uncalibrated reference.
-`kvpack.calibrate.calibrated_policy` builds the per-layer `CachePolicy`.
+codebook (`kvpack.ops.lloyd_max`): exactly what `turbo_mse` stores, the uncalibrated reference.
+`kvpack.tuning.calibrate.calibrated_policy` builds the per-layer `CachePolicy`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import torch
 from safetensors.torch import load_file
 
 from kvpack.codec import Codec, Layout, Packed, register_codec
-from kvpack.lloyd_max import sphere_codebook
-from kvpack.packing import pack_bits, packed_nbytes, unpack_bits
-from kvpack.rotation import rotation_matrix
+from kvpack.ops.lloyd_max import sphere_codebook
+from kvpack.ops.packing import pack_bits, packed_nbytes, unpack_bits
+from kvpack.ops.rotation import rotation_matrix
 
 __all__ = ["BASES", "Calibrated", "calibration_dir", "calibration_paths", "load_calibration"]
 

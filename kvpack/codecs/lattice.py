@@ -4,7 +4,7 @@ Shapes: ``x`` (..., head_dim) float -> ``codes`` uint8 (..., head_dim * bits / 8
 float16 (..., 1); ``head_dim`` must be a power of two and a multiple of 8. Bits per value
 ``bits + 16 / head_dim`` exactly (3.125 and 2.125 at head_dim 128 for bits 3 and 2).
 
-Each vector is rotated by the seeded randomized Hadamard transform (``kvpack.rotation``; it spreads
+Each vector is rotated by the seeded randomized Hadamard transform (``kvpack.ops.rotation``; it spreads
 outliers so every 8-dim block looks alike), divided by one float16 scale ``s`` and cut into 8-dim
 blocks. Each block ``y`` is quantized to a point of E8 = D8 u (D8 + 1/2), found with Conway &
 Sloane's nearest-point algorithm ("Fast quantizing and decoding algorithms for lattice quantizers
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from kvpack.codec import Codec, Layout, Packed, register_codec
-from kvpack.packing import pack_bits, unpack_bits
-from kvpack.rotation import rotate, unrotate
+from kvpack.ops.packing import pack_bits, unpack_bits
+from kvpack.ops.rotation import rotate, unrotate
 
 __all__ = ["E8Lattice", "e8_basis", "nearest_d8", "nearest_e8", "voronoi_decode", "voronoi_encode"]
 

@@ -4,7 +4,7 @@ Shapes: ``x`` (..., head_dim) float, ``head_dim = 2^n`` -> ``angles1`` uint8 (..
 ``angles`` uint8 (..., ceil((d/2 - m)(b-1) / 8)) and ``radius`` float16 (..., m), where
 ``m = d / 2^levels`` radii per vector (``levels=0``, the default, means ``n``: one radius, the norm).
 
-A seeded random rotation (``kvpack.rotation``, Haar by default) makes every vector uniform on its
+A seeded random rotation (``kvpack.ops.rotation``, Haar by default) makes every vector uniform on its
 sphere. The recursive polar transform then pairs coordinates: level 1 turns ``(x_2i, x_2i+1)`` into
 a radius and an angle in ``[0, 2 pi)``; level ``l >= 2`` pairs the radii of level ``l - 1`` into a
 radius and an angle in ``[0, pi/2]``. After ``levels`` levels, ``m`` radii are left (stored as
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from kvpack.codec import Codec, Layout, Packed, register_codec
-from kvpack.packing import pack_bits, packed_nbytes, unpack_bits
-from kvpack.rotation import ROTATIONS, rotate, unrotate
+from kvpack.ops.packing import pack_bits, packed_nbytes, unpack_bits
+from kvpack.ops.rotation import ROTATIONS, rotate, unrotate
 
 __all__ = ["PolarQuant", "angle_codebook", "polar_inverse", "polar_transform"]
 

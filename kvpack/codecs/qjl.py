@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpack.codec import Codec, Layout, Packed, register_codec
-from kvpack.packing import pack_bits, packed_nbytes, unpack_bits
+from kvpack.ops.packing import pack_bits, packed_nbytes, unpack_bits
 
 __all__ = ["QJL", "qjl_estimate", "qjl_signs", "sketch_matrix", "sketch_seed"]
 

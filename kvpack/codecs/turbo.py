@@ -4,7 +4,7 @@ MSE: keep ``||x||``, rotate ``x / ||x||`` by a seeded random rotation (every coo
 sphere-coordinate density) and quantize each coordinate with its Lloyd-Max codebook. Prod: MSE at b-1 bits plus
 1-bit QJL of the residual and its norm, which makes ``<q, decode(x)>`` an unbiased estimate of ``<q, x>``.
 
-``turbo_mse`` (bits 1..4, ``rotation=haar|hadamard``, see ``kvpack.rotation``): ``norm`` float16 (..., 1) =
+``turbo_mse`` (bits 1..4, ``rotation=haar|hadamard``, see ``kvpack.ops.rotation``): ``norm`` float16 (..., 1) =
 ``||x||``; ``codes`` uint8 (..., head_dim * bits / 8) = ``pack_bits(idx, bits)`` with ``idx =
 bucketize(rotate(x / ||x||), sphere_boundaries(head_dim, bits))`` (``idx = i`` for ``edge[i-1] < t <=
 edge[i]``); decode ``unrotate(sphere_codebook[idx]) * norm``. The direction uses the float32 norm; the norm is
@@ -28,9 +28,9 @@ import torch
 
 from kvpack.codec import Codec, Layout, Packed, register_codec
 from kvpack.codecs.qjl import float16_norm, qjl_estimate, qjl_signs, sketch_matrix, sketch_seed
-from kvpack.lloyd_max import sphere_boundaries, sphere_codebook
-from kvpack.packing import pack_bits, packed_nbytes, unpack_bits
-from kvpack.rotation import check_rotation, rotate, unrotate
+from kvpack.ops.lloyd_max import sphere_boundaries, sphere_codebook
+from kvpack.ops.packing import pack_bits, packed_nbytes, unpack_bits
+from kvpack.ops.rotation import check_rotation, rotate, unrotate
 
 __all__ = ["TurboMSE", "TurboProd"]
 

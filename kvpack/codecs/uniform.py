@@ -14,7 +14,7 @@ round to nearest (half to even), never truncation. Which values share a group (`
   ``b + 32 / (tokens * head_dim)`` depends on the token count.
 
 ``rotation`` (axis token only; ``none`` by default): ``haar`` or ``hadamard`` rotates each vector by
-the seeded rotation of `kvpack.rotation` before quantizing and back after decoding (QuaRot, Ashkboos
+the seeded rotation of `kvpack.ops.rotation` before quantizing and back after decoding (QuaRot, Ashkboos
 et al., arXiv 2404.00456): the coordinates become near-Gaussian without outlier channels, so one
 scale per vector suits them, and the paged kernels score such keys in the rotated domain as they
 do ``turbo_mse``'s with plain integer arithmetic instead of a codebook lookup.
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from kvpack.codec import Codec, Layout, Packed, register_codec
-from kvpack.packing import pack_bits, packed_nbytes, unpack_bits
-from kvpack.rotation import check_rotation, rotate, unrotate
+from kvpack.ops.packing import pack_bits, packed_nbytes, unpack_bits
+from kvpack.ops.rotation import check_rotation, rotate, unrotate
 
 __all__ = ["UniformInt", "affine_dequantize_ref", "affine_quantize_ref"]
 

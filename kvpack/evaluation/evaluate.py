@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvpack.cache import KVPackCache
+from kvpack.hf.cache import KVPackCache
 from kvpack.evaluation.text import load_text, text_label, tokenize
 from kvpack.policy import CachePolicy
 
@@ -271,7 +271,7 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate a cache policy on ``windows`` windows of ``ctx`` + ``n_eval`` tokens of ``text``.
 
-    ``model``: a name/path for `kvpack.models.load` or a ``(model, tokenizer)`` pair. ``text``: a path,
+    ``model``: a name/path for `kvpack.evaluation.models.load` or a ``(model, tokenizer)`` pair. ``text``: a path,
     ``"wikitext2"``, ``None`` (the embedded default) or a 1-D LongTensor of token ids. ``preset``
     replaces key/value/residual/sinks/skip_layers by a named policy from `kvpack.evaluation.presets`.
     ``only="k"``/``"v"`` compresses one stream. ``pre_rope_keys``: keys packed with RoPE undone (KVQuant;
@@ -293,7 +293,7 @@ def evaluate(
         raise ValueError("cache_factory works with protocol='snapshot', only=None and pre_rope_keys=False")
     raw_text = None if isinstance(text, torch.Tensor) else load_text(text)  # a bad path fails before the model loads
     if isinstance(model, (str, Path)):
-        from kvpack.models import load
+        from kvpack.evaluation.models import load
 
         model_name, (lm, tokenizer) = str(model), load(model)
     elif isinstance(model, tuple) and len(model) == 2:

@@ -180,7 +180,7 @@ def _record_prefill(model, context: torch.Tensor) -> dict[int, tuple[torch.Tenso
 def _filled_cache(model, policy: CachePolicy | None, prefill: dict):
     from transformers import DynamicCache
 
-    from kvpack.cache import KVPackCache
+    from kvpack.hf.cache import KVPackCache
 
     cache = DynamicCache(config=model.config) if policy is None else KVPackCache(model.config, policy=policy)
     for layer_idx in sorted(prefill):  # the same update() calls a prefill through `cache` makes
@@ -399,7 +399,7 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, CachePolicy | None]
 
 def run(args: argparse.Namespace) -> int:
     from kvpack.evaluation.text import load_text, text_label
-    from kvpack.models import load
+    from kvpack.evaluation.models import load
 
     lengths, depths = parse_lengths(args.lengths), parse_fractions(args.depths)
     _check_grid(lengths, depths, args.trials)

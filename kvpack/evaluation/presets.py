@@ -22,7 +22,7 @@ the evaluation windows with the per-layer allocation: 3bit top-1 93.8% -> 94.2%)
 
 All three are allocated per (layer, KV head, stream) (``head_keys``/``head_values``):
 the same knapsack over 180 items, on KLs measured with one KV head's K or V of one layer compressed
-(`kvpack.allocate.measure_head_sensitivity`, 4 calibration windows of ctx 1024 + 64,
+(`kvpack.tuning.allocate.measure_head_sensitivity`, 4 calibration windows of ctx 1024 + 64,
 ``policies/smollm2-head-sensitivity.json``); the K error sits in a few heads (layer 23 head 0, layer
 18 head 2, layer 20 heads 1-2), so bits go to those heads instead of to whole layers. On the 8
 evaluation windows: ``4bit`` +0.24% -> +0.18% (4.234 -> 4.246 bits, within 4.25), ``3bit`` +1.60% ->

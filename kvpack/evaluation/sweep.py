@@ -288,7 +288,7 @@ def _evaluate_kwargs(config: SweepConfig) -> dict:
     if (config.block is not None or config.layer_keys or config.layer_values or config.fp_heads
             or config.head_keys or config.head_values or config.pre_rope_keys):  # fmt: skip
         # evaluate() takes the plain fields only; the full policy goes through a KVPackCache factory
-        from kvpack.cache import KVPackCache
+        from kvpack.hf.cache import KVPackCache
         from kvpack.policy import CachePolicy
 
         policy = CachePolicy(**config.policy_kwargs())
@@ -314,7 +314,7 @@ def run_sweep(
 ) -> list[dict]:
     """Evaluate every configuration on the same windows (snapshot protocol); one row (dict) per configuration.
 
-    ``model``: a ``(model, tokenizer)`` pair or a name for `kvpack.models.load` (loaded once). A row
+    ``model``: a ``(model, tokenizer)`` pair or a name for `kvpack.evaluation.models.load` (loaded once). A row
     holds the configuration, the `EvalResult` metrics and ``kind`` (``kvpack`` or ``peer``).
     """
     from tqdm.auto import tqdm
@@ -326,7 +326,7 @@ def run_sweep(
     if not all(isinstance(c, SweepConfig) for c in configs):
         raise TypeError("configs must be a list of SweepConfig")
     if isinstance(model, (str, Path)):
-        from kvpack.models import load
+        from kvpack.evaluation.models import load
 
         model = load(model)
     memo: dict = {}
@@ -462,7 +462,7 @@ def run(args: argparse.Namespace) -> int:
     from kvpack.evaluation.text import load_text
 
     load_text(args.text)  # a bad path fails before the model loads
-    from kvpack.models import load
+    from kvpack.evaluation.models import load
 
     model = load(args.model, device=args.device)
     started = datetime.datetime.now(datetime.UTC)

@@ -429,7 +429,7 @@ def paged_decode_attention(
     unpack: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the two kernels (inputs already checked by `kvpack.attention.decode`); returns ``(B, HQ, D)``.
+    """Launch the two kernels (inputs already checked by `kvpack.kernels.attention.decode`); returns ``(B, HQ, D)``.
 
     Tuning (``None``: `default_tuning`): ``block_n`` tokens per tile, ``num_warps``, ``waves`` (programs per SM
     that the split count aims at), ``unpack`` (see ``_dequant``). Loads are issued a tile ahead by hand

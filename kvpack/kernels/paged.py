@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvpack.codec import Codec, Packed
-from kvpack.packing import pack_bits, unpack_bits
+from kvpack.ops.packing import pack_bits, unpack_bits
 
 __all__ = [
     "KINDS",
@@ -136,11 +136,11 @@ def paged_codec(codec: Codec, device: torch.device | str = "cpu") -> PagedCodec:
     """The `PagedCodec` of a kvpack codec: ``turbo_mse``, ``turbo_prod`` (any rotation) or ``int`` (axis token, one group)."""
     if not isinstance(codec, Codec):
         raise TypeError(f"codec must be a kvpack Codec, got {type(codec).__name__}")
-    from kvpack.rotation import rotate
+    from kvpack.ops.rotation import rotate
 
     eye = torch.eye(codec.head_dim, dtype=torch.float64)
     if codec.name in ("turbo_mse", "turbo_prod"):
-        from kvpack.lloyd_max import sphere_boundaries, sphere_codebook
+        from kvpack.ops.lloyd_max import sphere_boundaries, sphere_codebook
 
         mse_bits = codec.bits - 1 if codec.name == "turbo_prod" else codec.bits
         return PagedCodec(

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvpack
-from kvpack.calibrate import calibrated_policy, capture_qkv, fit_calibration, save_calibration
+from kvpack.tuning.calibrate import calibrated_policy, capture_qkv, fit_calibration, save_calibration
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

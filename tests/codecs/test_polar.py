@@ -7,7 +7,7 @@ import torch
 
 import kvpack
 from kvpack.codecs.polar import angle_codebook, polar_inverse, polar_transform
-from kvpack.validate import random_unit_vectors
+from kvpack.evaluation.validate import random_unit_vectors
 
 
 def unit_mse(spec: str, head_dim: int, n: int = 4000) -> float:

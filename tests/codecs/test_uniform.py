@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kvpack
-from kvpack.packing import pack_bits
+from kvpack.ops.packing import pack_bits
 
 
 def rel_error(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -42,7 +42,7 @@ def test_token_axis_rounds_to_nearest(bits, group):
 
 @pytest.mark.parametrize("rotation", ["hadamard", "haar"])
 def test_rotation_quantizes_the_rotated_vector(rotation):
-    from kvpack.rotation import rotate, unrotate
+    from kvpack.ops.rotation import rotate, unrotate
 
     codec = kvpack.get_codec(f"int:4:rotation={rotation}", head_dim=64, seed=5)
     plain = kvpack.get_codec("int:4", head_dim=64)

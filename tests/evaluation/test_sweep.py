@@ -111,9 +111,9 @@ def test_cli_reports_errors_with_exit_code_2(capsys):
 
 @pytest.mark.model
 def test_sweep_runs_configs_presets_and_peers_on_the_same_windows(smollm2, wikitext_path, tmp_path, monkeypatch):
-    import kvpack.models
+    import kvpack.evaluation.models
 
-    monkeypatch.setattr(kvpack.models, "load", lambda name, device="cpu": smollm2)  # the session's model
+    monkeypatch.setattr(kvpack.evaluation.models, "load", lambda name, device="cpu": smollm2)  # the session's model
     config = tmp_path / "s.json"
     config.write_text(json.dumps({"configs": [{"name": "exact", "key": "none", "value": "none"},
                                               {"name": "e8 block 1", "key": "e8:3", "value": "e8:2", "residual": 0,

@@ -1,4 +1,4 @@
-"""Paged layout, fused encode and decode attention kernels vs the PyTorch codecs and `kvpack.attention.decode_ref`.
+"""Paged layout, fused encode and decode attention kernels vs the PyTorch codecs and `kvpack.kernels.attention.decode_ref`.
 
 On the CPU the kernels run through Triton's interpreter on small shapes; `gpu` tests use real shapes.
 Every check draws fresh random inputs and poisons the output (NaN) before the kernel writes it.
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvpack import get_codec, pack_bits
-from kvpack.attention import decode, decode_ref
+from kvpack.kernels.attention import decode, decode_ref
 from kvpack.kernels.paged import PagedCodec, dequantize_rows, pack_rows, paged_codec, rows_from_packed, unpack_rows
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

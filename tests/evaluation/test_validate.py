@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvpack.cli import main
-from kvpack.validate import inner_product_stats, measure, random_unit_vectors
+from kvpack.evaluation.validate import inner_product_stats, measure, random_unit_vectors
 
 
 def test_inner_product_stats_detects_shrinkage_and_not_noise():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from kvpack.calibrate import (
+from kvpack.tuning.calibrate import (
     EVAL_LENGTH,
     EVAL_WINDOW_COUNTS,
     calibration_ids,

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from kvpack.cache import KVPackCache
+from kvpack.hf.cache import KVPackCache
 
 __all__ = ["DEFAULT_CACHES", "add_arguments", "build_model", "measure", "parse_caches", "run_caches", "run_generate"]
 
@@ -135,7 +135,7 @@ def _make_cache(name: str, model, residual: int, sinks: int):
         make = (lambda config: DynamicCache(config=config)) if name == "dynamic" else peer_factory(name)
         model.set_attn_implementation("sdpa")
         return make(model.config)
-    from kvpack.paged_cache import PagedKVPackCache, use_paged_attention
+    from kvpack.hf.paged_cache import PagedKVPackCache, use_paged_attention
 
     use_paged_attention(model)
     return PagedKVPackCache(model.config, key=name, value=name, residual=residual, sinks=sinks)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvpack import CachePolicy, KVPackCache, get_codec
-from kvpack.allocate import (
+from kvpack.tuning.allocate import (
     allocate_bits,
     choose_outlier_heads,
     head_policy_for,
@@ -119,7 +119,7 @@ def test_head_policy_for_orders_items_layer_head_stream():
 
 
 def test_measure_head_sensitivity_is_the_kl_of_the_one_head_policy():
-    from kvpack.allocate import _kl_of_policies
+    from kvpack.tuning.allocate import _kl_of_policies
 
     model, ws = tiny_llama(layers=2, kv_heads=2), windows(1, 60)
     kl = measure_head_sensitivity(model, ws, 56, ("int:2", "int:4"), ("int:2",), residual=0, sinks=1, block=1,
@@ -303,7 +303,7 @@ def test_choose_outlier_heads_from_measured_head_error():
     best = choose_outlier_heads(-scores, 1)
     assert worst != best
     # keeping the head the measurement calls worst in 16-bit helps more than keeping the mildest one
-    from kvpack.allocate import _kl_of_policies
+    from kvpack.tuning.allocate import _kl_of_policies
 
     make = lambda heads: CachePolicy("int:2", "int:2", 8, 2, window_dtype=torch.float32, fp_heads=heads)
     kl = _kl_of_policies(model, ws, 56, [make(worst), make(best)], "", False)

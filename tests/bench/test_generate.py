@@ -5,9 +5,9 @@ import argparse
 import pytest
 import torch
 
-from kvpack.bench_generate import build_model, measure, parse_caches
+from kvpack.bench.generate import build_model, measure, parse_caches
 from kvpack.cli import main
-from kvpack.paged_cache import PagedLayer
+from kvpack.hf.paged_cache import PagedLayer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -75,13 +75,13 @@ def test_measure_prefills_once_then_decodes_one_token_per_forward(name, monkeypa
 
 
 def test_run_caches_reports_every_row_and_survives_a_failing_cache(monkeypatch, capsys):
-    from kvpack.bench import add_arguments
+    from kvpack.bench.kernels import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["generate", "--layers", "1", "--context", "40", "--new-tokens", "3",
                               "--warmup-tokens", "1", "--prefill-chunk", "16", "--residual", "8"])  # fmt: skip
-    import kvpack.bench_generate as bench
+    import kvpack.bench.generate as bench
 
     real = bench._make_cache
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from kvpack.cache import KVPackCache, _Chunk, layer_kinds
+from kvpack.hf.cache import KVPackCache, _Chunk, layer_kinds
 from kvpack.codec import Packed
 from kvpack.policy import CachePolicy
 

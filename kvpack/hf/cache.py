@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpack.codec import Packed
 from kvpack.policy import CachePolicy, IdentityCodec
-from kvpack.rope import rerope, rope_table, unrope
+from kvpack.hf.rope import rerope, rope_table, unrope
 
 __all__ = ["KVPackCache", "KVPackLayer", "layer_kinds"]
 
@@ -67,7 +67,7 @@ class KVPackLayer(CacheLayerMixin):
         self.residual = policy.residual
         self.cumulative_length = 0
         self.chunks: list[_Chunk] = []
-        self.rope = None  # a `kvpack.rope.RopeTable` when keys are packed before RoPE (`pre_rope_keys`)
+        self.rope = None  # a `kvpack.hf.rope.RopeTable` when keys are packed before RoPE (`pre_rope_keys`)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device

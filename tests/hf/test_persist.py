@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from kvpack.cache import KVPackCache
-from kvpack.persist import load_cache, save_cache
+from kvpack.hf.cache import KVPackCache
+from kvpack.hf.persist import load_cache, save_cache
 from kvpack.policy import CachePolicy
 
 POLICY = CachePolicy("int:4", "int:2", residual=16, sinks=4, skip_layers=(1,), block=32)

@@ -1,4 +1,4 @@
-"""PagedKVPackCache: decode through `kvpack.attention.decode` (decode_ref on the CPU) against KVPackCache."""
+"""PagedKVPackCache: decode through `kvpack.kernels.attention.decode` (decode_ref on the CPU) against KVPackCache."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvpack import KVPackCache, PagedKVPackCache, get_codec, save_cache, use_paged_attention
 from kvpack.kernels.paged import paged_codec, rows_from_packed
-from kvpack.paged_cache import _key_validity
+from kvpack.hf.paged_cache import _key_validity
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     if args.policy is not None:
         if args.codecs is not None:
             raise ValueError("--policy replaces --codecs: give one or the other")
-        from kvpack.allocate import load_policy
+        from kvpack.tuning.allocate import load_policy
 
         policy = load_policy(args.policy)
         fp_parts = {"residual": policy.residual, "sinks": policy.sinks, "skip_layers": policy.skip_layers}

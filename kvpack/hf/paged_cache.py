@@ -1,4 +1,4 @@
-"""`PagedKVPackCache`: a `KVPackCache` whose decode steps run `kvpack.attention.decode` on the packed pages.
+"""`PagedKVPackCache`: a `KVPackCache` whose decode steps run `kvpack.kernels.attention.decode` on the packed pages.
 
 Usage (see the README)::
 
@@ -23,7 +23,7 @@ alive), patching attention modules (per model). If the model's attention is swit
 
 
 * one query token (decode): ``update`` only appends the new token to the 16-bit window and returns it;
-  `paged_attention` calls `kvpack.attention.decode` over the pages plus sinks and window (the kernel on
+  `paged_attention` calls `kvpack.kernels.attention.decode` over the pages plus sinks and window (the kernel on
   CUDA, `decode_ref` elsewhere). Nothing is dequantized.
 * several query tokens (prefill, chunked prefill): ``update`` returns the past (pages dequantized by
   `dequantize_rows`) + the new tokens, exactly as `KVPackLayer` does, and attention is transformers' SDPA.
@@ -46,8 +46,8 @@ import math
 
 import torch
 
-from kvpack.attention import decode
-from kvpack.cache import KVPackCache, KVPackLayer
+from kvpack.kernels.attention import decode
+from kvpack.hf.cache import KVPackCache, KVPackLayer
 from kvpack.kernels.paged import PagedCodec, dequantize_rows, paged_codec, rows_from_packed, write_slots
 from kvpack.policy import CachePolicy
 
@@ -61,7 +61,7 @@ _WINDOW_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class PagedLayer(KVPackLayer):
-    """One layer of `PagedKVPackCache`: packed tokens in pages, decode steps through `kvpack.attention.decode`."""
+    """One layer of `PagedKVPackCache`: packed tokens in pages, decode steps through `kvpack.kernels.attention.decode`."""
 
     def __init__(self, policy: CachePolicy, layer_idx: int, sliding_window: int | None = None) -> None:
         super().__init__(policy, layer_idx, sliding_window)
@@ -338,7 +338,7 @@ class PagedKVPackCache(KVPackCache):
     The model must use the ``"kvpack_paged"`` attention (`use_paged_attention`); layers whose codecs the
     kernels do not take keep `KVPackLayer` storage (``layer.paged`` is False) and work with it too.
     ``use_kernel``: the Triton encode and decode kernels (``None``: iff on CUDA; ``False``: the codec and
-    `kvpack.attention.decode_ref`; ``True`` on the CPU runs them through ``TRITON_INTERPRET=1``).
+    `kvpack.kernels.attention.decode_ref`; ``True`` on the CPU runs them through ``TRITON_INTERPRET=1``).
     """
 
     layer_class = PagedLayer
@@ -380,7 +380,7 @@ def paged_attention(
 ) -> tuple[torch.Tensor, None]:
     """The ``"kvpack_paged"`` attention: ``query`` (B, Hq, q, D) -> ``((B, q, Hq, D), None)``.
 
-    Keys tagged by a `PagedLayer`: one query token goes to `kvpack.attention.decode`, several to SDPA, and
+    Keys tagged by a `PagedLayer`: one query token goes to `kvpack.kernels.attention.decode`, several to SDPA, and
     the layer packs its aged window after. Untagged keys (other caches, no cache): transformers' SDPA.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -1,7 +1,7 @@
 """`kvpack allocate`: a codec and bit width per layer and stream under an average bits-per-value budget.
 
 1. Sensitivity (measured, not assumed): on calibration windows disjoint from the evaluation windows
-   (`kvpack.calibrate.calibration_ids`), the clean prefill's K/V are stored in a `KVPackCache`
+   (`kvpack.tuning.calibrate.calibration_ids`), the clean prefill's K/V are stored in a `KVPackCache`
    where ONE layer's K (or V) goes through one candidate codec and everything else stays exact,
    the continuation is teacher-forced through it, and ``D[layer, stream, codec]`` is the mean
    KL(reference || compressed) of the next-token distributions (the snapshot protocol of
@@ -132,7 +132,7 @@ def _recorded_prefill(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torc
 
 def _continue(model, prefill, cont: torch.Tensor, policy: CachePolicy) -> torch.Tensor:
     """Log-probs ``(n, vocab)`` of ``cont`` teacher-forced after ``prefill`` stored under ``policy``."""
-    from kvpack.cache import KVPackCache
+    from kvpack.hf.cache import KVPackCache
 
     cache = KVPackCache(config=model.config, policy=policy)
     for i, (k, v) in enumerate(prefill):
@@ -429,9 +429,9 @@ def _head_dim(config) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvpack.calibrate import calibration_ids
+    from kvpack.tuning.calibrate import calibration_ids
     from kvpack.evaluation.text import load_text, tokenize
-    from kvpack.models import load
+    from kvpack.evaluation.models import load
 
     if (args.budget is None) == (args.outlier_heads is None):
         raise ValueError("give --budget (per-layer allocation) or --outlier-heads N (16-bit outlier heads), not both")
@@ -492,7 +492,7 @@ def compare_policies(
     of the K undominated uniform pairs within its budget of least predicted KL (sum of the measured
     per-layer sensitivities: the same table the allocation uses, so the baseline is picked as well
     as the policy is)."""
-    from kvpack.cache import KVPackCache
+    from kvpack.hf.cache import KVPackCache
     from kvpack.evaluation.evaluate import evaluate
     from kvpack.evaluation.text import load_text, tokenize
 
@@ -540,7 +540,7 @@ def _metrics(result) -> dict:
 
 def _run_outlier_heads(model, tokenizer, args: argparse.Namespace) -> int:
     """``--outlier-heads N``: per-head sensitivities under uniform --key/--value, the worst N kept 16-bit."""
-    from kvpack.calibrate import calibration_ids
+    from kvpack.tuning.calibrate import calibration_ids
     from kvpack.evaluation.text import load_text, tokenize
 
     config = model.config
@@ -561,7 +561,7 @@ def _run_outlier_heads(model, tokenizer, args: argparse.Namespace) -> int:
 
 def _run_per_head(model, tokenizer, args: argparse.Namespace) -> int:
     """``--budget B --per-head``: one-head sensitivities, the knapsack over (layer, KV head, stream) items."""
-    from kvpack.calibrate import calibration_ids
+    from kvpack.tuning.calibrate import calibration_ids
     from kvpack.evaluation.text import load_text, tokenize
 
     config = model.config

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvpack.cli import main
-from kvpack.memory import ModelShape, cache_bytes, max_context, model_shape, parse_bytes, parse_pair
+from kvpack.tuning.memory import ModelShape, cache_bytes, max_context, model_shape, parse_bytes, parse_pair
 from kvpack.policy import CachePolicy
 
 
@@ -105,7 +105,7 @@ def test_cli(capsys):
 
 def test_per_head_specs_match_the_bytes_kvpackcache_holds(tmp_path, capsys):
     """Per-(layer, KV head) specs, with an fp16 head on top, against a real cache; and `kvpack memory`'s label."""
-    from kvpack.allocate import save_policy
+    from kvpack.tuning.allocate import save_policy
 
     policy = CachePolicy(
         "int:4", "int:4", residual=16, sinks=4, block=32, head_keys=(("e8:2", "int:8"), None, ("int:2", None)),
@@ -131,7 +131,7 @@ def _toy_cache_bytes(policy: CachePolicy) -> tuple[int, float]:
     """(bytes a real KVPackCache holds, the formula's bytes) for random K/V of a 3-layer toy model."""
     from transformers import LlamaConfig
 
-    from kvpack.cache import KVPackCache
+    from kvpack.hf.cache import KVPackCache
 
     config = LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=256)
     cache = KVPackCache(config=config, policy=policy)
@@ -152,7 +152,7 @@ def test_matches_the_bytes_kvpackcache_holds(spec):
 
 def test_per_layer_specs_and_fp_heads_match_the_bytes_kvpackcache_holds(tmp_path, capsys):
     """Per-layer specs (as `kvpack allocate` writes them) and 16-bit outlier heads, against a real cache."""
-    from kvpack.allocate import save_policy
+    from kvpack.tuning.allocate import save_policy
 
     policy = CachePolicy(
         "int:4", "int:4", residual=16, sinks=4, block=32, layer_keys=("e8:2", "int:2"), layer_values=("e8:3",),

@@ -8,7 +8,7 @@ plus the 16-bit window for the kernel; K and V for SDPA) and that over time as %
 device-to-device copy measured in the same run (bytes read + written). A CUDA-graph replay time of
 the kernel is given too (no launch gaps). ``encode``: the fused encode kernel on ``tokens x kv_heads``
 vectors, bytes read + written over time as % of the copy bandwidth. ``generate``: end-to-end
-``model.generate`` decode tokens/s and peak memory per cache (`kvpack.bench_generate`).
+``model.generate`` decode tokens/s and peak memory per cache (`kvpack.bench.generate`).
 
 Caches are filled with random codes (and valid random float16 norms/scales), never zeros; block
 tables are random permutations, so the pages of a sequence are scattered as in a serving engine.
@@ -25,7 +25,7 @@ import platform
 
 import torch
 
-from kvpack.bench_generate import add_arguments as add_generate_arguments
+from kvpack.bench.generate import add_arguments as add_generate_arguments
 from kvpack.kernels.paged import PagedCodec, paged_codec
 
 __all__ = ["add_arguments", "run"]
@@ -221,7 +221,7 @@ def bench_encode(args) -> dict:
 def run(args) -> int:
     generate = None
     if args.what == "generate":  # checks its options first, then refuses without CUDA
-        from kvpack.bench_generate import run_generate
+        from kvpack.bench.generate import run_generate
 
         generate = run_generate(args)
     if not torch.cuda.is_available():

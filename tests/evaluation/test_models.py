@@ -1,11 +1,11 @@
-"""kvpack.models.load: the bundled SmolLM2 GGUF, .gguf paths, and clear errors naming the install command."""
+"""kvpack.evaluation.models.load: the bundled SmolLM2 GGUF, .gguf paths, and clear errors naming the install command."""
 
 import importlib.util
 
 import pytest
 import torch
 
-from kvpack import models
+from kvpack.evaluation import models
 
 
 @pytest.mark.model

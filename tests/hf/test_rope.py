@@ -1,4 +1,4 @@
-"""kvpack.rope and pre-RoPE key packing (KVQuant): exact inverses, positions, the cache round trip, errors."""
+"""kvpack.hf.rope and pre-RoPE key packing (KVQuant): exact inverses, positions, the cache round trip, errors."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from kvpack import CachePolicy, KVPackCache, load_cache, save_cache
-from kvpack.rope import rerope, rope_table, unrope
+from kvpack.hf.rope import rerope, rope_table, unrope
 
 CONFIG = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=256)
 

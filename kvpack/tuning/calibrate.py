@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from kvpack.codecs.calibrated import BASES, FORMAT, calibration_dir
 from kvpack.evaluation.evaluate import window_starts
 from kvpack.policy import CachePolicy
-from kvpack.rotation import rotation_matrix
+from kvpack.ops.rotation import rotation_matrix
 
 __all__ = [
     "EVAL_LENGTH",
@@ -233,7 +233,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvpack.evaluation.text import load_text, tokenize
-    from kvpack.models import load
+    from kvpack.evaluation.models import load
 
     model, tokenizer = load(args.model, device=args.device)
     config = model.config
@@ -258,8 +258,8 @@ def run(args: argparse.Namespace) -> int:
 
 def compare_calibrated(model, tokenizer, ids, calib: str, num_layers: int, args) -> list[dict]:
     """K-only and V-only snapshot evaluations of turbo_mse:b and of each calibrated basis at b bits."""
-    from kvpack.allocate import save_policy
-    from kvpack.cache import KVPackCache
+    from kvpack.tuning.allocate import save_policy
+    from kvpack.hf.cache import KVPackCache
     from kvpack.evaluation.evaluate import evaluate
 
     memo: dict = {}

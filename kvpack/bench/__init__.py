@@ -1,0 +1,1 @@
+"""GPU speed benchmarks (`kvpack bench`): decode attention, fused encode, end-to-end generate."""

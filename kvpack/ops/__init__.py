@@ -1,0 +1,1 @@
+"""Shared math of the codecs: bit packing, rotations, Lloyd-Max codebooks."""
