@@ -3,7 +3,7 @@
 from kvpack.codec import Codec, Packed, get_codec, list_codecs
 from kvpack.engine import PackedKV, bpe_accounting, dequantize_kv, quantize_kv
 from kvpack.ops.packing import pack_bits, unpack_bits
-from kvpack.policy import CachePolicy
+from kvpack.policy import CachePolicy, load_policy, save_policy
 
 __all__ = ["Codec", "Packed", "get_codec", "list_codecs", "pack_bits", "unpack_bits"]
 __all__ += ["PackedKV", "bpe_accounting", "dequantize_kv", "quantize_kv"]
@@ -20,8 +20,6 @@ _LAZY = {
     "use_paged_attention": "kvpack.hf.paged_cache",
     "load_cache": "kvpack.hf.persist",
     "save_cache": "kvpack.hf.persist",
-    "load_policy": "kvpack.tuning.allocate",
-    "save_policy": "kvpack.tuning.allocate",
     "EvalResult": "kvpack.evaluation.evaluate",
     "evaluate": "kvpack.evaluation.evaluate",
 }

@@ -9,6 +9,7 @@ given to ``decode`` against it, so accounting and validation cannot drift from t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -174,8 +175,16 @@ def list_codecs() -> list[str]:
     return sorted(CODECS)
 
 
+@functools.cache
 def _load_builtin_codecs() -> None:
-    import kvpack.codecs  # noqa: F401  (registers the built-in codecs)
+    """Import every module of `kvpack.codecs` (each registers its codec); on first use, not at ``import kvpack``."""
+    import importlib
+    import pkgutil
+
+    import kvpack.codecs
+
+    for module in pkgutil.iter_modules(kvpack.codecs.__path__):
+        importlib.import_module(f"kvpack.codecs.{module.name}")
 
 
 def _parse_value(text: str) -> Any:

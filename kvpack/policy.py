@@ -14,16 +14,24 @@ overrides), so the bits a float32 CPU evaluation reports are those a 16-bit depl
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from kvpack.codec import Codec, Packed, get_codec
+from kvpack.codec import Codec, get_codec
+from kvpack.codecs.compose import IdentityCodec, PerHeadCodec
 
-__all__ = ["DEFAULT_BLOCK", "CachePolicy", "HeadSplitCodec", "IdentityCodec", "PerHeadCodec"]
+__all__ = ["DEFAULT_BLOCK", "POLICY_FORMAT", "CachePolicy", "load_policy", "policy_bits", "save_policy"]
 
 DEFAULT_BLOCK = 32  # tokens packed at once as the residual window ages (KIVI's group size)
+POLICY_FORMAT = "kvpack-policy"  # the "format" field of a policy file (version 1)
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+FP16_BITS = 16.0  # what a stream or head kept in 16-bit counts
+WINDOW_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float8 cannot hold a model's K/V as they are
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class CachePolicy:
     of the sinks, the residual window and uncompressed streams/layers (``None``: see `held_dtype`).
     ``layer_keys``/``layer_values``: per-layer specs (``None``: that layer's stream uncompressed) for
     layers ``< len``; later layers use ``key``/``value``. ``fp_heads``: ``(layer, kv_head)`` pairs (or a
-    dict ``{layer: heads}``) whose K and V stay 16-bit in packed blocks too (`HeadSplitCodec`).
+    dict ``{layer: heads}``) whose K and V stay 16-bit in packed blocks too (`PerHeadCodec`).
     ``head_keys``/``head_values``: per layer (layer 0 first), ``None`` (the layer's spec applies) or a
     tuple of one spec per KV head (``None``: that head 16-bit); such a layer goes through `PerHeadCodec`,
     overriding ``layer_keys``/``key`` there. ``fp_heads`` and ``skip_layers`` still apply on top.
@@ -74,6 +82,8 @@ class CachePolicy:
             raise ValueError(f"block must be a positive int or None, got {self.block!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in 0..2**63-1, got {self.seed!r}")
         try:
             skip = tuple(self.skip_layers)
         except TypeError:
@@ -85,6 +95,8 @@ class CachePolicy:
             not isinstance(self.window_dtype, torch.dtype) or not self.window_dtype.is_floating_point
         ):
             raise TypeError(f"window_dtype must be a floating torch.dtype or None, got {self.window_dtype!r}")
+        if self.window_dtype is not None and self.window_dtype not in WINDOW_DTYPES:
+            raise ValueError(f"window_dtype must be one of {WINDOW_DTYPES} or None, got {self.window_dtype!r}")
         for name in ("layer_keys", "layer_values"):
             try:
                 specs = tuple(getattr(self, name))
@@ -98,10 +110,49 @@ class CachePolicy:
         for name in ("head_keys", "head_values"):
             object.__setattr__(self, name, _normalize_head_specs(getattr(self, name), name))
         object.__setattr__(self, "fp_heads", _normalize_fp_heads(self.fp_heads))
-        # build once with a nominal head_dim so that a bad spec fails here, not mid-forward
-        self.codecs(head_dim=64)
-        for i in range(self.num_layers_named()):
-            self.codecs(head_dim=64, layer_idx=i)
+        for i in range(self.num_layers_named()):  # per-head specs fix a layer's KV head count
+            counts = {len(h) for h in self.head_specs(i) if h is not None}
+            if len(counts) > 1:
+                raise ValueError(f"head_keys[{i}] and head_values[{i}] name different numbers of KV heads")
+            fp = self.heads_in_fp(i)
+            if counts and fp and max(fp) >= min(counts):
+                raise ValueError(f"fp_heads {fp} of layer {i} out of range for its {min(counts)} per-head specs")
+        # build every spec once with a nominal head_dim so that a bad spec fails here, not mid-forward;
+        # check_model() builds them again at the model's own head_dim
+        for spec in self.all_specs():
+            self._codec(spec, 64)
+
+    def all_specs(self) -> tuple[str, ...]:
+        """Every distinct codec spec the policy names (``key``/``value``, per layer, per head), in order."""
+        per_head = [s for heads in (*self.head_keys, *self.head_values) if heads is not None for s in heads]
+        named = (self.key, self.value, *self.layer_keys, *self.layer_values, *per_head)
+        return tuple(dict.fromkeys(s for s in named if s is not None))
+
+    def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+        """Raise ``ValueError`` unless the policy fits a model of this shape: every layer, KV head and
+        per-head spec list it names exists, and every codec takes ``head_dim`` and the packing block."""
+        bad = [i for i in self.skip_layers if i >= num_layers] + [i for i, _ in self.fp_heads if i >= num_layers]
+        bad += list(range(num_layers, self.num_layers_named()))
+        if bad:
+            raise ValueError(
+                f"skip_layers/fp_heads/layer_keys/layer_values/head_keys/head_values name layers "
+                f"{sorted(set(bad))}: the model has {num_layers} layers"
+            )
+        bad_heads = [p for p in self.fp_heads if p[1] >= num_kv_heads]
+        if bad_heads:
+            raise ValueError(f"fp_heads {bad_heads} name KV heads beyond the model's {num_kv_heads}")
+        bad = [i for i in range(num_layers) for h in self.head_specs(i) if h is not None and len(h) != num_kv_heads]
+        if bad:
+            raise ValueError(
+                f"head_keys/head_values of layers {sorted(set(bad))} need {num_kv_heads} specs (the model's KV heads)"
+            )
+        for spec in self.all_specs():
+            try:
+                self._codec(spec, head_dim)
+            except ValueError as exc:
+                raise ValueError(f"codec {spec!r} does not fit the model's head_dim {head_dim}: {exc}") from None
+        for i in range(num_layers):
+            self.block_for(*self.codecs(head_dim, i, num_kv_heads))
 
     def num_layers_named(self) -> int:
         """Layers that ``layer_keys``/``layer_values``/``head_keys``/``head_values`` give specs for."""
@@ -140,37 +191,31 @@ class CachePolicy:
         return tuple(h for layer, h in self.fp_heads if layer == layer_idx)
 
     def codecs(
-        self, head_dim: int, layer_idx: int | None = None
-    ) -> tuple[Codec | IdentityCodec, Codec | IdentityCodec]:
-        """The (key, value) codecs for one layer; identity for ``None`` specs and skipped layers."""
-        if layer_idx is not None and layer_idx in self.skip_layers:
-            return IdentityCodec(head_dim), IdentityCodec(head_dim)
-        specs = (self.key, self.value) if layer_idx is None else self.specs(layer_idx)
-        per_head = (None, None) if layer_idx is None else self.head_specs(layer_idx)
-        heads = () if layer_idx is None else self.heads_in_fp(layer_idx)
-        codecs = []
-        for spec, head_specs in zip(specs, per_head):
-            if head_specs is not None:
-                if heads and max(heads) >= len(head_specs):
-                    raise ValueError(
-                        f"fp_heads {heads} of layer {layer_idx} out of range for its {len(head_specs)} per-head specs"
-                    )
-                head_specs = tuple(None if h in heads else s for h, s in enumerate(head_specs))
-                codecs.append(PerHeadCodec(tuple(self._codec(s, head_dim) for s in head_specs), head_dim))
-            elif spec is None:
-                codecs.append(IdentityCodec(head_dim))
+        self, head_dim: int, layer_idx: int | None = None, num_kv_heads: int | None = None
+    ) -> tuple[Codec | IdentityCodec | PerHeadCodec, Codec | IdentityCodec | PerHeadCodec]:
+        """The (key, value) codecs of one layer of ``num_kv_heads`` KV heads (``layer_idx=None``: the policy's
+        ``key``/``value``), built from `held_specs`: identity where every head stays 16-bit, the codec where all
+        heads share one spec, else a `PerHeadCodec` (``None`` at the 16-bit heads)."""
+        if layer_idx is None:
+            return tuple(IdentityCodec(head_dim) if s is None else self._codec(s, head_dim) for s in (self.key, self.value))
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
+            raise ValueError(f"num_kv_heads must be a positive int for a layer's codecs, got {num_kv_heads!r}")
+        out = []
+        for heads in self.held_specs(layer_idx, num_kv_heads):
+            if all(s is None for s in heads):
+                out.append(IdentityCodec(head_dim))
+            elif len(set(heads)) == 1:
+                out.append(self._codec(heads[0], head_dim))
             else:
-                codec = self._codec(spec, head_dim)
-                codecs.append(HeadSplitCodec(codec, heads) if heads else codec)
-        return tuple(codecs)  # type: ignore[return-value]
+                out.append(PerHeadCodec(tuple(None if s is None else self._codec(s, head_dim) for s in heads), head_dim))
+        return tuple(out)  # type: ignore[return-value]
 
-    def _codec(self, spec: str | None, head_dim: int) -> Codec | None:
-        return None if spec is None else get_codec(spec, head_dim=head_dim, seed=self.seed)
+    def _codec(self, spec: str, head_dim: int) -> Codec:
+        return get_codec(spec, head_dim=head_dim, seed=self.seed)
 
     def compresses_anything(self) -> bool:
         """Whether any layer's K or V goes through a codec."""
-        per_head = [s for heads in (*self.head_keys, *self.head_values) if heads is not None for s in heads]
-        return any(s is not None for s in (self.key, self.value, *self.layer_keys, *self.layer_values, *per_head))
+        return bool(self.all_specs())
 
     def held_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """Dtype of the full-precision tokens: ``window_dtype``, else the model's 16-bit dtype, else float16.
@@ -191,29 +236,6 @@ class CachePolicy:
         if self.block % unit:
             raise ValueError(f"block={self.block} must be a multiple of the codecs' block_tokens ({unit})")
         return self.block
-
-
-class IdentityCodec:
-    """Keeps a stream as given (model dtype): the stand-in codec for uncompressed streams and layers.
-
-    Duck-types the `kvpack.Codec` interface that the cache uses (``encode``/``decode``/
-    ``bits_per_value``/``block_tokens``/``spec``); not registered, it is no compression method.
-    """
-
-    spec = "none"
-    block_tokens = 1
-
-    def __init__(self, head_dim: int) -> None:
-        self.head_dim = head_dim
-
-    def encode(self, x):
-        return Packed(codec=self.spec, shape=tuple(x.shape), dtype=x.dtype, data={"values": x.clone()})
-
-    def decode(self, packed):
-        return packed.data["values"]
-
-    def bits_per_value(self) -> float:
-        return float("nan")  # the model dtype's width; known only from the stored tensor
 
 
 def _normalize_head_specs(value, name: str) -> tuple[tuple[str | None, ...] | None, ...]:
@@ -256,121 +278,76 @@ def _normalize_fp_heads(fp_heads) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(set(pairs)))
 
 
-class HeadSplitCodec:
-    """Keeps KV heads ``heads`` (dim -3) in 16-bit and compresses the others with ``inner``.
-
-    Input ``(..., kv_heads, tokens, head_dim)``; ``Packed.data`` holds the inner codec's tensors under
-    ``inner.<name>`` and the kept heads under ``fp_heads`` (float16 unless the input is bfloat16/float16),
-    so ``Packed.nbytes`` counts them exactly. Duck-types the `kvpack.Codec` interface the cache uses.
-    """
-
-    def __init__(self, inner: Codec, heads: tuple[int, ...]) -> None:
-        self.inner, self.heads = inner, tuple(sorted(set(heads)))
-        self.head_dim, self.block_tokens = inner.head_dim, inner.block_tokens
-        self.spec = f"{inner.spec}+fp_heads={'/'.join(map(str, self.heads))}"
-
-    def _split(self, num_heads: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        if max(self.heads) >= num_heads:
-            raise ValueError(f"fp_heads {self.heads} out of range for {num_heads} KV heads")
-        kept = torch.tensor(self.heads, device=device)
-        mask = torch.ones(num_heads, dtype=torch.bool, device=device)
-        mask[kept] = False
-        return kept, mask.nonzero().flatten()
-
-    def encode(self, x: torch.Tensor) -> Packed:
-        if x.dim() < 3:
-            raise ValueError(f"HeadSplitCodec needs (..., kv_heads, tokens, head_dim), got shape {tuple(x.shape)}")
-        kept, rest = self._split(x.shape[-3], x.device)
-        fp_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16
-        data = {"fp_heads": x.index_select(-3, kept).to(fp_dtype).contiguous()}
-        if rest.numel():
-            inner = self.inner.encode(x.index_select(-3, rest).contiguous())
-            data.update({"inner." + k: v for k, v in inner.data.items()})
-        return Packed(codec=self.spec, shape=tuple(x.shape), dtype=x.dtype, data=data)
-
-    def decode(self, packed: Packed) -> torch.Tensor:
-        if packed.codec != self.spec:
-            raise ValueError(f"Packed was made by codec {packed.codec!r}, not by {self.spec!r}")
-        kept, rest = self._split(packed.shape[-3], packed.device)
-        fp = packed.data["fp_heads"]
-        out = torch.empty(packed.shape, dtype=packed.dtype, device=fp.device)
-        out.index_copy_(-3, kept, fp.to(packed.dtype))
-        if rest.numel():
-            shape = (*packed.shape[:-3], rest.numel(), *packed.shape[-2:])
-            data = {k[len("inner.") :]: v for k, v in packed.data.items() if k.startswith("inner.")}
-            inner = Packed(codec=self.inner.spec, shape=shape, dtype=packed.dtype, data=data)
-            out.index_copy_(-3, rest, self.inner.decode(inner).to(packed.dtype))
-        return out
-
-    def check_packed(self, packed: Packed) -> None:
-        if packed.codec != self.spec:
-            raise ValueError(f"Packed was made by codec {packed.codec!r}, not by {self.spec!r}")
-
-    def bits_per_value(self) -> float:
-        return float("nan")  # depends on the number of KV heads; the cache measures it
+# ---- one serializer: CachePolicy <-> JSON-able dict, and the policy file -----------------------------------
 
 
-class PerHeadCodec:
-    """A codec per KV head (dim -3): head ``h`` goes through ``codecs[h]``, or stays 16-bit where it is ``None``.
+def policy_to_dict(policy: CachePolicy) -> dict:
+    """Every field of ``policy`` as JSON-able values (tuples as lists, ``window_dtype`` by name)."""
+    if not isinstance(policy, CachePolicy):
+        raise TypeError(f"policy must be a kvpack.CachePolicy, got {type(policy).__name__}")
+    out = {}
+    for f in dataclasses.fields(policy):
+        value = getattr(policy, f.name)
+        if f.name == "window_dtype":
+            value = None if value is None else str(value).removeprefix("torch.")
+        out[f.name] = json.loads(json.dumps(value))  # tuples -> lists, all the way down
+    return out
 
-    Input ``(..., kv_heads, tokens, head_dim)`` with ``kv_heads == len(codecs)``. Heads that share a
-    spec are encoded together (one call per distinct spec); ``Packed.data`` holds group ``g``'s tensors
-    under ``g<g>.<name>`` and the 16-bit heads under ``fp_heads`` (float16 unless the input is
-    bfloat16/float16), so ``Packed.nbytes`` counts everything. Duck-types the `kvpack.Codec` interface.
-    """
 
-    def __init__(self, codecs: tuple[Codec | None, ...], head_dim: int) -> None:
-        codecs = tuple(codecs)
-        if not codecs:
-            raise ValueError("PerHeadCodec needs at least one KV head")
-        if any(c is not None and c.head_dim != head_dim for c in codecs):
-            raise ValueError(f"PerHeadCodec: every codec must take head_dim={head_dim}")
-        self.codecs, self.head_dim = codecs, head_dim
-        self.block_tokens = math.lcm(*(int(c.block_tokens) for c in codecs if c is not None), 1)
-        self.spec = "heads[" + "|".join("fp16" if c is None else c.spec for c in codecs) + "]"
-        specs = [None if c is None else c.spec for c in codecs]
-        self.fp = tuple(h for h, s in enumerate(specs) if s is None)
-        distinct = list(dict.fromkeys(s for s in specs if s is not None))
-        # (codec, heads) per distinct spec, in the order of each spec's first head
-        self.groups = tuple((codecs[specs.index(s)], tuple(h for h, t in enumerate(specs) if t == s)) for s in distinct)
+def policy_from_dict(fields: dict, where: str = "policy") -> CachePolicy:
+    """The `CachePolicy` that :func:`policy_to_dict` wrote; ``ValueError`` naming ``where`` for unknown or bad fields."""
+    if not isinstance(fields, dict):
+        raise ValueError(f"{where} must be a JSON object of CachePolicy fields, got {type(fields).__name__}")  # noqa: TRY004 (bad file content)
+    known = {f.name for f in dataclasses.fields(CachePolicy)}
+    if set(fields) - known:
+        raise ValueError(f"{where} has unknown fields {sorted(set(fields) - known)}")
+    fields = dict(fields)
+    if fields.get("window_dtype") is not None:
+        dtype = getattr(torch, str(fields["window_dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{where}: window_dtype {fields['window_dtype']!r} is no torch dtype")
+        fields["window_dtype"] = dtype
+    for name in ("skip_layers", "layer_keys", "layer_values"):
+        if isinstance(fields.get(name), list):
+            fields[name] = tuple(fields[name])
+    try:
+        return CachePolicy(**fields)
+    except TypeError as exc:
+        raise ValueError(f"{where} has bad fields: {exc}") from None
 
-    def _check_heads(self, num_heads: int) -> None:
-        if num_heads != len(self.codecs):
-            raise ValueError(f"PerHeadCodec has specs for {len(self.codecs)} KV heads, the input has {num_heads}")
 
-    def encode(self, x: torch.Tensor) -> Packed:
-        if x.dim() < 3:
-            raise ValueError(f"PerHeadCodec needs (..., kv_heads, tokens, head_dim), got shape {tuple(x.shape)}")
-        self._check_heads(x.shape[-3])
-        data = {}
-        if self.fp:
-            fp_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16
-            data["fp_heads"] = x.index_select(-3, torch.tensor(self.fp, device=x.device)).to(fp_dtype).contiguous()
-        for g, (codec, heads) in enumerate(self.groups):
-            part = codec.encode(x.index_select(-3, torch.tensor(heads, device=x.device)).contiguous())
-            data.update({f"g{g}.{k}": v for k, v in part.data.items()})
-        return Packed(codec=self.spec, shape=tuple(x.shape), dtype=x.dtype, data=data)
+def save_policy(policy: CachePolicy, path: str | Path, **info) -> None:
+    """Write ``policy`` as a policy file (JSON), plus ``info`` (budget, measured numbers...)."""
+    doc = {"format": POLICY_FORMAT, "version": 1, "policy": policy_to_dict(policy), **info}
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
 
-    def decode(self, packed: Packed) -> torch.Tensor:
-        self.check_packed(packed)
-        out = torch.empty(packed.shape, dtype=packed.dtype, device=packed.device)
-        if self.fp:
-            out.index_copy_(-3, torch.tensor(self.fp, device=out.device), packed.data["fp_heads"].to(packed.dtype))
-        for g, (codec, heads) in enumerate(self.groups):
-            prefix = f"g{g}."
-            data = {k[len(prefix) :]: v for k, v in packed.data.items() if k.startswith(prefix)}
-            shape = (*packed.shape[:-3], len(heads), *packed.shape[-2:])
-            part = codec.decode(Packed(codec=codec.spec, shape=shape, dtype=packed.dtype, data=data))
-            out.index_copy_(-3, torch.tensor(heads, device=out.device), part.to(packed.dtype))
-        return out
 
-    def check_packed(self, packed: Packed) -> None:
-        if not isinstance(packed, Packed):
-            raise TypeError(f"decode needs a kvpack.Packed, got {type(packed).__name__}")
-        if packed.codec != self.spec:
-            raise ValueError(f"Packed was made by codec {packed.codec!r}, not by {self.spec!r}")
-        self._check_heads(packed.shape[-3])
+def load_policy(path: str | Path) -> CachePolicy:
+    """The policy :func:`save_policy` wrote: ``KVPackCache(config, policy=load_policy(path))``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no policy file at {str(path)!r}")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"policy file {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != POLICY_FORMAT or doc.get("version") != 1:
+        raise ValueError(f"{str(path)!r} is not a kvpack policy file (format {POLICY_FORMAT!r}, version 1)")
+    return policy_from_dict(doc.get("policy") or {}, f"policy file {str(path)!r}")
 
-    def bits_per_value(self) -> float:
-        """Mean over the KV heads (each holds as many values): a codec's own bits, 16 for 16-bit heads."""
-        return sum(16.0 if c is None else c.bits_per_value() for c in self.codecs) / len(self.codecs)
+
+# ---- one bit count ------------------------------------------------------------------------------------------
+
+
+def layer_bits(policy: CachePolicy, layer_idx: int, num_kv_heads: int, head_dim: int) -> tuple[float, float]:
+    """(K, V) bits per value of one packed token of ``layer_idx``, averaged over its KV heads (16 for 16-bit)."""
+    return tuple(  # type: ignore[return-value]
+        sum(FP16_BITS if s is None else policy._codec(s, head_dim).bits_per_value() for s in heads) / num_kv_heads
+        for heads in policy.held_specs(layer_idx, num_kv_heads)
+    )
+
+
+def policy_bits(policy: CachePolicy, head_dim: int, num_layers: int, num_kv_heads: int) -> float:
+    """Codec bits per value of a packed token averaged over layers, KV heads and both streams (16 for 16-bit);
+    the sinks and the residual window are not in it (the cache's ``nbytes()`` counts what is held)."""
+    return sum(sum(layer_bits(policy, i, num_kv_heads, head_dim)) for i in range(num_layers)) / (2 * num_layers)

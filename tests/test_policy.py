@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig
 
 from kvpack import CachePolicy, KVPackCache, get_codec
-from kvpack.policy import HeadSplitCodec, IdentityCodec, PerHeadCodec
+from kvpack.codecs.compose import IdentityCodec, PerHeadCodec
 
 
 def _x(heads=3, tokens=8, dtype=torch.float32):
@@ -58,12 +58,14 @@ def test_policy_builds_per_head_codecs_with_fp_heads_on_top():
         "int:4", "int:4", head_keys=(None, ("e8:2", "int:8", None)), head_values=(("e8:3", "e8:3", "e8:4"),),
         fp_heads={1: (0,)}, skip_layers=(2,),
     )  # fmt: skip
-    k0, v0 = policy.codecs(16, 0)
+    k0, v0 = policy.codecs(16, 0, 3)
     assert k0.spec == "int:4" and v0.spec == "heads[e8:3|e8:3|e8:4]"
-    k1, v1 = policy.codecs(16, 1)
+    k1, v1 = policy.codecs(16, 1, 3)
     assert k1.spec == "heads[fp16|int:8|fp16]"  # fp_heads 16-bit over the per-head spec
-    assert isinstance(v1, HeadSplitCodec)  # no per-head V spec in layer 1: the layer spec, head 0 in 16-bit
-    assert all(isinstance(c, IdentityCodec) for c in policy.codecs(16, 2))
+    assert v1.spec == "heads[fp16|int:4|int:4]"  # no per-head V spec in layer 1: the layer spec, head 0 in 16-bit
+    assert all(isinstance(c, IdentityCodec) for c in policy.codecs(16, 2, 3))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        policy.codecs(16, 1)
     assert policy.held_specs(1, 3) == ((None, "int:8", None), (None, "int:4", "int:4"))
     assert policy.held_specs(2, 3) == ((None,) * 3, (None,) * 3)
     assert policy.num_layers_named() == 2

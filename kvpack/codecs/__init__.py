@@ -1,8 +1,2 @@
-"""Built-in codecs, one module each; importing this package registers every module in it
-(done lazily by `kvpack.get_codec` / `kvpack.list_codecs`)."""
-
-import importlib
-import pkgutil
-
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+"""Built-in codecs, one module each (each registers its codec); `kvpack.get_codec` / `kvpack.list_codecs` import
+them all on first use. `compose` holds the codecs made of other codecs (identity, per KV head)."""

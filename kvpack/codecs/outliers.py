@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpack.codec import Codec, Layout, Packed, get_codec, register_codec
+from kvpack.codecs.compose import nest, unnest
 
 __all__ = ["OutlierChannels", "OutlierSparse"]
 
@@ -64,16 +65,14 @@ class _Wrapper(Codec):
         return get_codec(self.inner, head_dim=self.head_dim, bits=self.bits, seed=self.seed)
 
     def inner_layout(self, shape: tuple[int, ...]) -> Layout:
-        return {INNER + k: v for k, v in self.inner_codec.layout(shape).items()}
+        return nest(INNER, self.inner_codec.layout(shape))
 
     def encode_inner(self, x: torch.Tensor, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        packed = self.inner_codec.encode(x.to(like.dtype))  # the inner codec sees the input's dtype
-        return {INNER + k: v for k, v in packed.data.items()}
+        return nest(INNER, self.inner_codec.encode(x.to(like.dtype)).data)  # the inner codec sees the input's dtype
 
     def decode_inner(self, packed: Packed) -> torch.Tensor:
         """The inner codec's reconstruction, float32."""
-        data = {k[len(INNER) :]: v for k, v in packed.data.items() if k.startswith(INNER)}
-        return self.inner_codec.decode(Packed(self.inner_codec.spec, packed.shape, torch.float32, data))
+        return self.inner_codec.decode(unnest(packed, INNER, self.inner_codec, dtype=torch.float32))
 
 
 @register_codec

@@ -68,8 +68,8 @@ def _policy_kwargs(args: argparse.Namespace) -> dict:
 
 def _policy_file_kwargs(path: str) -> dict:
     """evaluate() arguments for a policy file: a KVPackCache under it (its per-layer specs, fp heads...)."""
-    from kvpack.tuning.allocate import load_policy
     from kvpack.hf.cache import KVPackCache
+    from kvpack.policy import load_policy
 
     policy = load_policy(path)
 
@@ -144,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
         pre_rope_keys=args.pre_rope_keys, **_policy_kwargs(args),
     )  # fmt: skip
     if args.policy is not None:  # the file's policy went through a cache_factory: record all of it
-        from kvpack.tuning.allocate import load_policy
         from kvpack.evaluation.evaluate import policy_record
+        from kvpack.policy import load_policy
 
         result.policy.update(policy_record(load_policy(args.policy)))
     print(format_result(result))

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvpack.hf.cache import KVPackCache
 from kvpack.evaluation.text import load_text, text_label, tokenize
+from kvpack.hf.cache import KVPackCache
 from kvpack.policy import CachePolicy
 
 __all__ = ["PROTOCOLS", "EvalResult", "RoundTripCache", "evaluate", "verdict", "window_starts"]
@@ -137,7 +137,7 @@ class RoundTripCache(DynamicCache):
         layer = self.layers[layer_idx]
         start = layer.get_seq_length()  # position of the first new token
         sinks = 0 if getattr(layer, "is_sliding", False) else self.policy.sinks
-        key_codec, value_codec = self.policy.codecs(key_states.shape[-1], layer_idx)
+        key_codec, value_codec = self.policy.codecs(key_states.shape[-1], layer_idx, key_states.shape[-3])
         key_states = self._roundtrip(key_codec, key_states, max(sinks - start, 0), "k")
         value_states = self._roundtrip(value_codec, value_states, max(sinks - start, 0), "v")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)

@@ -453,8 +453,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvpack.evaluation.text import load_text, text_label
     from kvpack.evaluation.models import load
+    from kvpack.evaluation.text import load_text, text_label
 
     pairs = parse_codecs(args.codecs)
     for key_spec, value_spec in pairs:  # fail on a bad spec before loading the model

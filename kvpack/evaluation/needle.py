@@ -398,8 +398,8 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, CachePolicy | None]
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvpack.evaluation.text import load_text, text_label
     from kvpack.evaluation.models import load
+    from kvpack.evaluation.text import load_text, text_label
 
     lengths, depths = parse_lengths(args.lengths), parse_fractions(args.depths)
     _check_grid(lengths, depths, args.trials)

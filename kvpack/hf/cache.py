@@ -29,8 +29,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpack.codec import Packed
-from kvpack.policy import CachePolicy, IdentityCodec
+from kvpack.codecs.compose import IdentityCodec
+from kvpack.hf.config import model_heads, text_config
 from kvpack.hf.rope import rerope, rope_table, unrope
+from kvpack.policy import CachePolicy
 
 __all__ = ["KVPackCache", "KVPackLayer", "layer_kinds"]
 
@@ -72,7 +74,7 @@ class KVPackLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.held_dtype = self.policy.held_dtype(self.dtype)
-        self.key_codec, self.value_codec = self.policy.codecs(key_states.shape[-1], self.layer_idx)
+        self.key_codec, self.value_codec = self.policy.codecs(key_states.shape[-1], self.layer_idx, key_states.shape[-3])
         self.block = self.policy.block_for(self.key_codec, self.value_codec)
         # an uncompressed key stream keeps its post-RoPE keys: undoing RoPE would only cost time and a float32 copy
         self.key_rope = None if isinstance(self.key_codec, IdentityCodec) else self.rope
@@ -239,7 +241,7 @@ def layer_kinds(config) -> list[int | None]:
     Reads ``config.layer_types`` (inferred from ``sliding_window`` when absent, as transformers
     does); other layer types (linear attention, shared KV) are not supported by this cache.
     """
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     n_layers = text.num_hidden_layers
     types = getattr(text, "layer_types", None)
     if types is None:
@@ -293,22 +295,7 @@ class KVPackCache(Cache):
             raise TypeError(f"policy must be a kvpack.CachePolicy, got {type(policy).__name__}")
         self.policy = policy
         kinds = layer_kinds(config)
-        bad = [i for i in policy.skip_layers if i >= len(kinds)]
-        if bad:
-            raise ValueError(f"skip_layers {bad} out of range: the model has {len(kinds)} layers")
-        bad = [i for i, _ in policy.fp_heads if i >= len(kinds)] + [
-            i for i in range(len(kinds), policy.num_layers_named())
-        ]
-        if bad:
-            raise ValueError(
-                f"fp_heads/layer_keys/layer_values/head_keys/head_values name layers {bad}: "
-                f"the model has {len(kinds)} layers"
-            )
-        heads = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
-                        "num_key_value_heads", None)  # fmt: skip
-        bad = [i for i in range(len(kinds)) for h in policy.head_specs(i) if h is not None and len(h) != heads]
-        if heads is not None and bad:
-            raise ValueError(f"head_keys/head_values of layers {sorted(set(bad))} need {heads} specs (KV heads)")
+        policy.check_model(len(kinds), *model_heads(config))
         super().__init__(layers=[self.layer_class(policy, i, window) for i, window in enumerate(kinds)])
         if policy.pre_rope_keys:
             table = rope_table(config)

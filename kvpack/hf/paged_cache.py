@@ -46,8 +46,8 @@ import math
 
 import torch
 
-from kvpack.kernels.attention import decode
 from kvpack.hf.cache import KVPackCache, KVPackLayer
+from kvpack.kernels.attention import decode
 from kvpack.kernels.paged import PagedCodec, dequantize_rows, paged_codec, rows_from_packed, write_slots
 from kvpack.policy import CachePolicy
 

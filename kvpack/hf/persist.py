@@ -20,8 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from kvpack.hf.cache import KVPackCache, _Chunk, layer_kinds
 from kvpack.codec import Packed
+from kvpack.hf.cache import KVPackCache, _Chunk, layer_kinds
 from kvpack.policy import CachePolicy
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_cache", "model_fingerprint", "save_cache"]

@@ -32,7 +32,6 @@ at N tokens instead, as the presets' budgets do).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -44,78 +43,26 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvpack.codec import get_codec, parse_spec
-from kvpack.policy import CachePolicy
+from kvpack.policy import CachePolicy, policy_bits, save_policy
 
 __all__ = [
     "allocate_bits",
     "choose_outlier_heads",
     "head_policy_for",
     "head_sensitivity",
-    "load_policy",
     "measure_head_sensitivity",
     "measure_sensitivity",
-    "policy_bits",
     "policy_for",
-    "save_policy",
     "uniform_pairs",
 ]
 
 logger = logging.getLogger(__name__)
 
-POLICY_FORMAT = "kvpack-policy"
 DEFAULT_CANDIDATES = (
     "e8:2", "e8:3", "e8:4", "turbo_mse:2", "turbo_mse:3", "turbo_mse:4",
     "int:2", "int:3", "int:4", "int:2:axis=channel", "int:3:axis=channel", "int:4:axis=channel",
 )  # fmt: skip
 MAX_DP_UNITS = 5_000_000  # capacity cells of the knapsack table
-
-
-def policy_bits(policy: CachePolicy, head_dim: int, num_layers: int, num_kv_heads: int) -> float:
-    """Average codec bits per value over layers, KV heads and both streams (16 for what stays 16-bit)."""
-    total = 0.0
-    for i in range(num_layers):
-        for heads in policy.held_specs(i, num_kv_heads):
-            total += sum(16.0 if s is None else get_codec(s, head_dim=head_dim).bits_per_value() for s in heads)
-    return total / (2 * num_layers * num_kv_heads)
-
-
-def save_policy(policy: CachePolicy, path: str | Path, **info) -> None:
-    """Write ``policy`` as JSON (plus ``info``: budget, measured numbers...)."""
-    if not isinstance(policy, CachePolicy):
-        raise TypeError(f"policy must be a kvpack.CachePolicy, got {type(policy).__name__}")
-    fields = {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)}
-    fields["window_dtype"] = None if policy.window_dtype is None else str(policy.window_dtype).removeprefix("torch.")
-    doc = {"format": POLICY_FORMAT, "version": 1, "policy": fields, **info}
-    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
-
-
-def load_policy(path: str | Path) -> CachePolicy:
-    """The policy :func:`save_policy` wrote: ``KVPackCache(config, policy=load_policy(path))``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no policy file at {str(path)!r}")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"policy file {str(path)!r} is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("format") != POLICY_FORMAT or doc.get("version") != 1:
-        raise ValueError(f"{str(path)!r} is not a kvpack policy file (format {POLICY_FORMAT!r}, version 1)")
-    fields = dict(doc.get("policy") or {})
-    known = {f.name for f in dataclasses.fields(CachePolicy)}
-    if set(fields) - known:
-        raise ValueError(f"policy file {str(path)!r} has unknown fields {sorted(set(fields) - known)}")
-    if fields.get("window_dtype") is not None:
-        dtype = getattr(torch, str(fields["window_dtype"]), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"policy file {str(path)!r}: window_dtype {fields['window_dtype']!r} is no torch dtype")
-        fields["window_dtype"] = dtype
-    for name in ("skip_layers", "layer_keys", "layer_values"):
-        if name in fields:
-            fields[name] = tuple(fields[name])
-    try:
-        return CachePolicy(**fields)
-    except TypeError as exc:
-        raise ValueError(f"policy file {str(path)!r} has bad fields: {exc}") from None
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -429,9 +376,9 @@ def _head_dim(config) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvpack.tuning.calibrate import calibration_ids
-    from kvpack.evaluation.text import load_text, tokenize
     from kvpack.evaluation.models import load
+    from kvpack.evaluation.text import load_text, tokenize
+    from kvpack.tuning.calibrate import calibration_ids
 
     if (args.budget is None) == (args.outlier_heads is None):
         raise ValueError("give --budget (per-layer allocation) or --outlier-heads N (16-bit outlier heads), not both")
@@ -492,9 +439,9 @@ def compare_policies(
     of the K undominated uniform pairs within its budget of least predicted KL (sum of the measured
     per-layer sensitivities: the same table the allocation uses, so the baseline is picked as well
     as the policy is)."""
-    from kvpack.hf.cache import KVPackCache
     from kvpack.evaluation.evaluate import evaluate
     from kvpack.evaluation.text import load_text, tokenize
+    from kvpack.hf.cache import KVPackCache
 
     ids = tokenize(tokenizer, load_text(args.text))
     config = model.config
@@ -540,8 +487,8 @@ def _metrics(result) -> dict:
 
 def _run_outlier_heads(model, tokenizer, args: argparse.Namespace) -> int:
     """``--outlier-heads N``: per-head sensitivities under uniform --key/--value, the worst N kept 16-bit."""
-    from kvpack.tuning.calibrate import calibration_ids
     from kvpack.evaluation.text import load_text, tokenize
+    from kvpack.tuning.calibrate import calibration_ids
 
     config = model.config
     ids = tokenize(tokenizer, load_text(args.text))
@@ -561,8 +508,8 @@ def _run_outlier_heads(model, tokenizer, args: argparse.Namespace) -> int:
 
 def _run_per_head(model, tokenizer, args: argparse.Namespace) -> int:
     """``--budget B --per-head``: one-head sensitivities, the knapsack over (layer, KV head, stream) items."""
-    from kvpack.tuning.calibrate import calibration_ids
     from kvpack.evaluation.text import load_text, tokenize
+    from kvpack.tuning.calibrate import calibration_ids
 
     config = model.config
     head_dim, num_layers, num_heads = _head_dim(config), config.num_hidden_layers, config.num_key_value_heads

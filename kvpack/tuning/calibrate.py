@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from kvpack.codecs.calibrated import BASES, FORMAT, calibration_dir
 from kvpack.evaluation.evaluate import window_starts
-from kvpack.policy import CachePolicy
 from kvpack.ops.rotation import rotation_matrix
+from kvpack.policy import CachePolicy
 
 __all__ = [
     "EVAL_LENGTH",
@@ -232,8 +232,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvpack.evaluation.text import load_text, tokenize
     from kvpack.evaluation.models import load
+    from kvpack.evaluation.text import load_text, tokenize
 
     model, tokenizer = load(args.model, device=args.device)
     config = model.config
@@ -258,9 +258,9 @@ def run(args: argparse.Namespace) -> int:
 
 def compare_calibrated(model, tokenizer, ids, calib: str, num_layers: int, args) -> list[dict]:
     """K-only and V-only snapshot evaluations of turbo_mse:b and of each calibrated basis at b bits."""
-    from kvpack.tuning.allocate import save_policy
-    from kvpack.hf.cache import KVPackCache
     from kvpack.evaluation.evaluate import evaluate
+    from kvpack.hf.cache import KVPackCache
+    from kvpack.policy import save_policy
 
     memo: dict = {}
     rows = []

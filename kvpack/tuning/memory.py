@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvpack.codec import get_codec, list_codecs
-from kvpack.policy import CachePolicy
+from kvpack.policy import CachePolicy, layer_bits
 
 __all__ = ["ModelShape", "cache_bytes", "max_context", "memory_table", "model_shape", "parse_bytes"]
 
@@ -164,32 +164,14 @@ def policy_label(policy: CachePolicy) -> str:
     return label + (f" +{len(policy.fp_heads)} fp16 heads" if policy.fp_heads else "")
 
 
-def _stream_bits(spec: str | None, head_dim: int) -> float:
-    """Bits per value of a stream; ``None`` (kept in the model dtype) counts as fp16."""
-    return 8.0 * FP16_BYTES if spec is None else get_codec(spec, head_dim=head_dim).bits_per_value()
-
-
 def _layer_bits(shape: ModelShape, policy: CachePolicy) -> list[tuple[float, float]]:
     """Per layer, (K, V) bits per value of a compressed token averaged over the KV heads.
 
     ``skip_layers`` hold fp16, other layers their own specs (``layer_keys``/``layer_values``), with the
     KV heads of ``fp_heads`` in fp16.
     """
-    bad = [f"skip_layers {i}" for i in policy.skip_layers if not 0 <= i < shape.num_layers]
-    bad += [f"fp_heads {p}" for p in policy.fp_heads if not (p[0] < shape.num_layers and p[1] < shape.num_kv_heads)]
-    bad += [f"head_keys/head_values layer {i}" for i in range(shape.num_layers, policy.num_layers_named())]
-    if bad:
-        raise ValueError(
-            f"{', '.join(bad)} out of range for {shape.num_layers} layers of {shape.num_kv_heads} KV heads"
-        )
-    out = []
-    for layer in range(shape.num_layers):
-        k, v = (
-            sum(_stream_bits(s, shape.head_dim) for s in heads) / shape.num_kv_heads
-            for heads in policy.held_specs(layer, shape.num_kv_heads)
-        )
-        out.append((k, v))
-    return out
+    policy.check_model(shape.num_layers, shape.num_kv_heads, shape.head_dim)
+    return [layer_bits(policy, i, shape.num_kv_heads, shape.head_dim) for i in range(shape.num_layers)]
 
 
 def _per_token_bytes(shape: ModelShape, policy: CachePolicy) -> tuple[float, float]:
@@ -307,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     if args.policy is not None:
         if args.codecs is not None:
             raise ValueError("--policy replaces --codecs: give one or the other")
-        from kvpack.tuning.allocate import load_policy
+        from kvpack.policy import load_policy
 
         policy = load_policy(args.policy)
         fp_parts = {"residual": policy.residual, "sinks": policy.sinks, "skip_layers": policy.skip_layers}

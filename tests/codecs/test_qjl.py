@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import kvpack
 from kvpack.codecs.qjl import sketch_matrix, sketch_seed
-from kvpack.ops.packing import pack_bits
 from kvpack.evaluation.validate import inner_product_error_z, random_unit_vectors
+from kvpack.ops.packing import pack_bits
 
 
 def test_sketch_matrix_is_seeded_standard_gaussian():

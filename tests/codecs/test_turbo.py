@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 import kvpack
 from kvpack.codecs.qjl import sketch_matrix, sketch_seed
 from kvpack.codecs.turbo import TurboMSE
+from kvpack.evaluation.validate import inner_product_error_z, random_unit_vectors
 from kvpack.ops.lloyd_max import sphere_boundaries, sphere_codebook, sphere_mse
 from kvpack.ops.packing import pack_bits
 from kvpack.ops.rotation import rotate, unrotate
-from kvpack.evaluation.validate import inner_product_error_z, random_unit_vectors
 
 # Lloyd-Max MSE of a N(0, 1) source (Max 1960); the reference for TurboQuant-MSE at d=128
 GAUSSIAN_LLOYD_MAX = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497}

@@ -7,9 +7,8 @@ import sys
 
 import pytest
 
-from kvpack.evaluation import models
 from kvpack.cli import build_parser, main
-from kvpack.evaluation import presets
+from kvpack.evaluation import models, presets
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -83,7 +82,7 @@ def test_eval_preset(loaded, wikitext_path, tmp_path, monkeypatch):
 @pytest.mark.model
 def test_eval_policy_file_records_its_per_head_specs(loaded, wikitext_path, tmp_path):
     from kvpack import CachePolicy
-    from kvpack.tuning.allocate import save_policy
+    from kvpack.policy import save_policy
 
     heads = [["e8:3", "int:8", None]] + [None] * 29
     policy = CachePolicy(

@@ -24,7 +24,7 @@ def test_the_three_budgets_have_presets():
 def test_preset_parses_into_a_policy(name):
     policy = CachePolicy(**PRESETS[name])
     for layer in range(smollm2_config().num_hidden_layers):
-        key_codec, value_codec = policy.codecs(64, layer)
+        key_codec, value_codec = policy.codecs(64, layer, smollm2_config().num_key_value_heads)
         assert policy.block_for(key_codec, value_codec) >= 1
 
 

@@ -5,8 +5,8 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvpack import KVPackCache, PagedKVPackCache, get_codec, save_cache, use_paged_attention
-from kvpack.kernels.paged import paged_codec, rows_from_packed
 from kvpack.hf.paged_cache import _key_validity
+from kvpack.kernels.paged import paged_codec, rows_from_packed
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import integrate
 
+from kvpack.evaluation.validate import random_unit_vectors
 from kvpack.ops.lloyd_max import (
     gaussian_codebook,
     gaussian_mse,
@@ -15,7 +16,6 @@ from kvpack.ops.lloyd_max import (
     sphere_density,
     sphere_mse,
 )
-from kvpack.evaluation.validate import random_unit_vectors
 
 # Max (1960), Table I: Lloyd-Max MSE of N(0, 1) and the positive centroids of the 16-level quantizer
 MAX_GAUSSIAN_MSE = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497}

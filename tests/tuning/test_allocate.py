@@ -10,20 +10,18 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvpack import CachePolicy, KVPackCache, get_codec
+from kvpack.codecs.compose import PerHeadCodec
+from kvpack.policy import load_policy, policy_bits, save_policy
 from kvpack.tuning.allocate import (
     allocate_bits,
     choose_outlier_heads,
     head_policy_for,
     head_sensitivity,
-    load_policy,
     measure_head_sensitivity,
     measure_sensitivity,
-    policy_bits,
     policy_for,
-    save_policy,
     uniform_pairs,
 )
-from kvpack.policy import HeadSplitCodec
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -177,9 +175,9 @@ def test_uniform_pairs_are_within_budget_and_undominated():
 
 def test_per_layer_policy_codecs_and_bits():
     policy = CachePolicy(None, None, layer_keys=("e8:2", "int:4", None), layer_values=("e8:3", None, "e8:2"))
-    k, v = policy.codecs(16, 1)
+    k, v = policy.codecs(16, 1, 3)
     assert k.spec == "int:4" and v.spec == "none"
-    assert policy.codecs(16, 2)[0].spec == "none"
+    assert policy.codecs(16, 2, 3)[0].spec == "none"
     assert policy.held_dtype(torch.float32) == torch.float16  # it compresses something: 16-bit window
     expected = (2.25 + 3.25 + 4.5 + 16 + 16 + 2.25) / 6
     assert policy_bits(policy, 64, 3, 3) == pytest.approx(expected)
@@ -202,9 +200,9 @@ def test_policy_errors():
         KVPackCache(tiny_llama().config, policy=CachePolicy(layer_keys=("int:4",) * 4))
 
 
-def test_head_split_codec_keeps_heads_exact_and_counts_them():
+def test_fp_heads_codec_keeps_heads_exact_and_counts_them():
     inner = get_codec("int:2", head_dim=16)
-    codec = HeadSplitCodec(inner, (1,))
+    codec = PerHeadCodec((inner, None, inner), 16)
     x = torch.randn(2, 3, 32, 16, generator=torch.Generator().manual_seed(0)).half()
     packed = codec.encode(x)
     out = codec.decode(packed)
@@ -212,8 +210,8 @@ def test_head_split_codec_keeps_heads_exact_and_counts_them():
     rest = x[:, [0, 2]]
     assert torch.equal(out[:, [0, 2]], inner.decode(inner.encode(rest.contiguous())))
     assert packed.nbytes == inner.encode(rest.contiguous()).nbytes + x[:, 1].numel() * 2
-    with pytest.raises(ValueError, match="out of range"):
-        HeadSplitCodec(inner, (3,)).encode(x)
+    with pytest.raises(ValueError, match="3 KV heads, the input has 4"):
+        codec.encode(torch.randn(2, 4, 32, 16))
 
 
 def test_cache_with_fp_heads_holds_them_exactly_and_measures_bytes():

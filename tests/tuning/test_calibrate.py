@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from kvpack.evaluation.evaluate import window_starts
 from kvpack.tuning.calibrate import (
     EVAL_LENGTH,
     EVAL_WINDOW_COUNTS,
@@ -14,7 +15,6 @@ from kvpack.tuning.calibrate import (
     lloyd_max_fit,
     save_calibration,
 )
-from kvpack.evaluation.evaluate import window_starts
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

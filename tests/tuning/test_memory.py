@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kvpack.cli import main
-from kvpack.tuning.memory import ModelShape, cache_bytes, max_context, model_shape, parse_bytes, parse_pair
 from kvpack.policy import CachePolicy
+from kvpack.tuning.memory import ModelShape, cache_bytes, max_context, model_shape, parse_bytes, parse_pair
 
 
 def test_known_models():
@@ -105,7 +105,7 @@ def test_cli(capsys):
 
 def test_per_head_specs_match_the_bytes_kvpackcache_holds(tmp_path, capsys):
     """Per-(layer, KV head) specs, with an fp16 head on top, against a real cache; and `kvpack memory`'s label."""
-    from kvpack.tuning.allocate import save_policy
+    from kvpack.policy import save_policy
 
     policy = CachePolicy(
         "int:4", "int:4", residual=16, sinks=4, block=32, head_keys=(("e8:2", "int:8"), None, ("int:2", None)),
@@ -116,14 +116,14 @@ def test_per_head_specs_match_the_bytes_kvpackcache_holds(tmp_path, capsys):
     path = tmp_path / "policy.json"
     save_policy(policy, path)
     assert main(["memory", "--model", "smollm2", "--policy", str(path)]) == 2  # 2 specs, smollm2 has 3 KV heads
-    assert "2 per-head specs for 3 KV heads" in capsys.readouterr().err
+    assert "need 3 specs (the model's KV heads)" in capsys.readouterr().err
     heads = [["e8:3", "e8:2", "int:8"]] * 30
     save_policy(CachePolicy(None, None, residual=0, sinks=1, block=1, head_keys=heads, head_values=heads), path)
     assert main(["memory", "--model", "smollm2", "--policy", str(path), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]
     bits = (3.25 + 2.25 + 8.5) / 3
     assert row["policy"].startswith("per-head") and row["k_bits"] == pytest.approx(bits)
-    with pytest.raises(ValueError, match="head_keys/head_values layer 3"):
+    with pytest.raises(ValueError, match="name layers \\[3\\]"):
         cache_bytes(ModelShape("toy", 3, 2, 64, 0), CachePolicy(head_keys=[None] * 3 + [("e8:2",) * 2]), 10)
 
 
@@ -152,7 +152,7 @@ def test_matches_the_bytes_kvpackcache_holds(spec):
 
 def test_per_layer_specs_and_fp_heads_match_the_bytes_kvpackcache_holds(tmp_path, capsys):
     """Per-layer specs (as `kvpack allocate` writes them) and 16-bit outlier heads, against a real cache."""
-    from kvpack.tuning.allocate import save_policy
+    from kvpack.policy import save_policy
 
     policy = CachePolicy(
         "int:4", "int:4", residual=16, sinks=4, block=32, layer_keys=("e8:2", "int:2"), layer_values=("e8:3",),

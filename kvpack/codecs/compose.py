@@ -1,0 +1,115 @@
+"""Codecs made of other codecs: `IdentityCodec` (a stream kept as given) and `PerHeadCodec` (one codec per KV head).
+
+Neither is registered (neither is a compression method of its own); both duck-type the `kvpack.Codec`
+interface the cache uses (``encode``/``decode``/``bits_per_value``/``block_tokens``/``spec``/``head_dim``).
+A composite stores each inner codec's tensors under a prefix (`nest`), and hands each inner codec back its
+own `Packed` (`unnest`); the outlier wrappers (`kvpack.codecs.outliers`) use the same two helpers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvpack.codec import Codec, Packed
+
+__all__ = ["IdentityCodec", "PerHeadCodec", "nest", "unnest"]
+
+
+def nest(prefix: str, data: dict) -> dict:
+    """An inner codec's tensors (or layout entries) under ``prefix`` (``"inner."``, ``"g0."``...) in the outer one."""
+    return {prefix + k: v for k, v in data.items()}
+
+
+def unnest(packed: Packed, prefix: str, codec, shape: tuple[int, ...] | None = None, dtype=None) -> Packed:
+    """The `Packed` of the inner ``codec`` whose tensors ``packed`` holds under ``prefix``."""
+    data = {k[len(prefix) :]: v for k, v in packed.data.items() if k.startswith(prefix)}
+    return Packed(codec.spec, packed.shape if shape is None else shape, packed.dtype if dtype is None else dtype, data)
+
+
+class IdentityCodec:
+    """Keeps a stream as given (model dtype): the stand-in codec for uncompressed streams and layers."""
+
+    spec = "none"
+    block_tokens = 1
+
+    def __init__(self, head_dim: int) -> None:
+        self.head_dim = head_dim
+
+    def encode(self, x):
+        return Packed(codec=self.spec, shape=tuple(x.shape), dtype=x.dtype, data={"values": x.clone()})
+
+    def decode(self, packed):
+        return packed.data["values"]
+
+    def bits_per_value(self) -> float:
+        return float("nan")  # the model dtype's width; known only from the stored tensor
+
+
+def _fp_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The 16-bit dtype a kept head is stored in: the input's when 16-bit, else float16."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+class PerHeadCodec:
+    """A codec per KV head (dim -3): head ``h`` goes through ``codecs[h]``, or stays 16-bit where it is ``None``.
+
+    Input ``(..., kv_heads, tokens, head_dim)`` with ``kv_heads == len(codecs)``. Heads that share a
+    spec are encoded together (one call per distinct spec); ``Packed.data`` holds group ``g``'s tensors
+    under ``g<g>.<name>`` and the 16-bit heads under ``fp_heads`` (float16 unless the input is
+    bfloat16/float16), so ``Packed.nbytes`` counts everything.
+    """
+
+    def __init__(self, codecs: tuple[Codec | None, ...], head_dim: int) -> None:
+        codecs = tuple(codecs)
+        if not codecs:
+            raise ValueError("PerHeadCodec needs at least one KV head")
+        if any(c is not None and c.head_dim != head_dim for c in codecs):
+            raise ValueError(f"PerHeadCodec: every codec must take head_dim={head_dim}")
+        self.codecs, self.head_dim = codecs, head_dim
+        self.block_tokens = math.lcm(*(int(c.block_tokens) for c in codecs if c is not None), 1)
+        self.spec = "heads[" + "|".join("fp16" if c is None else c.spec for c in codecs) + "]"
+        specs = [None if c is None else c.spec for c in codecs]
+        self.fp = tuple(h for h, s in enumerate(specs) if s is None)
+        distinct = list(dict.fromkeys(s for s in specs if s is not None))
+        # (codec, heads) per distinct spec, in the order of each spec's first head
+        self.groups = tuple((codecs[specs.index(s)], tuple(h for h, t in enumerate(specs) if t == s)) for s in distinct)
+
+    def _check_heads(self, num_heads: int) -> None:
+        if num_heads != len(self.codecs):
+            raise ValueError(f"PerHeadCodec has specs for {len(self.codecs)} KV heads, the input has {num_heads}")
+
+    def encode(self, x: torch.Tensor) -> Packed:
+        if x.dim() < 3:
+            raise ValueError(f"PerHeadCodec needs (..., kv_heads, tokens, head_dim), got shape {tuple(x.shape)}")
+        self._check_heads(x.shape[-3])
+        data = {}
+        if self.fp:
+            data["fp_heads"] = x.index_select(-3, torch.tensor(self.fp, device=x.device)).to(_fp_dtype(x.dtype))
+        for g, (codec, heads) in enumerate(self.groups):
+            part = codec.encode(x.index_select(-3, torch.tensor(heads, device=x.device)).contiguous())
+            data.update(nest(f"g{g}.", part.data))
+        return Packed(codec=self.spec, shape=tuple(x.shape), dtype=x.dtype, data=data)
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        self.check_packed(packed)
+        out = torch.empty(packed.shape, dtype=packed.dtype, device=packed.device)
+        if self.fp:
+            out.index_copy_(-3, torch.tensor(self.fp, device=out.device), packed.data["fp_heads"].to(packed.dtype))
+        for g, (codec, heads) in enumerate(self.groups):
+            shape = (*packed.shape[:-3], len(heads), *packed.shape[-2:])
+            part = codec.decode(unnest(packed, f"g{g}.", codec, shape))
+            out.index_copy_(-3, torch.tensor(heads, device=out.device), part.to(packed.dtype))
+        return out
+
+    def check_packed(self, packed: Packed) -> None:
+        if not isinstance(packed, Packed):
+            raise TypeError(f"decode needs a kvpack.Packed, got {type(packed).__name__}")
+        if packed.codec != self.spec:
+            raise ValueError(f"Packed was made by codec {packed.codec!r}, not by {self.spec!r}")
+        self._check_heads(packed.shape[-3])
+
+    def bits_per_value(self) -> float:
+        """Mean over the KV heads (each holds as many values): a codec's own bits, 16 for 16-bit heads."""
+        return sum(16.0 if c is None else c.bits_per_value() for c in self.codecs) / len(self.codecs)
