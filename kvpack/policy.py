@@ -197,7 +197,9 @@ class CachePolicy:
         ``key``/``value``), built from `held_specs`: identity where every head stays 16-bit, the codec where all
         heads share one spec, else a `PerHeadCodec` (``None`` at the 16-bit heads)."""
         if layer_idx is None:
-            return tuple(IdentityCodec(head_dim) if s is None else self._codec(s, head_dim) for s in (self.key, self.value))
+            return tuple(
+                IdentityCodec(head_dim) if s is None else self._codec(s, head_dim) for s in (self.key, self.value)
+            )
         if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
             raise ValueError(f"num_kv_heads must be a positive int for a layer's codecs, got {num_kv_heads!r}")
         out = []
@@ -207,7 +209,9 @@ class CachePolicy:
             elif len(set(heads)) == 1:
                 out.append(self._codec(heads[0], head_dim))
             else:
-                out.append(PerHeadCodec(tuple(None if s is None else self._codec(s, head_dim) for s in heads), head_dim))
+                out.append(
+                    PerHeadCodec(tuple(None if s is None else self._codec(s, head_dim) for s in heads), head_dim)
+                )
         return tuple(out)  # type: ignore[return-value]
 
     def _codec(self, spec: str, head_dim: int) -> Codec:

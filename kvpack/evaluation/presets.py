@@ -1,6 +1,7 @@
-"""Named cache policies for `kvpack eval --preset NAME` / `kvpack sweep --preset NAME` (filled from measured sweeps).
+"""Named cache policies for `kvpack eval --preset NAME` / `kvpack sweep --preset NAME`: package data.
 
-Each preset is the keyword arguments of a `kvpack.CachePolicy`. ``BUDGETS`` gives the average bits
+Each preset is a policy file in ``kvpack/presets/`` (`kvpack.save_policy` format, with ``preset``, ``budget``
+and ``budget_ctx`` beside the policy); ``PRESETS`` maps a name to the keyword arguments of its `kvpack.CachePolicy`. ``BUDGETS`` gives the average bits
 per value (K and V averaged, everything held counted: sinks, residual window, packed blocks, side
 data) that a preset must not exceed at ``BUDGET_CTX`` tokens; ``tests/evaluation/test_presets.py``
 checks it on a `KVPackCache` holding random K/V of SmolLM2's shapes.
@@ -23,7 +24,7 @@ the evaluation windows with the per-layer allocation: 3bit top-1 93.8% -> 94.2%)
 All three are allocated per (layer, KV head, stream) (``head_keys``/``head_values``):
 the same knapsack over 180 items, on KLs measured with one KV head's K or V of one layer compressed
 (`kvpack.tuning.allocate.measure_head_sensitivity`, 4 calibration windows of ctx 1024 + 64,
-``policies/smollm2-head-sensitivity.json``); the K error sits in a few heads (layer 23 head 0, layer
+``benchmarks/results/cpu-smollm2-2026-11/smollm2-head-sensitivity.json``); the K error sits in a few heads (layer 23 head 0, layer
 18 head 2, layer 20 heads 1-2), so bits go to those heads instead of to whole layers. On the 8
 evaluation windows: ``4bit`` +0.24% -> +0.18% (4.234 -> 4.246 bits, within 4.25), ``3bit`` +1.60% ->
 +0.71% at the same held bits. ``2.5bit`` also offers V ``turbo_mse:1`` (1.25 bits; +35% on every V
@@ -43,107 +44,29 @@ The presets are tuned on SmolLM2-135M (30 layers, 3 KV heads): ``layer_keys``/``
 
 from __future__ import annotations
 
+import json
+from importlib import resources
+
+from kvpack.policy import load_policy, policy_to_dict
+
+__all__ = ["BUDGETS", "BUDGET_CTX", "PRESETS"]
+
 BUDGET_CTX = 1024  # the context length at which a preset's bits are held within its budget
-BUDGETS = {"4bit": 4.25, "3bit": 3.25, "2.5bit": 2.5, "2.5bit-retrieval": 2.5}
 
 
-def _layers(specs: str) -> tuple[str, ...]:
-    """Per-layer codec specs, layer 0 first, from a space-separated string."""
-    return tuple(specs.split())
+def _load_presets() -> tuple[dict[str, dict], dict[str, float]]:
+    """(``{name: CachePolicy kwargs}``, ``{name: bits budget}``) from the policy files in ``kvpack/presets``."""
+    presets, budgets = {}, {}
+    for entry in sorted(resources.files("kvpack.presets").iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".json"):
+            continue
+        with resources.as_file(entry) as path:
+            doc = json.loads(path.read_text())
+            if doc.get("budget_ctx") != BUDGET_CTX:
+                raise ValueError(f"preset file {entry.name}: budget_ctx must be {BUDGET_CTX}")
+            presets[doc["preset"]] = policy_to_dict(load_policy(path))
+            budgets[doc["preset"]] = float(doc["budget"])
+    return presets, budgets
 
 
-def _heads(specs: str) -> tuple[tuple[str, ...], ...]:
-    """Per-layer, per-KV-head codec specs from a space-separated string of ``/``-joined heads (layer 0 first)."""
-    return tuple(tuple(layer.split("/")) for layer in specs.split())
-
-
-PRESETS: dict[str, dict] = {
-    "4bit": {
-        "key": "e8:4",
-        "value": "e8:3",
-        "residual": 0,
-        "sinks": 1,
-        "block": 1,
-        "head_keys": _heads(
-            "e8:3/e8:3/e8:3 e8:4/e8:3/e8:4 e8:4/e8:4/e8:3 e8:3/e8:4/e8:4 e8:4/e8:3/e8:4 e8:3/e8:4/e8:4 "
-            "e8:4/e8:3/e8:4 e8:4/e8:3/e8:4 e8:4/e8:4/e8:4 e8:4/e8:4/e8:4 e8:4/e8:4/e8:4 e8:4/e8:3/e8:4 "
-            "e8:4/e8:4/e8:4 e8:4/e8:4/e8:4 e8:4/int:8/e8:4 e8:4/e8:4/int:8 e8:4/e8:4/e8:4 e8:4/int:8/e8:4 "
-            "e8:4/e8:4/int:8 int:8/e8:4/e8:4 int:8/int:8/int:8 e8:4/e8:4/int:8 e8:4/int:8/int:8 int:8/int:8/int:8 "
-            "int:8/int:8/int:8 e8:4/e8:4/e8:3 int:8/int:8/e8:4 e8:4/e8:4/e8:4 int:8/e8:4/e8:4 e8:4/e8:4/int:8"
-        ),
-        "head_values": _heads(
-            "e8:3/e8:3/e8:4 e8:3/e8:4/e8:2 e8:3/e8:4/e8:2 e8:2/e8:3/e8:3 e8:3/e8:2/e8:2 e8:3/e8:3/e8:3 "
-            "e8:3/e8:3/e8:3 e8:3/e8:3/e8:4 e8:4/e8:3/e8:3 e8:3/e8:3/e8:3 e8:2/e8:3/e8:3 e8:2/e8:2/e8:2 "
-            "e8:3/e8:3/e8:2 e8:3/e8:2/e8:3 e8:3/e8:3/e8:3 e8:3/e8:3/e8:4 e8:3/e8:3/e8:3 e8:3/e8:4/e8:3 "
-            "e8:3/e8:3/e8:4 e8:4/e8:4/e8:3 e8:4/e8:4/e8:4 e8:3/e8:4/e8:4 e8:3/e8:4/e8:4 e8:4/e8:4/e8:4 "
-            "e8:4/e8:4/e8:4 e8:3/e8:2/e8:2 e8:3/e8:3/e8:2 e8:3/e8:2/e8:3 e8:4/e8:3/e8:3 e8:3/e8:3/e8:4"
-        ),
-    },
-    "3bit": {
-        "key": "e8:4",
-        "value": "e8:2",
-        "residual": 0,
-        "sinks": 1,
-        "block": 1,
-        "head_keys": _heads(
-            "e8:2/e8:2/e8:2 e8:3/e8:3/e8:3 e8:3/e8:3/e8:3 e8:3/e8:3/e8:3 e8:3/e8:3/e8:3 e8:3/e8:2/e8:4 "
-            "e8:2/e8:3/e8:3 e8:2/e8:3/e8:3 e8:4/e8:3/e8:3 e8:3/e8:3/e8:3 e8:3/e8:3/e8:2 e8:4/e8:3/e8:3 "
-            "e8:3/e8:3/e8:4 e8:4/e8:3/e8:3 e8:4/e8:4/e8:4 e8:3/e8:4/e8:4 e8:4/e8:4/e8:4 e8:4/e8:4/e8:4 "
-            "e8:4/e8:4/int:8 e8:4/e8:4/e8:4 e8:4/int:8/int:8 e8:4/e8:4/e8:4 e8:4/e8:4/e8:4 int:8/e8:4/e8:4 "
-            "e8:4/e8:4/e8:4 e8:3/e8:3/e8:3 e8:4/e8:4/e8:3 e8:4/e8:3/e8:3 e8:4/e8:3/e8:3 e8:4/e8:3/e8:4"
-        ),
-        "head_values": _heads(
-            "e8:2/e8:2/e8:4 e8:2/e8:4/e8:2 e8:2/e8:3/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:3/e8:3 "
-            "e8:2/e8:2/e8:2 e8:2/e8:2/e8:3 e8:3/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 "
-            "e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:3/e8:2 e8:2/e8:3/e8:3 e8:2/e8:2/e8:2 e8:2/e8:3/e8:2 "
-            "e8:2/e8:2/e8:4 e8:3/e8:3/e8:2 e8:3/e8:3/e8:3 e8:2/e8:3/e8:3 e8:2/e8:3/e8:2 e8:4/e8:3/e8:3 "
-            "e8:3/e8:3/e8:4 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:3/e8:2/e8:3 e8:2/e8:2/e8:3"
-        ),
-    },
-    "2.5bit": {
-        "key": "e8:2",
-        "value": "e8:2",
-        "residual": 0,
-        "sinks": 1,
-        "block": 1,
-        "head_keys": _heads(
-            "e8:2/e8:2/e8:2 e8:3/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:3 "
-            "e8:2/e8:2/e8:3 e8:2/e8:2/e8:3 e8:4/e8:3/e8:2 e8:3/e8:2/e8:3 e8:2/e8:2/e8:2 e8:3/e8:2/e8:2 "
-            "e8:2/e8:3/e8:3 e8:3/e8:3/e8:3 e8:3/e8:3/e8:3 e8:3/e8:3/e8:3 e8:3/e8:3/e8:2 e8:3/e8:4/e8:3 "
-            "e8:3/e8:3/e8:4 e8:3/e8:4/e8:3 e8:3/e8:3/e8:4 e8:4/e8:3/e8:4 e8:3/e8:3/e8:4 e8:4/e8:4/e8:4 "
-            "e8:4/e8:4/e8:4 e8:2/e8:3/e8:2 e8:4/e8:3/e8:3 e8:3/e8:3/e8:2 e8:3/e8:2/e8:3 e8:3/e8:2/e8:4"
-        ),
-        "head_values": _heads(
-            "e8:2/turbo_mse:1/e8:3 turbo_mse:1/e8:3/turbo_mse:1 turbo_mse:1/e8:2/turbo_mse:1 "
-            "turbo_mse:1/e8:2/turbo_mse:1 e8:2/turbo_mse:1/turbo_mse:1 e8:2/e8:2/turbo_mse:1 "
-            "turbo_mse:1/turbo_mse:1/turbo_mse:1 turbo_mse:1/turbo_mse:1/e8:2 e8:3/turbo_mse:1/e8:2 "
-            "e8:2/turbo_mse:1/turbo_mse:1 turbo_mse:1/turbo_mse:1/turbo_mse:1 "
-            "turbo_mse:1/turbo_mse:1/turbo_mse:1 e8:2/turbo_mse:1/turbo_mse:1 e8:2/turbo_mse:1/turbo_mse:1 "
-            "e8:2/e8:2/e8:2 turbo_mse:1/e8:2/e8:2 e8:2/turbo_mse:1/e8:2 e8:2/e8:3/turbo_mse:1 "
-            "turbo_mse:1/turbo_mse:1/e8:3 e8:2/e8:2/turbo_mse:1 e8:3/e8:3/e8:3 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 "
-            "e8:3/e8:2/e8:2 e8:2/e8:2/e8:3 turbo_mse:1/turbo_mse:1/turbo_mse:1 e8:2/e8:2/turbo_mse:1 "
-            "e8:2/turbo_mse:1/turbo_mse:1 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2"
-        ),
-    },
-    "2.5bit-retrieval": {
-        "key": "e8:2",
-        "value": "e8:2",
-        "residual": 0,
-        "sinks": 1,
-        "block": 1,
-        "head_keys": _heads(
-            "e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 "
-            "e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:3/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:3/e8:2/e8:2 "
-            "e8:2/e8:2/e8:3 e8:2/e8:2/e8:2 e8:3/e8:2/e8:2 e8:2/e8:2/e8:3 e8:3/e8:2/e8:2 e8:3/e8:4/e8:3 "
-            "e8:3/e8:3/e8:4 e8:3/e8:3/e8:2 e8:3/e8:3/e8:4 e8:3/e8:3/e8:3 e8:3/e8:3/e8:3 e8:4/e8:4/e8:4 "
-            "e8:3/e8:3/e8:3 e8:2/e8:2/e8:2 e8:3/e8:3/e8:2 e8:2/e8:3/e8:2 e8:3/e8:2/e8:2 e8:2/e8:2/e8:2"
-        ),
-        "head_values": _heads(
-            "e8:2/e8:2/e8:3 e8:2/e8:3/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 "
-            "e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 "
-            "e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 "
-            "e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:3/e8:2/e8:2 "
-            "e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2 e8:2/e8:2/e8:2"
-        ),
-    },
-}
+PRESETS, BUDGETS = _load_presets()

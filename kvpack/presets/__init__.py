@@ -1,0 +1,1 @@
+"""The shipped presets: policy files (package data), loaded by `kvpack.evaluation.presets`."""
