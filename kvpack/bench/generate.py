@@ -29,6 +29,7 @@ import time
 import torch
 
 from kvpack.hf.cache import KVPackCache
+from kvpack.hf.paged_cache import PagedLayer
 
 __all__ = ["DEFAULT_CACHES", "add_arguments", "build_model", "measure", "parse_caches", "run_caches", "run_generate"]
 
@@ -199,7 +200,7 @@ def measure(model, name: str, ids: torch.Tensor, *, new_tokens: int, warmup_toke
     if isinstance(cache, KVPackCache):  # kvpack: measured bytes; layers whose decode ran on the pages
         row["bits_per_value"] = cache.bits_per_value()
         row["nbytes"] = cache.nbytes()
-        row["paged_layers"] = sum(layer.paged for layer in cache.layers)
+        row["paged_layers"] = sum(isinstance(layer, PagedLayer) for layer in cache.layers)
     elif name == "dynamic":
         row["nbytes"] = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     if cuda:

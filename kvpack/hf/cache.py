@@ -55,7 +55,7 @@ class KVPackLayer(CacheLayerMixin):
 
     The small interface the container uses: ``update``, ``get_seq_length``, ``get_mask_sizes``,
     ``get_max_length``, ``stored_bytes``/``stored_values``, ``reset``, ``crop`` and the batch
-    reorders. Another layer class (a paged GPU layer) can replace it through `KVPackCache.layer_class`.
+    reorders. `kvpack.hf.paged_cache.PagedLayer` keeps the packed tokens in pages instead.
     """
 
     is_compileable = False
@@ -74,7 +74,9 @@ class KVPackLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.held_dtype = self.policy.held_dtype(self.dtype)
-        self.key_codec, self.value_codec = self.policy.codecs(key_states.shape[-1], self.layer_idx, key_states.shape[-3])
+        self.key_codec, self.value_codec = self.policy.codecs(
+            key_states.shape[-1], self.layer_idx, key_states.shape[-3]
+        )
         self.block = self.policy.block_for(self.key_codec, self.value_codec)
         # an uncompressed key stream keeps its post-RoPE keys: undoing RoPE would only cost time and a float32 copy
         self.key_rope = None if isinstance(self.key_codec, IdentityCodec) else self.rope
@@ -272,8 +274,6 @@ class KVPackCache(Cache):
     (GQA: the cache holds the KV heads only). ``key``/``value`` ``None`` keep that stream unpacked.
     """
 
-    layer_class = KVPackLayer
-
     def __init__(
         self,
         config=None,
@@ -296,7 +296,7 @@ class KVPackCache(Cache):
         self.policy = policy
         kinds = layer_kinds(config)
         policy.check_model(len(kinds), *model_heads(config))
-        super().__init__(layers=[self.layer_class(policy, i, window) for i, window in enumerate(kinds)])
+        super().__init__(layers=[KVPackLayer(policy, i, window) for i, window in enumerate(kinds)])
         if policy.pre_rope_keys:
             table = rope_table(config)
             for layer in self.layers:

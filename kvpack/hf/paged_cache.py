@@ -34,9 +34,10 @@ fewer tokens), so the kernel, which has no mask, never sees them. Which tokens a
 the same as in `KVPackLayer` (its ``past()`` is taken before it packs), so both hold the same bits.
 
 The mask interface of "kvpack_paged" is transformers' ``sdpa_mask`` (boolean, or ``None`` without padding).
-A layer falls back to plain `KVPackLayer` behaviour (``paged = False``) when its codecs are not
-``turbo_mse``/``turbo_prod``/``int`` (token axis, one group) at a head_dim the kernels take, for sliding-window layers,
-pre-RoPE keys, or a float32 window.
+Storage is chosen per layer at its first update (`PagedKVPackCache.update`): a `PagedLayer` where `paged_formats`
+gives the layer's codecs a paged layout, else a plain `KVPackLayer` (codecs other than
+``turbo_mse``/``turbo_prod``/``int`` (token axis, one group) at a head_dim the kernels take, sliding-window layers,
+pre-RoPE keys, or a float32 window).
 """
 
 from __future__ import annotations
@@ -47,11 +48,19 @@ import math
 import torch
 
 from kvpack.hf.cache import KVPackCache, KVPackLayer
+from kvpack.hf.config import text_config
 from kvpack.kernels.attention import decode
 from kvpack.kernels.paged import PagedCodec, dequantize_rows, paged_codec, rows_from_packed, write_slots
 from kvpack.policy import CachePolicy
 
-__all__ = ["ATTENTION_NAME", "PagedKVPackCache", "PagedLayer", "paged_attention", "use_paged_attention"]
+__all__ = [
+    "ATTENTION_NAME",
+    "PagedKVPackCache",
+    "PagedLayer",
+    "paged_attention",
+    "paged_formats",
+    "use_paged_attention",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,38 +69,38 @@ BLOCK_SIZE = 16  # tokens per page, as in `kvpack bench attention`
 _WINDOW_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def paged_formats(layer: KVPackLayer) -> tuple[PagedCodec, PagedCodec] | None:
+    """The paged layouts of an initialized layer's (key, value) codecs, or ``None`` where it cannot be paged."""
+    if layer.is_sliding or layer.key_rope is not None or layer.held_dtype not in _WINDOW_DTYPES:
+        return None
+    try:
+        return paged_codec(layer.key_codec, layer.device), paged_codec(layer.value_codec, layer.device)
+    except (TypeError, ValueError) as exc:
+        logger.info("layer %d keeps KVPackLayer storage: %s", layer.layer_idx, exc)
+        return None
+
+
 class PagedLayer(KVPackLayer):
-    """One layer of `PagedKVPackCache`: packed tokens in pages, decode steps through `kvpack.kernels.attention.decode`."""
+    """One layer of `PagedKVPackCache` whose packed tokens live in pages: decode steps through
+    `kvpack.kernels.attention.decode`. ``formats``: the (key, value) `PagedCodec` of its codecs (`paged_formats`)."""
 
-    def __init__(self, policy: CachePolicy, layer_idx: int, sliding_window: int | None = None) -> None:
+    def __init__(
+        self,
+        policy: CachePolicy,
+        layer_idx: int,
+        sliding_window: int | None,
+        formats: tuple[PagedCodec, PagedCodec],
+        model_config,
+        use_kernel: bool | None = None,
+    ) -> None:
         super().__init__(policy, layer_idx, sliding_window)
-        self.model_config = None  # set by PagedKVPackCache: its `_attn_implementation` is checked at each decode
-        self.paged = False
+        self.key_fmt, self.value_fmt = formats
+        self.model_config = model_config  # its `_attn_implementation` is checked at each decode
         self.block_size = BLOCK_SIZE
-        self.use_kernel: bool | None = None  # Triton encode + decode kernels; None: iff the cache is on CUDA
-
-    @property
-    def chunks(self) -> list:
-        """`KVPackLayer`'s packed chunks; a paged layer has pages instead, and reading its chunks is an error
-        (so that code made for chunks, such as `kvpack.save_cache`, cannot silently miss the packed tokens)."""
-        if self.paged:
-            raise NotImplementedError(
-                "a paged layer holds its packed tokens in pages, not chunks: save_cache and other chunk readers "
-                "do not take PagedKVPackCache"
-            )
-        return self._chunks
-
-    @chunks.setter
-    def chunks(self, value: list) -> None:
-        self._chunks = value
+        self.use_kernel = use_kernel  # Triton encode + decode kernels; None: iff the cache is on CUDA
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        formats = self._paged_formats()
-        self.paged = formats is not None
-        if not self.paged:
-            return
-        self.key_fmt, self.value_fmt = formats
         batch, heads = key_states.shape[:2]
         self.use_kernel = self.device.type == "cuda" if self.use_kernel is None else self.use_kernel
         self.key_pages = torch.empty(1, self.block_size, heads, self.key_fmt.row_bytes, dtype=torch.uint8,
@@ -116,15 +125,6 @@ class PagedLayer(KVPackLayer):
         self.sink_keys, self.keys = self.window_k[:, :s].transpose(1, 2), self.window_k[:, s:].transpose(1, 2)
         self.sink_values, self.values = self.window_v[:, :s].transpose(1, 2), self.window_v[:, s:].transpose(1, 2)
 
-    def _paged_formats(self) -> tuple[PagedCodec, PagedCodec] | None:
-        if self.is_sliding or self.key_rope is not None or self.held_dtype not in _WINDOW_DTYPES:
-            return None
-        try:
-            return paged_codec(self.key_codec, self.device), paged_codec(self.value_codec, self.device)
-        except (TypeError, ValueError) as exc:
-            logger.info("layer %d keeps KVPackLayer storage: %s", self.layer_idx, exc)
-            return None
-
     # ---- update: store, return what attention needs --------------------------------------------
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -132,8 +132,6 @@ class PagedLayer(KVPackLayer):
         """``(B, H, n, D)`` in; decode (n = 1): the new token, tagged; else past (dequantized) + new, tagged."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if not self.paged:
-            return super().update(key_states, value_states, *args, **kwargs)
         implementation = getattr(self.model_config, "_attn_implementation", None)
         if implementation != ATTENTION_NAME:
             raise ValueError(
@@ -160,8 +158,6 @@ class PagedLayer(KVPackLayer):
 
     def past(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sinks, dequantized pages (zeros at skipped padding positions) and window: ``(B, H, tokens, D)``, model dtype."""
-        if not self.paged:
-            return super().past()
         # a row that skipped padding holds its tokens at the last seq_lens[b] of the packed positions
         positions = self.packed_positions
         idx = torch.arange(positions, device=self.device) - (positions - self.seq_lens.long())[:, None]
@@ -280,8 +276,6 @@ class PagedLayer(KVPackLayer):
     # ---- accounting -----------------------------------------------------------------------------
     def stored_bytes(self) -> tuple[int, int]:
         """Bytes of every tensor held: allocated pages (spare capacity included), tables counted with K."""
-        if not self.paged:
-            return super().stored_bytes()
         window = [t.numel() * t.element_size() for t in (self.sink_keys, self.keys, self.sink_values, self.values)]
         tables = sum(t.numel() * t.element_size() for t in (self.block_tables, self.seq_lens))
         k = window[0] + window[1] + self.key_pages.numel() + tables
@@ -289,8 +283,6 @@ class PagedLayer(KVPackLayer):
 
     def stored_values(self) -> int:
         """K values held: 16-bit tokens (padding included, as held) plus the tokens in the pages."""
-        if not self.paged:
-            return super().stored_values()
         return (
             self.sink_keys.numel() + self.keys.numel() + sum(self.row_tokens) * self.keys.shape[1] * self.keys.shape[3]
         )
@@ -298,21 +290,18 @@ class PagedLayer(KVPackLayer):
     # ---- cache management -----------------------------------------------------------------------
     def reset(self) -> None:
         super().reset()
-        self.paged = False
         self.key_pages = self.value_pages = self.block_tables = self.seq_lens = self.window_k = self.window_v = None
 
     def crop(self, tokens_to_remove: int) -> None:
         """As `KVPackLayer.crop` (only tokens still in the 16-bit window)."""
         super().crop(tokens_to_remove)
-        if self.paged:  # KVPackLayer replaced keys/values: rebuild the (B, tokens, H, D) window from them
-            self.window_k = torch.cat([self.sink_keys, self.keys], dim=-2).transpose(1, 2).contiguous()
-            self.window_v = torch.cat([self.sink_values, self.values], dim=-2).transpose(1, 2).contiguous()
-            self._sync_views()
+        # KVPackLayer replaced keys/values: rebuild the (B, tokens, H, D) window from them
+        self.window_k = torch.cat([self.sink_keys, self.keys], dim=-2).transpose(1, 2).contiguous()
+        self.window_v = torch.cat([self.sink_values, self.values], dim=-2).transpose(1, 2).contiguous()
+        self._sync_views()
 
     def _select_batch(self, rows: torch.Tensor) -> None:
         """Keep batch rows ``rows``: their blocks are copied into fresh pools (rows may repeat, blocks never shared)."""
-        if not self.paged:
-            return super()._select_batch(rows)
         rows = rows.to(self.device)
         self.window_k, self.window_v = self.window_k.index_select(0, rows), self.window_v.index_select(0, rows)
         self._sync_views()
@@ -327,34 +316,42 @@ class PagedLayer(KVPackLayer):
         self.used_blocks = blocks.numel()
 
     def __repr__(self) -> str:
-        if not self.paged:
-            return super().__repr__()
         return f"PagedLayer({self.layer_idx}, tokens={self.cumulative_length}, pages={self.used_blocks})"
 
 
 class PagedKVPackCache(KVPackCache):
-    """`KVPackCache` with `PagedLayer` layers: same arguments, same held bits, decode through the paged kernel.
+    """`KVPackCache` whose layers hold their packed tokens in pages where the kernels take their codecs: same
+    arguments, same held bits, decode through the paged kernel.
 
-    The model must use the ``"kvpack_paged"`` attention (`use_paged_attention`); layers whose codecs the
-    kernels do not take keep `KVPackLayer` storage (``layer.paged`` is False) and work with it too.
-    ``use_kernel``: the Triton encode and decode kernels (``None``: iff on CUDA; ``False``: the codec and
-    `kvpack.kernels.attention.decode_ref`; ``True`` on the CPU runs them through ``TRITON_INTERPRET=1``).
+    The model must use the ``"kvpack_paged"`` attention (`use_paged_attention`). Each layer's storage is chosen at
+    its first update: a `PagedLayer`, or a `KVPackLayer` where `paged_formats` says the layer cannot be paged
+    (both work under ``"kvpack_paged"``). ``use_kernel``: the Triton encode and decode kernels (``None``: iff on
+    CUDA; ``False``: the codec and `kvpack.kernels.attention.decode_ref`; ``True`` on the CPU runs them through
+    ``TRITON_INTERPRET=1``).
     """
-
-    layer_class = PagedLayer
 
     def __init__(self, config=None, *args, use_kernel: bool | None = None, **kwargs) -> None:
         if use_kernel is not None and not isinstance(use_kernel, bool):
             raise TypeError(f"use_kernel must be a bool or None, got {use_kernel!r}")
         super().__init__(config, *args, **kwargs)
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        if getattr(text, "_attn_implementation", None) != ATTENTION_NAME:
+        self.model_config, self.use_kernel = text_config(config), use_kernel
+        implementation = getattr(self.model_config, "_attn_implementation", None)
+        if implementation != ATTENTION_NAME:
             raise ValueError(
-                f"config's attention implementation is {getattr(text, '_attn_implementation', None)!r}: "
+                f"config's attention implementation is {implementation!r}: "
                 f"call kvpack.use_paged_attention(model) first (it sets {ATTENTION_NAME!r})"
             )
-        for layer in self.layers:
-            layer.model_config, layer.use_kernel = text, use_kernel
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if type(layer) is KVPackLayer and not layer.is_initialized:  # first update: choose the layer's storage
+            layer.lazy_initialization(key_states, value_states)
+            formats = paged_formats(layer)
+            if formats is not None:
+                self.layers[layer_idx] = PagedLayer(self.policy, layer_idx, layer.sliding_window, formats,
+                                                    self.model_config, self.use_kernel)  # fmt: skip
+                self.layers[layer_idx].rope = layer.rope
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 def _key_validity(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kvpack.codec import Packed
-from kvpack.hf.cache import KVPackCache, _Chunk, layer_kinds
+from kvpack.hf.cache import KVPackCache, KVPackLayer, _Chunk, layer_kinds
 from kvpack.policy import CachePolicy
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_cache", "model_fingerprint", "save_cache"]
@@ -66,6 +66,8 @@ def save_cache(cache: KVPackCache, path: str | Path, *, model_id: str | None = N
     if config is None:
         raise TypeError("save_cache needs config= (the model's config), to record which model made the cache")
     tensors: dict[str, torch.Tensor] = {}
+    if any(type(layer) is not KVPackLayer for layer in cache.layers):
+        raise NotImplementedError("save_cache takes KVPackCache layers; PagedKVPackCache's paged layers hold pages")
     layers = []
     for i, layer in enumerate(cache.layers):
         if not layer.is_initialized:

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvpack import KVPackCache, PagedKVPackCache, get_codec, save_cache, use_paged_attention
-from kvpack.hf.paged_cache import _key_validity
+from kvpack.hf.paged_cache import PagedLayer, _key_validity
 from kvpack.kernels.paged import paged_codec, rows_from_packed
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -68,7 +68,7 @@ def test_generation_equals_kvpack_cache(spec, pad):
     ids, mask = prompt(pad=pad)
     ref, out, plain, paged = both(tiny_llama(), ids, mask, key=spec, value=spec, **SMALL)
     assert torch.equal(out, ref)
-    assert all(layer.paged for layer in paged.layers)
+    assert all(isinstance(layer, PagedLayer) for layer in paged.layers)
     # the first layer's K/V do not depend on attention: bit for bit the same sinks, window and packed bytes
     # (padding positions are not written to the pages); later layers differ by attention's rounding only
     a, b = plain.layers[0], paged.layers[0]
@@ -171,9 +171,9 @@ def test_beam_search_reorders_pages():
 def test_unsupported_layers_keep_kvpack_storage():
     ids, mask = prompt(pad=(0, 9))
     ref, out, _, paged = both(tiny_llama(), ids, mask, key="fp8", value="int:4", **SMALL)
-    assert torch.equal(out, ref) and not any(layer.paged for layer in paged.layers)
+    assert torch.equal(out, ref) and not any(isinstance(layer, PagedLayer) for layer in paged.layers)
     ref, out, _, paged = both(tiny_llama(), ids, mask, key="int:4", value="int:4", skip_layers=(1,), **SMALL)
-    assert torch.equal(out, ref) and [layer.paged for layer in paged.layers] == [True, False, True]
+    assert torch.equal(out, ref) and [isinstance(layer, PagedLayer) for layer in paged.layers] == [True, False, True]
 
 
 def test_errors(tmp_path):
@@ -267,6 +267,6 @@ def test_cuda_kernels_follow_kvpack_cache(key, value):
         paged, cache = forced(PagedKVPackCache, **kwargs)
     finally:
         model.set_attn_implementation("sdpa")
-    assert all(layer.paged and layer.use_kernel for layer in cache.layers)
+    assert all(isinstance(layer, PagedLayer) and layer.use_kernel for layer in cache.layers)
     codec_error, paged_error = (plain - exact).abs().amax(-1), (paged - plain).abs().amax(-1)
     assert paged_error.max() <= 0.1 * codec_error.max()
