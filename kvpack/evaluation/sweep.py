@@ -344,7 +344,7 @@ def run_sweep(
         if config.preset is not None:  # what the preset stands for
             from kvpack.evaluation.presets import PRESETS
 
-            row.update({k: _jsonable(v) for k, v in PRESETS[config.preset].items()})
+            row.update({k: _jsonable(v) for k, v in PRESETS[config.preset].items() if k in row})
         metrics = result.to_dict()
         row.update({k: metrics[k] for k in (
             "ppl_ref", "ppl", "delta_ppl_pct", "delta_ppl_pct_std", "top1", "top1_std", "kl", "kl_std",
