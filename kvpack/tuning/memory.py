@@ -150,7 +150,11 @@ def model_shape(model: str) -> ModelShape:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"model config {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model config {str(path)!r} holds a JSON {type(cfg).__name__}, not a model config object")
     cfg = cfg.get("text_config", cfg)  # multimodal configs nest the decoder
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model config {str(path)!r}: text_config must be an object, got {type(cfg).__name__}")
     return shape_from_config(cfg, path.parent.name or str(path))
 
 
