@@ -25,9 +25,9 @@ WIKITEXT_EXCERPT = Path(__file__).resolve().parent / "data" / "wikitext2-test-ex
 
 # the named texts, as a user reads them in --help and in reports
 TEXT_SOURCES = {
-    DEFAULT_TEXT: "Python's reference documentation (pydoc_data, built into CPython; offline)",
-    "wikitext2": "WikiText-2 raw test split (Merity et al. 2016; $KVPACK_WIKITEXT or download)",
-    EXCERPT: "65k-character excerpt of the WikiText-2 test split shipped with kvpack (offline)",
+    DEFAULT_TEXT: "Python's reference documentation, built into CPython as pydoc_data; offline",
+    "wikitext2": "WikiText-2 raw test split, Merity et al. 2016; from $KVPACK_WIKITEXT or a download",
+    EXCERPT: "65k-character excerpt of the WikiText-2 test split shipped with kvpack; offline",
 }
 CHOICES = "omit it for the built-in default, 'wikitext2', 'wikitext2-excerpt' or a UTF-8 text file"
 
