@@ -17,7 +17,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def quick_start_block() -> str:
     """The first ```python block of the README's Quick start section."""
     section = README.read_text().split("## Quick start", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_quick_start_code_path_packs_the_cache_on_a_tiny_llama():
