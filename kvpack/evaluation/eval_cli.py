@@ -48,8 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens packed at once as the residual window ages (default 32; 1 with --residual 0 "
                              "packs every token past the sinks; snapshot protocol)")  # fmt: skip
     parser.add_argument("--skip-layers", default=None, help="comma-separated layer indices kept in full precision")
-    parser.add_argument("--preset", default=None,
-                        help=f"a named policy instead of --key/--value/--residual/--sinks/--block: {preset_names()}")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help=f"a named policy instead of --key/--value/--residual/--sinks/--block: {preset_names()}",
+    )
     parser.add_argument("--policy", default=None, metavar="PATH", help="a policy JSON file (kvpack allocate)")
     parser.add_argument("--ctx", type=int, default=1024, help="context tokens per window")
     parser.add_argument("--n-eval", type=int, default=256, help="continuation tokens scored per window")
@@ -112,8 +115,8 @@ def _block_kwargs(args: argparse.Namespace, out: dict, block: int) -> dict:
 
 def _policy_file_kwargs(path: str) -> dict:
     """evaluate() arguments for a policy file: a KVPackCache under it (its per-layer specs, fp heads...)."""
-    from kvpack.tuning.allocate import load_policy
     from kvpack.hf.cache import KVPackCache
+    from kvpack.tuning.allocate import load_policy
 
     policy = load_policy(path)
 
@@ -235,7 +238,9 @@ def _preflight(args: argparse.Namespace, kwargs: dict) -> None:
     from kvpack.policy import CachePolicy
 
     if args.pre_rope_keys and args.protocol != "snapshot":
-        raise ValueError("--pre-rope-keys works with --protocol snapshot (the inforward round trip sees post-RoPE keys)")
+        raise ValueError(
+            "--pre-rope-keys works with --protocol snapshot (the inforward round trip sees post-RoPE keys)"
+        )
     if "preset" in kwargs:
         from kvpack.evaluation.presets import PRESETS
 

@@ -450,7 +450,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sinks", type=int, default=0, help="first tokens of each window kept exact (16-bit)")
     parser.add_argument("--seed", type=int, default=0, help="codec seed")
     parser.add_argument("--json", default=None, metavar="OUT", type=output_file, help="write the result as JSON to OUT")
-    parser.add_argument("--plot", default=None, metavar="PNG", type=output_file, help="write the layer x head heatmaps to PNG")
+    parser.add_argument(
+        "--plot", default=None, metavar="PNG", type=output_file, help="write the layer x head heatmaps to PNG"
+    )
     parser.add_argument("--no-per-layer", action="store_true", help="print only the summaries")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

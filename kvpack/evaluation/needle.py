@@ -346,26 +346,40 @@ def parse_fractions(text: str) -> list[float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kvpack.cli import output_file
-    from kvpack.evaluation.eval_cli import MODEL_HELP, TEXT_HELP, preset_names
+    from kvpack.evaluation.eval_cli import MODEL_HELP, preset_names
 
     parser.add_argument("--model", default="smollm2", help=MODEL_HELP)
-    parser.add_argument("--text", default=None, help="filler text (a file, 'wikitext2', 'wikitext2-excerpt', 'pydoc'); default: repeated sentences")
+    parser.add_argument(
+        "--text",
+        default=None,
+        help="filler text (a file, 'wikitext2', 'wikitext2-excerpt', 'pydoc'); default: repeated sentences",
+    )
     parser.add_argument("--key", action="append", default=None, help="K codec spec; repeat for several configs")
     parser.add_argument("--value", action="append", default=None, help="V codec spec; repeat for several configs")
-    parser.add_argument("--residual", action="append", type=int, default=None, help="recent tokens kept in 16 bits (default 128)")
-    parser.add_argument("--block", action="append", type=int, default=None,
-                        help="tokens packed at once (default 32; 1 with --residual 0); repeat for several configs")
+    parser.add_argument(
+        "--residual", action="append", type=int, default=None, help="recent tokens kept in 16 bits (default 128)"
+    )
+    parser.add_argument(
+        "--block",
+        action="append",
+        type=int,
+        default=None,
+        help="tokens packed at once (default 32; 1 with --residual 0); repeat for several configs",
+    )
     parser.add_argument("--sinks", action="append", type=int, default=None, help="first tokens kept (default 4)")
     parser.add_argument("--skip-layers", default=None, help="comma-separated layer indices kept in full precision")
-    parser.add_argument("--preset", action="append", default=None,
-                        help=f"a named policy; repeat for several: {preset_names()}")
+    parser.add_argument(
+        "--preset", action="append", default=None, help=f"a named policy; repeat for several: {preset_names()}"
+    )
     parser.add_argument("--lengths", default="1024,2048,4096", help="prompt lengths in tokens, answer included")
     parser.add_argument("--depths", default="0,25,50,75,100", help="needle depths, percent of the haystack")
     parser.add_argument("--trials", type=int, default=3, help="passkeys per (length, depth) cell")
     parser.add_argument("--seed", type=int, default=0, help="passkey and codec seed")
     parser.add_argument("--no-reference", action="store_true", help="skip the uncompressed DynamicCache reference")
     parser.add_argument("--json", default=None, metavar="OUT", type=output_file, help="write the result as JSON to OUT")
-    parser.add_argument("--plot", default=None, metavar="PNG", type=output_file, help="write the accuracy heatmap to PNG")
+    parser.add_argument(
+        "--plot", default=None, metavar="PNG", type=output_file, help="write the accuracy heatmap to PNG"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -451,7 +451,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--value", action="extend", nargs="+", help="codec spec for V (several)")
     parser.add_argument(
-        "--residual", type=int, action="extend", nargs="+", help=f"full-precision recent tokens (several; default {DEFAULT_RESIDUAL})"
+        "--residual",
+        type=int,
+        action="extend",
+        nargs="+",
+        help=f"full-precision recent tokens (several; default {DEFAULT_RESIDUAL})",
     )
     parser.add_argument("--sinks", type=int, action="extend", nargs="+",
                         help=f"full-precision first tokens (several; default {DEFAULT_SINKS})")  # fmt: skip

@@ -415,8 +415,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--residual", type=int, default=128, help="newest tokens kept in 16 bits")
     parser.add_argument("--sinks", type=int, default=4, help="first tokens kept in 16 bits")
     parser.add_argument("--block", type=int, default=None, help="tokens packed at once (1 with --residual 0)")
-    parser.add_argument("--sensitivity", default=None, type=output_file, help="JSON file: reused if it exists, else written")
-    parser.add_argument("--out", default="policy-{budget}.json", type=output_file, help="policy file ({budget} is replaced)")
+    parser.add_argument(
+        "--sensitivity", default=None, type=output_file, help="JSON file: reused if it exists, else written"
+    )
+    parser.add_argument(
+        "--out", default="policy-{budget}.json", type=output_file, help="policy file ({budget} is replaced)"
+    )
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     parser.add_argument("--evaluate-windows", type=int, default=0,
                         help="then evaluate each policy with kvpack.evaluate (ctx 1024, n_eval 256) on N windows")  # fmt: skip

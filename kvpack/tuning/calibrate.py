@@ -223,13 +223,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4], help="bit widths to fit codebooks for")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Haar rotation (turbo_mse's default: 0)")
-    parser.add_argument("--dir", default=None, type=output_dir, help="where to write (default $KVPACK_CALIBRATIONS or ~/.cache/...)")
+    parser.add_argument(
+        "--dir", default=None, type=output_dir, help="where to write (default $KVPACK_CALIBRATIONS or ~/.cache/...)"
+    )
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     parser.add_argument("--evaluate-windows", type=int, default=0,
                         help="then compare each basis with turbo_mse at equal bits (kvpack.evaluate, ctx 1024, "
                         "n_eval 256) on N windows, K-only and V-only")  # fmt: skip
     parser.add_argument("--eval-bits", type=int, nargs="+", default=[3], help="bit widths to compare at")
-    parser.add_argument("--policies", default=None, type=output_dir, help="folder to write the compared calibrated policies to")
+    parser.add_argument(
+        "--policies", default=None, type=output_dir, help="folder to write the compared calibrated policies to"
+    )
     parser.add_argument("--results", default=None, type=output_file, help="JSON file for the comparison")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

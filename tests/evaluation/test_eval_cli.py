@@ -154,7 +154,9 @@ def test_printed_result_says_what_was_saved_and_by_which_rule():
     assert "text: pydoc (Python's reference documentation" in printed
     assert "K per-(layer, KV head): e8:4 x87, 16-bit x1, e8:3 x1, int:8 x1; V e8:3 (all 90" in printed
     # 1024 tokens x 30 layers x 3 heads x 64 x 2 streams x 2 bytes = 22.5 MiB in fp16; 4 bits: a quarter
-    assert "memory: K+V held 5.62 MiB for the 1024-token context vs 22.50 MiB in fp16: 4.0x smaller than fp16" in printed
+    assert (
+        "memory: K+V held 5.62 MiB for the 1024-token context vs 22.50 MiB in fp16: 4.0x smaller than fp16" in printed
+    )
     assert f"verdict: ACCEPT  ({VERDICT.describe()})" in printed and "<= 0.5%" in printed
 
 

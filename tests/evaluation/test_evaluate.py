@@ -144,7 +144,9 @@ def test_verdict_thresholds():
     assert verdict(0.6, 0.99) == "MARGINAL" and verdict(0.3, 0.96) == "MARGINAL" and verdict(4.9, 0.5) == "MARGINAL"
     assert verdict(-5.0, 1.0) == "MARGINAL"
     assert verdict(5.1, 1.0) == "REJECT" and verdict(-7.0, 1.0) == "REJECT"
-    assert VERDICT.describe() == "ACCEPT: |delta-ppl| <= 0.5% and top-1 >= 97%; MARGINAL: |delta-ppl| <= 5%; else REJECT"
+    assert (
+        VERDICT.describe() == "ACCEPT: |delta-ppl| <= 0.5% and top-1 >= 97%; MARGINAL: |delta-ppl| <= 5%; else REJECT"
+    )
 
 
 def test_window_starts_are_spread_and_disjoint():
