@@ -34,6 +34,8 @@ DEFAULT_CODECS = ("turbo_mse:4", "turbo_mse:3", "turbo_mse:2", "int:4", "int:4:r
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvpack.cli import output_file
+
     parser.add_argument("what", choices=("attention", "encode", "generate"), help="which kernel to time, or generate")
     parser.add_argument("--contexts", default="4096,16384,32768,131072", help="comma-separated context lengths")
     parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
@@ -45,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=132, help="16-bit tokens (sinks + residual) per sequence")
     parser.add_argument("--tokens", type=int, default=65536, help="encode: tokens per call")
     parser.add_argument("--max-gib", type=float, default=60.0, help="skip cases whose buffers exceed this")
-    parser.add_argument("--json", default=None, help="write all numbers to this JSON file")
+    parser.add_argument("--json", default=None, type=output_file, help="write all numbers to this JSON file")
     add_generate_arguments(parser)
 
 

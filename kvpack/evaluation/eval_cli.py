@@ -15,37 +15,62 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["DEFAULTS", "add_arguments", "run"]
+__all__ = ["DEFAULTS", "add_arguments", "memory_line", "policy_summary", "run"]
 
 # used when neither --preset nor the option is given: KIVI's layout at 4 bits (keys per channel)
 DEFAULTS = {"key": "int:4:axis=channel", "value": "int:4", "residual": 128, "sinks": 4}
+TEXT_HELP = (
+    "the text: omit it for the built-in default (Python's reference documentation, offline), 'wikitext2' "
+    "(WikiText-2 test: $KVPACK_WIKITEXT or a download), 'wikitext2-excerpt' (65k characters shipped with kvpack) "
+    "or a UTF-8 text file"
+)
+MODEL_HELP = "'smollm2' (SmolLM2-135M, offline), a .gguf file, a local model directory or a hub id 'org/name'"
+
+
+def preset_names() -> str:
+    from kvpack.evaluation.presets import PRESETS
+
+    return ", ".join(sorted(PRESETS)) or "none yet"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, a model directory or a hub id")
-    parser.add_argument("--text", default=None, help="text file, 'wikitext2', or omit for the embedded default text")
-    parser.add_argument("--key", default=None, help=f"codec spec for K (default {DEFAULTS['key']})")
-    parser.add_argument("--value", default=None, help=f"codec spec for V (default {DEFAULTS['value']})")
-    parser.add_argument("--residual", type=int, default=None, help="newest tokens kept in full precision (default 128)")
-    parser.add_argument("--sinks", type=int, default=None, help="first tokens kept in full precision (default 4)")
+    from kvpack.cli import output_file
+
+    parser.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    parser.add_argument("--text", default=None, help=TEXT_HELP)
+    parser.add_argument("--key", default=None, help=f"codec spec for K, 'none': 16-bit (default {DEFAULTS['key']})")
+    parser.add_argument("--value", default=None, help=f"codec spec for V, 'none': 16-bit (default {DEFAULTS['value']})")
+    parser.add_argument("--residual", type=int, default=None,
+                        help=f"newest tokens kept in 16 bits (default {DEFAULTS['residual']})")  # fmt: skip
+    parser.add_argument("--sinks", type=int, default=None,
+                        help=f"first tokens kept in 16 bits (default {DEFAULTS['sinks']})")  # fmt: skip
+    parser.add_argument("--block", type=int, default=None,
+                        help="tokens packed at once as the residual window ages (default 32; 1 with --residual 0 "
+                             "packs every token past the sinks; snapshot protocol)")  # fmt: skip
     parser.add_argument("--skip-layers", default=None, help="comma-separated layer indices kept in full precision")
-    parser.add_argument("--preset", default=None, help="a named policy instead of --key/--value/--residual/--sinks")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help=f"a named policy instead of --key/--value/--residual/--sinks/--block: {preset_names()}",
+    )
     parser.add_argument("--policy", default=None, metavar="PATH", help="a policy JSON file (kvpack allocate)")
     parser.add_argument("--ctx", type=int, default=1024, help="context tokens per window")
     parser.add_argument("--n-eval", type=int, default=256, help="continuation tokens scored per window")
     parser.add_argument("--windows", type=int, default=8, help="non-overlapping windows evenly spread over the text")
-    parser.add_argument("--protocol", choices=("snapshot", "inforward"), default="snapshot")
+    parser.add_argument("--protocol", choices=("snapshot", "inforward"), default="snapshot",
+                        help="snapshot: compress the prefilled context, score the continuation; inforward: every "
+                             "position's K/V round-tripped inside one forward")  # fmt: skip
     parser.add_argument(
         "--pre-rope-keys", action="store_true", help="pack keys with RoPE undone (KVQuant), re-applied after decoding"
     )
     parser.add_argument("--only", choices=("k", "v"), default=None, help="compress only K or only V")
     parser.add_argument("--seed", type=int, default=0, help="codec seed")
-    parser.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON to OUT")
+    parser.add_argument("--json", default=None, metavar="OUT", type=output_file, help="write the result as JSON to OUT")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _policy_kwargs(args: argparse.Namespace) -> dict:
-    given = {name: getattr(args, name) for name in ("key", "value", "residual", "sinks", "skip_layers")}
+    given = {name: getattr(args, name) for name in ("key", "value", "residual", "sinks", "skip_layers", "block")}
     if getattr(args, "policy", None) is not None:
         clash = [f"--{name.replace('_', '-')}" for name, v in {**given, "preset": args.preset}.items() if v is not None]
         if clash:
@@ -63,7 +88,29 @@ def _policy_kwargs(args: argparse.Namespace) -> dict:
             out["skip_layers"] = tuple(int(i) for i in given["skip_layers"].split(",") if i.strip())
         except ValueError:
             raise ValueError(f"--skip-layers must be comma-separated ints, got {given['skip_layers']!r}") from None
+    if given["block"] is not None:
+        return _block_kwargs(args, out, given["block"])
     return out
+
+
+def _block_kwargs(args: argparse.Namespace, out: dict, block: int) -> dict:
+    """``--block``: the policy goes through a `KVPackCache` factory (evaluate() takes the plain fields only)."""
+    from kvpack.hf.cache import KVPackCache
+    from kvpack.policy import CachePolicy
+
+    if args.protocol != "snapshot" or args.pre_rope_keys:
+        raise ValueError("--block applies to the snapshot protocol's cache (without --pre-rope-keys)")
+    key = None if args.only == "v" else out["key"]
+    value = None if args.only == "k" else out["value"]
+    policy = CachePolicy(key, value, out["residual"], out["sinks"], out.get("skip_layers", ()), block, args.seed)
+
+    def cache_factory(config):
+        return KVPackCache(config, policy=policy)
+
+    cache_factory.__name__ = f"KVPackCache block={block}"
+    cache_factory.policy = policy
+    return {"key": policy.key, "value": policy.value, "residual": policy.residual, "sinks": policy.sinks,
+            "skip_layers": policy.skip_layers, "cache_factory": cache_factory}  # fmt: skip
 
 
 def _policy_file_kwargs(path: str) -> dict:
@@ -77,36 +124,89 @@ def _policy_file_kwargs(path: str) -> dict:
         return KVPackCache(config, policy=policy)
 
     cache_factory.__name__ = f"policy file {path}"
+    cache_factory.policy = policy
     return {"key": policy.key, "value": policy.value, "residual": policy.residual, "sinks": policy.sinks,
             "skip_layers": policy.skip_layers, "cache_factory": cache_factory}  # fmt: skip
 
 
-def format_result(result) -> str:
-    """A readable table of an `EvalResult`: settings, pooled metrics with their spread, per-window rows, verdict."""
+def policy_summary(record: dict, num_layers: int, num_kv_heads: int) -> str:
+    """What each stream is held with over the model's (layer, KV head) pairs, from an `EvalResult.policy` record:
+    ``K int:4 (all 90 (layer, KV head))`` or ``K per-(layer, KV head): e8:4 x40, e8:3 x30, int:8 x20``."""
+    from kvpack.policy import CachePolicy
+
+    fields = ("key", "value", "residual", "sinks", "block", "layer_keys", "layer_values", "head_keys", "head_values",
+              "fp_heads")  # fmt: skip
+    policy = CachePolicy(**{k: record[k] for k in fields if k in record}, skip_layers=tuple(record["skip_layers"]))
+    counts: tuple[dict, dict] = ({}, {})
+    for layer in range(num_layers):
+        for stream, specs in zip(counts, policy.held_specs(layer, num_kv_heads)):
+            for spec in specs:
+                stream[spec or "16-bit"] = stream.get(spec or "16-bit", 0) + 1
+    parts = []
+    for name, stream in zip("KV", counts):
+        if len(stream) == 1:
+            parts.append(f"{name} {next(iter(stream))} (all {num_layers * num_kv_heads} (layer, KV head))")
+        else:
+            ranked = sorted(stream.items(), key=lambda kv: (-kv[1], kv[0]))
+            parts.append(f"{name} per-(layer, KV head): " + ", ".join(f"{spec} x{n}" for spec, n in ranked))
+    return "; ".join(parts)
+
+
+def memory_line(bits_per_value: float, values_per_token: int, tokens: int, what: str) -> str:
+    """``K+V held 1.23 MiB for the 1024-token context vs 7.50 MiB in fp16: 6.1x smaller than fp16``."""
+    if math.isnan(bits_per_value) or bits_per_value <= 0:
+        return "memory: n/a (this cache reports no bytes)"
+    held, fp16 = bits_per_value * values_per_token * tokens / 8, 2 * values_per_token * tokens
+    return (
+        f"memory: K+V held {_size(held)} for {what} vs {_size(fp16)} in fp16: {16 / bits_per_value:.1f}x smaller "
+        f"than fp16 ({bits_per_value:.3f} bits per value, measured)"
+    )
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.2f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
+
+
+def model_shape(config) -> tuple[int, int, int]:
+    """(layers, KV heads, head_dim) of a transformers config."""
+    config = getattr(config, "text_config", None) or config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+
+def format_result(result, shape: tuple[int, int, int] | None = None) -> str:
+    """A readable table of an `EvalResult`: settings, pooled metrics with their spread, per-window rows, verdict.
+    ``shape``: the model's (layers, KV heads, head_dim), for the per-head policy summary and the bytes held."""
+    from kvpack.evaluation.evaluate import VERDICT
+    from kvpack.evaluation.text import describe_text
+
     p = result.policy
     skip = ",".join(map(str, p["skip_layers"])) or "-"
     head = (
-        f"kvpack eval  model={result.model}  text={result.text}  protocol={result.protocol}  "
-        f"ctx={result.ctx}  n_eval={result.n_eval}  windows={len(result.windows)}"
+        f"kvpack eval  model={result.model}  protocol={result.protocol}  "
+        f"ctx={result.ctx}  n_eval={result.n_eval}  windows={len(result.windows)}\ntext: {describe_text(result.text)}"
     )
-    policy = (
-        f"policy: key={p['key']}  value={p['value']}  residual={p['residual']}  sinks={p['sinks']}  skip_layers={skip}"
-    )
-    if any(h is not None for h in (*p.get("head_keys", ()), *p.get("head_values", ()))):
-        policy += "  (per-head specs override key/value: see --json)"
-    elif p.get("layer_keys") or p.get("layer_values"):
-        policy += "  (per-layer specs override key/value: see --json)"
-    if p.get("fp_heads"):
-        policy += f"  fp_heads={len(p['fp_heads'])}"
+    block = "" if p.get("block") is None else f"  block={p['block']}"
+    policy = f"policy: residual={p['residual']}  sinks={p['sinks']}{block}  skip_layers={skip}"
     policy += (f"  only={p['only']}" if p["only"] else "") + (f"  preset={p['preset']}" if p["preset"] else "")
     policy += f"  ({p['cache_factory']})" if p.get("cache_factory") else ""
+    if shape is not None and not (p.get("cache_factory") or "").startswith("peer"):
+        policy += "\n  " + policy_summary(p, shape[0], shape[1])
+    else:
+        policy += f"\n  K {p['key']}; V {p['value']}"
     bits = (
         f"{'bits K / V':16}{_bits(result.bits_k):>12} / {_bits(result.bits_v)}   (avg {_bits(result.bits_per_value)}; "
         "measured bytes held, sinks and residual as 16-bit)"
     )
-    lines = [
-        head,
-        policy,
+    lines = [head, policy]
+    if shape is not None:
+        tokens, what = (
+            (result.ctx, f"the {result.ctx}-token context") if result.protocol == "snapshot"
+            else (result.ctx + result.n_eval - 1, f"the {result.ctx + result.n_eval - 1} positions of one pass")
+        )  # fmt: skip
+        lines.append(memory_line(result.bits_per_value, 2 * shape[0] * shape[1] * shape[2], tokens, what))
+    lines += [
         "",
         f"{'':16}{'pooled':>12}{'std (windows)':>16}",
         f"{'ppl (reference)':16}{result.ppl_ref:12.4f}",
@@ -124,10 +224,7 @@ def format_result(result) -> str:
             f"{w['start']:12d}{w['ppl_ref']:10.3f}{w['ppl']:10.3f}{w['delta_ppl_pct']:+9.3f}"
             f"{100 * w['top1']:7.2f}%{w['kl']:10.5f}"
         )
-    lines += [
-        "",
-        f"verdict: {result.verdict}  (ACCEPT: |delta-ppl| <= 1% and top-1 >= 95%; MARGINAL: |delta-ppl| <= 5%)",
-    ]
+    lines += ["", f"verdict: {result.verdict}  ({VERDICT.describe()})"]
     return "\n".join(lines)
 
 
@@ -135,20 +232,44 @@ def _bits(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.3f}"
 
 
+def _preflight(args: argparse.Namespace, kwargs: dict) -> None:
+    """What evaluate() checks before it loads a model, checked before `run` loads it: the policy, the text."""
+    from kvpack.evaluation.text import load_text
+    from kvpack.policy import CachePolicy
+
+    if args.pre_rope_keys and args.protocol != "snapshot":
+        raise ValueError(
+            "--pre-rope-keys works with --protocol snapshot (the inforward round trip sees post-RoPE keys)"
+        )
+    if "preset" in kwargs:
+        from kvpack.evaluation.presets import PRESETS
+
+        if kwargs["preset"] not in PRESETS:
+            raise ValueError(f"unknown preset {kwargs['preset']!r}; known presets: {preset_names()}")
+    elif "cache_factory" not in kwargs:
+        CachePolicy(kwargs["key"], kwargs["value"], kwargs["residual"], kwargs["sinks"], kwargs.get("skip_layers", ()))
+    load_text(args.text)
+
+
 def run(args: argparse.Namespace) -> int:
-    from kvpack.evaluation.evaluate import evaluate  # heavy (torch, transformers): only when the command runs
+    from dataclasses import replace
 
+    from kvpack.evaluation import models
+    from kvpack.evaluation.evaluate import evaluate, policy_record  # heavy: only when the command runs
+
+    kwargs = _policy_kwargs(args)
+    _preflight(args, kwargs)  # a bad policy or text fails before the model loads
+    lm, tokenizer = models.load(args.model)
+    factory = kwargs.get("cache_factory")
     result = evaluate(
-        model=args.model, text=args.text, ctx=args.ctx, n_eval=args.n_eval, windows=args.windows,
-        protocol=args.protocol, only=args.only, progress=not args.no_progress, seed=args.seed,
-        pre_rope_keys=args.pre_rope_keys, **_policy_kwargs(args),
+        model=(lm, tokenizer), text=args.text, ctx=args.ctx, n_eval=args.n_eval, windows=args.windows,
+        protocol=args.protocol, only=None if args.block is not None else args.only, progress=not args.no_progress,
+        seed=args.seed, pre_rope_keys=args.pre_rope_keys, **kwargs,
     )  # fmt: skip
-    if args.policy is not None:  # the file's policy went through a cache_factory: record all of it
-        from kvpack.evaluation.evaluate import policy_record
-        from kvpack.policy import load_policy
-
-        result.policy.update(policy_record(load_policy(args.policy)))
-    print(format_result(result))
+    result = replace(result, model=str(args.model))
+    if factory is not None:  # the policy went through a cache_factory: record all of it
+        result.policy.update(policy_record(factory.policy), only=args.only)
+    print(format_result(result, model_shape(lm.config)))
     if args.json:
         out = Path(args.json)
         out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -42,18 +42,40 @@ from kvpack.evaluation.text import load_text, text_label, tokenize
 from kvpack.hf.cache import KVPackCache
 from kvpack.policy import CachePolicy
 
-__all__ = ["PROTOCOLS", "EvalResult", "RoundTripCache", "evaluate", "verdict", "window_starts"]
+__all__ = ["PROTOCOLS", "VERDICT", "EvalResult", "RoundTripCache", "VerdictThresholds", "evaluate", "verdict",
+           "window_starts"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("snapshot", "inforward")
 
 
+@dataclass(frozen=True)
+class VerdictThresholds:
+    """ACCEPT: |delta-ppl| <= ``accept_delta_ppl_pct`` % and top-1 >= ``accept_top1``; MARGINAL: |delta-ppl| <=
+    ``marginal_delta_ppl_pct`` %; else REJECT. The README's quality targets are these numbers."""
+
+    accept_delta_ppl_pct: float
+    accept_top1: float
+    marginal_delta_ppl_pct: float
+
+    def describe(self) -> str:
+        return (
+            f"ACCEPT: |delta-ppl| <= {self.accept_delta_ppl_pct:g}% and top-1 >= {100 * self.accept_top1:g}%; "
+            f"MARGINAL: |delta-ppl| <= {self.marginal_delta_ppl_pct:g}%; else REJECT"
+        )
+
+
+# the one threshold set of the verdict, of `kvpack eval`'s printout and of the README's targets (the `4bit`
+# preset's target is ACCEPT, the `2.5bit` one's MARGINAL)
+VERDICT = VerdictThresholds(accept_delta_ppl_pct=0.5, accept_top1=0.97, marginal_delta_ppl_pct=5.0)
+
+
 def verdict(delta_ppl_pct: float, top1: float) -> str:
-    """ACCEPT: |delta-ppl| <= 1% and top-1 >= 95%; MARGINAL: |delta-ppl| <= 5%; else REJECT."""
-    if abs(delta_ppl_pct) <= 1.0 and top1 >= 0.95:
+    """``"ACCEPT"``, ``"MARGINAL"`` or ``"REJECT"`` under `VERDICT` (see `VerdictThresholds`)."""
+    if abs(delta_ppl_pct) <= VERDICT.accept_delta_ppl_pct and top1 >= VERDICT.accept_top1:
         return "ACCEPT"
-    return "MARGINAL" if abs(delta_ppl_pct) <= 5.0 else "REJECT"
+    return "MARGINAL" if abs(delta_ppl_pct) <= VERDICT.marginal_delta_ppl_pct else "REJECT"
 
 
 @dataclass(frozen=True)

@@ -436,8 +436,11 @@ def parse_codecs(text: str) -> list[tuple[str, str]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, a model directory or a hub id")
-    parser.add_argument("--text", default=None, help="text file, 'wikitext2', or omit for the embedded default text")
+    from kvpack.cli import output_file
+    from kvpack.evaluation.eval_cli import MODEL_HELP, TEXT_HELP
+
+    parser.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    parser.add_argument("--text", default=None, help=TEXT_HELP)
     parser.add_argument(
         "--codecs", default="int:4:axis=channel/int:4,int:2:axis=channel/int:2,turbo_mse:3,turbo_mse:4",
         help="comma-separated specs; KEY/VALUE gives each stream its own codec",
@@ -446,8 +449,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=int, default=1, help="windows of ctx tokens, evenly spread over the text")
     parser.add_argument("--sinks", type=int, default=0, help="first tokens of each window kept exact (16-bit)")
     parser.add_argument("--seed", type=int, default=0, help="codec seed")
-    parser.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON to OUT")
-    parser.add_argument("--plot", default=None, metavar="PNG", help="write the layer x head heatmaps to PNG")
+    parser.add_argument("--json", default=None, metavar="OUT", type=output_file, help="write the result as JSON to OUT")
+    parser.add_argument(
+        "--plot", default=None, metavar="PNG", type=output_file, help="write the layer x head heatmaps to PNG"
+    )
     parser.add_argument("--no-per-layer", action="store_true", help="print only the summaries")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

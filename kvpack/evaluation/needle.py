@@ -345,21 +345,41 @@ def parse_fractions(text: str) -> list[float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, a model directory or a hub id")
-    parser.add_argument("--text", default=None, help="filler text file ('wikitext2' too); default: repeated sentences")
+    from kvpack.cli import output_file
+    from kvpack.evaluation.eval_cli import MODEL_HELP, preset_names
+
+    parser.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    parser.add_argument(
+        "--text",
+        default=None,
+        help="filler text (a file, 'wikitext2', 'wikitext2-excerpt', 'pydoc'); default: repeated sentences",
+    )
     parser.add_argument("--key", action="append", default=None, help="K codec spec; repeat for several configs")
     parser.add_argument("--value", action="append", default=None, help="V codec spec; repeat for several configs")
-    parser.add_argument("--residual", action="append", type=int, default=None, help="recent tokens kept (default 128)")
+    parser.add_argument(
+        "--residual", action="append", type=int, default=None, help="recent tokens kept in 16 bits (default 128)"
+    )
+    parser.add_argument(
+        "--block",
+        action="append",
+        type=int,
+        default=None,
+        help="tokens packed at once (default 32; 1 with --residual 0); repeat for several configs",
+    )
     parser.add_argument("--sinks", action="append", type=int, default=None, help="first tokens kept (default 4)")
     parser.add_argument("--skip-layers", default=None, help="comma-separated layer indices kept in full precision")
-    parser.add_argument("--preset", action="append", default=None, help="a named policy; repeat for several")
+    parser.add_argument(
+        "--preset", action="append", default=None, help=f"a named policy; repeat for several: {preset_names()}"
+    )
     parser.add_argument("--lengths", default="1024,2048,4096", help="prompt lengths in tokens, answer included")
     parser.add_argument("--depths", default="0,25,50,75,100", help="needle depths, percent of the haystack")
     parser.add_argument("--trials", type=int, default=3, help="passkeys per (length, depth) cell")
     parser.add_argument("--seed", type=int, default=0, help="passkey and codec seed")
     parser.add_argument("--no-reference", action="store_true", help="skip the uncompressed DynamicCache reference")
-    parser.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON to OUT")
-    parser.add_argument("--plot", default=None, metavar="PNG", help="write the accuracy heatmap to PNG")
+    parser.add_argument("--json", default=None, metavar="OUT", type=output_file, help="write the result as JSON to OUT")
+    parser.add_argument(
+        "--plot", default=None, metavar="PNG", type=output_file, help="write the accuracy heatmap to PNG"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -374,16 +394,17 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, CachePolicy | None]
             skip = tuple(int(i) for i in args.skip_layers.split(",") if i.strip())
         except ValueError:
             raise ValueError(f"--skip-layers must be comma-separated ints, got {args.skip_layers!r}") from None
-    lists = {name: getattr(args, name) for name in ("key", "value", "residual", "sinks")}
+    lists = {name: getattr(args, name, None) for name in ("key", "value", "residual", "sinks", "block")}
     n = max((len(v) for v in lists.values() if v), default=0)
     for name, vals in lists.items():
         if vals and len(vals) not in (1, n):
             raise ValueError(f"--{name} given {len(vals)} times; give it once (for all) or {n} times (one per config)")
     for i in range(n):
-        pick = {name: DEFAULTS[name] if not v else v[0] if len(v) == 1 else v[i] for name, v in lists.items()}
+        pick = {name: DEFAULTS.get(name) if not v else v[0] if len(v) == 1 else v[i] for name, v in lists.items()}
         key, value = (None if s.lower() == "none" else s for s in (pick["key"], pick["value"]))
-        policy = CachePolicy(key, value, pick["residual"], pick["sinks"], skip, None, args.seed)
-        configs[f"k={key} v={value} r={pick['residual']} s={pick['sinks']}"] = policy
+        policy = CachePolicy(key, value, pick["residual"], pick["sinks"], skip, pick["block"], args.seed)
+        block = "" if pick["block"] is None else f" b={pick['block']}"
+        configs[f"k={key} v={value} r={pick['residual']} s={pick['sinks']}{block}"] = policy
     for preset in args.preset or ():
         from kvpack.evaluation.presets import PRESETS
 

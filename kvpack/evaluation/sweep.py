@@ -242,11 +242,12 @@ def configs_from_args(args: argparse.Namespace) -> list[SweepConfig]:
         residuals = args.residual or [DEFAULT_RESIDUAL]
         sinks = args.sinks or [DEFAULT_SINKS]
         skips = args.skip_layers or [""]
-        for key, value, residual, sink, skip in itertools.product(keys, values, residuals, sinks, skips):
-            configs.append(config_from_dict({"key": key, "value": value, "residual": residual, "sinks": sink,
-                                             "skip_layers": skip}, "command line"))  # fmt: skip
-    elif args.residual or args.sinks or args.skip_layers:
-        raise ValueError("--residual/--sinks/--skip-layers need --key and/or --value")
+        blocks = getattr(args, "block", None) or [None]
+        for key, value, residual, sink, skip, block in itertools.product(keys, values, residuals, sinks, skips, blocks):
+            entry = {"key": key, "value": value, "residual": residual, "sinks": sink, "skip_layers": skip}
+            configs.append(config_from_dict(entry if block is None else {**entry, "block": block}, "command line"))
+    elif args.residual or args.sinks or args.skip_layers or getattr(args, "block", None):
+        raise ValueError("--residual/--sinks/--skip-layers/--block need --key and/or --value")
     if args.peers is not None:
         from kvpack.evaluation.peers import PEERS
 
@@ -272,9 +273,12 @@ def _preset_config(preset, name, what: str) -> SweepConfig:
 
 
 def _peer_config(spec: str) -> SweepConfig:
-    from kvpack.evaluation.peers import parse_peer
+    from kvpack.evaluation.peers import available, parse_peer
 
-    peer = parse_peer(spec)  # fails on a bad spec before the model loads
+    peer = parse_peer(spec)  # fails on a bad spec, or a missing backend package, before the model loads
+    missing = available(peer.backend)
+    if missing:
+        raise ImportError(f"peer {peer.name!r} needs its backend package: {missing}")
     return SweepConfig(name=f"peer {peer.name}", peer=peer.name)
 
 
@@ -362,17 +366,23 @@ def format_table(rows: list[dict]) -> str:
     """The sweep as a plain-text table, sorted by bits per value."""
     width = max([len("config")] + [len(r["name"]) for r in rows])
     head = (
-        f"{'config':{width}}  {'bits K':>7}{'bits V':>8}{'avg':>7}{'ppl ref':>9}{'ppl':>9}"
+        f"{'config':{width}}  {'bits K':>7}{'bits V':>8}{'avg':>7}{'vs fp16':>9}{'ppl ref':>9}{'ppl':>9}"
         f"{'dppl %':>10}{'+-':>9}{'top-1':>8}{'KL':>9}  verdict"
     )
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["bits_per_value"], r["name"])):
         lines.append(
-            f"{r['name']:{width}}  {r['bits_k']:7.3f}{r['bits_v']:8.3f}{r['bits_per_value']:7.3f}{r['ppl_ref']:9.3f}"
+            f"{r['name']:{width}}  {r['bits_k']:7.3f}{r['bits_v']:8.3f}{r['bits_per_value']:7.3f}"
+            f"{_smaller(r['bits_per_value']):>9}{r['ppl_ref']:9.3f}"
             f"{r['ppl']:9.3f}{r['delta_ppl_pct']:+10.3f}{r['delta_ppl_pct_std']:9.3f}{100 * r['top1']:7.2f}%"
             f"{r['kl']:9.5f}  {r['verdict']}"
         )
     return "\n".join(lines)
+
+
+def _smaller(bits_per_value: float) -> str:
+    """``6.1x``: how many times smaller than fp16 the cache is held (16 / bits per value)."""
+    return "n/a" if math.isnan(bits_per_value) or bits_per_value <= 0 else f"{16 / bits_per_value:.1f}x"
 
 
 def format_markdown(rows: list[dict]) -> str:
@@ -430,19 +440,30 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, a model directory or a hub id")
-    parser.add_argument("--text", default=None, help="text file, 'wikitext2', or omit for the embedded default text")
+    from kvpack.cli import output_file
+    from kvpack.evaluation.eval_cli import MODEL_HELP, TEXT_HELP, preset_names
+
+    parser.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    parser.add_argument("--text", default=None, help=TEXT_HELP)
     parser.add_argument("--config", default=None, metavar="FILE", help="JSON/TOML file of configs (and peers)")
     parser.add_argument(
         "--key", action="extend", nargs="+", help="codec spec for K (several: the product of all lists is swept)"
     )
     parser.add_argument("--value", action="extend", nargs="+", help="codec spec for V (several)")
     parser.add_argument(
-        "--residual", type=int, action="extend", nargs="+", help="full-precision recent tokens (several)"
+        "--residual",
+        type=int,
+        action="extend",
+        nargs="+",
+        help=f"full-precision recent tokens (several; default {DEFAULT_RESIDUAL})",
     )
-    parser.add_argument("--sinks", type=int, action="extend", nargs="+", help="full-precision first tokens (several)")
+    parser.add_argument("--sinks", type=int, action="extend", nargs="+",
+                        help=f"full-precision first tokens (several; default {DEFAULT_SINKS})")  # fmt: skip
+    parser.add_argument("--block", type=int, action="extend", nargs="+",
+                        help="tokens packed at once as the residual window ages (several; default 32, 1 with "
+                             "--residual 0 packs every token past the sinks)")  # fmt: skip
     parser.add_argument("--skip-layers", action="extend", nargs="+", help="comma-separated 16-bit layers (several)")
-    parser.add_argument("--preset", action="extend", nargs="+", help="a named preset (several)")
+    parser.add_argument("--preset", action="extend", nargs="+", help=f"named presets (several): {preset_names()}")
     parser.add_argument("--peers", nargs="*", default=None, metavar="SPEC",
                         help="transformers QuantizedCache peers, e.g. quanto:4 hqq:2 fp8 (alone: all)")  # fmt: skip
     parser.add_argument("--ctx", type=int, default=1024, help="context tokens per window")
@@ -450,14 +471,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=int, default=8, help="non-overlapping windows evenly spread over the text")
     parser.add_argument("--seed", type=int, default=0, help="codec seed")
     parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
-    parser.add_argument("--json", default=None, metavar="OUT", help="write setup + rows as JSON")
-    parser.add_argument("--csv", default=None, metavar="OUT", help="write the rows as CSV")
-    parser.add_argument("--markdown", default=None, metavar="OUT", help="write the table as markdown")
-    parser.add_argument("--plot", default=None, metavar="PNG", help="write the rate-distortion plot")
+    parser.add_argument("--json", default=None, metavar="OUT", type=output_file, help="write setup + rows as JSON")
+    parser.add_argument("--csv", default=None, metavar="OUT", type=output_file, help="write the rows as CSV")
+    parser.add_argument("--markdown", default=None, metavar="OUT", type=output_file, help="write the table as markdown")
+    parser.add_argument("--plot", default=None, metavar="PNG", type=output_file, help="write the rate-distortion plot")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvpack.evaluation.evaluate import VERDICT
+
     configs = configs_from_args(args)  # every config is checked before the model loads
     from kvpack.evaluation.text import load_text
 
@@ -468,7 +491,13 @@ def run(args: argparse.Namespace) -> int:
     started = datetime.datetime.now(datetime.UTC)
     rows = run_sweep(model, configs, text=args.text, ctx=args.ctx, n_eval=args.n_eval, windows=args.windows,
                      seed=args.seed, progress=not args.no_progress)  # fmt: skip
+    from kvpack.evaluation.text import describe_text
+
+    print(f"kvpack sweep  model={args.model}  ctx={args.ctx}  n_eval={args.n_eval}  windows={args.windows}  "
+          f"text: {describe_text(rows[0]['text'])}")  # fmt: skip
     print(format_table(rows))
+    print(f"vs fp16: times smaller than fp16 the K+V cache is held at ctx {args.ctx} (16 / avg bits, measured bytes); "
+          f"verdict: {VERDICT.describe()}")  # fmt: skip
     setup = {
         "command": "kvpack " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("kvpack") else None,
         "date": started.strftime("%Y-%m-%d %H:%M UTC"), "model": args.model, "text": rows[0]["text"],

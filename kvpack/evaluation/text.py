@@ -5,6 +5,8 @@ CPython as ``pydoc_data.topics`` (PSF license, nothing to download or embed): ab
 characters, 100k+ tokens, enough for 8 windows of 1024 + 256 tokens. ``"wikitext2"`` is the
 WikiText-2 raw test split (Merity et al., arXiv 1609.07843): read from the file named by the
 ``KVPACK_WIKITEXT`` environment variable when set, else fetched with ``datasets`` (network).
+``"wikitext2-excerpt"`` is the 65k-character excerpt of that split shipped inside kvpack
+(``kvpack/evaluation/data``, CC BY-SA 3.0, see the README there): what the tests read offline.
 """
 
 from __future__ import annotations
@@ -14,22 +16,38 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_TEXT", "load_text", "text_label", "tokenize"]
+__all__ = ["DEFAULT_TEXT", "EXCERPT", "TEXT_SOURCES", "WIKITEXT_EXCERPT", "describe_text", "load_text", "text_label",
+           "tokenize"]  # fmt: skip
 
 DEFAULT_TEXT = "pydoc"  # name of the embedded default
+EXCERPT = "wikitext2-excerpt"  # name of the shipped WikiText-2 excerpt
+WIKITEXT_EXCERPT = Path(__file__).resolve().parent / "data" / "wikitext2-test-excerpt.txt"
+
+# the named texts, as a user reads them in --help and in reports
+TEXT_SOURCES = {
+    DEFAULT_TEXT: "Python's reference documentation, built into CPython as pydoc_data; offline",
+    "wikitext2": "WikiText-2 raw test split, Merity et al. 2016; from $KVPACK_WIKITEXT or a download",
+    EXCERPT: "65k-character excerpt of the WikiText-2 test split shipped with kvpack; offline",
+}
+CHOICES = "omit it for the built-in default, 'wikitext2', 'wikitext2-excerpt' or a UTF-8 text file"
 
 
 def load_text(source: str | Path | None = None) -> str:
-    """The text for ``source``: ``None``/``"pydoc"`` (default), ``"wikitext2"``, or a path to a UTF-8 file."""
+    """The text for ``source``: ``None``/``"pydoc"`` (default), ``"wikitext2"``, ``"wikitext2-excerpt"`` or a path
+    to a UTF-8 file."""
     if source is None or source == DEFAULT_TEXT:
         return _pydoc_text()
     if not isinstance(source, (str, Path)):
-        raise TypeError(f"text must be None, 'pydoc', 'wikitext2' or a file path, got {type(source).__name__}")
+        raise TypeError(f"the text must be a name or a file path ({CHOICES}), got {type(source).__name__}")
     if source == "wikitext2":
         return _wikitext2()
+    if source == EXCERPT:
+        return WIKITEXT_EXCERPT.read_text(encoding="utf-8")
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise FileNotFoundError(f"text {str(source)!r} is a directory, not a text file ({CHOICES})")
     if not path.is_file():
-        raise FileNotFoundError(f"text file not found: {path} (or use text=None for the default, 'wikitext2')")
+        raise FileNotFoundError(f"text file not found: {path} ({CHOICES})")
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise ValueError(f"text file {path} is empty")
@@ -37,10 +55,15 @@ def load_text(source: str | Path | None = None) -> str:
 
 
 def text_label(source: str | Path | None) -> str:
-    """A short name for reports: ``pydoc``, ``wikitext2`` or the file name."""
-    if source is None or source in (DEFAULT_TEXT, "wikitext2"):
+    """A short name for reports: ``pydoc``, ``wikitext2``, ``wikitext2-excerpt`` or the file name."""
+    if source is None or source in TEXT_SOURCES:
         return source or DEFAULT_TEXT
     return Path(source).name
+
+
+def describe_text(label: str) -> str:
+    """``label`` with what it is, for printed reports: ``"pydoc (Python's reference documentation, ...)"``."""
+    return f"{label} ({TEXT_SOURCES[label]})" if label in TEXT_SOURCES else label
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -70,7 +93,8 @@ def _wikitext2() -> str:
     except ImportError:
         raise FileNotFoundError(
             "text 'wikitext2' needs the datasets package and network (pip install datasets), "
-            "or set KVPACK_WIKITEXT to a local copy of the raw test split, or pass --text PATH"
+            "or set KVPACK_WIKITEXT to a local copy of the raw test split, or pass --text PATH "
+            f"(--text {EXCERPT} is the excerpt shipped with kvpack)"
         ) from None
     split = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
     return "".join(split["text"])

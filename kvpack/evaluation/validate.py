@@ -154,12 +154,15 @@ def format_table(reports: list[CodecReport]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvpack.cli import output_file
+
     parser.add_argument("--codecs", nargs="*", help="codec specs (default: every codec at every bit width)")
-    parser.add_argument("--head-dims", nargs="*", type=int, default=[64, 128], help="head dims (default 64 128)")
-    parser.add_argument("-n", "--num-vectors", type=int, default=20000, help="unit vectors per codec (default 20000)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--head-dims", nargs="*", type=int, default=[64, 128], help="head dims")
+    parser.add_argument("-n", "--num-vectors", type=int, default=20000, help="unit vectors per codec")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the vectors and the codecs")
     parser.add_argument("--no-speed", action="store_true", help="skip the throughput measurement")
-    parser.add_argument("--json", metavar="OUT", help="also write the table as JSON to OUT")
+    parser.add_argument("--json", metavar="OUT", type=output_file, help="also write the table as JSON to OUT")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,10 +170,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-vectors must be >= 2, got {args.num_vectors}")
     specs = args.codecs or default_specs()
     jobs = [(s, d) for d in args.head_dims for s in specs]
-    reports = [
-        measure(spec, d, n=args.num_vectors, seed=args.seed, speed=not args.no_speed)
-        for spec, d in tqdm(jobs, desc="validate", unit="codec")
-    ]
+    reports = []
+    bar = tqdm(jobs, desc="validate", unit="codec", disable=getattr(args, "no_progress", False))
+    for spec, d in bar:
+        bar.set_postfix_str(f"{spec} d={d}")
+        reports.append(measure(spec, d, n=args.num_vectors, seed=args.seed, speed=not args.no_speed))
     print(format_table(reports))
     print(
         f"\nMSE on {args.num_vectors} random unit vectors; /4^-R = MSE over the Shannon bound at R = bits/val; "

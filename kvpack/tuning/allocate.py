@@ -331,8 +331,11 @@ def uniform_pairs(candidates: tuple[str, ...], head_dim: int, budget: float) -> 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--text", default="wikitext2", help="text whose calibration spans avoid the eval windows")
+    from kvpack.cli import output_file
+    from kvpack.evaluation.eval_cli import MODEL_HELP, TEXT_HELP
+
+    parser.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    parser.add_argument("--text", default=None, help=TEXT_HELP + "; its calibration spans avoid the eval windows")
     parser.add_argument("--budget", type=float, nargs="+", default=None, help="mean bits per value (one or more)")
     parser.add_argument(
         "--outlier-heads",
@@ -356,19 +359,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--held-ctx", type=int, default=None, metavar="N",
                         help="with --per-head: --budget is the bits HELD at N tokens (16-bit sinks and residual "
                         "window included), as the presets' budgets are")  # fmt: skip
-    parser.add_argument("--residual", type=int, default=128)
-    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--residual", type=int, default=128, help="newest tokens kept in 16 bits")
+    parser.add_argument("--sinks", type=int, default=4, help="first tokens kept in 16 bits")
     parser.add_argument("--block", type=int, default=None, help="tokens packed at once (1 with --residual 0)")
-    parser.add_argument("--sensitivity", default=None, help="JSON file: reused if it exists, else written")
-    parser.add_argument("--out", default="policy-{budget}.json", help="policy file ({budget} is replaced)")
+    parser.add_argument(
+        "--sensitivity", default=None, type=output_file, help="JSON file: reused if it exists, else written"
+    )
+    parser.add_argument(
+        "--out", default="policy-{budget}.json", type=output_file, help="policy file ({budget} is replaced)"
+    )
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     parser.add_argument("--evaluate-windows", type=int, default=0,
                         help="then evaluate each policy with kvpack.evaluate (ctx 1024, n_eval 256) on N windows")  # fmt: skip
     parser.add_argument("--uniform", type=int, default=0, metavar="K",
                         help="with --evaluate-windows: also evaluate the K undominated uniform K/V pairs of the "
                         "candidates within each budget that the measured sensitivities predict best")  # fmt: skip
-    parser.add_argument("--results", default=None, help="JSON file for the evaluation results")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--results", default=None, type=output_file, help="JSON file for the evaluation results")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _head_dim(config) -> int:

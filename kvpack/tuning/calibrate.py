@@ -213,31 +213,39 @@ def calibrated_policy(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvpack.cli import output_dir, output_file
+    from kvpack.evaluation.eval_cli import MODEL_HELP, TEXT_HELP
+
     parser.add_argument("--name", required=True, help="calibration name (files NAME.safetensors + NAME.json)")
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--text", default="wikitext2", help="text whose calibration spans avoid the eval windows")
+    parser.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    parser.add_argument("--text", default=None, help=TEXT_HELP + "; its calibration spans avoid the eval windows")
     parser.add_argument("--windows", type=int, default=2, help="calibration windows")
     parser.add_argument("--ctx", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4], help="bit widths to fit codebooks for")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Haar rotation (turbo_mse's default: 0)")
-    parser.add_argument("--dir", default=None, help="where to write (default $KVPACK_CALIBRATIONS or ~/.cache/...)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dir", default=None, type=output_dir, help="where to write (default $KVPACK_CALIBRATIONS or ~/.cache/...)"
+    )
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     parser.add_argument("--evaluate-windows", type=int, default=0,
                         help="then compare each basis with turbo_mse at equal bits (kvpack.evaluate, ctx 1024, "
                         "n_eval 256) on N windows, K-only and V-only")  # fmt: skip
     parser.add_argument("--eval-bits", type=int, nargs="+", default=[3], help="bit widths to compare at")
-    parser.add_argument("--policies", default=None, help="folder to write the compared calibrated policies to")
-    parser.add_argument("--results", default=None, help="JSON file for the comparison")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--policies", default=None, type=output_dir, help="folder to write the compared calibrated policies to"
+    )
+    parser.add_argument("--results", default=None, type=output_file, help="JSON file for the comparison")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     from kvpack.evaluation.models import load
     from kvpack.evaluation.text import load_text, tokenize
 
+    text = load_text(args.text)  # a bad text fails before the model loads
     model, tokenizer = load(args.model, device=args.device)
     config = model.config
-    ids = tokenize(tokenizer, load_text(args.text))
+    ids = tokenize(tokenizer, text)
     windows = calibration_ids(ids, args.ctx, args.windows)
     qkv = capture_qkv(model, windows)
     tensors = fit_calibration(qkv, tuple(args.bits), args.seed, progress=not args.no_progress)

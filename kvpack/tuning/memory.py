@@ -150,7 +150,14 @@ def model_shape(model: str) -> ModelShape:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"model config {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise TypeError(f"model config {str(path)!r} holds a JSON {type(cfg).__name__}, not a model config object")
     cfg = cfg.get("text_config", cfg)  # multimodal configs nest the decoder
+    if not isinstance(cfg, dict):
+        raise TypeError(f"model config {str(path)!r}: text_config must be an object, got {type(cfg).__name__}")
+    missing = [k for k in ("num_hidden_layers", "num_attention_heads", "hidden_size") if k not in cfg]
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a decoder config.json: it lacks {missing}")
     return shape_from_config(cfg, path.parent.name or str(path))
 
 

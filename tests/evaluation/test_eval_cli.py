@@ -7,8 +7,11 @@ import sys
 
 import pytest
 
+from kvpack import CachePolicy, get_codec
 from kvpack.cli import build_parser, main
 from kvpack.evaluation import models, presets
+from kvpack.evaluation.eval_cli import format_result, policy_summary
+from kvpack.evaluation.evaluate import VERDICT, EvalResult, policy_record
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -113,6 +116,48 @@ def test_eval_errors_exit_2_with_a_message(extra, message, capsys, monkeypatch, 
     monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model must not load for a bad command line"))
     assert main(short(wikitext_path, *extra)) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_eval_block_packs_every_token_past_the_sinks(loaded, wikitext_path, tmp_path, capsys):
+    outs = {block: tmp_path / f"b{block}.json" for block in ("1", "default")}
+    base = short(wikitext_path, "--key", "e8:3", "--value", "e8:3", "--residual", "0", "--sinks", "1")
+    assert main([*base, "--block", "1", "--json", str(outs["1"])]) == 0
+    printed = capsys.readouterr().out
+    assert main([*base, "--json", str(outs["default"])]) == 0
+    one, default = (json.loads(outs[b].read_text()) for b in ("1", "default"))
+    assert one["policy"]["block"] == 1 and default["policy"]["block"] is None and one["ppl_ref"] == default["ppl_ref"]
+    codec_bits = get_codec("e8:3", head_dim=64).bits_per_value()
+    assert one["bits_per_value"] == pytest.approx((16 + 63 * codec_bits) / 64)  # 1 sink, 63 tokens packed
+    assert default["bits_per_value"] == pytest.approx((32 * 16 + 32 * codec_bits) / 64)  # 31 + 1 tokens in 16 bits
+    assert "block=1" in printed and f"{16 / one['bits_per_value']:.1f}x smaller than fp16" in printed
+
+
+def test_policy_summary_counts_what_each_layer_and_head_holds():
+    policy = CachePolicy("e8:4", "e8:3", skip_layers=(2,), layer_keys=("int:8",), fp_heads=((1, 0),),
+                         head_keys=(None, ("e8:3", "e8:4")))  # fmt: skip
+    summary = policy_summary(policy_record(policy), num_layers=4, num_kv_heads=2)
+    # ties in name order. K: layer 0 int:8 x2, layer 1 head 0 16-bit (fp head) and head 1 e8:4, layer 2 16-bit x2, layer 3 e8:4 x2
+    assert summary == "K per-(layer, KV head): 16-bit x3, e8:4 x3, int:8 x2; V per-(layer, KV head): e8:3 x5, 16-bit x3"
+    uniform = policy_summary(policy_record(CachePolicy("int:4:axis=channel", "int:4")), 30, 3)
+    assert uniform == "K int:4:axis=channel (all 90 (layer, KV head)); V int:4 (all 90 (layer, KV head))"
+
+
+def test_printed_result_says_what_was_saved_and_by_which_rule():
+    policy = {**policy_record(CachePolicy("e8:4", "e8:3", head_keys=[["e8:3", "int:8", None]] + [None] * 29)),
+              "only": None, "preset": "4bit", "cache_factory": None}  # fmt: skip
+    result = EvalResult(model="smollm2", text="pydoc", protocol="snapshot", policy=policy, ctx=1024, n_eval=256,
+                        ppl_ref=10.0, ppl=10.04, delta_ppl_pct=0.4, top1=0.98, kl=0.001, delta_ppl_pct_std=0.1,
+                        top1_std=0.01, kl_std=0.0001, bits_k=5.0, bits_v=3.0, bits_per_value=4.0,
+                        seconds_per_window=1.0, verdict="ACCEPT", windows=[])  # fmt: skip
+    printed = format_result(result, (30, 3, 64))
+    assert "text: pydoc (Python's reference documentation" in printed
+    assert "K per-(layer, KV head): e8:4 x87, 16-bit x1, e8:3 x1, int:8 x1; V e8:3 (all 90" in printed
+    # 1024 tokens x 30 layers x 3 heads x 64 x 2 streams x 2 bytes = 22.5 MiB in fp16; 4 bits: a quarter
+    assert (
+        "memory: K+V held 5.62 MiB for the 1024-token context vs 22.50 MiB in fp16: 4.0x smaller than fp16" in printed
+    )
+    assert f"verdict: ACCEPT  ({VERDICT.describe()})" in printed and "<= 0.5%" in printed
 
 
 def test_missing_text_file(capsys, tmp_path):

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from kvpack import KVPackCache, evaluate, get_codec
 from kvpack.evaluation import presets
-from kvpack.evaluation.evaluate import verdict, window_starts
+from kvpack.evaluation.evaluate import VERDICT, verdict, window_starts
 from kvpack.evaluation.text import load_text, tokenize
 
 pytestmark = [pytest.mark.model, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -138,9 +138,15 @@ def test_bad_model_argument():
 
 
 def test_verdict_thresholds():
-    assert verdict(0.9, 0.96) == "ACCEPT" and verdict(-1.0, 0.95) == "ACCEPT"
-    assert verdict(0.5, 0.94) == "MARGINAL" and verdict(4.9, 0.5) == "MARGINAL" and verdict(-5.0, 1.0) == "MARGINAL"
+    """The README's targets: ACCEPT within +-0.5% ppl and 97% top-1, MARGINAL within +-5% ppl."""
+    assert (VERDICT.accept_delta_ppl_pct, VERDICT.accept_top1, VERDICT.marginal_delta_ppl_pct) == (0.5, 0.97, 5.0)
+    assert verdict(0.5, 0.97) == "ACCEPT" and verdict(-0.4, 0.99) == "ACCEPT"
+    assert verdict(0.6, 0.99) == "MARGINAL" and verdict(0.3, 0.96) == "MARGINAL" and verdict(4.9, 0.5) == "MARGINAL"
+    assert verdict(-5.0, 1.0) == "MARGINAL"
     assert verdict(5.1, 1.0) == "REJECT" and verdict(-7.0, 1.0) == "REJECT"
+    assert (
+        VERDICT.describe() == "ACCEPT: |delta-ppl| <= 0.5% and top-1 >= 97%; MARGINAL: |delta-ppl| <= 5%; else REJECT"
+    )
 
 
 def test_window_starts_are_spread_and_disjoint():

@@ -59,3 +59,33 @@ def test_gguf_path_loads_the_same_model(smollm2):
     model, _ = models.load(models.smollm2_gguf())
     ref, _ = smollm2
     assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+
+
+def test_unknown_bare_name_fails_at_once_with_the_accepted_forms(monkeypatch):
+    monkeypatch.setattr(models, "_hub_reachable", lambda *a: pytest.fail("a bare unknown name must not reach the hub"))
+    with pytest.raises(ValueError, match=r"unknown model 'smolm2'; did you mean 'smollm2'\? \(expected 'smollm2', a"):
+        models.load("smolm2")
+    with pytest.raises(ValueError, match="a hub id 'org/name'"):
+        models.load("qwerty")
+
+
+def test_hub_id_not_cached_and_hub_unreachable_fails_at_once(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda *a: False)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: pytest.fail("no hub retries"))
+    with pytest.raises(FileNotFoundError, match="not in the local hub cache .* cannot be reached"):
+        models.load("no-such-org/no-such-model")
+
+
+def test_hub_id_with_hf_hub_offline_fails_at_once(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(models, "_hub_reachable", lambda *a: pytest.fail("offline: the hub is not probed"))
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set"):
+        models.load("no-such-org/no-such-model")
+
+
+def test_hub_reachable_is_false_for_a_closed_port():
+    assert models._hub_reachable("http://127.0.0.1:9", timeout=0.5) is False

@@ -69,6 +69,8 @@ def test_configs_from_args():
         ("int:4:axis=channel", "int:4", 0),
         ("e8:3", "int:4", 0),
     ]
+    blocks = configs_from_args(_args("--key", "e8:3", "--value", "e8:3", "--residual", "0", "--block", "1"))
+    assert [p.block for p in list(blocks.values())[1:]] == [1] and "k=e8:3 v=e8:3 r=0 s=4 b=1" in blocks
     default = configs_from_args(_args("--no-reference"))
     assert len(default) == 1 and isinstance(next(iter(default.values())), CachePolicy)
 

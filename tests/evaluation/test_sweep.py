@@ -6,7 +6,14 @@ import json
 import pytest
 
 from kvpack.cli import build_parser, main
-from kvpack.evaluation.sweep import SweepConfig, configs_from_args, format_markdown, load_config_file, run_sweep
+from kvpack.evaluation.sweep import (
+    SweepConfig,
+    configs_from_args,
+    format_markdown,
+    format_table,
+    load_config_file,
+    run_sweep,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -22,6 +29,21 @@ def test_command_line_lists_are_swept_as_a_product():
         (k, "int:2", r, 4) for k in ("int:4", "e8:3") for r in (8, 16)
     }
     assert len({c.name for c in configs}) == 4 and all(c.kind == "kvpack" for c in configs)
+
+
+def test_block_joins_the_product():
+    configs = parse("--key", "e8:3", "--value", "e8:3", "--residual", "0", "--block", "1", "32")
+    assert [(c.residual, c.block) for c in configs] == [(0, 1), (0, 32)]
+    assert [c.name for c in configs] == ["K=e8:3 V=e8:3 r=0 s=4 block=1", "K=e8:3 V=e8:3 r=0 s=4 block=32"]
+    assert parse("--key", "int:4")[0].block is None
+
+
+def test_table_says_how_much_smaller_than_fp16():
+    row = {"name": "x", "bits_k": 5.0, "bits_v": 3.0, "bits_per_value": 4.0, "ppl_ref": 10.0, "ppl": 10.1,
+           "delta_ppl_pct": 1.0, "delta_ppl_pct_std": 0.1, "top1": 0.97, "kl": 0.01, "verdict": "MARGINAL"}  # fmt: skip
+    head, _, line = format_table([row]).splitlines()
+    assert "vs fp16" in head and " 4.0x " in line
+    assert " n/a " in format_table([{**row, "bits_per_value": float("nan")}]).splitlines()[2]
 
 
 def test_peers_and_presets_from_the_command_line():

@@ -40,5 +40,33 @@ def test_errors(tmp_path):
     empty.write_text("  \n")
     with pytest.raises(ValueError, match="is empty"):
         text.load_text(empty)
-    with pytest.raises(TypeError, match="text must be None"):
+    with pytest.raises(TypeError, match="the text must be a name or a file path"):
         text.load_text(3)
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        text.load_text(tmp_path)
+
+
+def test_errors_name_the_choices_not_python(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        text.load_text(tmp_path / "absent.txt")
+    assert "wikitext2-excerpt" in str(info.value) and "text=None" not in str(info.value)
+
+
+def test_shipped_excerpt_is_the_head_and_tail_of_the_split_with_its_licence():
+    excerpt = text.load_text(text.EXCERPT)
+    assert excerpt.lstrip().startswith("= Robert Boulter =") and len(excerpt) == 64_657
+    assert "\r" not in excerpt
+    assert (text.WIKITEXT_EXCERPT.parent / "LICENSE").read_text().count("CC BY-SA 3.0") >= 1
+    assert text.text_label(text.EXCERPT) == text.EXCERPT
+    assert "shipped with kvpack" in text.describe_text(text.EXCERPT)
+    assert "Python's reference documentation" in text.describe_text("pydoc")
+
+
+def test_shipped_excerpt_matches_the_full_split_where_the_tests_read_it(wikitext_path):
+    """When the full split is at hand (KVPACK_WIKITEXT or ../shared), the excerpt is exactly its first 60,754 and
+    last 3,903 characters."""
+    full = wikitext_path.read_text(encoding="utf-8")
+    if len(full) == 64_657:
+        pytest.skip("only the excerpt is available")
+    excerpt = text.load_text(text.EXCERPT)
+    assert excerpt == full[:60_754] + full[-3_903:]

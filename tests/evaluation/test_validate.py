@@ -47,3 +47,13 @@ def test_ip_z_column_shows_the_shrinkage_of_turbo_mse():
     # turbo_mse shrinks inner products (slope < 1); with queries correlated with the keys the z column shows it
     report = measure("turbo_mse:2", 64, n=4000, speed=False)
     assert report.ip_slope < 0.95 and report.ip_z < -10
+
+
+def test_cli_progress_names_each_codec_and_can_be_silenced(capsys):
+    argv = ["validate", "--codecs", "fp16", "fp8", "--head-dims", "64", "-n", "500", "--no-speed"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "validate" in err and "fp8 d=64" in err
+    assert main([*argv, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "bits/val" in captured.out
