@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kvpack.cli import main
-from kvpack.tuning.memory import ModelShape, cache_bytes, max_context, model_shape, parse_bytes, parse_pair
 from kvpack.policy import CachePolicy
+from kvpack.tuning.memory import ModelShape, cache_bytes, max_context, model_shape, parse_bytes, parse_pair
 
 
 def test_known_models():
