@@ -219,7 +219,7 @@ def compare_policies(
     head_dim, num_layers = _head_dim(config), config.num_hidden_layers
     memo: dict = {}
     common = {"model": (model, tokenizer), "text": ids, "ctx": 1024, "n_eval": 256, "residual": args.residual,
-              "sinks": args.sinks, "progress": not args.no_progress, "reference_memo": memo}  # fmt: skip
+              "sinks": args.sinks, "progress": not args.no_progress, "reference_memo": memo, "protocol": "snapshot"}  # fmt: skip
     index = {c: j for j, c in enumerate(candidates)}
 
     def predicted(k: str, v: str) -> float:

@@ -262,6 +262,7 @@ def compare_calibrated(model, tokenizer, ids, calib: str, num_layers: int, args)
                 configs[("v", basis)] = calibrated_policy(calib, num_layers, None, bits, value_basis=basis)
         for (stream, label), policy in configs.items():
             result = evaluate(model=(model, tokenizer), text=ids, ctx=1024, n_eval=256, windows=args.evaluate_windows,
+                              protocol="snapshot",
                               cache_factory=lambda config, p=policy: KVPackCache(config, policy=p),
                               reference_memo=memo, progress=not args.no_progress)  # fmt: skip
             row = {"bits": bits, "stream": stream, "codec": label, "delta_ppl_pct": result.delta_ppl_pct,
