@@ -266,19 +266,9 @@ def evaluate(
             else:
                 sums, window_bits = _prefill_window(lm, window, ctx, make_cache, reference_memo, protocol)
             held = held or window_bits
-            n = sums["tokens"]
-            ppl_ref, ppl = math.exp(sums["nll_ref"] / n), math.exp(sums["nll"] / n)
-            rows.append(
-                {"start": start, "ppl_ref": ppl_ref, "ppl": ppl, "delta_ppl_pct": 100 * (ppl / ppl_ref - 1),
-                 "top1": sums["top1"] / n, "kl": sums["kl"] / n, **{f"_{k}": v for k, v in sums.items()}}
-            )  # fmt: skip
+            rows.append(_window_row(start, sums))
     seconds = (time.perf_counter() - t0) / len(starts)
-    total = sum(r["_tokens"] for r in rows)
-    ppl_ref = math.exp(sum(r["_nll_ref"] for r in rows) / total)
-    ppl = math.exp(sum(r["_nll"] for r in rows) / total)
-    delta = 100 * (ppl / ppl_ref - 1)
-    top1 = sum(r["_top1"] for r in rows) / total
-    kl = sum(r["_kl"] for r in rows) / total
+    ppl_ref, ppl, delta, top1, kl = _pooled(rows)
     if bits is not None:
         held = (float(bits[0]), float(bits[1]))
     bits_k, bits_v = held if held is not None else (float("nan"), float("nan"))
@@ -292,6 +282,24 @@ def evaluate(
         kl_std=_std([r["kl"] for r in public]), bits_k=bits_k, bits_v=bits_v, bits_per_value=(bits_k + bits_v) / 2,
         seconds_per_window=seconds, verdict=verdict(delta, top1), windows=public,
     )  # fmt: skip
+
+
+def _window_row(start: int, sums: dict) -> dict:
+    """One window's metrics, with its sums kept under ``_``-prefixed keys for pooling."""
+    n = sums["tokens"]
+    ppl_ref, ppl = math.exp(sums["nll_ref"] / n), math.exp(sums["nll"] / n)
+    return {"start": start, "ppl_ref": ppl_ref, "ppl": ppl, "delta_ppl_pct": 100 * (ppl / ppl_ref - 1),
+            "top1": sums["top1"] / n, "kl": sums["kl"] / n, **{f"_{k}": v for k, v in sums.items()}}  # fmt: skip
+
+
+def _pooled(rows: list[dict]) -> tuple[float, float, float, float, float]:
+    """``(ppl_ref, ppl, delta_ppl_pct, top1, kl)`` over all continuation tokens of all windows."""
+    total = sum(r["_tokens"] for r in rows)
+    ppl_ref = math.exp(sum(r["_nll_ref"] for r in rows) / total)
+    ppl = math.exp(sum(r["_nll"] for r in rows) / total)
+    top1 = sum(r["_top1"] for r in rows) / total
+    kl = sum(r["_kl"] for r in rows) / total
+    return ppl_ref, ppl, 100 * (ppl / ppl_ref - 1), top1, kl
 
 
 def _std(xs: list[float]) -> float:
