@@ -3,7 +3,7 @@
 The command line is a contract other tools call::
 
     kvpack eval --model smollm2 --text PATH --key SPEC --value SPEC [--residual N] [--sinks N]
-                --ctx 1024 --n-eval 256 --windows 8 --protocol snapshot|inforward [--only k|v] --json OUT
+                --ctx 1024 --n-eval 256 --windows 8 --protocol decode|snapshot|inforward [--only k|v] --json OUT
 
 With no arguments it evaluates the default policy on SmolLM2 and the embedded default text, offline.
 """
@@ -57,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx", type=int, default=1024, help="context tokens per window")
     parser.add_argument("--n-eval", type=int, default=256, help="continuation tokens scored per window")
     parser.add_argument("--windows", type=int, default=8, help="non-overlapping windows evenly spread over the text")
-    parser.add_argument("--protocol", choices=("snapshot", "inforward"), default="snapshot",
-                        help="snapshot: compress the prefilled context, score the continuation; inforward: every "
+    parser.add_argument("--protocol", choices=("decode", "snapshot", "inforward"), default="decode",
+                        help="decode: each continuation token attends to the packed past as generate gives it; "
+                             "snapshot: compress the prefilled context, score the continuation; inforward: every "
                              "position's K/V round-tripped inside one forward")  # fmt: skip
     parser.add_argument(
         "--pre-rope-keys", action="store_true", help="pack keys with RoPE undone (KVQuant), re-applied after decoding"

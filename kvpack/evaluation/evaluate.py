@@ -4,8 +4,13 @@ Windows: ``windows`` non-overlapping spans of ``ctx + n_eval`` tokens, evenly sp
 tokenized text (deterministic). Metrics are over the ``n_eval`` continuation tokens of each window;
 the logit at the last context position predicts the first of them and is included.
 
-Protocols:
+Protocols (`kvpack.evaluation.protocol`):
 
+- ``decode`` (the default): the clean prefill of ``snapshot``, then every continuation token
+  attends to the cache as ``model.generate`` through it would show it: the sinks and residual
+  window in 16-bit, every block packed so far (with ``residual=0, block=1``: every earlier
+  token) decoded, itself exact (`kvpack.evaluation.decode`, one forward, checked against one
+  token per forward). The reference is the same as ``snapshot``'s. Needs a `KVPackCache`.
 - ``snapshot``: a clean prefill of the ``ctx`` tokens (its attention uses the exact K/V, as with
   any KV cache), whose K/V are then stored in the compressed cache (sinks and residual window
   kept, the rest packed); the ``n_eval`` continuation tokens are teacher-forced in ONE forward
@@ -16,7 +21,7 @@ Protocols:
   encode+decode before attention at every position except the first ``sinks`` (no residual
   window: it does not apply to a single pass), against one clean forward.
 
-``bits_k``/``bits_v``: measured bytes of what is held / values held. Snapshot: the compressed
+``bits_k``/``bits_v``: measured bytes of what is held / values held. Snapshot and decode: the compressed
 cache right after the prefill of ``ctx`` tokens (sinks, residual window, packed blocks; the
 full-precision parts as 16-bit floats, as a deployment holds them, also for a float32 CPU model). Inforward: the encoded K/V of the whole pass.
 For a ``cache_factory`` cache they come from its ``bits_per_value(stream)`` when it has one, else
@@ -38,16 +43,22 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from kvpack.evaluation.protocol import (
+    PROTOCOLS,
+    clean_prefill,
+    continue_logits,
+    decode_logits,
+    inforward_logits,
+    store_prefill,
+    window_starts,
+)
 from kvpack.evaluation.text import load_text, text_label, tokenize
 from kvpack.hf.cache import KVPackCache
 from kvpack.policy import CachePolicy
 
-__all__ = ["PROTOCOLS", "VERDICT", "EvalResult", "RoundTripCache", "VerdictThresholds", "evaluate", "verdict",
-           "window_starts"]  # fmt: skip
+__all__ = ["PROTOCOLS", "VERDICT", "EvalResult", "VerdictThresholds", "evaluate", "policy_record", "verdict"]
 
 logger = logging.getLogger(__name__)
-
-PROTOCOLS = ("snapshot", "inforward")
 
 
 @dataclass(frozen=True)
@@ -107,17 +118,6 @@ class EvalResult:
         return asdict(self)
 
 
-def window_starts(n_tokens: int, length: int, windows: int) -> list[int]:
-    """``windows`` non-overlapping starts of spans of ``length`` tokens, evenly spread over ``n_tokens``."""
-    if windows * length > n_tokens:
-        raise ValueError(
-            f"the text has {n_tokens} tokens; {windows} non-overlapping windows of ctx + n_eval = {length} "
-            f"need {windows * length}: use a longer text or fewer/shorter windows"
-        )
-    stride = (n_tokens - length) // (windows - 1) if windows > 1 else 0
-    return [i * stride for i in range(windows)]
-
-
 def _compare(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict:
     """Per-window sums over tokens: NLL of both, top-1 agreement and KL(ref || compressed). Logits ``(T, V)``."""
     ref_lp, lp = F.log_softmax(ref_logits.float(), -1), F.log_softmax(logits.float(), -1)
@@ -128,82 +128,28 @@ def _compare(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tens
     return {"nll_ref": nll_ref, "nll": nll, "kl": kl, "top1": top1, "tokens": targets.numel()}
 
 
-class _RecordingCache(DynamicCache):
-    """A DynamicCache that keeps the exact K/V each layer received in its first update (the prefill)."""
-
-    def __init__(self, config) -> None:
-        super().__init__(config=config)
-        self.prefill: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.prefill.setdefault(layer_idx, (key_states, value_states))
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-
-class RoundTripCache(DynamicCache):
-    """A DynamicCache whose ``update`` passes the new K and V through the policy's codecs (encode, then decode).
-
-    Used by the ``inforward`` protocol: attention, including the current pass's, sees only decoded
-    K/V, except at the first ``policy.sinks`` positions of full-attention layers. A token count that
-    is not a multiple of a codec's ``block_tokens`` is padded by repeating the last token (min/max
-    and norms unchanged) and the padding's bytes are counted. Tracks the bytes it encoded.
-    """
-
-    def __init__(self, config, policy: CachePolicy) -> None:
-        super().__init__(config=config)
-        self.policy = policy
-        self._bytes = {"k": 0, "v": 0}
-        self._values = {"k": 0, "v": 0}
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        layer = self.layers[layer_idx]
-        start = layer.get_seq_length()  # position of the first new token
-        sinks = 0 if getattr(layer, "is_sliding", False) else self.policy.sinks
-        key_codec, value_codec = self.policy.codecs(key_states.shape[-1], layer_idx, key_states.shape[-3])
-        key_states = self._roundtrip(key_codec, key_states, max(sinks - start, 0), "k")
-        value_states = self._roundtrip(value_codec, value_states, max(sinks - start, 0), "v")
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-    def _roundtrip(self, codec, x: torch.Tensor, protect: int, stream: str) -> torch.Tensor:
-        kept, rest = x[..., :protect, :], x[..., protect:, :]
-        n = rest.shape[-2]
-        self._values[stream] += x.numel()
-        self._bytes[stream] += kept.numel() * kept.element_size()
-        if n == 0:
-            return x
-        pad = -n % int(codec.block_tokens)
-        if pad:
-            rest = torch.cat([rest, rest[..., -1:, :].expand(*rest.shape[:-2], pad, rest.shape[-1])], dim=-2)
-        packed = codec.encode(rest.contiguous())
-        self._bytes[stream] += packed.nbytes
-        return torch.cat([kept, codec.decode(packed)[..., :n, :].to(x.dtype)], dim=-2)
-
-    def bits_per_value(self, stream: str) -> float:
-        """Measured bits per value of everything encoded so far for ``stream`` ``"k"`` or ``"v"``."""
-        return 8 * self._bytes[stream] / self._values[stream] if self._values[stream] else float("nan")
-
-
-def _snapshot_window(
-    model, ids: torch.Tensor, ctx: int, make_cache: Callable, memo: dict | None
+def _prefill_window(
+    model, ids: torch.Tensor, ctx: int, make_cache: Callable, memo: dict | None, protocol: str
 ) -> tuple[dict, object]:
-    key = _memo_key("snapshot", model, ids, ctx)
+    """``snapshot`` or ``decode``: the clean prefill's K/V stored in ``make_cache``'s cache, the rest teacher-forced
+    through it (one forward, or as generation decodes it); against the same through a `DynamicCache`."""
+    key = _memo_key("snapshot", model, ids, ctx)  # both protocols share the clean reference
     if memo is not None and key in memo:
         prefill, ref = memo[key]
     else:
-        recorder = _RecordingCache(model.config)
-        ref = model(ids[:, :ctx], past_key_values=recorder, logits_to_keep=1).logits[0, -1:]
-        prefill = recorder.prefill
+        prefill = clean_prefill(model, ids[:, :ctx])
+        ref = prefill.logits
         if ids.shape[1] > ctx + 1:
-            ref = torch.cat([ref, model(ids[:, ctx:-1], past_key_values=recorder).logits[0]])
+            exact = store_prefill(DynamicCache(config=model.config), prefill)
+            ref = torch.cat([ref, continue_logits(model, exact, ids[:, ctx:-1])])
         if memo is not None:
             memo[key] = (prefill, ref)
-    cache = make_cache(model.config)
-    for layer_idx in sorted(prefill):  # the same update() calls a prefill through `cache` makes
-        cache.update(*prefill[layer_idx], layer_idx)
+    cache = store_prefill(make_cache(model.config), prefill)
     held = _bits_of(cache)
-    out = ref[:1]  # the prefill's last logit: the prefill attends to its exact K/V
+    out = prefill.logits  # the prefill's last logit: the prefill attends to its exact K/V
     if ids.shape[1] > ctx + 1:
-        out = torch.cat([out, model(ids[:, ctx:-1], past_key_values=cache).logits[0]])
+        run = decode_logits if protocol == "decode" else continue_logits
+        out = torch.cat([out, run(model, cache, ids[:, ctx:-1])])
     return _compare(ref, out, ids[0, ctx:]), held
 
 
@@ -214,11 +160,10 @@ def _inforward_window(
     if memo is not None and key in memo:
         ref = memo[key]
     else:
-        ref = model(ids[:, :-1], logits_to_keep=n_eval).logits[0]
+        ref, _ = inforward_logits(model, ids, n_eval, None)
         if memo is not None:
             memo[key] = ref
-    cache = RoundTripCache(model.config, policy)
-    out = model(ids[:, :-1], past_key_values=cache, logits_to_keep=n_eval).logits[0]
+    out, cache = inforward_logits(model, ids, n_eval, policy)
     return _compare(ref, out, ids[0, -n_eval:]), (cache.bits_per_value("k"), cache.bits_per_value("v"))
 
 
@@ -281,7 +226,7 @@ def evaluate(
     ctx: int = 1024,
     n_eval: int = 256,
     windows: int = 8,
-    protocol: str = "snapshot",
+    protocol: str = "decode",
     only: str | None = None,
     preset: str | None = None,
     cache_factory: Callable | None = None,
@@ -297,8 +242,8 @@ def evaluate(
     ``"wikitext2"``, ``None`` (the embedded default) or a 1-D LongTensor of token ids. ``preset``
     replaces key/value/residual/sinks/skip_layers by a named policy from `kvpack.evaluation.presets`.
     ``only="k"``/``"v"`` compresses one stream. ``pre_rope_keys``: keys packed with RoPE undone (KVQuant;
-    snapshot only). ``cache_factory(config) -> Cache`` evaluates another
-    cache (snapshot only; ``bits`` gives its bits when it cannot report them). ``reference_memo``: a
+    snapshot and decode). ``cache_factory(config) -> Cache`` evaluates another
+    cache (snapshot, or decode for a `KVPackCache`; ``bits`` gives its bits when it cannot report them). ``reference_memo``: a
     dict passed to several calls on the same model and windows keeps each window's uncompressed
     prefill K/V and reference logits, so later calls run only the compressed continuation (about 3x
     faster for snapshot at ctx 1024 / n_eval 256; it holds ~100 MB per window for SmolLM2 in float32).
@@ -309,10 +254,12 @@ def evaluate(
     _check_int("n_eval", n_eval, 1)
     _check_int("windows", windows, 1)
     policy = _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys)
-    if policy.pre_rope_keys and protocol != "snapshot":
-        raise ValueError("pre_rope_keys works with protocol='snapshot' (the inforward round trip sees post-RoPE keys)")
-    if cache_factory is not None and (protocol != "snapshot" or only is not None or pre_rope_keys):
-        raise ValueError("cache_factory works with protocol='snapshot', only=None and pre_rope_keys=False")
+    if policy.pre_rope_keys and protocol == "inforward":
+        raise ValueError(
+            "pre_rope_keys works with protocol='snapshot' or 'decode' (the inforward round trip sees post-RoPE keys)"
+        )
+    if cache_factory is not None and (protocol == "inforward" or only is not None or pre_rope_keys):
+        raise ValueError("cache_factory works with protocol='snapshot' or 'decode', only=None and pre_rope_keys=False")
     raw_text = None if isinstance(text, torch.Tensor) else load_text(text)  # a bad path fails before the model loads
     if isinstance(model, (str, Path)):
         from kvpack.evaluation.models import load
@@ -335,24 +282,14 @@ def evaluate(
     with torch.inference_mode():
         for start in tqdm(starts, desc=desc, unit="window", disable=not progress):
             window = ids[start : start + ctx + n_eval][None].to(device)
-            if protocol == "snapshot":
-                sums, window_bits = _snapshot_window(lm, window, ctx, make_cache, reference_memo)
-            else:
+            if protocol == "inforward":
                 sums, window_bits = _inforward_window(lm, window, n_eval, policy, reference_memo)
+            else:
+                sums, window_bits = _prefill_window(lm, window, ctx, make_cache, reference_memo, protocol)
             held = held or window_bits
-            n = sums["tokens"]
-            ppl_ref, ppl = math.exp(sums["nll_ref"] / n), math.exp(sums["nll"] / n)
-            rows.append(
-                {"start": start, "ppl_ref": ppl_ref, "ppl": ppl, "delta_ppl_pct": 100 * (ppl / ppl_ref - 1),
-                 "top1": sums["top1"] / n, "kl": sums["kl"] / n, **{f"_{k}": v for k, v in sums.items()}}
-            )  # fmt: skip
+            rows.append(_window_row(start, sums))
     seconds = (time.perf_counter() - t0) / len(starts)
-    total = sum(r["_tokens"] for r in rows)
-    ppl_ref = math.exp(sum(r["_nll_ref"] for r in rows) / total)
-    ppl = math.exp(sum(r["_nll"] for r in rows) / total)
-    delta = 100 * (ppl / ppl_ref - 1)
-    top1 = sum(r["_top1"] for r in rows) / total
-    kl = sum(r["_kl"] for r in rows) / total
+    ppl_ref, ppl, delta, top1, kl = _pooled(rows)
     if bits is not None:
         held = (float(bits[0]), float(bits[1]))
     bits_k, bits_v = held if held is not None else (float("nan"), float("nan"))
@@ -366,6 +303,24 @@ def evaluate(
         kl_std=_std([r["kl"] for r in public]), bits_k=bits_k, bits_v=bits_v, bits_per_value=(bits_k + bits_v) / 2,
         seconds_per_window=seconds, verdict=verdict(delta, top1), windows=public,
     )  # fmt: skip
+
+
+def _window_row(start: int, sums: dict) -> dict:
+    """One window's metrics, with its sums kept under ``_``-prefixed keys for pooling."""
+    n = sums["tokens"]
+    ppl_ref, ppl = math.exp(sums["nll_ref"] / n), math.exp(sums["nll"] / n)
+    return {"start": start, "ppl_ref": ppl_ref, "ppl": ppl, "delta_ppl_pct": 100 * (ppl / ppl_ref - 1),
+            "top1": sums["top1"] / n, "kl": sums["kl"] / n, **{f"_{k}": v for k, v in sums.items()}}  # fmt: skip
+
+
+def _pooled(rows: list[dict]) -> tuple[float, float, float, float, float]:
+    """``(ppl_ref, ppl, delta_ppl_pct, top1, kl)`` over all continuation tokens of all windows."""
+    total = sum(r["_tokens"] for r in rows)
+    ppl_ref = math.exp(sum(r["_nll_ref"] for r in rows) / total)
+    ppl = math.exp(sum(r["_nll"] for r in rows) / total)
+    top1 = sum(r["_top1"] for r in rows) / total
+    kl = sum(r["_kl"] for r in rows) / total
+    return ppl_ref, ppl, 100 * (ppl / ppl_ref - 1), top1, kl
 
 
 def _std(xs: list[float]) -> float:

@@ -34,115 +34,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kvpack.codec import Codec, get_codec
+from kvpack.codec import get_codec
+from kvpack.evaluation.protocol import capture_qkv, roundtrip, window_starts
 
 __all__ = [
     "ATTENTION_VARIANTS",
     "InspectResult",
-    "LayerQKV",
     "add_arguments",
     "attention_output",
-    "capture_qkv",
     "format_report",
     "inspect_codecs",
     "parse_codecs",
     "plot_heatmaps",
-    "roundtrip",
     "run",
 ]
 
 ATTENTION_VARIANTS = ("k", "v", "kv")  # which of K, V is decoded in the compared attention
-CAPTURE_NAME = "kvpack_capture"
 
 
-# ---- capture -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerQKV:
-    """One layer's attention inputs for one sequence: ``q`` (q_heads, T, D); ``k``, ``v`` (kv_heads, T, D).
-
-    ``scaling``: the softmax scale the model uses; ``window``: the sliding window or None;
-    ``output``: the model's attention output (q_heads, T, D) when recorded (for checks).
-    """
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    scaling: float
-    window: int | None = None
-    output: torch.Tensor | None = None
-
-
-_RECORDS: list[dict] | None = None  # where the registered capture function writes while capture_qkv runs
-_DELEGATE: dict = {}
-
-
-def _capture_attention(module, query, key, value, attention_mask, **kwargs):
-    out, weights = _DELEGATE["fn"](module, query, key, value, attention_mask, **kwargs)
-    if _RECORDS is not None:
-        _RECORDS.append(
-            {"layer": module.layer_idx, "q": query, "k": key, "v": value, "scaling": kwargs.get("scaling"),
-             "window": kwargs.get("sliding_window"), "out": out}
-        )  # fmt: skip
-    return out, weights
-
-
-def capture_qkv(model, ids: torch.Tensor, keep_output: bool = False) -> list[LayerQKV]:
-    """Run ``model`` on ``ids`` (1-D or (1, T) LongTensor) and return each layer's post-RoPE Q, K, V.
-
-    The model's attention implementation is swapped for a recording one for the call (and restored);
-    the recording one delegates to the original, so the forward is unchanged.
-    """
-    global _RECORDS
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long:
-        raise TypeError(f"ids must be a LongTensor of token ids, got {type(ids).__name__}")
-    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
-    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
-        raise ValueError(f"ids must be one sequence, shape (T,) or (1, T), got {tuple(ids.shape)}")
-    original = model.config._attn_implementation
-    _DELEGATE["fn"] = ALL_ATTENTION_FUNCTIONS.get(original, sdpa_attention_forward)
-    AttentionInterface.register(CAPTURE_NAME, _capture_attention)
-    _RECORDS = []
-    try:
-        model.set_attn_implementation(CAPTURE_NAME)
-        with torch.inference_mode():
-            model(ids.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1)
-        records = _RECORDS
-    finally:
-        _RECORDS = None
-        model.set_attn_implementation(original)
-    layers = []
-    for r in sorted(records, key=lambda r: r["layer"]):
-        scaling = r["scaling"] if r["scaling"] is not None else r["q"].shape[-1] ** -0.5
-        out = r["out"][0].transpose(0, 1) if keep_output else None  # (B, T, H, D) -> (H, T, D)
-        layers.append(LayerQKV(r["q"][0], r["k"][0], r["v"][0], float(scaling), r["window"], out))
-    return layers
-
-
-# ---- codec round trip and attention -------------------------------------------------------------
-
-
-def roundtrip(codec: Codec, x: torch.Tensor, sinks: int = 0) -> tuple[torch.Tensor, int]:
-    """``(decode(encode(x)), bytes held)`` for ``x`` (heads, T, D) packed at once as the cache packs a prefill.
-
-    The first ``sinks`` tokens stay exact (counted as 16-bit); a token count that is not a multiple of
-    the codec's ``block_tokens`` is padded by repeating the last token, and the padding's bytes are counted.
-    """
-    kept, rest = x[..., :sinks, :], x[..., sinks:, :]
-    n = rest.shape[-2]
-    if n == 0:
-        return x.clone(), 2 * kept.numel()
-    pad = -n % int(codec.block_tokens)
-    if pad:
-        rest = torch.cat([rest, rest[..., -1:, :].expand(*rest.shape[:-2], pad, rest.shape[-1])], dim=-2)
-    packed = codec.encode(rest.contiguous())
-    decoded = codec.decode(packed)[..., :n, :].to(x.dtype)
-    return torch.cat([kept, decoded], dim=-2), 2 * kept.numel() + packed.nbytes
+# ---- attention ---------------------------------------------------------------------------------
 
 
 def attention_output(
@@ -225,7 +135,6 @@ def inspect_codecs(
     ``text``: a string (tokenized) or a 1-D LongTensor of ids; ``windows`` non-overlapping windows of
     ``ctx`` tokens spread evenly through it (as `kvpack.evaluate` places them).
     """
-    from kvpack.evaluation.evaluate import window_starts
     from kvpack.evaluation.text import tokenize
 
     for name, value, low in (("ctx", ctx, 2), ("windows", windows, 1), ("sinks", sinks, 0)):

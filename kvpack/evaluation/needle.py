@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kvpack.evaluation.protocol import Prefill, clean_prefill, store_prefill
 from kvpack.policy import CachePolicy
 
 __all__ = [
@@ -169,23 +170,13 @@ class NeedleResult:
         return asdict(self)
 
 
-def _record_prefill(model, context: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    model(context[None], past_key_values=cache, logits_to_keep=1)
-    return {i: (layer.keys, layer.values) for i, layer in enumerate(cache.layers)}
-
-
-def _filled_cache(model, policy: CachePolicy | None, prefill: dict):
+def _filled_cache(model, policy: CachePolicy | None, prefill: Prefill):
     from transformers import DynamicCache
 
     from kvpack.hf.cache import KVPackCache
 
     cache = DynamicCache(config=model.config) if policy is None else KVPackCache(model.config, policy=policy)
-    for layer_idx in sorted(prefill):  # the same update() calls a prefill through `cache` makes
-        cache.update(*prefill[layer_idx], layer_idx)
-    return cache
+    return store_prefill(cache, prefill)
 
 
 def _check_grid(lengths, depths, trials) -> None:
@@ -235,7 +226,7 @@ def run_needle(
             key = passkey_for(seed, length, depth, t)
             context, question = build_prompt(tokenizer, length, depth, key, filler_text, answer_tokens, offset=997 * t)
             context, question = context.to(device), question.to(device)
-            prefill = _record_prefill(model, context)
+            prefill = clean_prefill(model, context[None])
             full = torch.cat([context, question])[None]
             for name, policy in configs.items():
                 cache = _filled_cache(model, policy, prefill)

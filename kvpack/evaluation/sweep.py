@@ -315,8 +315,12 @@ def run_sweep(
     windows: int = 8,
     seed: int = 0,
     progress: bool = True,
+    protocol: str = "decode",
 ) -> list[dict]:
-    """Evaluate every configuration on the same windows (snapshot protocol); one row (dict) per configuration.
+    """Evaluate every configuration on the same windows under ``protocol``; one row (dict) per configuration.
+
+    Peers' own caches cannot run ``decode`` (it needs a `KVPackCache`): under ``decode`` they run ``snapshot``,
+    and every row records the protocol it ran (``protocol``).
 
     ``model``: a ``(model, tokenizer)`` pair or a name for `kvpack.evaluation.models.load` (loaded once). A row
     holds the configuration, the `EvalResult` metrics and ``kind`` (``kvpack`` or ``peer``).
@@ -338,8 +342,9 @@ def run_sweep(
     bar = tqdm(configs, desc="sweep", unit="config", disable=not progress)
     for config in bar:
         bar.set_postfix_str(config.name[:60])
+        ran = "snapshot" if protocol == "decode" and config.peer is not None else protocol
         result = evaluate(
-            model, text=text, ctx=ctx, n_eval=n_eval, windows=windows, protocol="snapshot", seed=seed,
+            model, text=text, ctx=ctx, n_eval=n_eval, windows=windows, protocol=ran, seed=seed,
             progress=progress, reference_memo=memo, **_evaluate_kwargs(config),
         )  # fmt: skip
         row = {**asdict(config), "kind": config.kind}
@@ -353,7 +358,7 @@ def run_sweep(
         row.update({k: metrics[k] for k in (
             "ppl_ref", "ppl", "delta_ppl_pct", "delta_ppl_pct_std", "top1", "top1_std", "kl", "kl_std",
             "bits_k", "bits_v", "bits_per_value", "verdict", "seconds_per_window")})  # fmt: skip
-        row["model"], row["text"] = metrics["model"], metrics["text"]
+        row["model"], row["text"], row["protocol"] = metrics["model"], metrics["text"], ran
         rows.append(row)
     return rows
 
@@ -470,6 +475,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-eval", type=int, default=256, help="continuation tokens scored per window")
     parser.add_argument("--windows", type=int, default=8, help="non-overlapping windows evenly spread over the text")
     parser.add_argument("--seed", type=int, default=0, help="codec seed")
+    parser.add_argument("--protocol", choices=("decode", "snapshot", "inforward"), default="decode",
+                        help="decode: as generate sees the cache; snapshot: a stored context; inforward")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
     parser.add_argument("--json", default=None, metavar="OUT", type=output_file, help="write setup + rows as JSON")
     parser.add_argument("--csv", default=None, metavar="OUT", type=output_file, help="write the rows as CSV")
@@ -490,7 +497,7 @@ def run(args: argparse.Namespace) -> int:
     model = load(args.model, device=args.device)
     started = datetime.datetime.now(datetime.UTC)
     rows = run_sweep(model, configs, text=args.text, ctx=args.ctx, n_eval=args.n_eval, windows=args.windows,
-                     seed=args.seed, progress=not args.no_progress)  # fmt: skip
+                     seed=args.seed, progress=not args.no_progress, protocol=args.protocol)  # fmt: skip
     from kvpack.evaluation.text import describe_text
 
     print(f"kvpack sweep  model={args.model}  ctx={args.ctx}  n_eval={args.n_eval}  windows={args.windows}  "
@@ -501,7 +508,7 @@ def run(args: argparse.Namespace) -> int:
     setup = {
         "command": "kvpack " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("kvpack") else None,
         "date": started.strftime("%Y-%m-%d %H:%M UTC"), "model": args.model, "text": rows[0]["text"],
-        "ctx": args.ctx, "n_eval": args.n_eval, "windows": args.windows, "protocol": "snapshot", "seed": args.seed,
+        "ctx": args.ctx, "n_eval": args.n_eval, "windows": args.windows, "protocol": args.protocol, "seed": args.seed,
         "device": args.device,
     }  # fmt: skip
     if args.json:

@@ -1,28 +1,22 @@
 """`kvpack allocate`: a codec and bit width per layer and stream under an average bits-per-value budget.
 
-1. Sensitivity (measured, not assumed): on calibration windows disjoint from the evaluation windows
-   (`kvpack.tuning.calibrate.calibration_ids`), the clean prefill's K/V are stored in a `KVPackCache`
-   where ONE layer's K (or V) goes through one candidate codec and everything else stays exact,
-   the continuation is teacher-forced through it, and ``D[layer, stream, codec]`` is the mean
-   KL(reference || compressed) of the next-token distributions (the snapshot protocol of
-   `kvpack.evaluate`, on shorter windows).
-2. Allocation: assuming the KL of independent perturbations adds up (the usual first-order model
-   of mixed-precision allocation, e.g. HAWQ-V3, Yao et al. arXiv 2011.10680; KVTuner, arXiv
-   2502.04420, for KV caches), choose one candidate per (layer, stream) to minimize ``sum D`` with
-   ``mean bits_per_value <= budget``: a multiple-choice knapsack solved exactly by dynamic
-   programming over bits counted in units of the candidates' common denominator (1/64 for most).
-3. The result is a `CachePolicy` with per-layer specs (``layer_keys``/``layer_values``), accepted
-   by ``KVPackCache(config, policy=load_policy(path))`` and ``kvpack eval --policy PATH``.
+The command and the policy files; the steps live in their own modules:
 
-Per head (``--per-head``): :func:`measure_head_sensitivity` measures ``D[layer, kv_head, stream, codec]``
-with one KV head's K or V compressed (one clean prefill per window serves every candidate), and the
-same knapsack runs over (layer, KV head, stream) items; :func:`head_policy_for` turns the choice into
-``head_keys``/``head_values``. K's error concentrates in single heads, so this beats the per-layer
-choice at equal bits (BENCHMARKS.md, "How the presets were found", 6.).
+1. Sensitivity (measured, not assumed; `kvpack.tuning.sensitivity`): ``D[layer, stream, codec]`` is
+   the mean KL when only that layer's K (or V) goes through that candidate codec.
+2. Allocation (`kvpack.tuning.knapsack`): one candidate per (layer, stream) minimizing ``sum D``
+   under ``mean bits_per_value <= budget``, an exact multiple-choice knapsack.
+3. The result is a `CachePolicy` with per-layer specs (``layer_keys``/``layer_values``), written by
+   :func:`save_policy`, accepted by ``KVPackCache(config, policy=load_policy(path))`` and
+   ``kvpack eval --policy PATH``.
 
-Outlier heads: :func:`head_sensitivity` measures the same KL with one KV head (K and V) of one
-layer compressed and everything else exact; :func:`choose_outlier_heads` keeps the worst ones in
-16-bit (`CachePolicy.fp_heads`).
+Per head (``--per-head``): `measure_head_sensitivity` measures ``D[layer, kv_head, stream, codec]``
+and the same knapsack runs over (layer, KV head, stream) items; `head_policy_for` turns the choice
+into ``head_keys``/``head_values``. K's error concentrates in single heads, so this beats the
+per-layer choice at equal bits (BENCHMARKS.md, "How the presets were found", 6.).
+
+Outlier heads (``--outlier-heads N``): `head_sensitivity` measures the KL with one KV head (K and V)
+of one layer compressed; `choose_outlier_heads` keeps the worst ones in 16-bit (`CachePolicy.fp_heads`).
 
 The budget counts the codecs' own bits per value (scales and norms included); the 16-bit sinks
 and residual window are the same for every policy and not counted (``--held-ctx N`` counts them
@@ -35,26 +29,16 @@ import argparse
 import json
 import logging
 import math
-from fractions import Fraction
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from kvpack.codec import get_codec, parse_spec
+from kvpack.codec import get_codec
 from kvpack.policy import CachePolicy, policy_bits, save_policy
+from kvpack.tuning.knapsack import allocate_bits, choose_outlier_heads, head_policy_for, policy_for, uniform_pairs
+from kvpack.tuning.sensitivity import head_sensitivity, measure_head_sensitivity, measure_sensitivity
 
-__all__ = [
-    "allocate_bits",
-    "choose_outlier_heads",
-    "head_policy_for",
-    "head_sensitivity",
-    "measure_head_sensitivity",
-    "measure_sensitivity",
-    "policy_for",
-    "uniform_pairs",
-]
+__all__ = ["add_arguments", "compare_policies", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,269 +46,8 @@ DEFAULT_CANDIDATES = (
     "e8:2", "e8:3", "e8:4", "turbo_mse:2", "turbo_mse:3", "turbo_mse:4",
     "int:2", "int:3", "int:4", "int:2:axis=channel", "int:3:axis=channel", "int:4:axis=channel",
 )  # fmt: skip
-MAX_DP_UNITS = 5_000_000  # capacity cells of the knapsack table
 
 
-# ---- measuring ---------------------------------------------------------------------------------
-
-
-def _recorded_prefill(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Exact K/V ``(1, kv_heads, ctx, head_dim)`` of every layer after a clean prefill of ``ids``."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    model(ids, past_key_values=cache, logits_to_keep=1)
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _continue(model, prefill, cont: torch.Tensor, policy: CachePolicy) -> torch.Tensor:
-    """Log-probs ``(n, vocab)`` of ``cont`` teacher-forced after ``prefill`` stored under ``policy``."""
-    from kvpack.hf.cache import KVPackCache
-
-    cache = KVPackCache(config=model.config, policy=policy)
-    for i, (k, v) in enumerate(prefill):
-        cache.update(k, v, i)
-    return F.log_softmax(model(cont, past_key_values=cache).logits[0].float(), -1)
-
-
-def _kl_of_policies(model, windows, ctx: int, policies: list[CachePolicy], desc: str, progress: bool) -> torch.Tensor:
-    """Mean KL(exact || policy) per continuation token, float64 ``(len(policies),)``, averaged over windows."""
-    if not windows:
-        raise ValueError("windows must hold at least one window of token ids")
-    for w in windows:
-        if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.numel() <= ctx:
-            raise ValueError(f"each window must be 1-D token ids longer than ctx={ctx}")
-    dtype = next(model.parameters()).dtype
-    exact = CachePolicy(None, None, policies[0].residual, policies[0].sinks, window_dtype=dtype)
-    kl = torch.zeros(len(policies), dtype=torch.float64)
-    with torch.inference_mode():
-        for w in windows:
-            ids = w[None].to(next(model.parameters()).device)
-            prefill = _recorded_prefill(model, ids[:, :ctx])
-            ref = _continue(model, prefill, ids[:, ctx:], exact)
-            for j, policy in enumerate(tqdm(policies, desc=desc, disable=not progress)):
-                out = _continue(model, prefill, ids[:, ctx:], policy)
-                kl[j] += (ref.exp() * (ref - out)).sum(-1).clamp_min(0).mean().item() / len(windows)
-    return kl
-
-
-def _only_layer(layer: int, num_layers: int, key: str | None, value: str | None, **fields) -> CachePolicy:
-    """A policy compressing only layer ``layer``: its K with ``key``, its V with ``value`` (``None``: exact)."""
-    keys = tuple(key if i == layer else None for i in range(num_layers))
-    values = tuple(value if i == layer else None for i in range(num_layers))
-    return CachePolicy(None, None, layer_keys=keys, layer_values=values, **fields)
-
-
-def _other_heads(layer: int, head: int, num_heads: int) -> tuple[tuple[int, int], ...]:
-    """``fp_heads`` that keep every KV head of ``layer`` but ``head`` exact."""
-    return tuple((layer, h) for h in range(num_heads) if h != head)
-
-
-def measure_sensitivity(
-    model, windows: list[torch.Tensor], ctx: int, candidates: tuple[str, ...], residual: int = 128, sinks: int = 4,
-    progress: bool = True,
-) -> torch.Tensor:  # fmt: skip
-    """``D`` float64 ``(layers, 2, len(candidates))``: mean KL per continuation token when only that
-    layer's K (stream 0) or V (stream 1) is stored with that candidate codec. ``windows``: 1-D token
-    id tensors of ``ctx + n`` tokens each. Sinks and window stay in the model dtype here, so that
-    ``D`` is the codec's effect alone."""
-    num_layers = model.config.num_hidden_layers
-    dtype = next(model.parameters()).dtype
-    policies = [
-        _only_layer(
-            layer,
-            num_layers,
-            *((spec, None) if stream == 0 else (None, spec)),
-            residual=residual,
-            sinks=sinks,
-            window_dtype=dtype,
-        )
-        for layer in range(num_layers)
-        for stream in range(2)
-        for spec in candidates
-    ]
-    kl = _kl_of_policies(model, windows, ctx, policies, "sensitivity", progress)
-    return kl.reshape(num_layers, 2, len(candidates))
-
-
-def head_sensitivity(
-    model, windows: list[torch.Tensor], ctx: int, key: str | None, value: str | None, residual: int = 128,
-    sinks: int = 4, progress: bool = True,
-) -> torch.Tensor:  # fmt: skip
-    """float64 ``(layers, kv_heads)``: mean KL per continuation token when only that KV head of that
-    layer is stored with ``key``/``value`` (the other heads of the layer through ``fp_heads``, the
-    other layers uncompressed)."""
-    if key is None and value is None:
-        raise ValueError("head_sensitivity needs a key or a value codec spec")
-    config = model.config
-    num_layers, num_heads = config.num_hidden_layers, config.num_key_value_heads
-    dtype = next(model.parameters()).dtype
-    policies = [
-        _only_layer(
-            layer,
-            num_layers,
-            key,
-            value,
-            residual=residual,
-            sinks=sinks,
-            window_dtype=dtype,
-            fp_heads=_other_heads(layer, head, num_heads),
-        )
-        for layer in range(num_layers)
-        for head in range(num_heads)
-    ]
-    return _kl_of_policies(model, windows, ctx, policies, "head sensitivity", progress).reshape(num_layers, num_heads)
-
-
-def measure_head_sensitivity(
-    model, windows: list[torch.Tensor], ctx: int, key_candidates: tuple[str, ...], value_candidates: tuple[str, ...],
-    residual: int = 0, sinks: int = 1, block: int | None = 1, progress: bool = True,
-) -> torch.Tensor:  # fmt: skip
-    """float64 ``(layers, kv_heads, 2, max(len(key_candidates), len(value_candidates)))``: mean KL per
-    continuation token when only that KV head's K (stream 0, ``key_candidates``) or V (stream 1,
-    ``value_candidates``) of that layer goes through that codec and everything else stays exact (the
-    layer's other heads through ``fp_heads``, 16-bit). Slots past a stream's candidates are NaN.
-
-    One clean prefill and one exact continuation per window serve every candidate (`_kl_of_policies`),
-    so the cost is one teacher-forced continuation per (layer, head, stream, candidate) and window.
-    ``residual``/``sinks``/``block`` should be those of the policy the numbers will allocate."""
-    if not key_candidates and not value_candidates:
-        raise ValueError("measure_head_sensitivity needs key_candidates or value_candidates")
-    config = model.config
-    num_layers, num_heads = config.num_hidden_layers, config.num_key_value_heads
-    dtype = next(model.parameters()).dtype
-    width = max(len(key_candidates), len(value_candidates))
-    policies, slots = [], []
-    for layer in range(num_layers):
-        for head in range(num_heads):
-            for stream, candidates in enumerate((key_candidates, value_candidates)):
-                for j, spec in enumerate(candidates):
-                    kv = (spec, None) if stream == 0 else (None, spec)
-                    policies.append(_only_layer(layer, num_layers, *kv, residual=residual, sinks=sinks, block=block,
-                                                window_dtype=dtype, fp_heads=_other_heads(layer, head, num_heads)))  # fmt: skip
-                    slots.append(((layer * num_heads + head) * 2 + stream) * width + j)
-    kl = _kl_of_policies(model, windows, ctx, policies, "head sensitivity", progress)
-    out = torch.full((num_layers * num_heads * 2 * width,), float("nan"), dtype=torch.float64)
-    out[torch.tensor(slots)] = kl
-    return out.reshape(num_layers, num_heads, 2, width)
-
-
-def choose_outlier_heads(scores: torch.Tensor, count: int) -> tuple[tuple[int, int], ...]:
-    """The ``count`` (layer, kv_head) pairs of largest ``scores`` ``(layers, kv_heads)``, sorted: `CachePolicy.fp_heads`."""
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-        raise ValueError(f"scores must be a (layers, kv_heads) tensor, got {scores!r}")
-    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= scores.numel():
-        raise ValueError(f"count must be an int in [0, {scores.numel()}], got {count!r}")
-    top = torch.topk(scores.flatten().double(), count).indices.tolist()
-    return tuple(sorted(divmod(i, scores.shape[1]) for i in top))
-
-
-# ---- allocating --------------------------------------------------------------------------------
-
-
-def _bit_units(bits: list[float]) -> tuple[list[int], int]:
-    """Integer costs of ``bits`` in units of ``1/denominator`` (the least common denominator)."""
-    fracs = [Fraction(b).limit_denominator(1 << 16) for b in bits]
-    if any(abs(float(f) - b) > 1e-9 for f, b in zip(fracs, bits)):
-        raise ValueError(f"candidate bits {bits} are not rationals with denominators <= 65536")
-    den = math.lcm(*(f.denominator for f in fracs))
-    return [int(f * den) for f in fracs], den
-
-
-def allocate_bits(sensitivity: torch.Tensor, bits: list[float], budget: float) -> torch.Tensor:
-    """Choice ``(items,)`` of a candidate per row of ``sensitivity`` ``(items, candidates)`` minimizing the
-    summed sensitivity with ``mean(bits[choice]) <= budget``; exact (dynamic programming over bits in units
-    of the candidates' common denominator). Ties go to the cheaper total. A NaN entry marks a candidate
-    that item cannot take (e.g. a K-only codec for a V item)."""
-    if not isinstance(sensitivity, torch.Tensor) or sensitivity.dim() != 2 or 0 in sensitivity.shape:
-        raise ValueError(f"sensitivity must be a non-empty (items, candidates) tensor, got {sensitivity!r}")
-    sensitivity = sensitivity.double().nan_to_num(nan=float("inf"), posinf=float("inf"))
-    if not bool(sensitivity.isfinite().any(dim=1).all()):
-        raise ValueError("every item of sensitivity needs at least one finite (non-NaN) candidate")
-    items, n_cand = sensitivity.shape
-    if len(bits) != n_cand:
-        raise ValueError(f"bits has {len(bits)} entries for {n_cand} candidates")
-    if not math.isfinite(budget):
-        raise ValueError(f"budget must be a finite number of bits per value, got {budget!r}")
-    cost, den = _bit_units([float(b) for b in bits])
-    capacity = math.floor(Fraction(budget).limit_denominator(1 << 20) * den * items)
-    if min(cost) * items > capacity:
-        raise ValueError(f"budget {budget} is below the cheapest candidate ({min(bits)} bits per value)")
-    capacity = min(capacity, max(cost) * items)  # more is never needed
-    if (capacity + 1) * items > MAX_DP_UNITS:
-        raise ValueError(
-            f"knapsack table too large ({items} items x {capacity + 1} units): fewer or coarser candidates"
-        )
-    inf = float("inf")
-    best = torch.full((capacity + 1,), inf, dtype=torch.float64)
-    best[0] = 0.0
-    picks = torch.zeros(items, capacity + 1, dtype=torch.int64)
-    for i in range(items):  # best[c]: least total sensitivity of the items so far using exactly c units
-        options = torch.full((n_cand, capacity + 1), inf, dtype=torch.float64)
-        for j, c in enumerate(cost):
-            if c > capacity:
-                continue
-            options[j, c:] = best[: capacity + 1 - c] + float(sensitivity[i, j])
-        best, picks[i] = options.min(dim=0)
-    used = int(torch.nonzero(best == best.min())[0])  # the cheapest total among the optima
-    choice = torch.zeros(items, dtype=torch.int64)
-    for i in reversed(range(items)):
-        choice[i] = picks[i, used]
-        used -= cost[int(choice[i])]
-    return choice
-
-
-def policy_for(choice: torch.Tensor, candidates: tuple[str, ...], num_layers: int, **policy_fields) -> CachePolicy:
-    """The `CachePolicy` of an :func:`allocate_bits` choice over items ordered (layer, stream)."""
-    if choice.numel() != 2 * num_layers:
-        raise ValueError(f"choice has {choice.numel()} items, expected 2 * num_layers = {2 * num_layers}")
-    specs = [candidates[int(j)] for j in choice]
-    return CachePolicy(None, None, layer_keys=tuple(specs[0::2]), layer_values=tuple(specs[1::2]), **policy_fields)
-
-
-def head_policy_for(
-    choice: torch.Tensor, candidates: tuple[str, ...], num_layers: int, num_kv_heads: int, **policy_fields
-) -> CachePolicy:
-    """The `CachePolicy` (``head_keys``/``head_values``) of an :func:`allocate_bits` choice over items
-    ordered (layer, KV head, stream), as :func:`measure_head_sensitivity` ``.reshape(-1, candidates)`` gives."""
-    if choice.numel() != 2 * num_layers * num_kv_heads:
-        raise ValueError(
-            f"choice has {choice.numel()} items, expected 2 * num_layers * num_kv_heads = "
-            f"{2 * num_layers * num_kv_heads}"
-        )
-    specs = [candidates[int(j)] for j in choice.reshape(num_layers, num_kv_heads, 2).flatten()]
-    keys = tuple(tuple(specs[(i * num_kv_heads + h) * 2] for h in range(num_kv_heads)) for i in range(num_layers))
-    values = tuple(tuple(specs[(i * num_kv_heads + h) * 2 + 1] for h in range(num_kv_heads)) for i in range(num_layers))
-    return CachePolicy(None, None, head_keys=keys, head_values=values, **policy_fields)
-
-
-def uniform_pairs(candidates: tuple[str, ...], head_dim: int, budget: float) -> list[tuple[str, str, float]]:
-    """Every uniform (K spec, V spec, mean bits) within ``budget`` that no other pair of the same codec
-    families within the budget beats in bits for both streams (a pair with room to spare is dominated)."""
-    bits = {c: get_codec(c, head_dim=head_dim).bits_per_value() for c in candidates}
-
-    def family(spec: str) -> tuple:
-        name, _, options = parse_spec(spec)
-        return name, tuple(sorted(options.items()))
-
-    fits = [
-        (k, v, (bits[k] + bits[v]) / 2)
-        for k in candidates
-        for v in candidates
-        if bits[k] + bits[v] <= 2 * budget + 1e-9
-    ]
-    return [
-        (k, v, m)
-        for k, v, m in fits
-        if not any(
-            family(k2) == family(k)
-            and family(v2) == family(v)
-            and bits[k2] >= bits[k]
-            and bits[v2] >= bits[v]
-            and m2 > m
-            for k2, v2, m2 in fits
-        )
-    ]
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -455,7 +178,7 @@ def compare_policies(
     head_dim, num_layers = _head_dim(config), config.num_hidden_layers
     memo: dict = {}
     common = {"model": (model, tokenizer), "text": ids, "ctx": 1024, "n_eval": 256, "residual": args.residual,
-              "sinks": args.sinks, "progress": not args.no_progress, "reference_memo": memo}  # fmt: skip
+              "sinks": args.sinks, "progress": not args.no_progress, "reference_memo": memo, "protocol": "snapshot"}  # fmt: skip
     index = {c: j for j, c in enumerate(candidates)}
 
     def predicted(k: str, v: str) -> float:

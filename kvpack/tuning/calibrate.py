@@ -1,7 +1,7 @@
 """`kvpack calibrate`: fit codebooks and bases of the `calibrated` codec to a model's real K/V/Q.
 
 1. Calibration text kept apart from the evaluation text (:func:`calibration_ids`, below).
-2. :func:`capture_qkv`: the post-RoPE queries, keys (as the cache stores them) and values of every
+2. :func:`calibration_qkv`: the post-RoPE queries, keys (as the cache stores them) and values of every
    layer on those windows, through a recording attention function (the first ``skip`` tokens of
    each window, attention sinks that stay 16-bit in the cache, are left out).
 3. :func:`fit_calibration`: per layer, stream and KV head, three bases (`kvpack.codecs.calibrated`):
@@ -14,7 +14,7 @@
    builds the per-layer policy).
 
 Calibration windows: `kvpack.evaluate` scores ``windows`` spans of ``ctx + n_eval`` tokens evenly spread over the text
-(`kvpack.evaluation.evaluate.window_starts`). Calibration (sensitivities for `kvpack allocate`,
+(`kvpack.evaluation.protocol.window_starts`). Calibration (sensitivities for `kvpack allocate`,
 fitted codebooks) must not see those tokens, or the evaluation would measure the fit to its own
 data. :func:`calibration_ids` therefore draws its spans from the tokens that no evaluation with
 the default span length (1024 + 256) and any of ``EVAL_WINDOW_COUNTS`` windows touches.
@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from kvpack.codecs.calibrated import BASES, FORMAT, calibration_dir
-from kvpack.evaluation.evaluate import window_starts
+from kvpack.evaluation.protocol import capture_qkv, window_starts
 from kvpack.ops.rotation import rotation_matrix
 from kvpack.policy import CachePolicy
 
@@ -40,8 +40,8 @@ __all__ = [
     "EVAL_WINDOW_COUNTS",
     "calibrated_policy",
     "calibration_ids",
+    "calibration_qkv",
     "calibration_starts",
-    "capture_qkv",
     "evaluation_spans",
     "fit_calibration",
     "lloyd_max_fit",
@@ -86,31 +86,18 @@ def calibration_ids(ids: torch.Tensor, length: int, count: int) -> list[torch.Te
     return [ids[s : s + length] for s in starts]
 
 
-def capture_qkv(
+def calibration_qkv(
     model, windows: list[torch.Tensor], skip: int = 4
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per layer ``(q (q_heads, N, d), k (kv_heads, N, d), v (kv_heads, N, d))`` float32: the post-RoPE
-    queries and keys and the values of every window's tokens after its first ``skip`` (N = all of them)."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    """Per layer ``(q (q_heads, N, d), k (kv_heads, N, d), v (kv_heads, N, d))`` float32 on the CPU: the post-RoPE
+    queries and keys and the values (`kvpack.evaluation.protocol.capture_qkv`) of every window's tokens after its
+    first ``skip`` (N = all of them)."""
     if not windows or any(not isinstance(w, torch.Tensor) or w.dim() != 1 or w.numel() <= skip for w in windows):
         raise ValueError(f"windows must be 1-D token id tensors longer than skip={skip}")
     store: dict[int, list] = {}
-
-    def recording_attention(module, query, key, value, attention_mask, **kwargs):
-        store.setdefault(module.layer_idx, []).append(tuple(t[0, :, skip:].float().cpu() for t in (query, key, value)))
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("kvpack_capture", recording_attention)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("kvpack_capture")
-    try:
-        with torch.inference_mode():
-            for w in windows:
-                model(w[None].to(next(model.parameters()).device), logits_to_keep=1)
-    finally:
-        model.set_attn_implementation(previous)
+    for w in windows:
+        for i, layer in enumerate(capture_qkv(model, w)):
+            store.setdefault(i, []).append(tuple(t[:, skip:].float().cpu() for t in (layer.q, layer.k, layer.v)))
     return [tuple(torch.cat(parts, dim=1) for parts in zip(*store[i])) for i in sorted(store)]
 
 
@@ -247,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     config = model.config
     ids = tokenize(tokenizer, text)
     windows = calibration_ids(ids, args.ctx, args.windows)
-    qkv = capture_qkv(model, windows)
+    qkv = calibration_qkv(model, windows)
     tensors = fit_calibration(qkv, tuple(args.bits), args.seed, progress=not args.no_progress)
     head_dim = qkv[0][1].shape[-1]
     meta = {"model": args.model, "text": str(args.text), "windows": args.windows, "ctx": args.ctx, "skip": 4,
@@ -283,6 +270,7 @@ def compare_calibrated(model, tokenizer, ids, calib: str, num_layers: int, args)
                 configs[("v", basis)] = calibrated_policy(calib, num_layers, None, bits, value_basis=basis)
         for (stream, label), policy in configs.items():
             result = evaluate(model=(model, tokenizer), text=ids, ctx=1024, n_eval=256, windows=args.evaluate_windows,
+                              protocol="snapshot",
                               cache_factory=lambda config, p=policy: KVPackCache(config, policy=p),
                               reference_memo=memo, progress=not args.no_progress)  # fmt: skip
             row = {"bits": bits, "stream": stream, "codec": label, "delta_ppl_pct": result.delta_ppl_pct,

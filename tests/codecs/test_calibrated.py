@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvpack
-from kvpack.tuning.calibrate import calibrated_policy, capture_qkv, fit_calibration, save_calibration
+from kvpack.tuning.calibrate import calibrated_policy, calibration_qkv, fit_calibration, save_calibration
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -22,7 +22,7 @@ def calibration(tmp_path_factory):
             rows = layer.self_attn.q_proj.weight.view(4, 16, 64)
             rows[:, [0, 1, 8, 9]] *= 6.0
     g = torch.Generator().manual_seed(1)
-    qkv = capture_qkv(model, [torch.randint(3, 96, (120,), generator=g) for _ in range(2)])
+    qkv = calibration_qkv(model, [torch.randint(3, 96, (120,), generator=g) for _ in range(2)])
     folder = tmp_path_factory.mktemp("calibrations")
     meta = {"head_dim": 16, "num_kv_heads": 2, "num_layers": 2, "bases": ["rotation", "whiten", "pca"], "bits": [2, 3]}
     save_calibration("tiny", fit_calibration(qkv, bits=(2, 3), progress=False), meta, folder)

@@ -44,7 +44,7 @@ def short(wikitext_path, *extra):
 def test_defaults_are_the_documented_contract():
     args = build_parser().parse_args(["eval"])
     assert (args.model, args.text, args.ctx, args.n_eval, args.windows, args.protocol) == (
-        "smollm2", None, 1024, 256, 8, "snapshot",
+        "smollm2", None, 1024, 256, 8, "decode",
     )  # fmt: skip
     assert args.key is None and args.preset is None and args.only is None and args.json is None
 

@@ -9,16 +9,30 @@ from transformers import DynamicCache
 
 from kvpack import KVPackCache, evaluate, get_codec
 from kvpack.evaluation import presets
-from kvpack.evaluation.evaluate import VERDICT, verdict, window_starts
+from kvpack.evaluation.evaluate import VERDICT, verdict
+from kvpack.evaluation.protocol import window_starts
 from kvpack.evaluation.text import load_text, tokenize
 
 pytestmark = [pytest.mark.model, pytest.mark.filterwarnings("ignore::UserWarning")]
 
-SHORT = {"ctx": 64, "n_eval": 16, "windows": 2, "progress": False}
+SHORT = {"ctx": 64, "n_eval": 16, "windows": 2, "progress": False, "protocol": "snapshot"}
 
 
 def run(smollm2, wikitext_path, **kwargs):
     return evaluate(smollm2, text=wikitext_path, **{**SHORT, **kwargs})
+
+
+def test_decode_protocol_of_an_uncompressed_cache_is_the_reference(smollm2, wikitext_path):
+    result = run(smollm2, wikitext_path, key=None, value=None, protocol="decode", windows=1)
+    assert result.protocol == "decode" and result.top1 == 1.0
+    assert abs(result.delta_ppl_pct) < 1e-4 and result.kl < 1e-6  # float rounding of a different summation order
+
+
+def test_decode_protocol_charges_the_newest_tokens(smollm2, wikitext_path, int2):
+    """residual=8 < n_eval: continuation tokens get packed in decode and not in snapshot."""
+    decode = run(smollm2, wikitext_path, key="int:2", value="int:2", residual=8, sinks=4, protocol="decode")
+    assert (decode.bits_k, decode.bits_v) == (int2.bits_k, int2.bits_v)  # held after the same prefill
+    assert decode.kl > int2.kl
 
 
 @pytest.fixture(scope="module")
@@ -147,14 +161,6 @@ def test_verdict_thresholds():
     assert (
         VERDICT.describe() == "ACCEPT: |delta-ppl| <= 0.5% and top-1 >= 97%; MARGINAL: |delta-ppl| <= 5%; else REJECT"
     )
-
-
-def test_window_starts_are_spread_and_disjoint():
-    starts = window_starts(10_000, 1000, 4)
-    assert starts == [0, 3000, 6000, 9000]
-    assert window_starts(1000, 1000, 1) == [0]
-    with pytest.raises(ValueError, match="need 2002"):
-        window_starts(2001, 1001, 2)
 
 
 @pytest.mark.parametrize("protocol", ["snapshot", "inforward"])

@@ -1,143 +1,18 @@
-"""kvpack allocate: exact knapsack, per-layer policies and their files, fp (outlier) heads, sensitivities."""
+"""kvpack allocate: policy files, per-layer policies, fp (outlier) heads, the command line."""
 
-import itertools
 import json
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvpack import CachePolicy, KVPackCache, get_codec
 from kvpack.codecs.compose import PerHeadCodec
 from kvpack.policy import load_policy, policy_bits, save_policy
-from kvpack.tuning.allocate import (
-    allocate_bits,
-    choose_outlier_heads,
-    head_policy_for,
-    head_sensitivity,
-    measure_head_sensitivity,
-    measure_sensitivity,
-    policy_for,
-    uniform_pairs,
-)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def tiny_llama(layers=3, kv_heads=2):
-    """Random-weight GQA Llama: 4 query heads, head_dim 16."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=kv_heads, max_position_embeddings=512,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
-def windows(n=1, length=60, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 96, (length,), generator=g) for _ in range(n)]
-
-
-# ---- the knapsack ------------------------------------------------------------------------------
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    items=st.integers(1, 5),
-    seed=st.integers(0, 10_000),
-    budget=st.floats(2.25, 5.0),
-)
-def test_allocate_bits_is_the_brute_force_optimum(items, seed, budget):
-    bits = [2.25, 2.5, 3.25, 4.5]
-    s = torch.rand(items, len(bits), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    choice = allocate_bits(s, bits, budget)
-    assert sum(bits[j] for j in choice.tolist()) / items <= budget + 1e-12
-    best = min(
-        sum(float(s[i, j]) for i, j in enumerate(c))
-        for c in itertools.product(range(len(bits)), repeat=items)
-        if sum(bits[j] for j in c) / items <= budget + 1e-12
-    )
-    assert float(s.gather(1, choice[:, None]).sum()) == pytest.approx(best, rel=1e-12)
-
-
-def test_allocate_bits_spends_the_budget_where_it_pays():
-    # item 0 gains a lot from more bits, item 1 nothing: a budget for one upgrade goes to item 0
-    s = torch.tensor([[1.0, 0.1], [0.5, 0.5]], dtype=torch.float64)
-    assert allocate_bits(s, [2.0, 4.0], 3.0).tolist() == [1, 0]
-    # with equal gains, the tie goes to the cheaper total
-    assert allocate_bits(torch.tensor([[1.0, 1.0]], dtype=torch.float64), [2.0, 4.0], 4.0).tolist() == [0]
-
-
-def test_allocate_bits_non_dyadic_bits():
-    # channel outliers give bits like 2 + 8*2/64 + 2*24/(32*64); a common denominator makes them exact
-    bits = [get_codec(s, head_dim=64).bits_per_value() for s in ("int:2", "outlier_channels:2:channels=2", "e8:3")]
-    s = torch.tensor([[3.0, 2.0, 1.0]] * 4, dtype=torch.float64)
-    budget = (bits[1] * 3 + bits[0]) / 4
-    choice = allocate_bits(s, bits, budget).tolist()
-    assert sorted(choice) == [0, 1, 1, 1]
-
-
-@pytest.mark.parametrize(
-    "args, match",
-    [
-        ((torch.zeros(2, 3), [2.0, 3.0], 3.0), "bits has 2 entries"),
-        ((torch.zeros(2, 2), [2.0, 3.0], 1.5), "below the cheapest"),
-        ((torch.zeros(2, 2), [2.0, 3.0], float("nan")), "finite"),
-        ((torch.zeros(0, 2), [2.0, 3.0], 3.0), "non-empty"),
-        ((torch.zeros(2, 2), [2.0, 3.1234567891], 3.0), "rationals"),
-    ],
-)
-def test_allocate_bits_bad_input(args, match):
-    with pytest.raises(ValueError, match=match):
-        allocate_bits(*args)
-
-
-def test_allocate_bits_never_picks_a_nan_candidate():
-    # a K-only candidate (NaN for the V item) is skipped even when it would be the best use of the budget
-    s = torch.tensor([[1.0, 0.5, 0.4], [1.0, 0.2, float("nan")]], dtype=torch.float64)
-    choice = allocate_bits(s, [2.0, 3.0, 4.0], 4.0).tolist()
-    assert choice[1] != 2 and choice == [2, 1]
-    with pytest.raises(ValueError, match="at least one finite"):
-        allocate_bits(torch.tensor([[1.0, float("nan")], [float("nan")] * 2]), [2.0, 3.0], 3.0)
-
-
-def test_head_policy_for_orders_items_layer_head_stream():
-    # items (layer, head, stream): L0H0K L0H0V L0H1K L0H1V L1H0K ...
-    choice = torch.tensor([0, 1, 1, 0, 1, 1, 0, 0])
-    policy = head_policy_for(choice, ("e8:2", "int:8"), 2, 2, residual=0, sinks=1, block=1)
-    assert policy.head_keys == (("e8:2", "int:8"), ("int:8", "e8:2"))
-    assert policy.head_values == (("int:8", "e8:2"), ("int:8", "e8:2"))
-    assert (policy.residual, policy.sinks, policy.block) == (0, 1, 1)
-    assert policy_bits(policy, 64, 2, 2) == pytest.approx((2.25 + 8.5) / 2)
-    with pytest.raises(ValueError, match="expected 2 \\* num_layers \\* num_kv_heads = 8"):
-        head_policy_for(choice[:6], ("e8:2", "int:8"), 2, 2)
-
-
-def test_measure_head_sensitivity_is_the_kl_of_the_one_head_policy():
-    from kvpack.tuning.allocate import _kl_of_policies
-
-    model, ws = tiny_llama(layers=2, kv_heads=2), windows(1, 60)
-    kl = measure_head_sensitivity(model, ws, 56, ("int:2", "int:4"), ("int:2",), residual=0, sinks=1, block=1,
-                                  progress=False)  # fmt: skip
-    assert kl.shape == (2, 2, 2, 2) and kl.dtype == torch.float64
-    assert torch.isnan(kl[:, :, 1, 1]).all() and not torch.isnan(kl[:, :, 0]).any()
-    # each slot is the KL of that one head's policy (layer 1, head 0's V in int:2; layer 0, head 1's K in
-    # int:4), measured on its own: the one shared prefill and reference change nothing
-    one_head = [
-        CachePolicy(None, None, 0, 1, block=1, window_dtype=torch.float32, head_values=(None, ("int:2", None))),
-        CachePolicy(None, None, 0, 1, block=1, window_dtype=torch.float32, head_keys=((None, "int:4"),)),
-    ]
-    alone = _kl_of_policies(model, ws, 56, one_head, "", False)
-    assert alone.tolist() == pytest.approx([float(kl[1, 0, 1, 0]), float(kl[0, 1, 0, 1])], rel=1e-9)
-    assert (kl[:, :, 1, 0] > 0).all()
-    with pytest.raises(ValueError, match="key_candidates or value_candidates"):
-        measure_head_sensitivity(model, ws, 56, (), ())
-
-
-def test_per_head_policy_file_and_saved_cache_round_trip(tmp_path):
+def test_per_head_policy_file_and_saved_cache_round_trip(tmp_path, tiny_llama, windows):
     import kvpack
 
     policy = CachePolicy(None, "int:4", 8, 2, block=8, head_keys=(("int:2", None), None, ("e8:3", "int:8")),
@@ -161,18 +36,6 @@ def test_per_head_policy_file_and_saved_cache_round_trip(tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a.past(), b.past()))
 
 
-def test_uniform_pairs_are_within_budget_and_undominated():
-    cands = ("e8:2", "e8:3", "e8:4", "int:2:axis=channel", "int:3:axis=channel")
-    pairs = uniform_pairs(cands, 64, 3.0)
-    assert ("e8:3", "e8:2", 2.75) in pairs and ("e8:2", "e8:3", 2.75) in pairs
-    assert ("e8:2", "e8:2", 2.25) not in pairs  # e8:3/e8:2 fits and has more bits
-    assert ("int:2:axis=channel", "e8:2", 2.625) in pairs  # int:3:axis=channel (4 bits) would not fit
-    assert all(m <= 3.0 for _, _, m in pairs)
-
-
-# ---- per-layer policies, fp heads, files -------------------------------------------------------
-
-
 def test_per_layer_policy_codecs_and_bits():
     policy = CachePolicy(None, None, layer_keys=("e8:2", "int:4", None), layer_values=("e8:3", None, "e8:2"))
     k, v = policy.codecs(16, 1, 3)
@@ -185,7 +48,7 @@ def test_per_layer_policy_codecs_and_bits():
     assert policy_bits(fp, 64, 3, 3) == pytest.approx(2.25 + (16 - 2.25) / 9)
 
 
-def test_policy_errors():
+def test_policy_errors(tiny_llama):
     with pytest.raises(TypeError, match="layer_keys"):
         CachePolicy(layer_keys=("int:4", 3))
     with pytest.raises(ValueError, match="unknown codec"):
@@ -214,7 +77,7 @@ def test_fp_heads_codec_keeps_heads_exact_and_counts_them():
         codec.encode(torch.randn(2, 4, 32, 16))
 
 
-def test_cache_with_fp_heads_holds_them_exactly_and_measures_bytes():
+def test_cache_with_fp_heads_holds_them_exactly_and_measures_bytes(tiny_llama, windows):
     model = tiny_llama()
     ids = windows(1, 70)[0][None]
     policy = CachePolicy("int:2", "int:2", residual=16, sinks=4, block=8, fp_heads={0: (1,), 2: (0, 1)})
@@ -262,58 +125,7 @@ def test_policy_file_round_trip_and_errors(tmp_path):
         save_policy({"key": "int:4"}, path)
 
 
-def test_policy_for_orders_items_layer_then_stream():
-    policy = policy_for(torch.tensor([0, 1, 1, 0]), ("e8:2", "int:4"), 2, residual=32)
-    assert policy.layer_keys == ("e8:2", "int:4") and policy.layer_values == ("int:4", "e8:2")
-    assert policy.residual == 32
-    with pytest.raises(ValueError, match="2 \\* num_layers"):
-        policy_for(torch.tensor([0, 1]), ("e8:2",), 2)
-
-
-# ---- measured sensitivities (tiny random model) -------------------------------------------------
-
-
-def test_measure_sensitivity_orders_bits_and_drives_the_policy():
-    model = tiny_llama()
-    with torch.no_grad():  # sharper attention than random init gives, so that K errors matter too
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(3.0)
-            layer.self_attn.k_proj.weight.mul_(3.0)
-    cands = ("int:2", "int:4", "fp16")
-    kl = measure_sensitivity(model, windows(1, 72), 56, cands, residual=8, sinks=2, progress=False)
-    assert kl.shape == (3, 2, 3)
-    assert (kl[..., 0] > kl[..., 1]).all()  # 2 bits hurt more than 4 bits in every layer and stream
-    assert (kl[..., 2] < kl[..., 0] / 3).all()  # fp16 rounding costs much less
-    # the allocated policy (predicted best) beats uniform int:4/int:2 at the same budget when re-measured
-    bits = [get_codec(c, head_dim=16).bits_per_value() for c in cands[:2]]
-    choice = allocate_bits(kl[..., :2].reshape(6, 2), bits, (bits[0] + bits[1]) / 2)
-    assert float(kl[..., :2].reshape(6, 2).gather(1, choice[:, None]).sum()) <= float(
-        kl[:, 0, 1].sum() + kl[:, 1, 0].sum()
-    )
-
-
-def test_choose_outlier_heads_from_measured_head_error():
-    model = tiny_llama(layers=2)
-    ws = windows(1, 72)
-    scores = head_sensitivity(model, ws, 56, "int:2", "int:2", residual=8, sinks=2, progress=False)
-    assert scores.shape == (2, 2) and (scores > 0).all()
-    worst = choose_outlier_heads(scores, 1)
-    best = choose_outlier_heads(-scores, 1)
-    assert worst != best
-    # keeping the head the measurement calls worst in 16-bit helps more than keeping the mildest one
-    from kvpack.tuning.allocate import _kl_of_policies
-
-    make = lambda heads: CachePolicy("int:2", "int:2", 8, 2, window_dtype=torch.float32, fp_heads=heads)
-    kl = _kl_of_policies(model, ws, 56, [make(worst), make(best)], "", False)
-    assert kl[0] < kl[1]
-    assert choose_outlier_heads(torch.tensor([[0.1, 0.5], [0.3, 0.2]]), 2) == ((0, 1), (1, 0))
-    with pytest.raises(ValueError, match="count"):
-        choose_outlier_heads(scores, 5)
-    with pytest.raises(ValueError, match="needs a key or a value"):
-        head_sensitivity(model, ws, 56, None, None)
-
-
-def test_per_layer_policy_with_fp_heads_persists(tmp_path):
+def test_per_layer_policy_with_fp_heads_persists(tmp_path, tiny_llama, windows):
     import kvpack
 
     model = tiny_llama()
@@ -329,7 +141,7 @@ def test_per_layer_policy_with_fp_heads_persists(tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a.past(), b.past()))
 
 
-def test_eval_cli_takes_a_policy_file(tmp_path):
+def test_eval_cli_takes_a_policy_file(tmp_path, tiny_llama):
     import argparse
 
     from kvpack.evaluation import eval_cli
@@ -349,7 +161,7 @@ def test_eval_cli_takes_a_policy_file(tmp_path):
 def test_allocate_cli_needs_a_budget_or_outlier_heads():
     import argparse
 
-    from kvpack import allocate
+    from kvpack.tuning import allocate
 
     parser = argparse.ArgumentParser()
     allocate.add_arguments(parser)
@@ -358,10 +170,11 @@ def test_allocate_cli_needs_a_budget_or_outlier_heads():
             allocate.run(parser.parse_args(argv))
 
 
-def test_allocate_cli_per_head_from_a_saved_table(tmp_path, monkeypatch):
+def test_allocate_cli_per_head_from_a_saved_table(tmp_path, monkeypatch, tiny_llama):
     import argparse
 
-    from kvpack import allocate, models
+    from kvpack.evaluation import models
+    from kvpack.tuning import allocate
 
     model = tiny_llama(layers=3, kv_heads=2)
     monkeypatch.setattr(models, "load", lambda name, **kw: (model, None))

@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from kvpack.evaluation.evaluate import window_starts
+from kvpack.evaluation.protocol import window_starts
 from kvpack.tuning.calibrate import (
     EVAL_LENGTH,
     EVAL_WINDOW_COUNTS,
     calibration_ids,
-    capture_qkv,
+    calibration_qkv,
     evaluation_spans,
     fit_calibration,
     lloyd_max_fit,
@@ -78,7 +78,7 @@ def test_lloyd_max_fit_finds_the_gaussian_quantizer():
 def test_capture_gives_the_cached_keys_and_the_values():
     model = tiny_llama()
     ws = windows(2)
-    qkv = capture_qkv(model, ws, skip=4)
+    qkv = calibration_qkv(model, ws, skip=4)
     assert len(qkv) == 2 and model.config._attn_implementation == "sdpa"  # restored
     q, k, v = qkv[1]
     assert q.shape == (4, 2 * 76, 16) and k.shape == v.shape == (2, 2 * 76, 16)
@@ -88,12 +88,12 @@ def test_capture_gives_the_cached_keys_and_the_values():
     assert torch.allclose(k[:, :76], cache.layers[1].keys[0, :, 4:], atol=1e-6)  # post-RoPE, as cached
     assert torch.allclose(v[:, 76:].abs().sum(), v[:, 76:].abs().sum())
     with pytest.raises(ValueError, match="windows"):
-        capture_qkv(model, [torch.arange(3)])
+        calibration_qkv(model, [torch.arange(3)])
 
 
 def test_whitening_basis_measures_the_attention_score_error():
     model = tiny_llama()
-    qkv = capture_qkv(model, windows(2))
+    qkv = calibration_qkv(model, windows(2))
     tensors = fit_calibration(qkv, bits=(2,), progress=False)
     q = qkv[0][0]
     basis = tensors["layer0.k.whiten.basis"].double()
