@@ -14,20 +14,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from kvpack.hf.cache import KVPackCache, _Chunk, layer_kinds
 from kvpack.codec import Packed
+from kvpack.hf.cache import KVPackCache, _Chunk, layer_kinds
 from kvpack.policy import CachePolicy
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_cache", "model_fingerprint", "save_cache"]
 
 FORMAT = "kvpack-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the header too
 _HEADER_KEY = "kvpack"
 _DTYPES = {str(dt): dt for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
@@ -45,8 +46,10 @@ def model_fingerprint(config, model_id: str | None = None) -> dict:
     }
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
+    """SHA-256 of the header (all but its ``sha256`` field) and of every tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -107,9 +110,23 @@ def save_cache(cache: KVPackCache, path: str | Path, *, model_id: str | None = N
         "model": model_fingerprint(config, model_id),
         "policy": {**dataclasses.asdict(cache.policy), "skip_layers": list(cache.policy.skip_layers)},
         "layers": layers,
-        "sha256": _digest(tensors),
     }
-    save_file(tensors, str(path), metadata={_HEADER_KEY: json.dumps(header)})
+    header["sha256"] = _digest(tensors, header)
+    # write a temporary file beside the target, then replace it: a killed save leaves the old file whole
+    path = Path(path)
+    tmp = _temp_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _temp_path(path: Path) -> Path:
+    """The one temporary name a save of ``path`` uses (a leftover of a killed save is removed by the next)."""
+    return path.with_name(f".{path.name}.kvpack-tmp")
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -134,8 +151,8 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{str(path)!r} is kvpack cache format version {header.get('version')!r}; this kvpack reads version "
             f"{FORMAT_VERSION} only"
         )
-    if _digest(tensors) != header.get("sha256"):
-        raise ValueError(f"{str(path)!r}: tensor bytes do not match the saved checksum (corrupt file)")
+    if _digest(tensors, header) != header.get("sha256"):
+        raise ValueError(f"{str(path)!r}: header or tensor bytes do not match the saved checksum (corrupt file)")
     return header, tensors
 
 
@@ -161,7 +178,10 @@ def load_cache(
     ``policy`` (default: the saved one) and ``model_id`` (default: not checked), when given, must
     equal the saved ones; the model fingerprint must always match ``config``.
     """
+    if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
+        raise TypeError(f"load_cache needs config= (the model's transformers config), got {config!r}")
     path = Path(path)
+    _temp_path(path).unlink(missing_ok=True)  # a killed save's leftover
     header, tensors = _read(path)
     saved_model, here = header["model"], model_fingerprint(config, model_id)
     for key in ("num_layers", "num_kv_heads", "head_dim", "layer_kinds"):
