@@ -3,8 +3,10 @@
 One safetensors file (never pickle): every tensor a layer holds (sinks, the packed chunks' tensors,
 the residual window, beam-order indices) under ``layers.<i>.<part>``, and a JSON header in the
 safetensors metadata with the format version, the model fingerprint (a name plus the layer count,
-KV heads, head_dim and attention kinds), the policy, each layer's state and a SHA-256 of all tensor
-bytes. Loading checks all of it before building the cache, so a corrupt, truncated or mismatched
+KV heads, head_dim and attention kinds), the policy, each layer's state and one SHA-256 over the rest
+of the header and all tensor bytes (format version 2), so an edited header fails like a flipped data
+bit. A save writes a temporary file beside the target, fsyncs it and replaces the target with it; a
+leftover of a killed save is removed by the next save or load of that path. Loading checks all of it before building the cache, so a corrupt, truncated or mismatched
 file (another model, policy, codec or format version) raises ``ValueError`` saying which; the bytes
 loaded are the bytes saved, so attention over a loaded cache equals the original exactly.
 """
