@@ -4,6 +4,17 @@ Every codec compresses float vectors whose last dim is ``head_dim`` (any leading
 `Packed`: named tensors whose bytes are exactly what is stored. A codec declares that storage in
 ``layout(shape)``; the base class derives ``bits_per_value()`` from it and checks every `Packed`
 given to ``decode`` against it, so accounting and validation cannot drift from the encoder.
+
+What ``decode`` guarantees (`Codec.decode`, shared by every codec; a codec implements ``_decode``):
+a `Packed` whose structure is wrong (another codec's spec, a shape that is not the one its tensors
+were made for, a non-float ``dtype``, a missing, extra or non-tensor field, a field of the wrong shape
+or dtype, an index field outside ``index_limits()``) raises ``ValueError``/``TypeError`` naming what is
+wrong, before any work. Float side data (scales, norms, fp16 values) must be finite, and so must the
+decoded result: a flipped bit that makes a scale NaN/inf raises ``ValueError``. A float16/bfloat16
+result saturates at the dtype's largest finite value (quantization error of an input at the limit,
+such as 65504 in float16, would otherwise round to inf). A flipped bit in code bytes, or one that leaves a scale finite but wrong, is
+not detectable from the data alone: decode then returns a wrong but finite tensor (stored caches
+carry a checksum, `kvpack.hf.persist`, which catches it).
 """
 
 from __future__ import annotations
@@ -33,6 +44,23 @@ class Packed:
     shape: tuple[int, ...]
     dtype: torch.dtype
     data: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.codec, str):
+            raise TypeError(f"Packed.codec must be a codec spec (str), got {self.codec!r}")
+        try:
+            shape = tuple(self.shape)
+        except TypeError:
+            raise TypeError(f"Packed.shape must be a tuple of ints, got {self.shape!r}") from None
+        if not shape or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in shape):
+            raise ValueError(f"Packed.shape must be a non-empty tuple of ints >= 0, got {self.shape!r}")
+        object.__setattr__(self, "shape", shape)
+        if not isinstance(self.dtype, torch.dtype) or self.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"Packed.dtype must be a float torch.dtype (the input's), got {self.dtype!r}")
+        if not isinstance(self.data, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in self.data.items()
+        ):
+            raise TypeError("Packed.data must be a dict of str -> torch.Tensor")
 
     @property
     def nbytes(self) -> int:
@@ -95,8 +123,16 @@ class Codec:
     def encode(self, x: torch.Tensor) -> Packed:
         raise NotImplementedError
 
-    def decode(self, packed: Packed) -> torch.Tensor:
+    def _decode(self, packed: Packed) -> torch.Tensor:
+        """The reconstruction (float32, shape ``packed.shape``) of a `Packed` that `check_packed` accepted."""
         raise NotImplementedError
+
+    def index_limits(self) -> dict[str, int]:
+        """Stored integer fields whose values index something: name -> exclusive upper bound (lower: 0).
+
+        Fields not named here hold codes of which every value decodes (packed bits, int8 codes).
+        """
+        return {}
 
     # ---- shared by all codecs ----------------------------------------------------------------
     @property
@@ -134,24 +170,51 @@ class Codec:
     def make_packed(self, x: torch.Tensor, **data: torch.Tensor) -> Packed:
         return Packed(codec=self.spec, shape=tuple(x.shape), dtype=x.dtype, data=data)
 
+    def decode(self, packed: Packed) -> torch.Tensor:
+        """The reconstruction, shape ``packed.shape`` and dtype ``packed.dtype``; refuses a malformed `Packed`."""
+        self.check_packed(packed)
+        y = self._decode(packed)
+        if y.numel() and not bool(torch.isfinite(y).all()):
+            raise ValueError(f"codec {self.spec!r} decoded NaN/Inf (corrupted side data?)")
+        if packed.dtype in (torch.float16, torch.bfloat16):
+            # quantization error can carry a value at the dtype's limit past it: saturate, never inf
+            limit = torch.finfo(packed.dtype).max
+            y = y.clamp(-limit, limit)
+        return y.to(packed.dtype)
+
     def check_packed(self, packed: Packed) -> None:
-        """Raise if ``packed`` was not made by this codec or is truncated or altered."""
+        """Raise TypeError/ValueError if ``packed`` was not made by this codec or is truncated or altered."""
         if not isinstance(packed, Packed):
             raise TypeError(f"decode needs a kvpack.Packed, got {type(packed).__name__}")
         if packed.codec != self.spec:
             raise ValueError(f"Packed was made by codec {packed.codec!r}, not by {self.spec!r}")
-        expected = self.layout(tuple(packed.shape))
+        shape = packed.shape
+        if shape[-1] != self.head_dim:
+            raise ValueError(f"Packed.shape {shape} must end in head_dim={self.head_dim} for codec {self.spec!r}")
+        try:
+            expected = self.layout(shape)
+        except IndexError:
+            raise ValueError(f"Packed.shape {shape} has too few dims for codec {self.spec!r}") from None
         if set(packed.data) != set(expected):
             raise ValueError(
                 f"Packed holds tensors {sorted(packed.data)}, codec {self.spec!r} expects {sorted(expected)}"
             )
-        for key, (shape, dtype) in expected.items():
+        device = packed.device
+        for key, (want, dtype) in expected.items():
             t = packed.data[key]
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            if tuple(t.shape) != tuple(want) or t.dtype != dtype:
                 raise ValueError(
-                    f"Packed tensor {key!r} is {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype} "
-                    f"for shape {tuple(packed.shape)} (truncated or mismatched?)"
+                    f"Packed tensor {key!r} is {tuple(t.shape)} {t.dtype}, expected {tuple(want)} {dtype} "
+                    f"for shape {shape} (truncated or mismatched?)"
                 )
+            if t.device != device:
+                raise ValueError(f"Packed tensors are on several devices ({key!r} on {t.device}, others on {device})")
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"Packed tensor {key!r} holds NaN/Inf (corrupted side data)")
+        for key, limit in self.index_limits().items():
+            t = packed.data[key]
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= limit):
+                raise ValueError(f"Packed tensor {key!r} holds indices outside 0..{limit - 1} (corrupted)")
 
 
 def _dtype_bits(dtype: torch.dtype) -> int:

@@ -43,3 +43,33 @@ def test_decode_rejects_packed_of_other_codec():
         kvpack.get_codec("fp16", head_dim=64).decode(p)
     with pytest.raises(TypeError, match="kvpack.Packed"):
         kvpack.get_codec("fp8", head_dim=64).decode({"codes": 1})
+
+
+def test_decode_checks_structure_before_work():
+    import dataclasses
+
+    codec = kvpack.get_codec("outlier_sparse:4", head_dim=64)
+    packed = codec.encode(torch.randn(3, 64))
+    with pytest.raises(ValueError, match="head_dim"):
+        codec.decode(dataclasses.replace(packed, shape=(3, 32)))
+    with pytest.raises(TypeError, match="float torch.dtype"):
+        dataclasses.replace(packed, dtype=torch.int32)
+    with pytest.raises(ValueError, match="expects"):
+        codec.decode(dataclasses.replace(packed, data={k: v for k, v in packed.data.items() if k != "inner.zero"}))
+    bad = dict(packed.data, index=packed.data["index"].clone().fill_(200))
+    with pytest.raises(ValueError, match="indices outside"):
+        codec.decode(dataclasses.replace(packed, data=bad))
+    nan = dict(packed.data, values=packed.data["values"].clone().fill_(float("nan")))
+    with pytest.raises(ValueError, match="NaN"):
+        codec.decode(dataclasses.replace(packed, data=nan))
+
+
+def test_fp_codecs_refuse_out_of_range_and_16bit_results_saturate():
+    with pytest.raises(ValueError, match="float16 range"):
+        kvpack.get_codec("fp16", head_dim=8).encode(torch.full((2, 8), 1e5))
+    with pytest.raises(ValueError, match="fp8"):
+        kvpack.get_codec("fp8", head_dim=8).encode(torch.full((2, 8), 3e7))
+    x = torch.randn(4, 64).to(torch.float16)
+    x[0, 3] = 65504
+    y = kvpack.get_codec("int:8", head_dim=64).decode(kvpack.get_codec("int:8", head_dim=64).encode(x))
+    assert torch.isfinite(y).all()

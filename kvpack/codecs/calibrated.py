@@ -166,11 +166,10 @@ class Calibrated(Codec):
         idx = (unit[..., None] > edges).sum(-1).to(torch.uint8)
         return self.make_packed(x, norm=norm16, codes=pack_bits(idx, self.bits))
 
-    def decode(self, packed: Packed) -> torch.Tensor:
-        self.check_packed(packed)
+    def _decode(self, packed: Packed) -> torch.Tensor:
         _, inverse, codebook, _ = self._params(packed.device, tuple(packed.shape))
         idx = unpack_bits(packed.data["codes"], self.bits, self.head_dim).long()[..., None]
         levels = codebook.reshape((1,) * (idx.dim() - codebook.dim()) + tuple(codebook.shape))
         z = torch.take_along_dim(levels, idx, dim=-1)[..., 0] * packed.data["norm"].float()
         x = z @ inverse if inverse.dim() == 2 else torch.einsum("...hte,hed->...htd", z, inverse)
-        return x.to(packed.dtype)
+        return x

@@ -156,9 +156,8 @@ class E8Lattice(Codec):
         scale = scales.gather(-1, best)
         return self.make_packed(x, codes=pack_bits(codes.squeeze(-3).flatten(-2), self.bits), scale=scale)
 
-    def decode(self, packed: Packed) -> torch.Tensor:
-        self.check_packed(packed)
+    def _decode(self, packed: Packed) -> torch.Tensor:
         q = 1 << self.bits
         codes = unpack_bits(packed.data["codes"], self.bits, self.head_dim).unflatten(-1, (-1, 8))
         y = voronoi_decode(codes, q).flatten(-2) * packed.data["scale"].float()
-        return unrotate(y, self.rotation, self.seed).reshape(packed.shape).to(packed.dtype)
+        return unrotate(y, self.rotation, self.seed).reshape(packed.shape)

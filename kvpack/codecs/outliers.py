@@ -64,6 +64,9 @@ class _Wrapper(Codec):
     def inner_codec(self) -> Codec:
         return get_codec(self.inner, head_dim=self.head_dim, bits=self.bits, seed=self.seed)
 
+    def index_limits(self) -> dict[str, int]:
+        return {INNER + k: v for k, v in self.inner_codec.index_limits().items()}
+
     def inner_layout(self, shape: tuple[int, ...]) -> Layout:
         return nest(INNER, self.inner_codec.layout(shape))
 
@@ -105,6 +108,9 @@ class OutlierChannels(_Wrapper):
             "scale": (groups, torch.float16),
         }
 
+    def index_limits(self) -> dict[str, int]:
+        return {**super().index_limits(), "index": self.head_dim}
+
     def _group_index(self, tokens: int, device: torch.device) -> torch.Tensor:
         return torch.arange(tokens, device=device) // self.block  # token -> its group
 
@@ -133,13 +139,12 @@ class OutlierChannels(_Wrapper):
             scale=scale,
         )
 
-    def decode(self, packed: Packed) -> torch.Tensor:
-        self.check_packed(packed)
+    def _decode(self, packed: Packed) -> torch.Tensor:
         y = self.decode_inner(packed)
         group = self._group_index(packed.shape[-2], y.device)
         per_token = packed.data["index"].long().index_select(-2, group)
         values = packed.data["codes"].float() * packed.data["scale"].float().index_select(-2, group)
-        return y.scatter(-1, per_token, values).to(packed.dtype)
+        return y.scatter(-1, per_token, values)
 
 
 @register_codec
@@ -175,6 +180,9 @@ class OutlierSparse(_Wrapper):
             "values": (slots, torch.float16),
         }
 
+    def index_limits(self) -> dict[str, int]:
+        return {**super().index_limits(), "index": self.head_dim + 1}  # head_dim: an unused slot
+
     def _select(self, score: torch.Tensor) -> torch.Tensor:
         """Indices (..., count) of the largest scores above the threshold; unused slots -> head_dim."""
         top = score.topk(self.count, dim=-1)
@@ -197,8 +205,7 @@ class OutlierSparse(_Wrapper):
             raise ValueError("x exceeds the float16 range that outlier_sparse's values need")
         return self.make_packed(x, **inner, index=index.to(_index_dtype(self.head_dim)), values=values)
 
-    def decode(self, packed: Packed) -> torch.Tensor:
-        self.check_packed(packed)
+    def _decode(self, packed: Packed) -> torch.Tensor:
         y = torch.nn.functional.pad(self.decode_inner(packed), (0, 1))  # column head_dim: unused slots
         y = y.scatter(-1, packed.data["index"].long(), packed.data["values"].float())
-        return y[..., : self.head_dim].to(packed.dtype)
+        return y[..., : self.head_dim]

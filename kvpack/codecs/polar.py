@@ -161,8 +161,7 @@ class PolarQuant(Codec):
         higher = torch.cat(higher, dim=-1) if higher else torch.zeros(*lead, 0, dtype=torch.long, device=x.device)
         return self.make_packed(x, angles1=pack_bits(codes1, b1), angles=pack_bits(higher, bh), radius=radius16)
 
-    def decode(self, packed: Packed) -> torch.Tensor:
-        self.check_packed(packed)
+    def _decode(self, packed: Packed) -> torch.Tensor:
         (b1, bh), d, device = self.level_bits, self.head_dim, packed.device
         codes1 = unpack_bits(packed.data["angles1"], b1, d // 2).long()
         angles = [angle_codebook(1, b1).to(device=device, dtype=torch.float32)[codes1]]
@@ -171,4 +170,4 @@ class PolarQuant(Codec):
         for level, codes in enumerate(higher.split(sizes, dim=-1), start=2):
             angles.append(angle_codebook(level, bh).to(device=device, dtype=torch.float32)[codes])
         y = polar_inverse(angles, packed.data["radius"].float())
-        return unrotate(y, self.rotation, self.seed).reshape(packed.shape).to(packed.dtype)
+        return unrotate(y, self.rotation, self.seed).reshape(packed.shape)

@@ -117,7 +117,6 @@ class QJL(Codec):
         norm = float16_norm(xf.norm(dim=-1, keepdim=True), "norm")
         return self.make_packed(x, signs=qjl_signs(xf, self.sketch(x.device)), norm=norm)
 
-    def decode(self, packed: Packed) -> torch.Tensor:
-        self.check_packed(packed)
+    def _decode(self, packed: Packed) -> torch.Tensor:
         y = qjl_estimate(packed.data["signs"], packed.data["norm"], self.sketch(packed.device))
-        return y.reshape(packed.shape).to(packed.dtype)
+        return y.reshape(packed.shape)

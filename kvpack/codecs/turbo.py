@@ -106,10 +106,9 @@ class TurboMSE(Codec):
         norm16, codes = self.quantize(x.float())
         return self.make_packed(x, norm=norm16, codes=codes)
 
-    def decode(self, packed: Packed) -> torch.Tensor:
-        self.check_packed(packed)
+    def _decode(self, packed: Packed) -> torch.Tensor:
         y = self.dequantize(packed.data["norm"], packed.data["codes"])
-        return y.reshape(packed.shape).to(packed.dtype)
+        return y.reshape(packed.shape)
 
 
 @functools.lru_cache(maxsize=64)
@@ -161,9 +160,8 @@ class TurboProd(Codec):
             residual_norm=float16_norm(residual.norm(dim=-1, keepdim=True), "residual norm"),
         )
 
-    def decode(self, packed: Packed) -> torch.Tensor:
-        self.check_packed(packed)
+    def _decode(self, packed: Packed) -> torch.Tensor:
         d = packed.data
         y = self.mse.dequantize(d["norm"], d["codes"])
         y = y + qjl_estimate(d["qjl_signs"], d["residual_norm"], self.sketch(packed.device))
-        return y.reshape(packed.shape).to(packed.dtype)
+        return y.reshape(packed.shape)

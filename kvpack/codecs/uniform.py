@@ -153,8 +153,7 @@ class UniformInt(Codec):
         codes = codes.transpose(-1, -2).flatten(-3, -2)[..., :tokens, :]
         return codes, scale.squeeze(-1), zero.squeeze(-1)
 
-    def decode(self, packed: Packed) -> torch.Tensor:
-        self.check_packed(packed)
+    def _decode(self, packed: Packed) -> torch.Tensor:
         shape, d = packed.shape, self.head_dim
         codes = unpack_bits(packed.data["codes"], self.bits, d)
         scale, zero = packed.data["scale"], packed.data["zero"]
@@ -170,4 +169,4 @@ class UniformInt(Codec):
         out = out.reshape(shape)
         if self.rotation != "none":
             out = unrotate(out, self.rotation, self.seed)
-        return out.to(packed.dtype)
+        return out

@@ -109,8 +109,13 @@ class KVPackLayer(CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``key_states``/``value_states`` ``(B, H, n, D)``; return the past (decoded) + them, uncompressed."""
+        _check_states(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        else:
+            _check_like(key_states, self.keys, self.dtype)
+        if self.held_dtype != key_states.dtype:
+            _check_range(key_states, value_states, self.held_dtype)
         past_keys, past_values = self.past()
         self.cumulative_length += key_states.shape[-2]
         self._store(key_states, value_states)
@@ -225,12 +230,50 @@ class KVPackLayer(CacheLayerMixin):
             self._select_batch(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:  # nothing held yet: a no-op, as transformers' DynamicLayer does
+            return
         indices = torch.as_tensor(indices, device=self.device)
         self._select_batch(indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long())
 
     def __repr__(self) -> str:
         kind = f"sliding={self.sliding_window}" if self.is_sliding else "full"
         return f"KVPackLayer({self.layer_idx}, {kind}, tokens={self.cumulative_length}, chunks={len(self.chunks)})"
+
+
+def _check_states(keys, values) -> None:
+    """``update``'s input: two float tensors ``(B, H, n, D)`` of one shape (the same tokens for K and V)."""
+    for name, t in (("key_states", keys), ("value_states", values)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point() or t.dim() != 4:
+            raise ValueError(
+                f"{name} must be a float (batch, kv_heads, tokens, head_dim) tensor, got {t.dtype} {tuple(t.shape)}"
+            )
+    if keys.shape != values.shape or keys.dtype != values.dtype or keys.device != values.device:
+        raise ValueError(
+            f"key_states {tuple(keys.shape)} {keys.dtype} and value_states {tuple(values.shape)} {values.dtype} "
+            "must have the same shape (token count included), dtype and device"
+        )
+
+
+def _check_like(keys: torch.Tensor, held: torch.Tensor, dtype: torch.dtype) -> None:
+    """Later updates must match the first one's batch, heads, head_dim and dtype."""
+    if keys.shape[:2] != held.shape[:2] or keys.shape[-1] != held.shape[-1] or keys.dtype != dtype:
+        raise ValueError(
+            f"key_states {tuple(keys.shape)} {keys.dtype} do not match the cache's (batch, kv_heads, _, head_dim) "
+            f"= {(*held.shape[:2], '_', held.shape[-1])} {dtype}"
+        )
+
+
+def _check_range(keys: torch.Tensor, values: torch.Tensor, held: torch.dtype) -> None:
+    """The full-precision window holds ``held``: refuse values it would turn into inf (a float32 model's 1e5)."""
+    limit = torch.finfo(held).max
+    for name, t in (("key_states", keys), ("value_states", values)):
+        if t.numel() and not bool((t.abs() <= limit).all()):
+            raise ValueError(
+                f"{name} hold values beyond {held}'s range (|x| <= {limit:g}) of the full-precision window "
+                "(or NaN); set CachePolicy(window_dtype=torch.bfloat16 or torch.float32)"
+            )
 
 
 def _tensor_bytes(t: torch.Tensor | None) -> int:

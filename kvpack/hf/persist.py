@@ -3,8 +3,10 @@
 One safetensors file (never pickle): every tensor a layer holds (sinks, the packed chunks' tensors,
 the residual window, beam-order indices) under ``layers.<i>.<part>``, and a JSON header in the
 safetensors metadata with the format version, the model fingerprint (a name plus the layer count,
-KV heads, head_dim and attention kinds), the policy, each layer's state and a SHA-256 of all tensor
-bytes. Loading checks all of it before building the cache, so a corrupt, truncated or mismatched
+KV heads, head_dim and attention kinds), the policy, each layer's state and one SHA-256 over the rest
+of the header and all tensor bytes (format version 2), so an edited header fails like a flipped data
+bit. A save writes a temporary file beside the target, fsyncs it and replaces the target with it; a
+leftover of a killed save is removed by the next save or load of that path. Loading checks all of it before building the cache, so a corrupt, truncated or mismatched
 file (another model, policy, codec or format version) raises ``ValueError`` saying which; the bytes
 loaded are the bytes saved, so attention over a loaded cache equals the original exactly.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -27,7 +30,7 @@ from kvpack.policy import CachePolicy
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_cache", "model_fingerprint", "save_cache"]
 
 FORMAT = "kvpack-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the header too
 _HEADER_KEY = "kvpack"
 _DTYPES = {str(dt): dt for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
@@ -45,8 +48,10 @@ def model_fingerprint(config, model_id: str | None = None) -> dict:
     }
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
+    """SHA-256 of the header (all but its ``sha256`` field) and of every tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -109,9 +114,23 @@ def save_cache(cache: KVPackCache, path: str | Path, *, model_id: str | None = N
         "model": model_fingerprint(config, model_id),
         "policy": {**dataclasses.asdict(cache.policy), "skip_layers": list(cache.policy.skip_layers)},
         "layers": layers,
-        "sha256": _digest(tensors),
     }
-    save_file(tensors, str(path), metadata={_HEADER_KEY: json.dumps(header)})
+    header["sha256"] = _digest(tensors, header)
+    # write a temporary file beside the target, then replace it: a killed save leaves the old file whole
+    path = Path(path)
+    tmp = _temp_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _temp_path(path: Path) -> Path:
+    """The one temporary name a save of ``path`` uses (a leftover of a killed save is removed by the next)."""
+    return path.with_name(f".{path.name}.kvpack-tmp")
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -136,8 +155,8 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{str(path)!r} is kvpack cache format version {header.get('version')!r}; this kvpack reads version "
             f"{FORMAT_VERSION} only"
         )
-    if _digest(tensors) != header.get("sha256"):
-        raise ValueError(f"{str(path)!r}: tensor bytes do not match the saved checksum (corrupt file)")
+    if _digest(tensors, header) != header.get("sha256"):
+        raise ValueError(f"{str(path)!r}: header or tensor bytes do not match the saved checksum (corrupt file)")
     return header, tensors
 
 
@@ -163,7 +182,10 @@ def load_cache(
     ``policy`` (default: the saved one) and ``model_id`` (default: not checked), when given, must
     equal the saved ones; the model fingerprint must always match ``config``.
     """
+    if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
+        raise TypeError(f"load_cache needs config= (the model's transformers config), got {config!r}")
     path = Path(path)
+    _temp_path(path).unlink(missing_ok=True)  # a killed save's leftover
     header, tensors = _read(path)
     saved_model, here = header["model"], model_fingerprint(config, model_id)
     for key in ("num_layers", "num_kv_heads", "head_dim", "layer_kinds"):

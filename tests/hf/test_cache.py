@@ -279,3 +279,15 @@ def test_real_model_int4_generates_sensible_text_in_fewer_bytes(smollm2):
 
     assert packed_bytes(int4) == pytest.approx(packed_bytes(fp16) * 4.5 / 16)
     assert fp16.nbytes() - int4.nbytes() == packed_bytes(fp16) - packed_bytes(int4)
+
+
+def test_update_refuses_mismatched_states_and_fresh_batch_select_is_a_no_op():
+    model = tiny_llama(layers=1)
+    cache = KVPackCache(config=model.config, key="int:4", value="int:4", residual=4)
+    layer = cache.layers[0]
+    layer.batch_select_indices(torch.tensor([0]))  # fresh cache: nothing to select, no AttributeError
+    with pytest.raises(ValueError, match="same shape"):
+        layer.update(torch.randn(1, 2, 40, 16), torch.randn(1, 2, 30, 16))
+    with pytest.raises(ValueError, match="range"):
+        layer.update(torch.full((1, 2, 3, 16), 1e5), torch.zeros(1, 2, 3, 16))
+    assert not layer.is_initialized or layer.get_seq_length() == 0

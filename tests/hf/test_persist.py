@@ -81,6 +81,8 @@ def test_corrupt_and_truncated(tmp_path):
     (tmp_path / "flip").write_bytes(bytes(flipped))
     with pytest.raises(ValueError, match="checksum"):
         load_cache(tmp_path / "flip", config=config)
+    with pytest.raises(TypeError, match="config"):
+        load_cache(path, config=None)
     with pytest.raises(FileNotFoundError, match="no saved cache"):
         load_cache(tmp_path / "missing", config=config)
 
@@ -120,7 +122,7 @@ def test_mismatches(tmp_path):
     def not_kvpack(h):
         h["format"] = "something-else"
 
-    for change, match in ((version, "format version 99"), (codec, "packed by codec 'int:3'"), (not_kvpack, "format")):
+    for change, match in ((version, "format version 99"), (codec, "checksum"), (not_kvpack, "format")):
         rewrite_header(path, tmp_path / "x", change)
         with pytest.raises(ValueError, match=match):
             load_cache(tmp_path / "x", config=config)
@@ -147,3 +149,22 @@ def test_real_model_continues_identically(smollm2, tmp_path, wikitext_path):
         a = model(ids[:, 180:], past_key_values=cache, use_cache=True).logits
         b = model(ids[:, 180:], past_key_values=loaded, use_cache=True).logits
     assert torch.equal(a, b)
+
+
+def test_checksum_covers_the_header_and_no_temp_file_is_left(tmp_path):
+    config = toy_config()
+    path = tmp_path / "c.safetensors"
+    (tmp_path / ".c.safetensors.kvpack-tmp").write_bytes(b"left by a killed save")
+    save_cache(filled_cache(config), path, config=config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
+
+    def drop_chunks(h):
+        h["layers"][0]["chunks"] = []
+
+    def move_positions(h):
+        h["layers"][0]["cumulative_length"] += 7
+
+    for change in (drop_chunks, move_positions):
+        rewrite_header(path, tmp_path / "x", change)
+        with pytest.raises(ValueError, match="checksum"):
+            load_cache(tmp_path / "x", config=config)
