@@ -31,7 +31,7 @@ def one_error_line(capsys, command: str) -> str:
 def test_help_shows_defaults_and_preset_names(capsys):
     assert main(["eval", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "(default: 1024)" in out and "(default: smollm2)" in out and "(default: snapshot)" in out
+    assert "(default: 1024)" in out and "(default: smollm2)" in out and "(default: decode)" in out
     assert "4bit" in out and "2.5bit-retrieval" in out and "--block" in out
     assert "wikitext2-excerpt" in out and "(default: None)" not in out
     for command in ("sweep", "needle"):
