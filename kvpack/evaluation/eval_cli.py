@@ -256,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from kvpack.evaluation import models
-    from kvpack.evaluation.evaluate import evaluate, policy_record  # heavy: only when the command runs
+    from kvpack.evaluation.evaluate import evaluate  # heavy: only when the command runs
+    from kvpack.policy import policy_to_dict
 
     kwargs = _policy_kwargs(args)
     _preflight(args, kwargs)  # a bad policy or text fails before the model loads
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     result = replace(result, model=str(args.model))
     if factory is not None:  # the policy went through a cache_factory: record all of it
-        result.policy.update(policy_record(factory.policy), only=args.only)
+        result.policy.update(policy_to_dict(factory.policy), only=args.only)
     print(format_result(result, model_shape(lm.config)))
     if args.json:
         out = Path(args.json)

@@ -54,9 +54,9 @@ from kvpack.evaluation.protocol import (
 )
 from kvpack.evaluation.text import load_text, text_label, tokenize
 from kvpack.hf.cache import KVPackCache
-from kvpack.policy import CachePolicy
+from kvpack.policy import CachePolicy, policy_to_dict
 
-__all__ = ["PROTOCOLS", "VERDICT", "EvalResult", "VerdictThresholds", "evaluate", "policy_record", "verdict"]
+__all__ = ["PROTOCOLS", "VERDICT", "EvalResult", "VerdictThresholds", "evaluate", "verdict"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,19 +197,6 @@ def _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed
     return policy
 
 
-def policy_record(policy: CachePolicy) -> dict:
-    """The JSON form of ``policy``'s fields as `EvalResult.policy` records them (per-head specs included)."""
-
-    def heads(specs) -> list:
-        return [None if h is None else list(h) for h in specs]
-
-    return {"key": policy.key, "value": policy.value, "residual": policy.residual, "sinks": policy.sinks,
-            "skip_layers": list(policy.skip_layers), "block": policy.block,
-            "layer_keys": list(policy.layer_keys), "layer_values": list(policy.layer_values),
-            "head_keys": heads(policy.head_keys), "head_values": heads(policy.head_values),
-            "fp_heads": [list(p) for p in policy.fp_heads], "pre_rope_keys": policy.pre_rope_keys}  # fmt: skip
-
-
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -296,7 +283,7 @@ def evaluate(
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     return EvalResult(
         model=model_name, text=label, protocol=protocol, ctx=ctx, n_eval=n_eval,
-        policy={**policy_record(policy), "only": only, "preset": preset,
+        policy={**policy_to_dict(policy), "only": only, "preset": preset,
                 "cache_factory": None if cache_factory is None else getattr(cache_factory, "__name__", "custom")},
         ppl_ref=ppl_ref, ppl=ppl, delta_ppl_pct=delta, top1=top1, kl=kl,
         delta_ppl_pct_std=_std([r["delta_ppl_pct"] for r in public]), top1_std=_std([r["top1"] for r in public]),

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvpack.evaluation.protocol import Prefill, clean_prefill, store_prefill
-from kvpack.policy import CachePolicy
+from kvpack.policy import CachePolicy, policy_to_dict
 
 __all__ = [
     "DEFAULT_FILLER",
@@ -245,15 +245,10 @@ def run_needle(
                 )  # fmt: skip
     return NeedleResult(
         model=model_name, filler=filler_label, lengths=lengths, depths=depths, trials=trials,
-        configs={n: None if p is None else _policy_dict(p) for n, p in configs.items()},
+        configs={n: None if p is None else policy_to_dict(p) for n, p in configs.items()},
         accuracy={n: (c / trials).tolist() for n, c in correct.items()}, bits_per_value=bits,
         samples=samples, seconds=time.perf_counter() - t0,
     )  # fmt: skip
-
-
-def _policy_dict(policy: CachePolicy) -> dict:
-    return {"key": policy.key, "value": policy.value, "residual": policy.residual, "sinks": policy.sinks,
-            "skip_layers": list(policy.skip_layers)}  # fmt: skip
 
 
 def format_table(result: NeedleResult) -> str:

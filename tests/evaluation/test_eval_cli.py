@@ -11,7 +11,8 @@ from kvpack import CachePolicy, get_codec
 from kvpack.cli import build_parser, main
 from kvpack.evaluation import models, presets
 from kvpack.evaluation.eval_cli import format_result, policy_summary
-from kvpack.evaluation.evaluate import VERDICT, EvalResult, policy_record
+from kvpack.evaluation.evaluate import VERDICT, EvalResult
+from kvpack.policy import policy_to_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -136,15 +137,15 @@ def test_eval_block_packs_every_token_past_the_sinks(loaded, wikitext_path, tmp_
 def test_policy_summary_counts_what_each_layer_and_head_holds():
     policy = CachePolicy("e8:4", "e8:3", skip_layers=(2,), layer_keys=("int:8",), fp_heads=((1, 0),),
                          head_keys=(None, ("e8:3", "e8:4")))  # fmt: skip
-    summary = policy_summary(policy_record(policy), num_layers=4, num_kv_heads=2)
+    summary = policy_summary(policy_to_dict(policy), num_layers=4, num_kv_heads=2)
     # ties in name order. K: layer 0 int:8 x2, layer 1 head 0 16-bit (fp head) and head 1 e8:4, layer 2 16-bit x2, layer 3 e8:4 x2
     assert summary == "K per-(layer, KV head): 16-bit x3, e8:4 x3, int:8 x2; V per-(layer, KV head): e8:3 x5, 16-bit x3"
-    uniform = policy_summary(policy_record(CachePolicy("int:4:axis=channel", "int:4")), 30, 3)
+    uniform = policy_summary(policy_to_dict(CachePolicy("int:4:axis=channel", "int:4")), 30, 3)
     assert uniform == "K int:4:axis=channel (all 90 (layer, KV head)); V int:4 (all 90 (layer, KV head))"
 
 
 def test_printed_result_says_what_was_saved_and_by_which_rule():
-    policy = {**policy_record(CachePolicy("e8:4", "e8:3", head_keys=[["e8:3", "int:8", None]] + [None] * 29)),
+    policy = {**policy_to_dict(CachePolicy("e8:4", "e8:3", head_keys=[["e8:3", "int:8", None]] + [None] * 29)),
               "only": None, "preset": "4bit", "cache_factory": None}  # fmt: skip
     result = EvalResult(model="smollm2", text="pydoc", protocol="snapshot", policy=policy, ctx=1024, n_eval=256,
                         ppl_ref=10.0, ppl=10.04, delta_ppl_pct=0.4, top1=0.98, kl=0.001, delta_ppl_pct_std=0.1,
