@@ -96,7 +96,6 @@ def _policy_kwargs(args: argparse.Namespace) -> dict:
 
 def _block_kwargs(args: argparse.Namespace, out: dict, block: int) -> dict:
     """``--block``: the policy goes through a `KVPackCache` factory (evaluate() takes the plain fields only)."""
-    from kvpack.hf.cache import KVPackCache
     from kvpack.policy import CachePolicy
 
     if args.protocol != "snapshot" or args.pre_rope_keys:
@@ -104,27 +103,24 @@ def _block_kwargs(args: argparse.Namespace, out: dict, block: int) -> dict:
     key = None if args.only == "v" else out["key"]
     value = None if args.only == "k" else out["value"]
     policy = CachePolicy(key, value, out["residual"], out["sinks"], out.get("skip_layers", ()), block, args.seed)
-
-    def cache_factory(config):
-        return KVPackCache(config, policy=policy)
-
-    cache_factory.__name__ = f"KVPackCache block={block}"
-    cache_factory.policy = policy
-    return {"key": policy.key, "value": policy.value, "residual": policy.residual, "sinks": policy.sinks,
-            "skip_layers": policy.skip_layers, "cache_factory": cache_factory}  # fmt: skip
+    return _cache_kwargs(policy, f"KVPackCache block={block}")
 
 
 def _policy_file_kwargs(path: str) -> dict:
     """evaluate() arguments for a policy file: a KVPackCache under it (its per-layer specs, fp heads...)."""
-    from kvpack.hf.cache import KVPackCache
     from kvpack.policy import load_policy
 
-    policy = load_policy(path)
+    return _cache_kwargs(load_policy(path), f"policy file {path}")
+
+
+def _cache_kwargs(policy, label: str) -> dict:
+    """evaluate() arguments that run ``policy`` through a `KVPackCache` (the factory carries the policy)."""
+    from kvpack.hf.cache import KVPackCache
 
     def cache_factory(config):
         return KVPackCache(config, policy=policy)
 
-    cache_factory.__name__ = f"policy file {path}"
+    cache_factory.__name__ = label
     cache_factory.policy = policy
     return {"key": policy.key, "value": policy.value, "residual": policy.residual, "sinks": policy.sinks,
             "skip_layers": policy.skip_layers, "cache_factory": cache_factory}  # fmt: skip
