@@ -90,7 +90,7 @@ def int4_supported(key_codec: PagedCodec, value_codec: PagedCodec, block_size: i
 def variant_for(query: torch.Tensor, key_cache: torch.Tensor, heads_per_cta: int | None = None,
                 stages: int | None = None) -> Variant:  # fmt: skip
     """The kernel variant of these shapes; default: up to 8 KV heads per CTA and a pipeline in 48 KB of shared memory."""
-    batch, hq, d = query.shape
+    _, hq, d = query.shape
     _, block_size, hkv, _ = key_cache.shape
     if heads_per_cta is None:
         heads_per_cta = max(x for x in (1, 2, 4, 8) if hkv % x == 0 and x <= hkv)
