@@ -94,6 +94,8 @@ def variant_for(query: torch.Tensor, key_cache: torch.Tensor, heads_per_cta: int
     _, block_size, hkv, _ = key_cache.shape
     if heads_per_cta is None:
         heads_per_cta = max(x for x in (1, 2, 4, 8) if hkv % x == 0 and x <= hkv)
+        while heads_per_cta > 1 and 2 * 2 * 16 * heads_per_cta * (d // 2 + 4) > (48 << 10):
+            heads_per_cta //= 2  # two stages must fit the 48 KB launch limit (head_dim 256: measured INVALID_VALUE)
     tile = 2 * 16 * heads_per_cta * (d // 2 + 4)
     if stages is None:
         stages = max(2, min(4, (48 << 10) // tile))
