@@ -20,16 +20,17 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def sdpa16(case, kf, vf) -> torch.Tensor:
-    """The same attention in PyTorch at fp16: K/V dequantized in float32, then SDPA on float16 tensors."""
+    """The same attention in PyTorch at the kernel's dtype (the query's): K/V dequantized in float32, then SDPA."""
     q, hq = case["query"], case["query"].shape[1]
+    dt = q.dtype
     outs = []
     for b in range(q.shape[0]):
         n, w = int(case["seq_lens"][b]), int(case["window_lens"][b])
         k = dequantize_rows(gather_tokens(case["key_cache"], case["block_tables"][b], n), kf)
         v = dequantize_rows(gather_tokens(case["value_cache"], case["block_tables"][b], n), vf)
-        k = torch.cat([k, case["window_keys"][b, :w].float()]).transpose(0, 1).half()
-        v = torch.cat([v, case["window_values"][b, :w].float()]).transpose(0, 1).half()
-        outs.append(F.scaled_dot_product_attention(q[b, :, None].half(), k, v, enable_gqa=True)[:, 0])
+        k = torch.cat([k, case["window_keys"][b, :w].float()]).transpose(0, 1).to(dt)
+        v = torch.cat([v, case["window_values"][b, :w].float()]).transpose(0, 1).to(dt)
+        outs.append(F.scaled_dot_product_attention(q[b, :, None], k, v, enable_gqa=True)[:, 0])
     return torch.stack(outs).reshape(q.shape[0], hq, -1)
 
 
