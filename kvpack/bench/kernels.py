@@ -28,7 +28,7 @@ import torch
 from kvpack.bench.generate import add_arguments as add_generate_arguments
 from kvpack.kernels.paged import PagedCodec, paged_codec
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "decode_kernel", "run"]
 
 DEFAULT_CODECS = ("turbo_mse:4", "turbo_mse:3", "turbo_mse:2", "int:4", "int:4:rotation=hadamard")
 
@@ -113,8 +113,6 @@ def _fmt(spec: str, head_dim: int) -> PagedCodec:
 def bench_attention(args) -> dict:
     import triton.testing
 
-    from kvpack.kernels.decode_attention import paged_decode_attention
-
     hq, hkv, d, bs, window = args.q_heads, args.kv_heads, args.head_dim, args.block_size, args.window
     specs = [s for s in args.codecs.split(",") if s]
     fmts = {s: _fmt(s, d) for s in specs}
@@ -145,7 +143,7 @@ def bench_attention(args) -> dict:
                 kc = random_paged_cache(num_blocks, bs, hkv, fmt)
                 vc = random_paged_cache(num_blocks, bs, hkv, fmt)
                 step = functools.partial(
-                    paged_decode_attention, query, kc, vc, block_tables, seq_lens, wk, wv, wl, fmt, fmt, d**-0.5,
+                    decode_kernel(fmt, fmt, bs, hq // hkv), query, kc, vc, block_tables, seq_lens, wk, wv, wl, fmt, fmt, d**-0.5,
                     out=torch.empty_like(query), **_tuning(args, spec),
                 )  # fmt: skip
 
@@ -165,6 +163,14 @@ def bench_attention(args) -> dict:
             print(_attention_line(row, specs), flush=True)
             torch.cuda.empty_cache()
     return {"copy_tbps": copy_bps / 1e12, "rows": rows, "codecs": specs}
+
+
+def decode_kernel(key_fmt: PagedCodec, value_fmt: PagedCodec, block_size: int, gqa: int):
+    """The launcher that `kvpack.kernels.attention.decode` dispatches these streams to on CUDA (same arguments)."""
+    from kvpack.kernels.decode_attention import paged_decode_attention
+    from kvpack.kernels.int_decode import int4_supported, paged_int4_decode
+
+    return paged_int4_decode if int4_supported(key_fmt, value_fmt, block_size, gqa) else paged_decode_attention
 
 
 def _tuning(args, spec: str) -> dict:

@@ -79,6 +79,28 @@ def _check(
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
+def _check_bounds(key_cache, block_tables, seq_lens, window_keys, window_lens) -> None:
+    """Refuse (ValueError) lengths beyond the pages or the window and block ids out of range, before any launch.
+
+    One host sync (a single ``.item()``), skipped while a CUDA graph is being captured (a sync is illegal then):
+    inside a graph the kernels clamp lengths and block ids on the device instead, so they never read out of bounds.
+    """
+    if block_tables.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    num_blocks, block_size = key_cache.shape[:2]
+    capacity = block_tables.shape[1] * block_size
+    pages = (seq_lens.long()[:, None] + block_size - 1) // block_size
+    used = torch.arange(block_tables.shape[1], device=block_tables.device) < pages
+    bad_block = (((block_tables < 0) | (block_tables >= num_blocks)) & used).any()
+    bad_len = ((seq_lens < 0) | (seq_lens > capacity) | (window_lens < 0) | (window_lens > window_keys.shape[1])).any()
+    bad_block, bad_len = torch.stack([bad_block, bad_len]).tolist()  # the one host sync
+    if bad_len:
+        raise ValueError(f"seq_lens must be in [0, {capacity}] (the block table's pages) and window_lens in "
+                         f"[0, {window_keys.shape[1]}], got {seq_lens.tolist()} and {window_lens.tolist()}")  # fmt: skip
+    if bad_block:
+        raise ValueError(f"block_tables holds ids outside [0, {num_blocks}) in the pages that seq_lens use")
+
+
 def _describe(x) -> str:
     return f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
@@ -124,11 +146,19 @@ def decode(
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if use_kernel is None:
         use_kernel = query.is_cuda
+    _check_bounds(key_cache, block_tables, seq_lens, window_keys, window_lens)
     if not use_kernel:
         ref = decode_ref(query, key_cache, value_cache, block_tables, seq_lens, key_codec=key_codec,
                          value_codec=value_codec, window_keys=window_keys, window_values=window_values,
                          window_lens=window_lens, scale=scale)  # fmt: skip
         return ref.to(query.dtype) if out is None else out.copy_(ref)
+    from kvpack.kernels.int_decode import int4_supported, paged_int4_decode
+
+    if query.is_cuda and int4_supported(
+        key_codec, value_codec, key_cache.shape[1], query.shape[1] // key_cache.shape[2]
+    ):
+        return paged_int4_decode(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values,
+                                 window_lens, key_codec, value_codec, scale, num_splits=num_splits, out=out)  # fmt: skip
     from kvpack.kernels.decode_attention import paged_decode_attention
 
     return paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values,

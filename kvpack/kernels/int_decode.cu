@@ -1,0 +1,390 @@
+// Decode attention over int:4 paged KV (token axis, per-token fp16 scale/zero), mma.sync tensor cores.
+// Compiled at first use by NVRTC (kvpack/kernels/int_decode.py), one variant per set of macros:
+//   D (head_dim), GQA (query heads per KV head), HKV (KV heads), HG (KV heads per CTA = warps),
+//   BLOCK_SIZE (tokens per page, a multiple of 16), STAGES (cp.async pipeline depth),
+//   CHUNK (16 or 4: cp.async width; 16 needs 16-byte aligned rows of HG heads), OUT_BF16.
+// No headers: every conversion is inline PTX, so NVRTC needs no CUDA include path.
+//
+// Grid (splits + 1, HKV / HG, batch). Split s < splits: packed tokens [s * TPS, min((s+1) * TPS, seq_len)),
+// 16-token tiles of all HG heads copied page -> shared memory with cp.async (STAGES deep); warp w scores
+// KV head hg*HG + w. Split == splits: the 16-bit window (sinks + residual), read straight from global.
+// Scores: S^T (16 tokens x 8 query heads) = K (tokens on M) . Q^T (query heads on N, padded to 8) with
+// m16n8k16; int codes become fp16 with the 0x6400 magic number (no per-value shift and convert), and the
+// per-token scale and zero are applied to the 16x8 scores (s = scale <q,c> + zero sum q), not to values.
+// Values: O^T (dims on M) += V^T (tokens on K) . (p * v_scale)^T, plus sum p * v_zero per head.
+// Dims are permuted freely inside a thread's fragment (a dot product does not care); Q is loaded with the
+// same permutation, and the output store undoes the value permutation.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define MAGIC 0x64006400u
+#define NT ((GQA + 7) / 8)           // n-tiles of 8 query heads
+#define KSTEPS (D / 16)
+#define KWORDS (D / 32)              // int4 words of one token a thread reads for K (D/4 dims)
+#define VWORDS (D / 64)              // int4 words of one token a thread reads for V (D/8 dims)
+#define CODE_BYTES (D / 2)
+#define ROW_BYTES (CODE_BYTES + 4)
+#define TILE_BYTES (16 * HG * ROW_BYTES)
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ u32 lop_or(u32 x, u32 mask, u32 magic) {  // (x & mask) | magic
+  u32 r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(mask), "r"(magic));
+  return r;
+}
+__device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
+  u32 r;
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+__device__ __forceinline__ u32 pack2(float lo, float hi) {  // half2 {lo, hi}
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ float lo_f(u32 x) {
+  float f;
+  asm("{.reg .f16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l;}" : "=f"(f) : "r"(x));
+  return f;
+}
+__device__ __forceinline__ float hi_f(u32 x) {
+  float f;
+  asm("{.reg .f16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h;}" : "=f"(f) : "r"(x));
+  return f;
+}
+__device__ __forceinline__ float ex2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ u32 nib(u32 w, int s) {  // half2 {1024 + nibble s, 1024 + nibble s+4} - 1024
+  return hsub2(lop_or(w >> (4 * s), 0x000F000Fu, MAGIC), MAGIC);
+}
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 a;
+  asm("{.reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t;}" : "=r"(a) : "l"(p));
+  return a;
+}
+__device__ __forceinline__ void cp_async(u32 dst, const void* src) {
+#if CHUNK == 16
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+#else
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
+#endif
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+// State of one warp: the online softmax of its (up to 8 * NT) query heads over its tokens.
+struct Acc {
+  float o[KSTEPS][NT][4];  // O^T fragments: (dim 2mt / 2mt+1 of the thread's D/8, heads 2t, 2t+1)
+  float m[NT][2], l[NT][2], z[NT][2];  // running max (log2), partial sum, partial sum p * v_zero
+};
+
+// Scores in the C layout -> online softmax update, p * v_scale transposed to the B layout, V mma.
+// s[nt][4]: (token g, heads 2t, 2t+1), (token g+8, ...); vs/vz: v scale and zero of tokens g, g+8.
+// va[KSTEPS][4]: V^T A fragments of this tile.
+__device__ __forceinline__ void softmax_pv(Acc& acc, float (*s)[4], float vs0, float vs8, float vz0, float vz8,
+                                           const u32 (*va)[4], int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++) {
+    u32 x[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      float mx = fmaxf(s[nt][i], s[nt][2 + i]);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+      const float m_new = fmaxf(acc.m[nt][i], mx);
+      const float m_use = m_new == NEG_INF ? 0.f : m_new;
+      const float alpha = ex2(acc.m[nt][i] - m_use);
+      const float p0 = ex2(s[nt][i] - m_use), p8 = ex2(s[nt][2 + i] - m_use);
+      acc.m[nt][i] = m_new;
+      acc.l[nt][i] = acc.l[nt][i] * alpha + p0 + p8;
+      acc.z[nt][i] = acc.z[nt][i] * alpha + p0 * vz0 + p8 * vz8;
+#pragma unroll
+      for (int mt = 0; mt < KSTEPS; mt++) {
+        acc.o[mt][nt][i] *= alpha;
+        acc.o[mt][nt][2 + i] *= alpha;
+      }
+      x[i] = pack2(p0 * vs0, p8 * vs8);  // head 2t+i: tokens (g, g+8)
+    }
+    // B fragment for head n = g: b0 = tokens (2t, 2t+8) from lane (2t)*4 + g/2, b1 = (2t+1, 2t+9)
+    const int src0 = (2 * t) * 4 + (g >> 1), src1 = (2 * t + 1) * 4 + (g >> 1);
+    const u32 y00 = __shfl_sync(0xffffffffu, x[0], src0), y01 = __shfl_sync(0xffffffffu, x[1], src0);
+    const u32 y10 = __shfl_sync(0xffffffffu, x[0], src1), y11 = __shfl_sync(0xffffffffu, x[1], src1);
+    const u32 b0 = (g & 1) ? y01 : y00, b1 = (g & 1) ? y11 : y10;
+#pragma unroll
+    for (int mt = 0; mt < KSTEPS; mt++) mma(acc.o[mt][nt], va[mt][0], va[mt][1], va[mt][2], va[mt][3], b0, b1);
+  }
+}
+
+// Q B fragments of head n (nt*8 + g), its dims [t*D/4, (t+1)*D/4) paired as (8w+s, 8w+s+4): e = 4w + s.
+__device__ __forceinline__ void load_q(u32 (*qf)[KSTEPS][2], const u16* q, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++) {
+    const int n = nt * 8 + g;
+    const u32* row = reinterpret_cast<const u32*>(q + n * D + t * (D / 4));
+#pragma unroll
+    for (int e = 0; e < 2 * KSTEPS; e++) {
+      const int w = e >> 2, sft = e & 3;
+      u32 v = 0;
+      if (n < GQA) v = prmt(row[4 * w + (sft >> 1)], row[4 * w + 2 + (sft >> 1)], (sft & 1) ? 0x7632 : 0x5410);
+      qf[nt][e >> 1][e & 1] = v;
+    }
+  }
+}
+
+__device__ __forceinline__ void scores(float (*s)[4], const u32 (*h0)[2], const u32 (*h8)[2],
+                                       const u32 (*qf)[KSTEPS][2]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++) {
+    s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int j = 0; j < KSTEPS; j++) mma(s[nt], h0[j][0], h8[j][0], h0[j][1], h8[j][1], qf[nt][j][0], qf[nt][j][1]);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * HG) kvpack_int4_decode(
+    const u16* __restrict__ q_keys,     // (B, HQ, D) fp16, rotated (Hadamard codecs), times scale * log2(e)
+    const u16* __restrict__ q_window,   // (B, HQ, D) fp16, as given, times scale * log2(e)
+    const float* __restrict__ q_sum,    // (B, HQ) float32: sum of q_keys (for the zero points)
+    const u8* __restrict__ k_cache, const u8* __restrict__ v_cache,  // (num_blocks, BLOCK_SIZE, HKV, ROW_BYTES)
+    const int* __restrict__ block_tables, const int* __restrict__ seq_lens, const u16* __restrict__ wk,
+    const u16* __restrict__ wv,         // (B, W, HKV, D) fp16
+    const int* __restrict__ window_lens, float* __restrict__ part_m, float* __restrict__ part_l,
+    float* __restrict__ part_acc,       // (B, HQ, S + 1) and (B, HQ, S + 1, D)
+    int num_blocks, int max_blocks, int window, int tokens_per_split, int num_splits) {
+  extern __shared__ __align__(16) u8 smem[];
+  const int split = blockIdx.x, hg = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int h = hg * HG + warp;  // this warp's KV head
+  const int HQ = HKV * GQA;
+  Acc acc;
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+    for (int i = 0; i < 2; i++) acc.m[nt][i] = NEG_INF, acc.l[nt][i] = 0.f, acc.z[nt][i] = 0.f;
+#pragma unroll
+    for (int mt = 0; mt < KSTEPS; mt++) acc.o[mt][nt][0] = acc.o[mt][nt][1] = acc.o[mt][nt][2] = acc.o[mt][nt][3] = 0.f;
+  }
+  u32 qf[NT][KSTEPS][2];
+  float qs[NT][2];
+  const int qbase = (b * HQ + h * GQA);
+  if (split < num_splits) {
+    load_q(qf, q_keys + qbase * D, lane);
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+      for (int i = 0; i < 2; i++) {
+        const int n = nt * 8 + 2 * t + i;
+        qs[nt][i] = n < GQA ? q_sum[qbase + n] : 0.f;
+      }
+    // device-side clamp: the launcher validates outside graph capture; a bad length never reads past the table
+    const int seq_len = min(max(seq_lens[b], 0), max_blocks * BLOCK_SIZE);
+    const int start = split * tokens_per_split;
+    const int end = min(start + tokens_per_split, seq_len);
+    const int n_tiles = end > start ? (end - start + 15) / 16 : 0;
+    const int* bt = block_tables + (long long)b * max_blocks;
+    const u32 sbase = smem_addr(smem);
+    auto issue = [&](int i) {
+      if (i < n_tiles) {
+        const int pos = start + 16 * i;
+        const int blk = min(max(bt[pos / BLOCK_SIZE], 0), num_blocks - 1);
+        const long long slot = (long long)blk * BLOCK_SIZE + pos % BLOCK_SIZE;
+        const int stage = i % STAGES;
+        constexpr int PER_TOKEN = HG * ROW_BYTES / CHUNK;
+        for (int c = threadIdx.x; c < 16 * PER_TOKEN; c += 32 * HG) {
+          const int tok = c / PER_TOKEN, within = c - tok * PER_TOKEN;
+          const long long off = ((slot + tok) * HKV + hg * HG) * ROW_BYTES + within * CHUNK;
+          const u32 dst = stage * 2 * TILE_BYTES + tok * HG * ROW_BYTES + within * CHUNK;
+          cp_async(sbase + dst, k_cache + off);
+          cp_async(sbase + dst + TILE_BYTES, v_cache + off);
+        }
+      }
+      cp_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; i++) issue(i);
+    for (int i = 0; i < n_tiles; i++) {
+      cp_wait<STAGES - 2>();
+      __syncthreads();
+      issue(i + STAGES - 1);  // into the stage every warp finished reading before the barrier
+      const u8* ks = smem + (i % STAGES) * 2 * TILE_BYTES;
+      const u8* vs = ks + TILE_BYTES;
+      const int valid = end - (start + 16 * i);  // tokens of this tile inside the split
+      // K: tokens g, g+8, words [t*KWORDS, ...) of the codes
+      u32 h0[KSTEPS][2], h8[KSTEPS][2];
+      const u32* k0 = reinterpret_cast<const u32*>(ks + (g * HG + warp) * ROW_BYTES);
+      const u32* k8 = reinterpret_cast<const u32*>(ks + ((g + 8) * HG + warp) * ROW_BYTES);
+#pragma unroll
+      for (int w = 0; w < KWORDS; w++) {
+        const u32 w0 = k0[t * KWORDS + w], w8 = k8[t * KWORDS + w];
+#pragma unroll
+        for (int sft = 0; sft < 4; sft++) {
+          const int e = 4 * w + sft;
+          h0[e >> 1][e & 1] = nib(w0, sft);
+          h8[e >> 1][e & 1] = nib(w8, sft);
+        }
+      }
+      const u32 ksd0 = k0[CODE_BYTES / 4], ksd8 = k8[CODE_BYTES / 4];
+      float s[NT][4];
+      scores(s, h0, h8, qf);
+      const float ka0 = lo_f(ksd0), kz0 = hi_f(ksd0), ka8 = lo_f(ksd8), kz8 = hi_f(ksd8);
+      const bool ok0 = g < valid, ok8 = g + 8 < valid;
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+          s[nt][i] = ok0 ? s[nt][i] * ka0 + kz0 * qs[nt][i] : NEG_INF;
+          s[nt][2 + i] = ok8 ? s[nt][2 + i] * ka8 + kz8 * qs[nt][i] : NEG_INF;
+        }
+      const u32 vsd0 = *reinterpret_cast<const u32*>(vs + (g * HG + warp) * ROW_BYTES + CODE_BYTES);
+      const u32 vsd8 = *reinterpret_cast<const u32*>(vs + ((g + 8) * HG + warp) * ROW_BYTES + CODE_BYTES);
+      const float va0 = ok0 ? lo_f(vsd0) : 0.f, vz0 = ok0 ? hi_f(vsd0) : 0.f;
+      const float va8 = ok8 ? lo_f(vsd8) : 0.f, vz8 = ok8 ? hi_f(vsd8) : 0.f;
+      // V: tokens (2t, 2t+8) and (2t+1, 2t+9), dims [g*D/8, (g+1)*D/8): local dim L = 8w + 4half + s
+      u32 va[KSTEPS][4];
+#pragma unroll
+      for (int pr = 0; pr < 2; pr++) {
+        const u32* ra = reinterpret_cast<const u32*>(vs + ((2 * t + pr) * HG + warp) * ROW_BYTES) + g * VWORDS;
+        const u32* rb = reinterpret_cast<const u32*>(vs + ((2 * t + 8 + pr) * HG + warp) * ROW_BYTES) + g * VWORDS;
+#pragma unroll
+        for (int w = 0; w < VWORDS; w++) {
+          const u32 a = ra[w], bb = rb[w];
+          const u32 lo = prmt(a, bb, 0x5410), hi = prmt(a, bb, 0x7632);
+#pragma unroll
+          for (int sft = 0; sft < 4; sft++) {
+            const int l0 = 8 * w + sft, l1 = 8 * w + 4 + sft;
+            va[l0 >> 1][2 * pr + (l0 & 1)] = nib(lo, sft);
+            va[l1 >> 1][2 * pr + (l1 & 1)] = nib(hi, sft);
+          }
+        }
+      }
+      softmax_pv(acc, s, va0, va8, vz0, vz8, va, lane);
+    }
+    cp_wait<0>();
+  } else {
+    load_q(qf, q_window + qbase * D, lane);
+    const int wl = min(max(window_lens[b], 0), window);
+    for (int t0 = 0; t0 < wl; t0 += 16) {
+      const int valid = wl - t0;
+      const bool ok0 = g < valid, ok8 = g + 8 < valid;
+      // K rows g, g+8: dims [t*D/4, ...) as D/8 words; pairs (8w+s, 8w+s+4)
+      u32 h0[KSTEPS][2], h8[KSTEPS][2];
+      const u32* r0 = reinterpret_cast<const u32*>(wk + (((long long)b * window + t0 + g) * HKV + h) * D + t * (D / 4));
+      const u32* r8 = reinterpret_cast<const u32*>(wk + (((long long)b * window + t0 + g + 8) * HKV + h) * D + t * (D / 4));
+#pragma unroll
+      for (int e = 0; e < 2 * KSTEPS; e++) {
+        const int w = e >> 2, sft = e & 3, i0 = 4 * w + (sft >> 1), sel = (sft & 1) ? 0x7632 : 0x5410;
+        h0[e >> 1][e & 1] = ok0 ? prmt(r0[i0], r0[i0 + 2], sel) : 0u;
+        h8[e >> 1][e & 1] = ok8 ? prmt(r8[i0], r8[i0 + 2], sel) : 0u;
+      }
+      float s[NT][4];
+      scores(s, h0, h8, qf);
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+          if (!ok0) s[nt][i] = NEG_INF;
+          if (!ok8) s[nt][2 + i] = NEG_INF;
+        }
+      u32 va[KSTEPS][4];
+#pragma unroll
+      for (int pr = 0; pr < 2; pr++) {
+        const int ta = 2 * t + pr, tb = 2 * t + 8 + pr;
+        const bool oka = ta < valid, okb = tb < valid;
+        const u32* ra = reinterpret_cast<const u32*>(wv + (((long long)b * window + t0 + ta) * HKV + h) * D + g * (D / 8));
+        const u32* rb = reinterpret_cast<const u32*>(wv + (((long long)b * window + t0 + tb) * HKV + h) * D + g * (D / 8));
+#pragma unroll
+        for (int L = 0; L < D / 8; L += 2) {  // dims L, L+1 of token a and b: one word each
+          const u32 a = oka ? ra[L >> 1] : 0u, bb = okb ? rb[L >> 1] : 0u;
+          va[L >> 1][2 * pr] = prmt(a, bb, 0x5410);
+          va[L >> 1][2 * pr + 1] = prmt(a, bb, 0x7632);
+        }
+      }
+      softmax_pv(acc, s, ok0 ? 1.f : 0.f, ok8 ? 1.f : 0.f, 0.f, 0.f, va, lane);
+    }
+  }
+  // finish: sums over the 8 token lanes, then the zero term into every dim, then store the partials
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+#pragma unroll
+      for (int x = 4; x < 32; x <<= 1) {
+        acc.l[nt][i] += __shfl_xor_sync(0xffffffffu, acc.l[nt][i], x);
+        acc.z[nt][i] += __shfl_xor_sync(0xffffffffu, acc.z[nt][i], x);
+      }
+    }
+  const int S1 = num_splits + 1;
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      const int n = nt * 8 + 2 * t + i;
+      if (n >= GQA) continue;
+      const long long part = (long long)(qbase + n) * S1 + split;
+      if (g == 0) {
+        part_m[part] = acc.m[nt][i];
+        part_l[part] = acc.l[nt][i];
+      }
+      float* dst = part_acc + part * D + g * (D / 8);
+#pragma unroll
+      for (int mt = 0; mt < KSTEPS; mt++) {
+        dst[2 * mt] = acc.o[mt][nt][i] + acc.z[nt][i];
+        dst[2 * mt + 1] = acc.o[mt][nt][2 + i] + acc.z[nt][i];
+      }
+    }
+}
+
+// Merge the splits of one (query head, sequence): D threads. ROTATED: the packed part and the window part
+// are written apart in float32 (the packed part is rotated back outside, one GEMM); else their sum.
+extern "C" __global__ void kvpack_int4_reduce(const float* __restrict__ part_m, const float* __restrict__ part_l,
+                                              const float* __restrict__ part_acc, float* __restrict__ packed_out,
+                                              float* __restrict__ window_out, u16* __restrict__ out, int hq,
+                                              int num_splits, int rotated) {
+  const int qh = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+  const long long base = ((long long)b * hq + qh) * (num_splits + 1);
+  float m_all = NEG_INF;
+  for (int s = 0; s <= num_splits; s++) m_all = fmaxf(m_all, part_m[base + s]);
+  float l = 0.f, a = 0.f;
+  for (int s = 0; s < num_splits; s++) {
+    const float w = ex2(part_m[base + s] - m_all);
+    l += w * part_l[base + s];
+    a += w * part_acc[(base + s) * D + d];
+  }
+  const float ww = ex2(part_m[base + num_splits] - m_all);
+  l += ww * part_l[base + num_splits];
+  const float aw = ww * part_acc[(base + num_splits) * D + d];
+  const long long o = ((long long)b * hq + qh) * D + d;
+  if (rotated) {
+    packed_out[o] = a / l;
+    window_out[o] = aw / l;
+  } else {
+    const float v = (a + aw) / l;
+    u16 r;
+#if OUT_BF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(v));
+#endif
+    out[o] = r;
+  }
+}

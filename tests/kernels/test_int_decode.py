@@ -1,0 +1,140 @@
+"""The NVRTC int:4 decode kernel vs `decode_ref`: tolerance 2x the error of fp16 SDPA against the same reference.
+
+GPU tests skip without CUDA; the compile test needs only ``cuda.core`` and NVRTC (no GPU) and skips without them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import make_case, rel_err
+
+from kvpack.kernels.attention import decode, decode_ref, gather_tokens
+from kvpack.kernels.int_decode import HEAD_DIMS, Variant, compile_variant, int4_supported
+from kvpack.kernels.paged import dequantize_rows
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def sdpa16(case, kf, vf) -> torch.Tensor:
+    """The same attention in PyTorch at the kernel's dtype (the query's): K/V dequantized in float32, then SDPA."""
+    q, hq = case["query"], case["query"].shape[1]
+    dt = q.dtype
+    outs = []
+    for b in range(q.shape[0]):
+        n, w = int(case["seq_lens"][b]), int(case["window_lens"][b])
+        k = dequantize_rows(gather_tokens(case["key_cache"], case["block_tables"][b], n), kf)
+        v = dequantize_rows(gather_tokens(case["value_cache"], case["block_tables"][b], n), vf)
+        k = torch.cat([k, case["window_keys"][b, :w].float()]).transpose(0, 1).to(dt)
+        v = torch.cat([v, case["window_values"][b, :w].float()]).transpose(0, 1).to(dt)
+        outs.append(F.scaled_dot_product_attention(q[b, :, None], k, v, enable_gqa=True)[:, 0])
+    return torch.stack(outs).reshape(q.shape[0], hq, -1)
+
+
+def check(case, kf, vf) -> None:
+    ref = decode_ref(**case, key_codec=kf, value_codec=vf)
+    bound = 2 * rel_err(sdpa16(case, kf, vf), ref)
+    for _ in range(2):  # fresh poison each run: every element must be written
+        out = torch.full_like(case["query"], float("nan"))
+        decode(**case, key_codec=kf, value_codec=vf, out=out)
+        assert bool(torch.isfinite(out).all())
+        assert rel_err(out, ref) <= bound, (rel_err(out, ref), bound)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("kv_heads,gqa", [(8, 4), (4, 1), (2, 8), (2, 16), (1, 3), (6, 2)])
+def test_int4_kernel_matches_reference(head_dim, kv_heads, gqa):
+    case, kf, vf, _ = make_case("int:4", "int:4", batch=3, kv_heads=kv_heads, gqa=gqa, head_dim=head_dim,
+                                block_size=16, seq_lens=[1000, 17, 333], window_lens=[40, 0, 16], device="cuda",
+                                seed=head_dim + 7 * gqa + kv_heads)  # fmt: skip
+    assert int4_supported(kf, vf, 16, gqa)
+    check(case, kf, vf)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "key,value,block_size,dtype",
+    [
+        ("int:4:rotation=hadamard", "int:4:rotation=hadamard", 16, torch.float16),
+        ("int:4", "int:4:rotation=hadamard", 32, torch.bfloat16),
+        ("int:4:rotation=hadamard", "int:4", 64, torch.float16),
+    ],
+)
+def test_int4_kernel_rotation_pages_and_bf16(key, value, block_size, dtype):
+    case, kf, vf, _ = make_case(key, value, batch=4, kv_heads=8, gqa=4, head_dim=128, block_size=block_size,
+                                seq_lens=[2500, 1, 700, 4096], window_lens=[132, 3, 0, 0], device="cuda", seed=5,
+                                dtype=dtype)  # fmt: skip
+    check(case, kf, vf)
+
+
+@gpu
+@pytest.mark.gpu
+def test_int4_kernel_empty_window_and_no_window():
+    case, kf, vf, _ = make_case("int:4", "int:4", batch=2, kv_heads=8, gqa=4, head_dim=128, block_size=16,
+                                seq_lens=[64, 5000], window_lens=[0, 0], device="cuda", seed=11)  # fmt: skip
+    check(case, kf, vf)
+    for name in ("window_keys", "window_values", "window_lens"):
+        del case[name]
+    ref = decode_ref(**case, key_codec=kf, value_codec=vf)
+    assert rel_err(decode(**case, key_codec=kf, value_codec=vf), ref) <= 1e-2
+
+
+def test_bad_inputs_are_refused_before_launch(device):
+    case, kf, vf, _ = make_case("int:4", "int:4", batch=2, kv_heads=2, gqa=2, head_dim=64, block_size=16,
+                                seq_lens=[40, 17], window_lens=[3, 0], device=device, seed=1)  # fmt: skip
+    capacity = case["block_tables"].shape[1] * 16
+    for name, index, value in [("block_tables", (0, 1), -1), ("block_tables", (1, 0), case["key_cache"].shape[0]),
+                               ("seq_lens", 0, capacity + 1), ("seq_lens", 1, -1),
+                               ("window_lens", 0, case["window_keys"].shape[1] + 1)]:  # fmt: skip
+        bad = {k: t.clone() for k, t in case.items()}
+        bad[name][index] = value
+        with pytest.raises(ValueError, match=name.split("_")[0]):
+            decode(**bad, key_codec=kf, value_codec=vf)
+    bad = {k: t.clone() for k, t in case.items()}
+    bad["block_tables"][0, -1] = -5  # beyond what seq_lens uses: never read, so allowed
+    decode(**bad, key_codec=kf, value_codec=vf)
+
+
+def test_fake_implementation_traces_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import kvpack.kernels.int_decode  # noqa: F401 - registers the op
+
+    with FakeTensorMode():
+        q = torch.empty(2, 8, 128, dtype=torch.float16)
+        pages = torch.empty(5, 16, 2, 68, dtype=torch.uint8)
+        bt, lens = torch.empty(2, 3, dtype=torch.int32), torch.empty(2, dtype=torch.int32)
+        w = torch.empty(2, 4, 2, 128, dtype=torch.float16)
+        out = torch.ops.kvpack.int4_paged_decode(q, pages, pages, bt, lens, w, w, lens, None, None, 0.1, 4, 2, 2)
+    assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def _nvrtc_available() -> bool:
+    try:
+        from cuda.core import Program, ProgramOptions
+
+        Program('extern "C" __global__ void k() {}', "c++", options=ProgramOptions(arch="sm_90")).compile("cubin")
+    except Exception:  # noqa: BLE001 - any failure (package or libnvrtc missing) means: skip
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not _nvrtc_available(), reason="needs cuda.core and NVRTC (pip install cuda-core nvidia-cuda-nvrtc)"
+)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("gqa,kv_heads,heads_per_cta", [(4, 8, 8), (4, 8, 4), (1, 4, 4), (16, 2, 2), (3, 1, 1)])
+def test_every_variant_compiles_for_sm90(head_dim, gqa, kv_heads, heads_per_cta, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVPACK_CACHE", str(tmp_path))
+    for bf16 in (False, True):
+        v = Variant(head_dim, gqa, kv_heads, heads_per_cta, 16, 2, bf16)
+        cubin = compile_variant(v, "sm_90")
+        assert cubin[:4] == b"\x7fELF"
+        assert compile_variant(v, "sm_90") == cubin  # the disk cache returns the same bytes
+    assert math.prod(p.stat().st_size > 0 for p in tmp_path.rglob("*.cubin"))
