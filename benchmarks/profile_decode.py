@@ -13,7 +13,7 @@ import sys
 import torch
 import triton.testing
 
-from kvpack import bench
+from kvpack.bench import kernels as bench
 from kvpack.kernels.decode_attention import paged_decode_attention
 
 
