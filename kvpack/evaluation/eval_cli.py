@@ -98,8 +98,8 @@ def _block_kwargs(args: argparse.Namespace, out: dict, block: int) -> dict:
     """``--block``: the policy goes through a `KVPackCache` factory (evaluate() takes the plain fields only)."""
     from kvpack.policy import CachePolicy
 
-    if args.protocol != "snapshot" or args.pre_rope_keys:
-        raise ValueError("--block applies to the snapshot protocol's cache (without --pre-rope-keys)")
+    if args.protocol == "inforward" or args.pre_rope_keys:
+        raise ValueError("--block applies to the snapshot and decode protocols' cache (without --pre-rope-keys)")
     key = None if args.only == "v" else out["key"]
     value = None if args.only == "k" else out["value"]
     policy = CachePolicy(key, value, out["residual"], out["sinks"], out.get("skip_layers", ()), block, args.seed)
