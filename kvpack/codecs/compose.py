@@ -108,7 +108,13 @@ class PerHeadCodec:
         self._check_heads(x.shape[-3])
         data = {}
         if self.fp:
-            data["fp_heads"] = x.index_select(-3, torch.tensor(self.fp, device=x.device)).to(_fp_dtype(x.dtype))
+            kept = x.index_select(-3, torch.tensor(self.fp, device=x.device))
+            limit = torch.finfo(_fp_dtype(x.dtype)).max
+            if kept.numel() and not bool((kept.abs() <= limit).all()):
+                raise ValueError(
+                    f"x's 16-bit heads {self.fp} hold values beyond {_fp_dtype(x.dtype)} (|x| <= {limit:g})"
+                )
+            data["fp_heads"] = kept.to(_fp_dtype(x.dtype))
         for g, (codec, heads) in enumerate(self.groups):
             part = codec.encode(x.index_select(-3, torch.tensor(heads, device=x.device)).contiguous())
             data.update(nest(f"g{g}.", part.data))
@@ -141,6 +147,8 @@ class PerHeadCodec:
                 raise ValueError(
                     f"Packed tensor 'fp_heads' is {tuple(t.shape)} {t.dtype}, expected {want} {_fp_dtype(packed.dtype)}"
                 )
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                raise ValueError("Packed tensor 'fp_heads' holds NaN/Inf (corrupted)")
         devices = {t.device for t in packed.data.values()}
         if len(devices) > 1:
             raise ValueError(f"Packed tensors are on several devices: {sorted(map(str, devices))}")
