@@ -194,29 +194,52 @@ def read_header(path):
     return json.loads(json.loads(raw[8 : 8 + n])["__metadata__"]["kvpack"])
 
 
-def rechecksummed(change):
+def rechecksummed(change, path):
     """``change`` applied to the header, then the checksum recomputed: only the field checks can refuse it."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
     def apply(h):
         change(h)
-        h["sha256"] = _digest(_TENSORS[0], h)
+        h["sha256"] = _digest(tensors, h)
 
     return apply
 
 
-_TENSORS = []  # the saved file's tensors, for re-checksumming
+FIXTURE_POLICIES = [
+    CachePolicy("int:4", "int:2", residual=16, sinks=4, skip_layers=(2,), block=16),
+    # pre-RoPE keys, a 16-bit window, a per-head layer and a kept head: the other code paths of a layer
+    CachePolicy(
+        "int:4",
+        "int:2",
+        residual=16,
+        sinks=4,
+        block=32,
+        window_dtype=torch.bfloat16,
+        pre_rope_keys=True,
+        head_keys=(("int:2", None),),
+        fp_heads=((2, 1),),
+    ),
+]
+
+
+def save_fixture(tmp_path_factory, policy):
+    config = mixed_config()
+    cache = filled_cache(config, policy)
+    cache.layers[0].reorder_cache(torch.tensor([1, 0]))  # a beam order on layer 0's chunks
+    path = tmp_path_factory.mktemp("saved") / "c.safetensors"
+    save_cache(cache, path, config=config)
+    return config, cache, path
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    config = mixed_config()
-    cache = filled_cache(config, CachePolicy("int:4", "int:2", residual=16, sinks=4, skip_layers=(2,), block=16))
-    cache.layers[0].reorder_cache(torch.tensor([1, 0]))  # a beam order on layer 0's chunks
-    path = tmp_path_factory.mktemp("saved") / "c.safetensors"
-    save_cache(cache, path, config=config)
-    with safe_open(str(path), framework="pt") as f:
-        _TENSORS[:] = [{k: f.get_tensor(k) for k in f.keys()}]  # noqa: SIM118
-    return config, cache, path
+    return save_fixture(tmp_path_factory, FIXTURE_POLICIES[0])
+
+
+@pytest.fixture(scope="module", params=range(len(FIXTURE_POLICIES)))
+def any_saved(tmp_path_factory, request):
+    return save_fixture(tmp_path_factory, FIXTURE_POLICIES[request.param])
 
 
 def leaves(obj, at=()):
@@ -251,9 +274,9 @@ def same_or_refused(path, config, original):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_fuzz_edited_header_is_refused_even_rechecksummed(saved, tmp_path, data):
+def test_fuzz_edited_header_is_refused_even_rechecksummed(any_saved, tmp_path, data):
     """Any field (drawn by name, so rare fields come up as often as chunk fields) under every mutation."""
-    config, cache, path = saved
+    config, cache, path = any_saved
     header = read_header(path)
     by_name = {}
     for p in leaves(header):
@@ -268,7 +291,7 @@ def test_fuzz_edited_header_is_refused_even_rechecksummed(saved, tmp_path, data)
                 node = node[k]
             node[where[-1]] = mutate(node[where[-1]])
 
-        rewrite_header(path, tmp_path / "x", rechecksummed(change))
+        rewrite_header(path, tmp_path / "x", rechecksummed(change, path))
         same_or_refused(tmp_path / "x", config, cache)
     rewrite_header(path, tmp_path / "x", change)  # not re-checksummed: the checksum refuses it
     same_or_refused(tmp_path / "x", config, cache)
@@ -295,7 +318,7 @@ def test_fuzz_edited_header_is_refused_even_rechecksummed(saved, tmp_path, data)
 )
 def test_inconsistent_header_named(saved, tmp_path, change, match):
     config, _, path = saved
-    rewrite_header(path, tmp_path / "x", rechecksummed(change))
+    rewrite_header(path, tmp_path / "x", rechecksummed(change, path))
     with pytest.raises(ValueError, match=match):
         load_cache(tmp_path / "x", config=config)
 
@@ -318,8 +341,8 @@ def test_deeply_nested_header_is_a_value_error(saved, tmp_path):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(offset=st.integers(0, 10**9), bit=st.integers(0, 7), truncate=st.booleans())
-def test_fuzz_flipped_or_truncated_bytes_are_refused(saved, tmp_path, offset, bit, truncate):
-    config, _, path = saved
+def test_fuzz_flipped_or_truncated_bytes_are_refused(any_saved, tmp_path, offset, bit, truncate):
+    config, _, path = any_saved
     raw = bytearray(path.read_bytes())
     offset %= len(raw)
     if truncate:
