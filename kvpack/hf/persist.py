@@ -6,9 +6,18 @@ safetensors metadata with the format version, the model fingerprint (a name plus
 KV heads, head_dim and attention kinds), the policy, each layer's state and one SHA-256 over the rest
 of the header and all tensor bytes (format version 2), so an edited header fails like a flipped data
 bit. A save writes a temporary file beside the target, fsyncs it and replaces the target with it; a
-leftover of a killed save is removed by the next save or load of that path. Loading checks all of it before building the cache, so a corrupt, truncated or mismatched
-file (another model, policy, codec or format version) raises ``ValueError`` saying which; the bytes
-loaded are the bytes saved, so attention over a loaded cache equals the original exactly.
+leftover of a killed save is removed by the next save or load of that path.
+
+Loading checks everything before building the cache, and raises ``ValueError`` naming the field for
+a corrupt, truncated or mismatched file (another model, policy, codec or format version): first the
+header's structure (every field present, of its type, nothing else, nesting bounded), then the
+checksum, then every field against the tensors it describes and against what the saved policy makes
+of each layer (codec specs, shapes against the model's KV heads and head_dim, dtypes, beam order,
+sinks, block and window sizes, contiguous chunk starts ending at ``cumulative_length``, the same
+``cumulative_length`` in every layer, no tensor the header does not describe), so a header edited and
+re-checksummed is refused too unless it describes another valid cache of the same tensors (known
+case: ``pre_rope_keys`` flipped under ``window_dtype=torch.float32``, where the key dtype is float32
+either way). The bytes loaded are the bytes saved, so attention over a loaded cache equals the original.
 """
 
 from __future__ import annotations
@@ -248,15 +257,24 @@ def load_cache(
     """
     if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
         raise TypeError(f"load_cache needs config= (the model's transformers config), got {config!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must name a torch device ('cpu', 'cuda:0'...), got {device!r}") from None
     path = Path(path)
     _temp_path(path).unlink(missing_ok=True)  # a killed save's leftover
     header, tensors = _read(path)
     try:
-        return _build(header, tensors, config, policy, model_id, torch.device(device))
+        return _build(header, tensors, config, policy, model_id, device)
     except ValueError as exc:
         raise ValueError(f"{str(path)!r}: {exc}") from None
-    except (KeyError, IndexError, AttributeError, TypeError, RecursionError) as exc:  # last line of defence
-        raise ValueError(f"{str(path)!r}: malformed header ({type(exc).__name__}: {exc})") from None
+    except _UNEXPECTED as exc:  # last line of defence: the fields were checked above
+        raise ValueError(
+            f"{str(path)!r}: malformed header field model or policy ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+_UNEXPECTED = (KeyError, IndexError, AttributeError, TypeError, RecursionError)
 
 
 def _build(header: dict, tensors: dict, config, policy, model_id, device: torch.device) -> KVPackCache:
@@ -275,7 +293,10 @@ def _build(header: dict, tensors: dict, config, policy, model_id, device: torch.
     used: set[str] = set()
     for i, (layer, state) in enumerate(zip(cache.layers, header["layers"])):
         if state["initialized"]:
-            used |= _restore_layer(layer, state, tensors, i, saved_model, device)
+            try:
+                used |= _restore_layer(layer, state, tensors, i, saved_model, device)
+            except _UNEXPECTED as exc:  # last line of defence, as in load_cache
+                raise ValueError(f"malformed header field layers[{i}] ({type(exc).__name__}: {exc})") from None
     if set(tensors) - used:
         raise ValueError(f"holds tensors the header does not describe: {sorted(set(tensors) - used)[:5]}")
     held = [layer for layer in cache.layers if layer.is_initialized]

@@ -136,6 +136,9 @@ def test_bad_arguments(tmp_path):
         save_cache({}, tmp_path / "x", config=toy_config())
     with pytest.raises(TypeError, match="config"):
         save_cache(filled_cache(), tmp_path / "x")
+    save_cache(filled_cache(), tmp_path / "c", config=toy_config())
+    with pytest.raises(ValueError, match="device must name a torch device"):
+        load_cache(tmp_path / "c", config=toy_config(), device="nowhere")
 
 
 @pytest.mark.model
