@@ -92,8 +92,8 @@ def check_decode_inputs(
     ``window_keys.shape[1]`` window rows), at least one token per sequence, and the block ids of the blocks a
     row's ``seq_lens`` reaches in ``0..num_blocks - 1`` (entries past a row's length are never read, so they
     are not checked). The kernel does not bound-check its loads: without this, a bad id reads other memory
-    (NaN, garbage, or a crash). It reads the values on the host, so on CUDA it synchronizes the stream once
-    per call; while a CUDA graph is being captured (``torch.cuda.is_current_stream_capturing()``) it is
+    (NaN, garbage, or a crash). It reads one flag on the host, so on CUDA it synchronizes the stream once
+    per call (more only to name what is wrong); while a CUDA graph is being captured (``torch.cuda.is_current_stream_capturing()``) it is
     skipped, since capture forbids a sync: the inputs of a captured graph are the caller's to keep in range.
     Shapes and dtypes are assumed checked (`decode` checks them first).
     """
@@ -101,6 +101,12 @@ def check_decode_inputs(
         return
     num_blocks, block_size = key_cache.shape[0], key_cache.shape[1]
     capacity, window = block_tables.shape[1] * block_size, window_keys.shape[1]
+    bad_lens = (seq_lens < 0) | (seq_lens > capacity) | (window_lens < 0) | (window_lens > window)
+    bad_lens |= (seq_lens + window_lens) == 0
+    reached = torch.arange(block_tables.shape[1], device=seq_lens.device) * block_size < seq_lens[:, None].long()
+    bad_ids = reached & ((block_tables < 0) | (block_tables >= num_blocks))
+    if not bool(bad_lens.any() | bad_ids.any()):  # the one host sync of a valid call
+        return
     for name, lens, limit in (("seq_lens", seq_lens, capacity), ("window_lens", window_lens, window)):
         bad = ((lens < 0) | (lens > limit)).nonzero().flatten().tolist()
         if bad:
@@ -110,14 +116,11 @@ def check_decode_inputs(
     empty = ((seq_lens + window_lens) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"sequence {empty[0]} holds no token (seq_lens and window_lens both 0)")
-    reached = torch.arange(block_tables.shape[1], device=seq_lens.device) * block_size < seq_lens[:, None].long()
-    bad = (reached & ((block_tables < 0) | (block_tables >= num_blocks))).nonzero().tolist()
-    if bad:
-        b, j = bad[0]
-        raise ValueError(
-            f"block_tables[{b}, {j}] = {int(block_tables[b, j])} is outside 0..{num_blocks - 1} (the pools' blocks), "
-            f"and seq_lens[{b}] = {int(seq_lens[b])} reaches it"
-        )
+    b, j = bad_ids.nonzero()[0].tolist()
+    raise ValueError(
+        f"block_tables[{b}, {j}] = {int(block_tables[b, j])} is outside 0..{num_blocks - 1} (the pools' blocks), "
+        f"and seq_lens[{b}] = {int(seq_lens[b])} reaches it"
+    )
 
 
 def _describe(x) -> str:
