@@ -121,19 +121,33 @@ class PerHeadCodec:
         return Packed(codec=self.spec, shape=tuple(x.shape), dtype=x.dtype, data=data)
 
     def decode(self, packed: Packed) -> torch.Tensor:
-        self.check_packed(packed)
+        self._check_own(packed)  # each group's part is checked by its codec's decode
         out = torch.empty(packed.shape, dtype=packed.dtype, device=packed.device)
         if self.fp:
             out.index_copy_(-3, torch.tensor(self.fp, device=out.device), packed.data["fp_heads"].to(packed.dtype))
-        for g, (codec, heads) in enumerate(self.groups):
-            shape = (*packed.shape[:-3], len(heads), *packed.shape[-2:])
-            part = codec.decode(unnest(packed, f"g{g}.", codec, shape))  # checks its part again: cheap
+        for g, (_, heads) in enumerate(self.groups):
+            part = self._in_group(g, packed, lambda codec, inner: codec.decode(inner))
             out.index_copy_(-3, torch.tensor(heads, device=out.device), part.to(packed.dtype))
         return out
 
     def check_packed(self, packed: Packed) -> None:
         """Raise TypeError/ValueError unless ``packed`` holds this codec's groups, each as its inner codec checks it,
         and the 16-bit heads ``fp_heads`` of the right shape and dtype, and nothing else."""
+        self._check_own(packed)
+        for g in range(len(self.groups)):
+            self._in_group(g, packed, lambda codec, inner: codec.check_packed(inner))
+
+    def _in_group(self, g: int, packed: Packed, fn):
+        """``fn(codec, inner Packed)`` for group ``g``; its TypeError/ValueError say which group."""
+        codec, heads = self.groups[g]
+        shape = (*packed.shape[:-3], len(heads), *packed.shape[-2:])
+        try:
+            return fn(codec, unnest(packed, f"g{g}.", codec, shape))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"group {g} (heads {heads}, {codec.spec!r}) of {self.spec!r}: {exc}") from None
+
+    def _check_own(self, packed: Packed) -> None:
+        """The outer structure: spec, shape, no stray or missing tensors, ``fp_heads``, one device."""
         _check_outer(packed, self.spec, self.head_dim, 3)
         self._check_heads(packed.shape[-3])
         prefixes = [f"g{g}." for g in range(len(self.groups))]
@@ -152,12 +166,6 @@ class PerHeadCodec:
         devices = {t.device for t in packed.data.values()}
         if len(devices) > 1:
             raise ValueError(f"Packed tensors are on several devices: {sorted(map(str, devices))}")
-        for g, (codec, heads) in enumerate(self.groups):
-            shape = (*packed.shape[:-3], len(heads), *packed.shape[-2:])
-            try:
-                codec.check_packed(unnest(packed, prefixes[g], codec, shape))
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"group {g} (heads {heads}, {codec.spec!r}) of {self.spec!r}: {exc}") from None
 
     def bits_per_value(self) -> float:
         """Mean over the KV heads (each holds as many values): a codec's own bits, 16 for 16-bit heads."""
