@@ -20,7 +20,7 @@ import torch
 
 from kvpack.kernels.paged import PagedCodec, dequantize_rows
 
-__all__ = ["decode", "decode_ref"]
+__all__ = ["check_decode_inputs", "decode", "decode_ref"]
 
 _QUERY_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -79,26 +79,49 @@ def _check(
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-def _check_bounds(key_cache, block_tables, seq_lens, window_keys, window_lens) -> None:
-    """Refuse (ValueError) lengths beyond the pages or the window and block ids out of range, before any launch.
+def check_decode_inputs(
+    key_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    window_keys: torch.Tensor,
+    window_lens: torch.Tensor,
+) -> None:
+    """Raise ``ValueError`` unless every index the decode will follow stays inside the tensors it indexes.
 
-    One host sync (a single ``.item()``), skipped while a CUDA graph is being captured (a sync is illegal then):
-    inside a graph the kernels clamp lengths and block ids on the device instead, so they never read out of bounds.
+    ``seq_lens`` and ``window_lens`` in ``0..capacity`` (``block_tables.shape[1] * block_size`` packed tokens,
+    ``window_keys.shape[1]`` window rows), at least one token per sequence, and the block ids of the blocks a
+    row's ``seq_lens`` reaches in ``0..num_blocks - 1`` (entries past a row's length are never read, so they
+    are not checked). The kernel does not bound-check its loads: without this, a bad id reads other memory
+    (NaN, garbage, or a crash). It reads one flag on the host, so on CUDA it synchronizes the stream once
+    per call (more only to name what is wrong); while a CUDA graph is being captured (``torch.cuda.is_current_stream_capturing()``) it is
+    skipped, since capture forbids a sync: the inputs of a captured graph are the caller's to keep in range (the CUDA
+    int:4 kernel also clamps lengths and block ids on the device).
+    Shapes and dtypes are assumed checked (`decode` checks them first).
     """
-    if block_tables.is_cuda and torch.cuda.is_current_stream_capturing():
+    if seq_lens.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    num_blocks, block_size = key_cache.shape[:2]
-    capacity = block_tables.shape[1] * block_size
-    pages = (seq_lens.long()[:, None] + block_size - 1) // block_size
-    used = torch.arange(block_tables.shape[1], device=block_tables.device) < pages
-    bad_block = (((block_tables < 0) | (block_tables >= num_blocks)) & used).any()
-    bad_len = ((seq_lens < 0) | (seq_lens > capacity) | (window_lens < 0) | (window_lens > window_keys.shape[1])).any()
-    bad_block, bad_len = torch.stack([bad_block, bad_len]).tolist()  # the one host sync
-    if bad_len:
-        raise ValueError(f"seq_lens must be in [0, {capacity}] (the block table's pages) and window_lens in "
-                         f"[0, {window_keys.shape[1]}], got {seq_lens.tolist()} and {window_lens.tolist()}")  # fmt: skip
-    if bad_block:
-        raise ValueError(f"block_tables holds ids outside [0, {num_blocks}) in the pages that seq_lens use")
+    num_blocks, block_size = key_cache.shape[0], key_cache.shape[1]
+    capacity, window = block_tables.shape[1] * block_size, window_keys.shape[1]
+    bad_lens = (seq_lens < 0) | (seq_lens > capacity) | (window_lens < 0) | (window_lens > window)
+    bad_lens |= (seq_lens + window_lens) == 0
+    reached = torch.arange(block_tables.shape[1], device=seq_lens.device) * block_size < seq_lens[:, None].long()
+    bad_ids = reached & ((block_tables < 0) | (block_tables >= num_blocks))
+    if not bool(bad_lens.any() | bad_ids.any()):  # the one host sync of a valid call
+        return
+    for name, lens, limit in (("seq_lens", seq_lens, capacity), ("window_lens", window_lens, window)):
+        bad = ((lens < 0) | (lens > limit)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"{name}[{bad[0]}] = {int(lens[bad[0]])} is outside 0..{limit} (what block_tables/the window hold)"
+            )
+    empty = ((seq_lens + window_lens) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"sequence {empty[0]} holds no token (seq_lens and window_lens both 0)")
+    b, j = bad_ids.nonzero()[0].tolist()
+    raise ValueError(
+        f"block_tables[{b}, {j}] = {int(block_tables[b, j])} is outside 0..{num_blocks - 1} (the pools' blocks), "
+        f"and seq_lens[{b}] = {int(seq_lens[b])} reaches it"
+    )
 
 
 def _describe(x) -> str:
@@ -146,12 +169,12 @@ def decode(
         raise ValueError("window_keys, window_values and window_lens go together: give all three or none")
     _check(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
            key_codec, value_codec)  # fmt: skip
+    check_decode_inputs(key_cache, block_tables, seq_lens, window_keys, window_lens)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if use_kernel is None:
         use_kernel = query.is_cuda
     if kernel not in (None, "cuda", "triton"):
         raise ValueError(f"kernel must be None (chosen by shape), 'cuda' or 'triton', got {kernel!r}")
-    _check_bounds(key_cache, block_tables, seq_lens, window_keys, window_lens)
     if not use_kernel:
         ref = decode_ref(query, key_cache, value_cache, block_tables, seq_lens, key_codec=key_codec,
                          value_codec=value_codec, window_keys=window_keys, window_values=window_values,

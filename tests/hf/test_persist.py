@@ -5,10 +5,13 @@ import struct
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
 from transformers import LlamaConfig
 
 from kvpack.hf.cache import KVPackCache
-from kvpack.hf.persist import load_cache, save_cache
+from kvpack.hf.persist import _digest, load_cache, save_cache
 from kvpack.policy import CachePolicy
 
 POLICY = CachePolicy("int:4", "int:2", residual=16, sinks=4, skip_layers=(1,), block=32)
@@ -133,6 +136,9 @@ def test_bad_arguments(tmp_path):
         save_cache({}, tmp_path / "x", config=toy_config())
     with pytest.raises(TypeError, match="config"):
         save_cache(filled_cache(), tmp_path / "x")
+    save_cache(filled_cache(), tmp_path / "c", config=toy_config())
+    with pytest.raises(ValueError, match="device must name a torch device"):
+        load_cache(tmp_path / "c", config=toy_config(), device="nowhere")
 
 
 @pytest.mark.model
@@ -168,3 +174,201 @@ def test_checksum_covers_the_header_and_no_temp_file_is_left(tmp_path):
         rewrite_header(path, tmp_path / "x", change)
         with pytest.raises(ValueError, match="checksum"):
             load_cache(tmp_path / "x", config=config)
+
+
+# ---- header edits that are re-checksummed, corrupt bytes, every policy savable ------------------------------
+
+
+def mixed_config():
+    """A full, a sliding and a full layer: chunk starts of both kinds of layer are checked."""
+    return LlamaConfig(
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_size=256,
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+        sliding_window=48,
+    )
+
+
+def read_header(path):
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(json.loads(raw[8 : 8 + n])["__metadata__"]["kvpack"])
+
+
+def rechecksummed(change, path):
+    """``change`` applied to the header, then the checksum recomputed: only the field checks can refuse it."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+    def apply(h):
+        change(h)
+        h["sha256"] = _digest(tensors, h)
+
+    return apply
+
+
+FIXTURE_POLICIES = [
+    CachePolicy("int:4", "int:2", residual=16, sinks=4, skip_layers=(2,), block=16),
+    # pre-RoPE keys, a 16-bit window, a per-head layer and a kept head: the other code paths of a layer
+    CachePolicy(
+        "int:4",
+        "int:2",
+        residual=16,
+        sinks=4,
+        block=32,
+        window_dtype=torch.bfloat16,
+        pre_rope_keys=True,
+        head_keys=(("int:2", None),),
+        fp_heads=((2, 1),),
+    ),
+]
+
+
+def save_fixture(tmp_path_factory, policy):
+    config = mixed_config()
+    cache = filled_cache(config, policy)
+    cache.layers[0].reorder_cache(torch.tensor([1, 0]))  # a beam order on layer 0's chunks
+    path = tmp_path_factory.mktemp("saved") / "c.safetensors"
+    save_cache(cache, path, config=config)
+    return config, cache, path
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return save_fixture(tmp_path_factory, FIXTURE_POLICIES[0])
+
+
+@pytest.fixture(scope="module", params=range(len(FIXTURE_POLICIES)))
+def any_saved(tmp_path_factory, request):
+    return save_fixture(tmp_path_factory, FIXTURE_POLICIES[request.param])
+
+
+def leaves(obj, at=()):
+    """Every path into the header (containers too), but not the checksum itself."""
+    yield at
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        if at + (k,) != ("sha256",):
+            yield from leaves(v, at + (k,))
+
+
+MUTATIONS = [
+    lambda v: v + 1 if isinstance(v, int) and not isinstance(v, bool) else "x",
+    lambda v: v - 1 if isinstance(v, int) and not isinstance(v, bool) else None,
+    lambda v: -v if isinstance(v, int) else [],
+    lambda v: not v if isinstance(v, bool) else {},
+    lambda v: v[:-1] if isinstance(v, (list, str)) else 2**40,
+    lambda v: v + v if isinstance(v, (list, str)) else "int:3",
+    lambda v: {k: x for k, x in list(v.items())[1:]} if isinstance(v, dict) else [[[[[[v]]]]]],
+    lambda v: {**v, "extra": 1} if isinstance(v, dict) else 1.5,
+]
+
+
+def same_or_refused(path, config, original):
+    """A load either refuses with ValueError or gives the original's state (an edit that changes nothing)."""
+    try:
+        loaded = load_cache(path, config=config)
+    except ValueError:
+        return
+    same_state(original, loaded)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_edited_header_is_refused_even_rechecksummed(any_saved, tmp_path, data):
+    """Any field (drawn by name, so rare fields come up as often as chunk fields) under every mutation."""
+    config, cache, path = any_saved
+    header = read_header(path)
+    by_name = {}
+    for p in leaves(header):
+        if p:
+            by_name.setdefault(".".join(str(k) for k in p if not isinstance(k, int)), []).append(p)
+    where = data.draw(st.sampled_from(by_name[data.draw(st.sampled_from(sorted(by_name)))]))
+    for mutate in MUTATIONS:
+
+        def change(h, mutate=mutate):
+            node = h
+            for k in where[:-1]:
+                node = node[k]
+            node[where[-1]] = mutate(node[where[-1]])
+
+        rewrite_header(path, tmp_path / "x", rechecksummed(change, path))
+        same_or_refused(tmp_path / "x", config, cache)
+    rewrite_header(path, tmp_path / "x", change)  # not re-checksummed: the checksum refuses it
+    same_or_refused(tmp_path / "x", config, cache)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda h: h["layers"][0].update(chunks=[]), "packed tokens start at 100"),
+        (lambda h: h["layers"][0].update(cumulative_length=h["layers"][0]["cumulative_length"] + 7), "cumulative"),
+        (lambda h: h["layers"][2]["chunks"][0].update(start=5), "start"),
+        (lambda h: h["layers"][0]["chunks"][0]["key"]["shape"].__setitem__(-1, 32), "shape"),
+        (lambda h: h["layers"][0]["chunks"][0]["key"].update(codec="int:3"), "policy gives"),
+        (lambda h: h["policy"].update(sinks=2), "sink"),
+        (lambda h: h["policy"].update(key="int:2"), "policy gives"),
+        (lambda h: h["layers"][0].pop("dtype"), r"layers\[0\].*missing fields \['dtype'\]"),
+        (lambda h: h["layers"][0].update(chunks={"a": 1}), r"layers\[0\].chunks must be list"),
+        (lambda h: h["layers"].append({"initialized": True}), r"layers\[3\]: missing"),
+        (lambda h: h["policy"].update(layer_keys=[[[[[[["int:4"]]]]]]]), "nests deeper"),
+        (lambda h: h.update(model=None), "header.model must be dict"),
+        (lambda h: h["layers"][0]["chunks"][0].update(order=False), "does not describe"),
+        (lambda h: h["layers"][1].update(initialized=False), r"layers\[1\]: .*unknown fields \['chunks'"),
+    ],
+)
+def test_inconsistent_header_named(saved, tmp_path, change, match):
+    config, _, path = saved
+    rewrite_header(path, tmp_path / "x", rechecksummed(change, path))
+    with pytest.raises(ValueError, match=match):
+        load_cache(tmp_path / "x", config=config)
+
+
+def test_deeply_nested_header_is_a_value_error(saved, tmp_path):
+    config, _, path = saved
+    rewrite_header(path, tmp_path / "x", lambda h: h["policy"].update(key=[[[[[[[[[]]]]]]]]]))
+    with pytest.raises(ValueError, match="nests deeper"):
+        load_cache(tmp_path / "x", config=config)
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    meta = json.loads(raw[8 : 8 + n])
+    meta["__metadata__"]["kvpack"] = "[" * 100_000 + "]" * 100_000
+    new = json.dumps(meta).encode()
+    new += b" " * (-len(new) % 8)
+    (tmp_path / "deep").write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+    with pytest.raises(ValueError):
+        load_cache(tmp_path / "deep", config=config)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.integers(0, 10**9), bit=st.integers(0, 7), truncate=st.booleans())
+def test_fuzz_flipped_or_truncated_bytes_are_refused(any_saved, tmp_path, offset, bit, truncate):
+    config, _, path = any_saved
+    raw = bytearray(path.read_bytes())
+    offset %= len(raw)
+    if truncate:
+        raw = raw[:offset]
+    else:
+        raw[offset] ^= 1 << bit
+    (tmp_path / "x").write_bytes(bytes(raw))
+    with pytest.raises(ValueError):
+        load_cache(tmp_path / "x", config=config)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        CachePolicy("int:4", "int:2", residual=16, sinks=4, block=32, window_dtype=torch.float32),
+        CachePolicy("int:4", None, residual=16, sinks=4, block=32, window_dtype=torch.bfloat16, pre_rope_keys=True),
+        CachePolicy("int:4", "int:2", residual=16, sinks=4, block=32, head_keys=(("int:2", None),), fp_heads=((2, 1),)),
+    ],
+)
+def test_every_policy_saves_and_loads(tmp_path, policy):
+    config = mixed_config()
+    cache = filled_cache(config, policy)
+    save_cache(cache, tmp_path / "p.safetensors", config=config)
+    loaded = load_cache(tmp_path / "p.safetensors", config=config, policy=policy)
+    assert loaded.policy == policy
+    same_state(cache, loaded)

@@ -1,0 +1,110 @@
+"""`check_decode_inputs`: the paged decode refuses block ids and lengths outside its tensors before any work."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from kvpack import get_codec
+from kvpack.kernels.attention import check_decode_inputs, decode
+from kvpack.kernels.paged import paged_codec, rows_from_packed
+
+BLOCK, NUM_BLOCKS, MAX_BLOCKS, HEADS, D, W = 4, 6, 3, 2, 32, 3
+
+
+def case(block_tables, seq_lens, window_lens, seed=0):
+    """A tiny paged cache (int:4 K and V, every pool row a real encoded vector) and a query per sequence."""
+    g = torch.Generator().manual_seed(seed)
+    codec = get_codec("int:4", head_dim=D)
+    fmt = paged_codec(codec, "cpu")
+    rows = NUM_BLOCKS * BLOCK
+    key_cache = rows_from_packed(codec.encode(torch.randn(rows, HEADS, D, generator=g)), fmt)
+    value_cache = rows_from_packed(codec.encode(torch.randn(rows, HEADS, D, generator=g)), fmt)
+    batch = len(seq_lens)
+    inputs = {
+        "query": torch.randn(batch, HEADS * 2, D, generator=g).half(),
+        "key_cache": key_cache.reshape(NUM_BLOCKS, BLOCK, HEADS, -1).contiguous(),
+        "value_cache": value_cache.reshape(NUM_BLOCKS, BLOCK, HEADS, -1).contiguous(),
+        "block_tables": torch.tensor(block_tables, dtype=torch.int32).reshape(batch, MAX_BLOCKS),
+        "seq_lens": torch.tensor(seq_lens, dtype=torch.int32),
+        "window_keys": torch.randn(batch, W, HEADS, D, generator=g).half(),
+        "window_values": torch.randn(batch, W, HEADS, D, generator=g).half(),
+        "window_lens": torch.tensor(window_lens, dtype=torch.int32),
+    }
+    return inputs, fmt
+
+
+def valid(block_tables, seq_lens, window_lens) -> bool:
+    """The contract, one sequence at a time: lengths within capacity, a token at least, reached ids in the pools."""
+    for row, n, w in zip(block_tables, seq_lens, window_lens):
+        if not (0 <= n <= MAX_BLOCKS * BLOCK and 0 <= w <= W and n + w > 0):
+            return False
+        if any(not 0 <= row[j] < NUM_BLOCKS for j in range(math.ceil(n / BLOCK))):
+            return False
+    return True
+
+
+BAD_IDS = [-1, -16, NUM_BLOCKS, 10**6, 2**31 - 1]
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data(), batch=st.integers(1, 3), corrupt=st.sampled_from(["none", "id", "seq_len", "window_len"]))
+def test_fuzz_refused_iff_out_of_range_and_valid_inputs_decode(data, batch, corrupt):
+    """Valid inputs, then one field pushed out of range (or not): refused exactly when the contract says so."""
+    ints = st.integers
+    tables = data.draw(st.lists(st.lists(ints(0, NUM_BLOCKS - 1), min_size=MAX_BLOCKS, max_size=MAX_BLOCKS),
+                                min_size=batch, max_size=batch))  # fmt: skip
+    lens = data.draw(st.lists(ints(0, MAX_BLOCKS * BLOCK), min_size=batch, max_size=batch))
+    wins = data.draw(st.lists(ints(0, W), min_size=batch, max_size=batch))
+    b = data.draw(ints(0, batch - 1))
+    if corrupt == "id":
+        tables[b][data.draw(ints(0, MAX_BLOCKS - 1))] = data.draw(st.sampled_from(BAD_IDS))
+    elif corrupt == "seq_len":
+        lens[b] = data.draw(st.sampled_from([-1, -5, MAX_BLOCKS * BLOCK + 1, 2**31 - 1]))
+    elif corrupt == "window_len":
+        wins[b] = data.draw(st.sampled_from([-1, W + 1, 2**31 - 1]))
+    inputs, fmt = case(tables, lens, wins)
+    args = (inputs["key_cache"], inputs["block_tables"], inputs["seq_lens"], inputs["window_keys"])
+    event("valid" if valid(tables, lens, wins) else "refused")
+    if not valid(tables, lens, wins):
+        with pytest.raises(ValueError, match="block_tables|seq_lens|window_lens|no token"):
+            check_decode_inputs(*args, inputs["window_lens"])
+        with pytest.raises(ValueError):
+            decode(**inputs, key_codec=fmt, value_codec=fmt, use_kernel=False)
+        return
+    check_decode_inputs(*args, inputs["window_lens"])
+    out = decode(**inputs, key_codec=fmt, value_codec=fmt, use_kernel=False)
+    assert out.shape == (batch, HEADS * 2, D) and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("bad_id", [-1, -16, NUM_BLOCKS, 2**31 - 1, 10**6])
+def test_kernel_path_refuses_before_launch(bad_id):
+    """The ids that crashed the process or gave NaN through the kernel are refused before it runs."""
+    inputs, fmt = case([[0, 1, 2], [3, bad_id, 4]], [6, 5], [1, 0])
+    with pytest.raises(ValueError, match=rf"block_tables\[1, 1\] = {bad_id} is outside 0..{NUM_BLOCKS - 1}"):
+        decode(**inputs, key_codec=fmt, value_codec=fmt, use_kernel=True)
+
+
+def test_ids_past_a_rows_length_are_not_read_so_not_checked():
+    inputs, fmt = case([[0, -1, 10**6], [5, 4, 3]], [3, 12], [2, 0])
+    out = decode(**inputs, key_codec=fmt, value_codec=fmt, use_kernel=False)
+    assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize(
+    "lens, wins, match",
+    [
+        ([13, 1], [0, 0], r"seq_lens\[0\] = 13 is outside 0..12"),
+        ([-1, 1], [1, 0], r"seq_lens\[0\] = -1"),
+        ([1, 1], [0, 4], r"window_lens\[1\] = 4 is outside 0..3"),
+        ([1, 0], [0, 0], "sequence 1 holds no token"),
+    ],
+)
+def test_lengths_named(lens, wins, match):
+    inputs, fmt = case([[0, 1, 2], [3, 4, 5]], lens, wins)
+    with pytest.raises(ValueError, match=match):
+        decode(**inputs, key_codec=fmt, value_codec=fmt)
