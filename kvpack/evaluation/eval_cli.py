@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sinks", type=int, default=None, help="first tokens kept in full precision (default 4)")
     parser.add_argument("--skip-layers", default=None, help="comma-separated layer indices kept in full precision")
     parser.add_argument("--preset", default=None, help="a named policy instead of --key/--value/--residual/--sinks")
+    parser.add_argument(
+        "--no-calibration", action="store_true", help="--preset from the model's config alone (no calibration run)"
+    )
     parser.add_argument("--policy", default=None, metavar="PATH", help="a policy JSON file (kvpack allocate)")
     parser.add_argument("--ctx", type=int, default=1024, help="context tokens per window")
     parser.add_argument("--n-eval", type=int, default=256, help="continuation tokens scored per window")
@@ -55,7 +58,7 @@ def _policy_kwargs(args: argparse.Namespace) -> dict:
         clash = [f"--{name.replace('_', '-')}" for name, v in given.items() if v is not None]
         if clash:
             raise ValueError(f"--preset {args.preset} replaces {', '.join(clash)}: give one or the other")
-        return {"preset": args.preset}
+        return {"preset": args.preset, "calibration": not getattr(args, "no_calibration", False)}
     out = {name: DEFAULTS[name] if given[name] is None else given[name] for name in DEFAULTS}
     out["key"], out["value"] = (None if s.lower() == "none" else s for s in (out["key"], out["value"]))
     if given["skip_layers"]:
