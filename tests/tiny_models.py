@@ -43,15 +43,15 @@ def tiny_qwen3():
 
 def tiny_mistral():
     return MistralForCausalLM(
-        MistralConfig(**COMMON, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, sliding_window=24)
+        MistralConfig(**COMMON, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, sliding_window=512)
     )
 
 
 def tiny_gemma3():
-    """Gemma3: sliding (window 24), sliding, full layers; qk-norm; one KV head of head_dim 256."""
+    """Gemma3: sliding (window 512, as Gemma3-270M's), sliding, full layers; qk-norm; one KV head of head_dim 256."""
     config = Gemma3TextConfig(
         **{**COMMON, "num_hidden_layers": 3}, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=256, sliding_window=24, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        head_dim=256, sliding_window=512, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
     )  # fmt: skip
     return Gemma3ForCausalLM(config)
 
