@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvpack.codec import get_codec
-from kvpack.hf.cache import KVPackCache, layer_kinds
+from kvpack.hf.cache import layer_kinds
 from kvpack.hf.config import model_heads, text_config
 from kvpack.policy import FP16_BITS, CachePolicy, layer_bits, load_policy, save_policy
 from kvpack.tuning.allocate import allocate_bits, policy_for
@@ -181,23 +181,43 @@ def rule_policy(name: str, config, seed: int = 0) -> CachePolicy:
 # ---- calibration ------------------------------------------------------------------------------------------
 
 
-def _continue(model, prefill, cont: torch.Tensor, policy: CachePolicy) -> torch.Tensor:
-    """Log-probs ``(n, vocab)`` of ``cont`` teacher-forced after the exact ``prefill`` K/V stored under ``policy``."""
-    cache = KVPackCache(model.config, policy=policy)
+def _packed_range(tokens: int, sliding: bool) -> tuple[int, int]:
+    """``[lo, hi)``: the tokens of a layer holding ``tokens`` after a prefill that the recipe's cache packs."""
+    sinks = 0 if sliding else min(SINKS, tokens)
+    return sinks, sinks + max(tokens - sinks - RESIDUAL, 0) // BLOCK * BLOCK
+
+
+def _batched_cache(model, prefill, rows: list[tuple[int, int, torch.Tensor]]):
+    """A DynamicCache of ``len(rows)`` rows: the exact ``prefill`` K/V, except that row ``r`` holds
+    ``rows[r] = (layer, stream, replacement)`` in place of that layer's K (0) or V (1)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
     for i, (k, v) in enumerate(prefill):
-        cache.update(k, v, i)
-    return F.log_softmax(model(cont, past_key_values=cache).logits[0].float(), -1)
+        kv = [k.expand(len(rows), *k.shape[1:]), v.expand(len(rows), *v.shape[1:])]
+        for r, (layer, stream, x) in enumerate(rows):
+            if layer == i:
+                kv[stream] = kv[stream].clone() if kv[stream].stride(0) == 0 else kv[stream]
+                kv[stream][r] = x[0]
+        cache.update(kv[0], kv[1], i)
+    return cache
 
 
-def measure_sensitivity(model, windows: list[torch.Tensor], ctx: int, progress: bool = True) -> torch.Tensor:
-    """``D`` float64 ``(layers, 2, len(CANDIDATES))``: mean KL per continuation token with only that layer's K
-    (0) or V (1) through that candidate, under the recipe's sinks/residual/block (16-bit parts in the model
-    dtype, so ``D`` is the codec's effect); NaN where a candidate is not one for that stream."""
+def measure_sensitivity(
+    model, windows: list[torch.Tensor], ctx: int, progress: bool = True, batch: int = 8
+) -> torch.Tensor:
+    """``D`` float64 ``(layers, 2, len(CANDIDATES))``: mean KL(exact || compressed) per continuation token with
+    only that layer's K (0) or V (1) stored through that candidate, as the recipe's cache holds it after a clean
+    prefill of ``ctx`` tokens (sinks and the last ``RESIDUAL``.. tokens exact, the packed blocks decoded), the
+    rest of each window teacher-forced in one forward; NaN where a candidate is not one for that stream.
+    ``batch`` such caches go through one forward (rows of a DynamicCache: the same attention as `KVPackCache`
+    for per-token codecs, whose blocks decode token by token)."""
     from transformers import DynamicCache
 
     num_layers = text_config(model.config).num_hidden_layers
-    dtype = next(model.parameters()).dtype
-    fields = {**_recipe_fields(0), "window_dtype": dtype}
+    _, head_dim = model_heads(model.config)
+    codecs = [get_codec(c, head_dim=head_dim) for c in CANDIDATES]
+    sliding = [w is not None for w in layer_kinds(model.config)]
     items = [(i, s, j) for i in range(num_layers) for s in range(2) for j, c in enumerate(CANDIDATES)
              if s == 1 or c in KEY_CANDIDATES]  # fmt: skip
     d = torch.full((num_layers, 2, len(CANDIDATES)), float("nan"), dtype=torch.float64)
@@ -209,15 +229,24 @@ def measure_sensitivity(model, windows: list[torch.Tensor], ctx: int, progress: 
             recorder = DynamicCache(config=model.config)
             model(ids[:, :ctx], past_key_values=recorder, logits_to_keep=1)
             prefill = [(layer.keys, layer.values) for layer in recorder.layers]
-            ref = _continue(model, prefill, ids[:, ctx:], CachePolicy(None, None, **fields))
-            for i, s, j in items:
-                specs = [None] * num_layers
-                specs[i] = CANDIDATES[j]
-                keys, values = (specs, [None] * num_layers) if s == 0 else ([None] * num_layers, specs)
-                policy = CachePolicy(None, None, layer_keys=tuple(keys), layer_values=tuple(values), **fields)
-                out = _continue(model, prefill, ids[:, ctx:], policy)
-                d[i, s, j] += (ref.exp() * (ref - out)).sum(-1).clamp_min(0).mean().item() / len(windows)
-                bar.update()
+            ref = F.log_softmax(model(ids[:, ctx:], past_key_values=_batched_cache(model, prefill, [(-1, 0, None)]))
+                                .logits[0].float(), -1)  # fmt: skip
+            for chunk in range(0, len(items), batch):
+                rows = []
+                for i, s, j in items[chunk : chunk + batch]:
+                    x = prefill[i][s]
+                    lo, hi = _packed_range(x.shape[-2], sliding[i])
+                    y = x.clone()
+                    y[..., lo:hi, :] = codecs[j].decode(codecs[j].encode(x[..., lo:hi, :].contiguous())).to(x.dtype)
+                    rows.append((i, s, y))
+                cont = ids[:, ctx:].expand(len(rows), -1)
+                out = F.log_softmax(
+                    model(cont, past_key_values=_batched_cache(model, prefill, rows)).logits.float(), -1
+                )
+                kl = (ref.exp() * (ref - out)).sum(-1).clamp_min(0).mean(-1)
+                for (i, s, j), value in zip(items[chunk : chunk + batch], kl.tolist()):
+                    d[i, s, j] += value / len(windows)
+                bar.update(len(rows))
     bar.close()
     return d
 
@@ -250,27 +279,37 @@ def _calibration_windows(model, text, tokenizer) -> list[torch.Tensor]:
 
 def calibrated_policy(name: str, model, tokenizer=None, text=None, seed: int = 0, progress: bool = True) -> CachePolicy:
     """Preset ``name``'s policy for ``model``, calibrated (:func:`measure_sensitivity`) on ``text`` (``None``: the
-    embedded text; or 1-D token ids) and cached under :func:`cache_dir` by :func:`model_hash`."""
+    embedded text; or 1-D token ids) and cached under :func:`cache_dir` (or shipped in ``kvpack/presets``) by
+    :func:`model_hash`, the calibration tokens' digest and ``RECIPE_VERSION``; the sensitivity table is cached
+    too, so the other presets of the same model reuse it."""
     budget = _check_name(name)
-    label = "ids:" + hashlib.sha256(text.cpu().numpy().tobytes()).hexdigest()[:16] if isinstance(
-        text, torch.Tensor) else str(text)  # fmt: skip
-    key = hashlib.sha256(f"{model_hash(model)}|{label}|{RECIPE_VERSION}".encode()).hexdigest()[:24]
-    path = cache_dir() / f"{key}-{name}.json"
-    if path.is_file():
-        logger.info("preset %s: cached calibration %s", name, path)
-        return _with_seed(load_policy(path), seed)
-    table = cache_dir() / f"{key}-sensitivity.pt"
+    windows = _calibration_windows(model, text, tokenizer)
+    digest = hashlib.sha256(b"".join(w.cpu().numpy().tobytes() for w in windows)).hexdigest()
+    key = hashlib.sha256(f"{model_hash(model)}|{digest}|{RECIPE_VERSION}".encode()).hexdigest()[:24]
+    for path in (cache_dir() / f"{key}-{name}.json", _shipped(f"{key}-{name}.json")):
+        if path is not None and path.is_file():
+            logger.info("preset %s: cached calibration %s", name, path)
+            return _with_seed(load_policy(path), seed)
+    path, table = cache_dir() / f"{key}-{name}.json", cache_dir() / f"{key}-sensitivity.pt"
     if table.is_file():
         d = torch.load(table)
     else:
-        d = measure_sensitivity(model, _calibration_windows(model, text, tokenizer), CALIB_CTX, progress)
+        d = measure_sensitivity(model, windows, CALIB_CTX, progress)
         table.parent.mkdir(parents=True, exist_ok=True)
         torch.save(d, table)
     policy = solve_budget(d, model.config, budget, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_policy(policy, path, preset=name, budget=budget, budget_ctx=BUDGET_CTX, recipe_version=RECIPE_VERSION,
-                text=label, held_bits=held_bits(policy, model.config))  # fmt: skip
+                calibration_digest=digest, held_bits=held_bits(policy, model.config))  # fmt: skip
     return _with_seed(policy, seed)
+
+
+def _shipped(name: str) -> Path | None:
+    """A calibrated policy shipped as package data (``kvpack/presets``), e.g. SmolLM2's, or ``None``."""
+    from importlib import resources
+
+    entry = resources.files("kvpack.presets") / name
+    return Path(str(entry)) if entry.is_file() else None
 
 
 def _with_seed(policy: CachePolicy, seed: int) -> CachePolicy:
