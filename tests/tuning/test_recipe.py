@@ -124,7 +124,8 @@ def test_measured_sensitivity_is_zero_for_8_bits_and_grows_as_bits_drop():
     tm = [CANDIDATES.index(f"turbo_mse:{b}") for b in (1, 2, 3, 4)]
     v = d[:, 1, tm].sum(0)  # summed over layers: fewer bits cost more
     assert (v[:-1] > v[1:]).all()
-    assert d[:, :, CANDIDATES.index("int:8")].sum() < d[:, :, tm[-1]].sum() / 10
+    assert torch.isnan(d[:, 1, CANDIDATES.index("int:8")]).all()  # no 8-bit values
+    assert d[:, 0, CANDIDATES.index("int:8")].max() < 1e-5  # 8-bit keys: at the float-rounding floor
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llama"])
@@ -137,7 +138,7 @@ def test_batched_measurement_equals_one_kvpackcache_per_item(family):
     with torch.inference_mode():
         recorder = DynamicCache(config=model.config)
         model(ids[None, :540], past_key_values=recorder)
-        for layer, stream, spec in [(0, 0, "turbo_mse:2"), (2, 1, "turbo_mse:1"), (1, 1, "int:8")]:
+        for layer, stream, spec in [(0, 0, "turbo_mse:2"), (2, 1, "turbo_mse:1"), (1, 0, "int:8")]:
             logps = []
             for key, value in ((None, None), (spec, None) if stream == 0 else (None, spec)):
                 keys, values = (tuple(x if i == layer else None for i in range(3)) for x in (key, value))
