@@ -5,6 +5,9 @@ within ``BUDGETS`` bits as held at ``BUDGET_CTX`` tokens, calibrated on the mode
 from its config alone (``calibration=False``, ``--no-calibration``). :func:`resolve_preset` is the one place
 the evaluation commands turn a preset name into a policy.
 
+SmolLM2-135M's calibrated recipes ship as package data (``kvpack/presets/{key}-{preset}.json``), so that model
+needs no calibration run; any other model calibrates once (minutes) and reuses its cached result.
+
 ``PRESETS`` maps other names to fixed `kvpack.CachePolicy` keyword arguments (none ship now; tests and
 callers may add some). The SmolLM2-only tables that used to ship here (``residual=0, block=1``, chosen on the
 snapshot protocol) lost ~+8.8% ppl in generation-like decoding; they are kept, with their results, in
