@@ -160,7 +160,10 @@ def solve_budget(sensitivity: torch.Tensor, config, budget: float, seed: int = 0
     for _ in range(32):  # sliding layers weigh less than full ones in held_bits: tighten until it fits
         if codec_budget < min(bits):
             break
-        choice = allocate_bits(sensitivity.reshape(2 * num_layers, -1), bits, codec_budget)
+        table = sensitivity.reshape(2 * num_layers, -1)
+        choice = allocate_bits(table, bits, codec_budget)
+        if not bool(table[torch.arange(len(choice)), choice].isfinite().all()):
+            break  # allocate_bits found no choice of allowed (non-NaN) candidates within the budget
         policy = policy_for(choice, CANDIDATES, num_layers, **fields)
         excess = held_bits(policy, config) - budget
         if excess <= 1e-9:

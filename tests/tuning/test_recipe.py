@@ -156,3 +156,9 @@ def test_solve_budget_refuses_an_impossible_budget():
     config = smollm2_config()
     with pytest.raises(ValueError, match="cannot be met"):
         recipe.solve_budget(recipe.rule_sensitivity(config), config, 1.0)
+    only_two_bits_and_up = recipe.rule_sensitivity(config)
+    only_two_bits_and_up[:, 1, CANDIDATES.index("turbo_mse:1")] = float("nan")
+    with pytest.raises(ValueError, match="cannot be met"):  # 2.25 bits at the least: never a NaN candidate
+        recipe.solve_budget(only_two_bits_and_up, config, 2.5)
+    policy = rule_policy("2.5bit", config)  # falls back to 1-bit values, never to 1-bit keys
+    assert "turbo_mse:1" not in policy.layer_keys and "turbo_mse:1" in policy.layer_values
