@@ -45,7 +45,8 @@ decoding through `KVPackCache` to 1e-5 on a tiny model), WikiText-2 test, 2 wind
 - The recipes, decode, ctx 1024, n_eval 256, 2 windows (bits as held at 1024 tokens):
   calibrated ``4bit`` (4.250 bits) +2.31% / 94.7% / KL 0.0128; ``3bit`` (3.245) +4.50% / 87.3% / 0.051;
   ``2.5bit`` (2.486) +33.6% / 79.7% / 0.223. Rule ``4bit`` +2.59% / 94.7% / 0.0196; ``3bit`` +14.2% / 86.7% /
-  0.109 (with weight 16 and 1-bit values allowed: +39%, V at 1 bit in 25 layers, hence the 1-bit exclusion).
+  0.109 (with weight 16 and 1-bit values allowed: +39%, V at 1 bit in 25 layers, hence the 1-bit exclusion);
+  ``2.5bit`` (2.486, 1-bit values in every layer: the budget needs them) +119% / 65.6% / 0.684.
   All miss the SmolLM2 targets (4bit <= +0.5% / >= 97%, 3bit <= +1.5% / >= 94%, 2.5bit <= +5%): at head_dim
   64 the window, sink and block slack (32 16-bit tokens at 1024) cost 0.38-0.44 bits of the budget, leaving
   3.87 / 2.84 / 2.06 codec bits per value.
