@@ -122,6 +122,15 @@ class CachePolicy:
         for spec in self.all_specs():
             self._codec(spec, 64)
 
+    @classmethod
+    def preset(cls, name: str, model, *, calibration: bool = True, **kwargs) -> CachePolicy:
+        """Preset ``name`` (``"4bit"``, ``"3bit"``, ``"2.5bit"``) derived for ``model`` (a transformers model or a
+        ``(model, tokenizer)`` pair): calibrated and cached, or from its config alone (``calibration=False``).
+        ``kwargs`` go to `kvpack.tuning.recipe.recipe_policy` (``text``, ``seed``, ``progress``)."""
+        from kvpack.tuning.recipe import recipe_policy
+
+        return recipe_policy(name, model, calibration=calibration, **kwargs)
+
     def all_specs(self) -> tuple[str, ...]:
         """Every distinct codec spec the policy names (``key``/``value``, per layer, per head), in order."""
         per_head = [s for heads in (*self.head_keys, *self.head_values) if heads is not None for s in heads]

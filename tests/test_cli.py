@@ -174,7 +174,7 @@ def test_sweep_peers_without_their_package_fail_before_the_model(monkeypatch, ca
         (["eval", "--text", "."], "is a directory, not a text file"),
         (["eval", "--block", "0"], "block"),
         (["eval", "--block", "1", "--protocol", "inforward"], "--block applies to the snapshot and decode"),
-        (["eval", "--pre-rope-keys", "--protocol", "inforward"], "--pre-rope-keys works with --protocol snapshot"),
+        (["eval", "--pre-rope-keys", "--protocol", "inforward"], "--pre-rope-keys works with --protocol decode or snapshot"),
         (["eval", "--preset", "4bit", "--block", "1"], "--preset 4bit replaces --block"),
         (["needle", "--block", "0"], "block"),
         (["sweep", "--block", "1"], "need --key and/or --value"),

@@ -28,9 +28,9 @@ MODEL_HELP = "'smollm2' (SmolLM2-135M, offline), a .gguf file, a local model dir
 
 
 def preset_names() -> str:
-    from kvpack.evaluation.presets import PRESETS
+    from kvpack.evaluation.presets import known_presets
 
-    return ", ".join(sorted(PRESETS)) or "none yet"
+    return ", ".join(known_presets())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
         default=None,
-        help=f"a named policy instead of --key/--value/--residual/--sinks/--block: {preset_names()}",
+        help=f"a policy derived for the loaded model instead of --key/--value/--residual/--sinks/--block: {preset_names()}",
+    )
+    parser.add_argument(
+        "--no-calibration", action="store_true", help="--preset from the model's config alone (no calibration run)"
     )
     parser.add_argument("--policy", default=None, metavar="PATH", help="a policy JSON file (kvpack allocate)")
     parser.add_argument("--ctx", type=int, default=1024, help="context tokens per window")
@@ -81,7 +84,7 @@ def _policy_kwargs(args: argparse.Namespace) -> dict:
         clash = [f"--{name.replace('_', '-')}" for name, v in given.items() if v is not None]
         if clash:
             raise ValueError(f"--preset {args.preset} replaces {', '.join(clash)}: give one or the other")
-        return {"preset": args.preset}
+        return {"preset": args.preset, "calibration": not getattr(args, "no_calibration", False)}
     out = {name: DEFAULTS[name] if given[name] is None else given[name] for name in DEFAULTS}
     out["key"], out["value"] = (None if s.lower() == "none" else s for s in (out["key"], out["value"]))
     if given["skip_layers"]:
@@ -234,15 +237,14 @@ def _preflight(args: argparse.Namespace, kwargs: dict) -> None:
     from kvpack.evaluation.text import load_text
     from kvpack.policy import CachePolicy
 
-    if args.pre_rope_keys and args.protocol != "snapshot":
+    if args.pre_rope_keys and args.protocol == "inforward":
         raise ValueError(
-            "--pre-rope-keys works with --protocol snapshot (the inforward round trip sees post-RoPE keys)"
+            "--pre-rope-keys works with --protocol decode or snapshot (the inforward round trip sees post-RoPE keys)"
         )
     if "preset" in kwargs:
-        from kvpack.evaluation.presets import PRESETS
+        from kvpack.evaluation.presets import check_preset
 
-        if kwargs["preset"] not in PRESETS:
-            raise ValueError(f"unknown preset {kwargs['preset']!r}; known presets: {preset_names()}")
+        check_preset(kwargs["preset"])
     elif "cache_factory" not in kwargs:
         CachePolicy(kwargs["key"], kwargs["value"], kwargs["residual"], kwargs["sinks"], kwargs.get("skip_layers", ()))
     load_text(args.text)

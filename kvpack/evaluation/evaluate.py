@@ -178,13 +178,16 @@ def _bits_of(cache) -> tuple[float, float] | None:
     return None
 
 
-def _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys=False) -> CachePolicy:
+def _resolve_policy(
+    preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys=False, model=None, calibration=True
+) -> CachePolicy:
     if preset is not None:
-        from kvpack.evaluation.presets import PRESETS
+        from kvpack.evaluation.presets import check_preset, resolve_preset
 
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; known presets: {sorted(PRESETS) or 'none yet'}")
-        policy = CachePolicy(**{"seed": seed, **PRESETS[preset]})
+        check_preset(preset)
+        if model is None:  # checked before the model loads; resolved (for this model) after
+            return CachePolicy(None, None, pre_rope_keys=pre_rope_keys)
+        policy = resolve_preset(preset, model, calibration, seed)
         policy = replace(policy, pre_rope_keys=True) if pre_rope_keys else policy
     else:
         policy = CachePolicy(key, value, residual, sinks, tuple(skip_layers), None, seed, pre_rope_keys=pre_rope_keys)
@@ -222,12 +225,14 @@ def evaluate(
     seed: int = 0,
     reference_memo: dict | None = None,
     pre_rope_keys: bool = False,
+    calibration: bool = True,
 ) -> EvalResult:
     """Evaluate a cache policy on ``windows`` windows of ``ctx`` + ``n_eval`` tokens of ``text``.
 
     ``model``: a name/path for `kvpack.evaluation.models.load` or a ``(model, tokenizer)`` pair. ``text``: a path,
     ``"wikitext2"``, ``None`` (the embedded default) or a 1-D LongTensor of token ids. ``preset``
-    replaces key/value/residual/sinks/skip_layers by a named policy from `kvpack.evaluation.presets`.
+    replaces key/value/residual/sinks/skip_layers by a named policy from `kvpack.evaluation.presets`, derived for
+    the model (calibrated unless ``calibration=False``).
     ``only="k"``/``"v"`` compresses one stream. ``pre_rope_keys``: keys packed with RoPE undone (KVQuant;
     snapshot and decode). ``cache_factory(config) -> Cache`` evaluates another
     cache (snapshot, or decode for a `KVPackCache`; ``bits`` gives its bits when it cannot report them). ``reference_memo``: a
@@ -256,6 +261,9 @@ def evaluate(
         (lm, tokenizer), model_name = model, getattr(model[0].config, "_name_or_path", "") or type(model[0]).__name__
     else:
         raise TypeError(f"model must be a name/path or a (model, tokenizer) pair, got {type(model).__name__}")
+    if preset is not None:
+        policy = _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys,
+                                 (lm, tokenizer), calibration)  # fmt: skip
     if isinstance(text, torch.Tensor):
         ids, label = text.long().flatten(), "token ids"
     else:

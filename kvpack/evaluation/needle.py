@@ -357,6 +357,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", action="append", default=None, help=f"a named policy; repeat for several: {preset_names()}"
     )
+    parser.add_argument("--no-calibration", action="store_true", help="presets from the model's config alone")
     parser.add_argument("--lengths", default="1024,2048,4096", help="prompt lengths in tokens, answer included")
     parser.add_argument("--depths", default="0,25,50,75,100", help="needle depths, percent of the haystack")
     parser.add_argument("--trials", type=int, default=3, help="passkeys per (length, depth) cell")
@@ -391,13 +392,11 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, CachePolicy | None]
         policy = CachePolicy(key, value, pick["residual"], pick["sinks"], skip, pick["block"], args.seed)
         block = "" if pick["block"] is None else f" b={pick['block']}"
         configs[f"k={key} v={value} r={pick['residual']} s={pick['sinks']}{block}"] = policy
-    for preset in args.preset or ():
-        from kvpack.evaluation.presets import PRESETS
+    for preset in args.preset or ():  # resolved for the model once it is loaded (`preset_configs`)
+        from kvpack.evaluation.presets import check_preset
 
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; known presets: {sorted(PRESETS) or 'none yet'}")
-        configs[f"preset {preset}"] = CachePolicy(**{"seed": args.seed, **PRESETS[preset]})
-    if len(configs) == (0 if args.no_reference else 1):  # nothing compressed asked: the eval default
+        check_preset(preset)
+    if len(configs) == (0 if args.no_reference else 1) and not args.preset:  # nothing asked: the eval default
         configs["k={key} v={value} r={residual} s={sinks}".format(**DEFAULTS)] = CachePolicy(
             DEFAULTS["key"], DEFAULTS["value"], DEFAULTS["residual"], DEFAULTS["sinks"], skip, None, args.seed
         )
@@ -413,6 +412,10 @@ def run(args: argparse.Namespace) -> int:
     configs = configs_from_args(args)
     filler = None if args.text is None else load_text(args.text)
     model, tokenizer = load(args.model)
+    from kvpack.evaluation.presets import resolve_preset
+
+    for preset in args.preset or ():
+        configs[f"preset {preset}"] = resolve_preset(preset, (model, tokenizer), not args.no_calibration, args.seed)
     result = run_needle(
         model, tokenizer, configs, lengths, depths, args.trials, filler, args.seed, progress=not args.no_progress,
         model_name=str(args.model), filler_label="sentences" if args.text is None else text_label(args.text),

@@ -263,12 +263,14 @@ def configs_from_args(args: argparse.Namespace) -> list[SweepConfig]:
 
 
 def _preset_config(preset, name, what: str) -> SweepConfig:
-    from kvpack.evaluation.presets import PRESETS
+    from kvpack.evaluation.presets import check_preset
 
     if not isinstance(preset, str):
         raise TypeError(f"{what} must be a preset name, got {preset!r}")
-    if preset not in PRESETS:
-        raise ValueError(f"{what}: unknown preset {preset!r}; known presets: {sorted(PRESETS) or 'none yet'}")
+    try:
+        check_preset(preset)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
     return SweepConfig(name=str(name or f"preset {preset}"), preset=preset)
 
 
@@ -316,6 +318,7 @@ def run_sweep(
     seed: int = 0,
     progress: bool = True,
     protocol: str = "decode",
+    calibration: bool = True,
 ) -> list[dict]:
     """Evaluate every configuration on the same windows under ``protocol``; one row (dict) per configuration.
 
@@ -346,15 +349,14 @@ def run_sweep(
         result = evaluate(
             model, text=text, ctx=ctx, n_eval=n_eval, windows=windows, protocol=ran, seed=seed,
             progress=progress, reference_memo=memo, **_evaluate_kwargs(config),
+            **({"calibration": calibration} if config.preset is not None else {}),
         )  # fmt: skip
         row = {**asdict(config), "kind": config.kind}
         row.update({k: _jsonable(row[k]) for k in ("skip_layers", "layer_keys", "layer_values", "fp_heads", "head_keys",
                                                  "head_values")})  # fmt: skip
-        if config.preset is not None:  # what the preset stands for
-            from kvpack.evaluation.presets import PRESETS
-
-            row.update({k: _jsonable(v) for k, v in PRESETS[config.preset].items() if k in row})
         metrics = result.to_dict()
+        if config.preset is not None:  # what the preset stands for on this model
+            row.update({k: _jsonable(v) for k, v in metrics["policy"].items() if k not in ("only", "cache_factory")})
         row.update({k: metrics[k] for k in (
             "ppl_ref", "ppl", "delta_ppl_pct", "delta_ppl_pct_std", "top1", "top1_std", "kl", "kl_std",
             "bits_k", "bits_v", "bits_per_value", "verdict", "seconds_per_window")})  # fmt: skip
@@ -469,6 +471,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--residual 0 packs every token past the sinks)")  # fmt: skip
     parser.add_argument("--skip-layers", action="extend", nargs="+", help="comma-separated 16-bit layers (several)")
     parser.add_argument("--preset", action="extend", nargs="+", help=f"named presets (several): {preset_names()}")
+    parser.add_argument("--no-calibration", action="store_true", help="presets from the model's config alone")
     parser.add_argument("--peers", nargs="*", default=None, metavar="SPEC",
                         help="transformers QuantizedCache peers, e.g. quanto:4 hqq:2 fp8 (alone: all)")  # fmt: skip
     parser.add_argument("--ctx", type=int, default=1024, help="context tokens per window")
@@ -497,7 +500,8 @@ def run(args: argparse.Namespace) -> int:
     model = load(args.model, device=args.device)
     started = datetime.datetime.now(datetime.UTC)
     rows = run_sweep(model, configs, text=args.text, ctx=args.ctx, n_eval=args.n_eval, windows=args.windows,
-                     seed=args.seed, progress=not args.no_progress, protocol=args.protocol)  # fmt: skip
+                     seed=args.seed, progress=not args.no_progress, protocol=args.protocol,
+                     calibration=not args.no_calibration)  # fmt: skip
     from kvpack.evaluation.text import describe_text
 
     print(f"kvpack sweep  model={args.model}  ctx={args.ctx}  n_eval={args.n_eval}  windows={args.windows}  "

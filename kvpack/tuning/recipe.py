@@ -1,0 +1,373 @@
+"""Preset recipes: ``4bit`` / ``3bit`` / ``2.5bit`` derived for the model at hand, not a table of one model.
+
+A recipe is a budget (``BUDGETS``: average bits per value of K and V as a `KVPackCache` holds them after a
+prefill of ``BUDGET_CTX`` tokens, everything counted: 16-bit sinks and residual window, packed codes, scales
+and norms) and a fixed cache shape (``SINKS`` attention sinks, a ``RESIDUAL``-token 16-bit window of the newest
+tokens packed in blocks of ``BLOCK``). What varies per model is the codec of each (layer, stream), chosen from
+``CANDIDATES`` (codecs the paged decode kernels read: ``turbo_mse`` 1-4 bits, ``int:8``) by the exact
+multiple-choice knapsack of `kvpack.tuning.allocate` over a sensitivity table ``D[layer, stream, codec]``:
+
+- ``calibration=True`` (default): ``D`` measured on the model (:func:`measure_sensitivity`): on
+  ``CALIB_WINDOWS`` windows of the calibration text (`kvpack.evaluation.text.load_text(None)`, spans disjoint
+  from the evaluation windows), a clean prefill of ``CALIB_CTX`` tokens stored with ONE layer's K or V through a
+  candidate codec, the recipe's own sinks/residual/block, everything else exact, and ``CALIB_TOKENS`` tokens
+  teacher-forced through it: mean KL(exact || compressed) per token. The result is cached as a policy file by
+  model hash (:func:`model_hash`) under :func:`cache_dir` and reused.
+- ``calibration=False``: ``D`` from the config alone (:func:`rule_sensitivity`): ``STREAM_WEIGHT[stream] *
+  mse(codec, head_dim)``, the relative MSE of the codec on seeded Gaussian vectors of the model's head_dim
+  (what `turbo_mse`'s rotation makes K/V look like), weighted per layer by the tokens the layer holds at the
+  budget context (a sliding-window layer holds at most its window).
+
+The budget is solved with the residual window included: the codec bits per value the knapsack may spend are
+``(budget * held - 16 * held_16bit) / packed`` tokens, lowered until :func:`held_bits` (which mirrors
+`KVPackLayer`'s accounting; tests check it against a real cache) is within the budget.
+
+Why this shape. Measured on SmolLM2-135M (float32, CPU, 2026-12-01); "decode" numbers are generation-like
+teacher forcing (clean prefill of 1024 tokens, then each of 256 tokens attends to the past as `KVPackCache`
+holds it during `generate`: sinks, the 16-bit window, the packed blocks; checked against one-token-per-forward
+decoding through `KVPackCache` to 1e-5 on a tiny model), WikiText-2 test, 2 windows:
+
+- In-forward (every position attends to codec K/V, no residual window), K alone: ``turbo_mse:3`` +46% ppl
+  (top-1 77.9%), ``int:3:rotation=hadamard`` +42% (78.5%), ``turbo_mse:4`` +9.3% (89.6%): K cannot be packed
+  right up to the newest token at 3-4 bits, hence a 16-bit window of the newest tokens in every recipe.
+- The calibration table (``D`` summed over layers, K over V at the same codec): 7.6x at ``turbo_mse:2``, 11x at
+  ``turbo_mse:3``, 15.6x at ``turbo_mse:4``: K is the stream that needs the bits (``STREAM_WEIGHT`` of the rule
+  sits in that range). The largest K entries are layers 18 and 20 (``turbo_mse:2``: 0.018, 0.021; most layers
+  1e-3), the largest V entries layers 0 and 1 at 1 bit (0.018, 0.026): what calibration finds and the rule
+  cannot see.
+- On Gaussian vectors ``turbo_mse`` has a lower MSE than ``int`` with a Hadamard rotation at fewer bits per
+  value (head_dim 64: ``turbo_mse:3`` 0.033 at 3.25 bits against ``int:3:rotation=hadamard`` 0.037 at 3.5; at
+  4 bits 0.0091 at 4.25 against 0.0080 at 4.5) because ``int`` stores a scale and a zero per vector, so the
+  candidates are ``turbo_mse`` 1-4 (read by the paged kernels) and ``int:8`` for the few keys that need it.
+- The 16-bit window: K ``turbo_mse:4`` alone (V exact), decode: residual 0 +4.57% / top-1 90.0% / KL 0.041;
+  residual 16 (block 16) +1.58% / 94.5% / KL 0.014. The old SmolLM2 ``4bit`` table (residual 0, block 1, e8 per
+  head, 4.246 bits): +4.95% / 89.5% / KL 0.037 on the same windows.
+- The recipes, decode, ctx 1024, n_eval 256, 2 windows (bits as held at 1024 tokens):
+  calibrated ``4bit`` (4.250 bits) +2.31% / 94.7% / KL 0.0128; ``3bit`` (3.245) +4.50% / 87.3% / 0.051;
+  ``2.5bit`` (2.486) +33.6% / 79.7% / 0.223. Rule ``4bit`` +2.59% / 94.7% / 0.0196; ``3bit`` +14.2% / 86.7% /
+  0.109 (with weight 16 and 1-bit values allowed: +39%, V at 1 bit in 25 layers, hence the 1-bit exclusion);
+  ``2.5bit`` (2.486, 1-bit values in every layer: the budget needs them) +119% / 65.6% / 0.684.
+  All miss the SmolLM2 targets (4bit <= +0.5% / >= 97%, 3bit <= +1.5% / >= 94%, 2.5bit <= +5%): at head_dim
+  64 the window, sink and block slack (32 16-bit tokens at 1024) cost 0.38-0.44 bits of the budget, leaving
+  3.87 / 2.84 / 2.06 codec bits per value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kvpack.codec import get_codec
+from kvpack.hf.cache import layer_kinds
+from kvpack.hf.config import model_heads, text_config
+from kvpack.policy import FP16_BITS, CachePolicy, layer_bits, load_policy, save_policy
+from kvpack.tuning.allocate import allocate_bits, policy_for
+
+__all__ = [
+    "BUDGETS",
+    "BUDGET_CTX",
+    "CANDIDATES",
+    "RECIPE_VERSION",
+    "cache_dir",
+    "calibrated_policy",
+    "held_bits",
+    "measure_sensitivity",
+    "model_hash",
+    "recipe_policy",
+    "rule_policy",
+    "rule_sensitivity",
+    "solve_budget",
+]
+
+logger = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1  # part of the cache key: a new recipe never reads an old recipe's cached policy
+BUDGETS = {"4bit": 4.25, "3bit": 3.25, "2.5bit": 2.5}
+BUDGET_CTX = 1024
+SINKS = 1
+RESIDUAL = 16
+BLOCK = 16
+CANDIDATES = ("turbo_mse:1", "turbo_mse:2", "turbo_mse:3", "turbo_mse:4", "int:8")
+KEY_CANDIDATES = CANDIDATES[1:]  # keys never at 1 bit (K carries almost all of the loss)
+VALUE_CANDIDATES = CANDIDATES[:4]  # no 8-bit values: fewer items keep the calibration short
+STREAM_WEIGHT = (11.0, 1.0)  # rule: K's KL per unit of codec MSE over V's (measured 7.6-15.6x, 11x at 3 bits)
+CALIB_WINDOWS, CALIB_CTX, CALIB_TOKENS = 2, 512, 32
+HASH_VALUES = 4096  # leading values of each hashed weight tensor
+
+
+def cache_dir() -> Path:
+    """Where calibrated presets are cached: ``$KVPACK_CACHE_DIR/presets``, else ``~/.cache/kvpack/presets``."""
+    root = os.environ.get("KVPACK_CACHE_DIR")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "kvpack") / "presets"
+
+
+def _check_name(name) -> float:
+    if name not in BUDGETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(BUDGETS)}")
+    return BUDGETS[name]
+
+
+def _recipe_fields(seed: int) -> dict:
+    return {"residual": RESIDUAL, "sinks": SINKS, "block": BLOCK, "seed": seed}
+
+
+# ---- bits as held -------------------------------------------------------------------------------------
+
+
+def _held_tokens(config, ctx: int, policy: CachePolicy) -> list[tuple[int, int]]:
+    """Per layer ``(tokens held, of them packed)`` after a prefill of ``ctx`` tokens, as `KVPackLayer` stores it."""
+    out = []
+    for window in layer_kinds(config):
+        tokens = ctx if window is None else min(ctx, window - 1)
+        sinks = 0 if window is not None else min(policy.sinks, tokens)
+        block = policy.block or 1  # the recipes set block; None would depend on the codecs
+        out.append((tokens, max(tokens - sinks - policy.residual, 0) // block * block))
+    return out
+
+
+def held_bits(policy: CachePolicy, config, ctx: int = BUDGET_CTX) -> float:
+    """Average bits per value of K and V that a `KVPackCache` under ``policy`` holds after a prefill of ``ctx``
+    tokens (per-token codecs: their ``bits_per_value`` is exact per packed token; 16-bit for the rest)."""
+    num_kv_heads, head_dim = model_heads(config)
+    bits = values = 0.0
+    for i, (tokens, packed) in enumerate(_held_tokens(config, ctx, policy)):
+        for stream_bits in layer_bits(policy, i, num_kv_heads, head_dim):
+            bits += packed * stream_bits + (tokens - packed) * FP16_BITS
+            values += tokens
+    return bits / values
+
+
+def solve_budget(sensitivity: torch.Tensor, config, budget: float, seed: int = 0) -> CachePolicy:
+    """The per-(layer, stream) policy minimizing the summed ``sensitivity`` ``(layers, 2, len(CANDIDATES))``
+    (NaN: not a candidate) with :func:`held_bits` at ``BUDGET_CTX`` within ``budget``."""
+    num_layers = text_config(config).num_hidden_layers
+    if sensitivity.shape != (num_layers, 2, len(CANDIDATES)):
+        raise ValueError(f"sensitivity must be (layers, 2, {len(CANDIDATES)}), got {tuple(sensitivity.shape)}")
+    _, head_dim = model_heads(config)
+    bits = [get_codec(c, head_dim=head_dim).bits_per_value() for c in CANDIDATES]
+    fields = _recipe_fields(seed)
+    layout = _held_tokens(config, BUDGET_CTX, CachePolicy(None, None, **fields))
+    held, packed = sum(t for t, _ in layout), sum(p for _, p in layout)
+    if packed == 0:
+        raise ValueError(f"nothing is packed at {BUDGET_CTX} tokens with residual {RESIDUAL}")
+    codec_budget = (budget * held - FP16_BITS * (held - packed)) / packed
+    for _ in range(32):  # sliding layers weigh less than full ones in held_bits: tighten until it fits
+        if codec_budget < min(bits):
+            break
+        table = sensitivity.reshape(2 * num_layers, -1)
+        choice = allocate_bits(table, bits, codec_budget)
+        if not bool(table[torch.arange(len(choice)), choice].isfinite().all()):
+            break  # allocate_bits found no choice of allowed (non-NaN) candidates within the budget
+        policy = policy_for(choice, CANDIDATES, num_layers, **fields)
+        excess = held_bits(policy, config) - budget
+        if excess <= 1e-9:
+            return policy
+        codec_budget -= max(excess * held / packed, 1 / 64)
+    raise ValueError(
+        f"budget {budget} bits cannot be met with a {RESIDUAL}-token 16-bit window and {SINKS} sink(s) at "
+        f"{BUDGET_CTX} tokens on this model (cheapest codec {min(bits)} bits)"
+    )
+
+
+# ---- the config-only rule ---------------------------------------------------------------------------------
+
+
+def _gaussian_mse(spec: str, head_dim: int) -> float:
+    """Relative MSE ``|x - decode(encode(x))|^2 / |x|^2`` of ``spec`` on 1024 seeded Gaussian vectors."""
+    x = torch.randn(1024, head_dim, generator=torch.Generator().manual_seed(0))
+    codec = get_codec(spec, head_dim=head_dim)
+    return float(((codec.decode(codec.encode(x)) - x) ** 2).sum() / (x**2).sum())
+
+
+def rule_sensitivity(config) -> torch.Tensor:
+    """``D`` float64 ``(layers, 2, len(CANDIDATES))`` from the config alone: ``STREAM_WEIGHT[stream] *
+    tokens held by the layer / BUDGET_CTX * gaussian mse(codec)``; NaN where a candidate is not one for that stream."""
+    _, head_dim = model_heads(config)
+    mse = torch.tensor([_gaussian_mse(c, head_dim) for c in CANDIDATES], dtype=torch.float64)
+    layout = _held_tokens(config, BUDGET_CTX, CachePolicy(None, None, **_recipe_fields(0)))
+    weight = torch.tensor([t / BUDGET_CTX for t, _ in layout], dtype=torch.float64)
+    d = weight[:, None, None] * torch.tensor(STREAM_WEIGHT, dtype=torch.float64)[None, :, None] * mse
+    return _mask_key_candidates(d)
+
+
+def _mask_key_candidates(d: torch.Tensor) -> torch.Tensor:
+    d = d.clone()
+    for stream, allowed in enumerate((KEY_CANDIDATES, VALUE_CANDIDATES)):
+        d[:, stream, [j for j, c in enumerate(CANDIDATES) if c not in allowed]] = float("nan")
+    return d
+
+
+def rule_policy(name: str, config, seed: int = 0) -> CachePolicy:
+    """Preset ``name``'s policy for a model of ``config`` without calibration (:func:`rule_sensitivity`); 1-bit
+    values only where the budget cannot be met without them (their real cost is 6-15x their Gaussian MSE's)."""
+    d = rule_sensitivity(config)
+    no_one_bit = d.clone()
+    no_one_bit[:, 1, CANDIDATES.index("turbo_mse:1")] = float("nan")
+    try:
+        return solve_budget(no_one_bit, config, _check_name(name), seed)
+    except ValueError:
+        return solve_budget(d, config, _check_name(name), seed)
+
+
+# ---- calibration ------------------------------------------------------------------------------------------
+
+
+def _packed_range(tokens: int, sliding: bool) -> tuple[int, int]:
+    """``[lo, hi)``: the tokens of a layer holding ``tokens`` after a prefill that the recipe's cache packs."""
+    sinks = 0 if sliding else min(SINKS, tokens)
+    return sinks, sinks + max(tokens - sinks - RESIDUAL, 0) // BLOCK * BLOCK
+
+
+def _batched_cache(model, prefill, rows: list[tuple[int, int, torch.Tensor]]):
+    """A DynamicCache of ``len(rows)`` rows: the exact ``prefill`` K/V, except that row ``r`` holds
+    ``rows[r] = (layer, stream, replacement)`` in place of that layer's K (0) or V (1)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for i, (k, v) in enumerate(prefill):
+        kv = [k.expand(len(rows), *k.shape[1:]), v.expand(len(rows), *v.shape[1:])]
+        for r, (layer, stream, x) in enumerate(rows):
+            if layer == i:
+                kv[stream] = kv[stream].clone() if kv[stream].stride(0) == 0 else kv[stream]
+                kv[stream][r] = x[0]
+        cache.update(kv[0], kv[1], i)
+    return cache
+
+
+def measure_sensitivity(
+    model, windows: list[torch.Tensor], ctx: int, progress: bool = True, batch: int = 8
+) -> torch.Tensor:
+    """``D`` float64 ``(layers, 2, len(CANDIDATES))``: mean KL(exact || compressed) per continuation token with
+    only that layer's K (0) or V (1) stored through that candidate, as the recipe's cache holds it after a clean
+    prefill of ``ctx`` tokens (sinks and the last ``RESIDUAL``.. tokens exact, the packed blocks decoded), the
+    rest of each window teacher-forced in one forward; NaN where a candidate is not one for that stream.
+    ``batch`` such caches go through one forward (rows of a DynamicCache: the same attention as `KVPackCache`
+    for per-token codecs, whose blocks decode token by token)."""
+    from transformers import DynamicCache
+
+    num_layers = text_config(model.config).num_hidden_layers
+    _, head_dim = model_heads(model.config)
+    codecs = [get_codec(c, head_dim=head_dim) for c in CANDIDATES]
+    sliding = [w is not None for w in layer_kinds(model.config)]
+    items = [(i, s, j) for i in range(num_layers) for s in range(2) for j, c in enumerate(CANDIDATES)
+             if c in (KEY_CANDIDATES, VALUE_CANDIDATES)[s]]  # fmt: skip
+    d = torch.full((num_layers, 2, len(CANDIDATES)), float("nan"), dtype=torch.float64)
+    d[[i for i, _, _ in items], [s for _, s, _ in items], [j for _, _, j in items]] = 0.0
+    bar = tqdm(total=len(items) * len(windows), desc="kvpack preset calibration", unit="item", disable=not progress)
+    with torch.inference_mode():
+        for w in windows:
+            ids = w[None].to(next(model.parameters()).device)
+            recorder = DynamicCache(config=model.config)
+            model(ids[:, :ctx], past_key_values=recorder, logits_to_keep=1)
+            prefill = [(layer.keys, layer.values) for layer in recorder.layers]
+            ref = F.log_softmax(model(ids[:, ctx:], past_key_values=_batched_cache(model, prefill, [(-1, 0, None)]))
+                                .logits[0].float(), -1)  # fmt: skip
+            for chunk in range(0, len(items), batch):
+                rows = []
+                for i, s, j in items[chunk : chunk + batch]:
+                    x = prefill[i][s]
+                    lo, hi = _packed_range(x.shape[-2], sliding[i])
+                    y = x.clone()
+                    y[..., lo:hi, :] = codecs[j].decode(codecs[j].encode(x[..., lo:hi, :].contiguous())).to(x.dtype)
+                    rows.append((i, s, y))
+                cont = ids[:, ctx:].expand(len(rows), -1)
+                out = F.log_softmax(
+                    model(cont, past_key_values=_batched_cache(model, prefill, rows)).logits.float(), -1
+                )
+                kl = (ref.exp() * (ref - out)).sum(-1).clamp_min(0).mean(-1)
+                for (i, s, j), value in zip(items[chunk : chunk + batch], kl.tolist()):
+                    d[i, s, j] += value / len(windows)
+                bar.update(len(rows))
+    bar.close()
+    return d
+
+
+def model_hash(model) -> str:
+    """sha256 over the config (its path and the transformers version left out) and the leading ``HASH_VALUES``
+    values of every 8th weight."""
+    config = model.config.to_dict()
+    for name in ("_name_or_path", "transformers_version"):
+        config.pop(name, None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for k, (name, p) in enumerate(model.named_parameters()):
+        if k % 8 == 0:
+            h.update(name.encode())
+            h.update(p.detach().flatten()[:HASH_VALUES].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _calibration_windows(model, text, tokenizer) -> list[torch.Tensor]:
+    from kvpack.tuning.calibrate import calibration_ids
+
+    if isinstance(text, torch.Tensor):
+        ids = text.long().flatten()
+    else:
+        if tokenizer is None:
+            raise ValueError("calibration needs the tokenizer (or token ids as text=, or calibration=False)")
+        from kvpack.evaluation.text import load_text, tokenize
+
+        ids = tokenize(tokenizer, load_text(text))
+    return calibration_ids(ids, CALIB_CTX + CALIB_TOKENS, CALIB_WINDOWS)
+
+
+def calibrated_policy(name: str, model, tokenizer=None, text=None, seed: int = 0, progress: bool = True) -> CachePolicy:
+    """Preset ``name``'s policy for ``model``, calibrated (:func:`measure_sensitivity`) on ``text`` (``None``: the
+    embedded text; or 1-D token ids) and cached under :func:`cache_dir` (or shipped in ``kvpack/presets``) by
+    :func:`model_hash`, the calibration tokens' digest and ``RECIPE_VERSION``; the sensitivity table is cached
+    too, so the other presets of the same model reuse it."""
+    budget = _check_name(name)
+    windows = _calibration_windows(model, text, tokenizer)
+    digest = hashlib.sha256(b"".join(w.cpu().numpy().tobytes() for w in windows)).hexdigest()
+    key = hashlib.sha256(f"{model_hash(model)}|{digest}|{RECIPE_VERSION}".encode()).hexdigest()[:24]
+    for path in (cache_dir() / f"{key}-{name}.json", _shipped(f"{key}-{name}.json")):
+        if path is not None and path.is_file():
+            logger.info("preset %s: cached calibration %s", name, path)
+            return _with_seed(load_policy(path), seed)
+    path, table = cache_dir() / f"{key}-{name}.json", cache_dir() / f"{key}-sensitivity.pt"
+    if table.is_file():
+        d = torch.load(table)
+    else:
+        d = measure_sensitivity(model, windows, CALIB_CTX, progress)
+        table.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(d, table)
+    policy = solve_budget(d, model.config, budget, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_policy(policy, path, preset=name, budget=budget, budget_ctx=BUDGET_CTX, recipe_version=RECIPE_VERSION,
+                calibration_digest=digest, held_bits=held_bits(policy, model.config))  # fmt: skip
+    return _with_seed(policy, seed)
+
+
+def _shipped(name: str) -> Path | None:
+    """A calibrated policy shipped as package data (``kvpack/presets``), e.g. SmolLM2's, or ``None``."""
+    from importlib import resources
+
+    entry = resources.files("kvpack.presets") / name
+    return Path(str(entry)) if entry.is_file() else None
+
+
+def _with_seed(policy: CachePolicy, seed: int) -> CachePolicy:
+    from dataclasses import replace
+
+    return policy if policy.seed == seed else replace(policy, seed=seed)
+
+
+def recipe_policy(
+    name: str, model, tokenizer=None, *, calibration: bool = True, text=None, seed: int = 0, progress: bool = True
+) -> CachePolicy:
+    """Preset ``name`` for ``model`` (a transformers model, or a ``(model, tokenizer)`` pair): calibrated and
+    cached (default), or from its config alone (``calibration=False``; ``model`` may then be a config)."""
+    _check_name(name)
+    if isinstance(model, tuple) and len(model) == 2:
+        model, tokenizer = model
+    if not calibration:
+        return rule_policy(name, getattr(model, "config", model), seed)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"calibration needs the model itself (or calibration=False), got {type(model).__name__}")
+    return calibrated_policy(name, model, tokenizer, text, seed, progress)
