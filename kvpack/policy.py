@@ -342,7 +342,7 @@ def load_policy(path: str | Path) -> CachePolicy:
         raise FileNotFoundError(f"no policy file at {str(path)!r}")
     try:
         doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ValueError(f"policy file {str(path)!r} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != POLICY_FORMAT or doc.get("version") != 1:
         raise ValueError(f"{str(path)!r} is not a kvpack policy file (format {POLICY_FORMAT!r}, version 1)")

@@ -176,9 +176,6 @@ def test_window_dtype_policy_file_round_trips(tmp_path):
         load_policy(tmp_path / "missing.json")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="load_policy lets json's RecursionError escape (kvpack/policy.py: add it to the except)"
-)
 def test_deeply_nested_policy_file_is_a_value_error(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(
