@@ -32,7 +32,7 @@ def test_help_shows_defaults_and_preset_names(capsys):
     assert main(["eval", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: 1024)" in out and "(default: smollm2)" in out and "(default: decode)" in out
-    assert "4bit" in out and "2.5bit-retrieval" in out and "--block" in out
+    assert "4bit" in out and "2.5bit" in out and "--no-calibration" in out and "--block" in out
     assert "wikitext2-excerpt" in out and "(default: None)" not in out
     for command in ("sweep", "needle"):
         assert main([command, "--help"]) == 0

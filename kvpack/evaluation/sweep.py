@@ -356,7 +356,7 @@ def run_sweep(
                                                  "head_values")})  # fmt: skip
         metrics = result.to_dict()
         if config.preset is not None:  # what the preset stands for on this model
-            row.update({k: _jsonable(v) for k, v in metrics["policy"].items() if k not in ("only", "cache_factory")})
+            row.update({k: _jsonable(v) for k, v in metrics["policy"].items() if k in row})  # the row's columns
         row.update({k: metrics[k] for k in (
             "ppl_ref", "ppl", "delta_ppl_pct", "delta_ppl_pct_std", "top1", "top1_std", "kl", "kl_std",
             "bits_k", "bits_v", "bits_per_value", "verdict", "seconds_per_window")})  # fmt: skip

@@ -156,8 +156,11 @@ def test_sweep_runs_configs_presets_and_peers_on_the_same_windows(smollm2, wikit
     # block 1: only the 4 sinks stay 16-bit; e8:3 holds 3 + 16/64 bits per value
     assert rows["e8 block 1"]["bits_k"] == pytest.approx((4 * 16 + 60 * 3.25) / 64)
     assert rows["peer quanto:2"]["kind"] == "peer" and rows["peer quanto:2"]["bits_k"] == pytest.approx(2.5)
-    preset = rows["preset 3bit"]  # what the preset stands for: its per-head specs, as JSON lists
-    assert preset["head_keys"][0] == ["e8:2", "e8:2", "e8:2"] and preset["block"] == 1
+    preset = rows["preset 3bit"]  # what the recipe stands for on this model: its per-layer specs, as JSON lists
+    from kvpack.tuning import recipe
+
+    assert len(preset["layer_keys"]) == 30 and all(isinstance(s, str) for s in preset["layer_keys"])
+    assert (preset["residual"], preset["sinks"], preset["block"]) == (recipe.RESIDUAL, recipe.SINKS, recipe.BLOCK)
     assert data["setup"]["ctx"] == 64 and data["setup"]["windows"] == 1
     with open(out["csv"]) as f:
         assert len(list(csv.DictReader(f))) == 5

@@ -54,10 +54,19 @@ def test_rule_policy_on_smollm2_shapes_holds_within_and_near_its_budget(name):
     assert policy.residual == recipe.RESIDUAL and policy.sinks == recipe.SINKS
 
 
+# the tiny Mistral's layers all slide with a 512-token window, so at the budget context half the tokens a layer holds
+# are past it and the 16-bit window, sink and block slack weigh twice: 2.5 bits as held is out of the codecs' reach
+UNREACHABLE = {("2.5bit", "mistral")}
+
+
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
 @pytest.mark.parametrize("name", sorted(BUDGETS))
 def test_every_preset_runs_on_every_family_and_holds_its_budget(family, name):
     model = tiny_model(family)
+    if (name, family) in UNREACHABLE:  # a known miss, reported in the issue note: a clear error, not a bad policy
+        with pytest.raises(ValueError, match=f"budget {BUDGETS[name]} bits cannot be met"):
+            CachePolicy.preset(name, model, calibration=False)
+        return
     policy = CachePolicy.preset(name, model, calibration=False)
     bits = held_after_prefill(model.config, policy)
     assert bits == pytest.approx(held_bits(policy, model.config))
