@@ -32,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvpack.kernels.paged import KIND_IDS, PagedCodec
+from kvpack.kernels.paged import KIND_IDS, PagedCodec, choose_splits
 
-__all__ = ["choose_splits", "default_tuning", "paged_decode_attention"]
+__all__ = ["default_tuning", "paged_decode_attention"]
 
 LOG2E = 1.4426950408889634
 
@@ -399,14 +399,6 @@ def default_tuning(key_codec: PagedCodec, value_codec: PagedCodec) -> dict:
     if key_codec.kind == "int" and value_codec.kind == "int":
         return {"block_n": 32, "num_warps": 1, "waves": 32.0, "unpack": 1}
     return {"block_n": 64, "num_warps": 2, "waves": 32.0, "unpack": 0}
-
-
-def choose_splits(
-    batch: int, kv_heads: int, capacity: int, block_n: int, num_sms: int = 132, waves: float = 2.0
-) -> int:
-    """Splits of the packed tokens so that ``batch * kv_heads * splits`` programs fill about ``waves`` waves of the GPU."""
-    want = max(1, math.ceil(waves * num_sms / max(1, batch * kv_heads)))
-    return max(1, min(want, math.ceil(capacity / (4 * block_n))))
 
 
 def paged_decode_attention(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kvpack.kernels.paged import PagedCodec
+from kvpack.kernels.paged import PagedCodec, choose_splits
 
 __all__ = ["Variant", "compile_variant", "int4_supported", "paged_int4_decode", "variant_for"]
 
@@ -155,12 +155,6 @@ def _stream(handle: int, device_index: int):
     return Device(device_index).create_stream(_TorchStream(handle))
 
 
-def choose_splits(batch: int, head_groups: int, capacity: int, num_sms: int, ctas_per_sm: float = 4.0) -> int:
-    """Splits of each sequence's pages so that ``batch * head_groups * splits`` CTAs fill the GPU a few times over."""
-    want = max(1, math.ceil(ctas_per_sm * num_sms / max(1, batch * head_groups)))
-    return max(1, min(want, math.ceil(capacity / 64)))  # at least 4 tiles of 16 tokens per split
-
-
 def _ptr(t: torch.Tensor):
     import numpy as np
 
@@ -253,7 +247,7 @@ def paged_int4_decode(
     if num_splits is None:
         sms = torch.cuda.get_device_properties(query.device).multi_processor_count
         capacity = block_tables.shape[1] * key_cache.shape[1]
-        num_splits = choose_splits(batch, hkv // variant.heads_per_cta, capacity, sms)
+        num_splits = choose_splits(batch, hkv // variant.heads_per_cta, capacity, 16, sms, waves=4.0)  # 16-token tiles
     key_rotation = None if key_codec.rotation is None else key_codec.rotation.float()
     result = torch.ops.kvpack.int4_paged_decode(
         query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens, key_rotation,

@@ -35,6 +35,7 @@ from kvpack.ops.packing import pack_bits, unpack_bits
 __all__ = [
     "KINDS",
     "PagedCodec",
+    "choose_splits",
     "dequantize_rows",
     "pack_rows",
     "paged_codec",
@@ -235,3 +236,12 @@ def write_slots(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Ten
     flat = cache.view(-1, *cache.shape[2:])
     keep = slot_mapping >= 0
     flat[slot_mapping[keep].long()] = rows[keep]
+
+
+def choose_splits(
+    batch: int, kv_heads: int, capacity: int, block_n: int, num_sms: int = 132, waves: float = 2.0
+) -> int:
+    """Splits of the packed tokens so that ``batch * kv_heads * splits`` programs (CTAs) fill about ``waves`` waves of
+    the GPU, each split at least 4 tiles of ``block_n`` tokens: the split-K of both decode kernels."""
+    want = max(1, math.ceil(waves * num_sms / max(1, batch * kv_heads)))
+    return max(1, min(want, math.ceil(capacity / (4 * block_n))))
