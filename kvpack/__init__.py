@@ -9,7 +9,7 @@ __all__ = ["Codec", "Packed", "get_codec", "list_codecs", "pack_bits", "unpack_b
 __all__ += ["PackedKV", "bpe_accounting", "dequantize_kv", "quantize_kv"]
 __all__ += ["CachePolicy", "EvalResult", "KVPackCache", "evaluate"]
 __all__ += ["load_cache", "save_cache"]
-__all__ += ["PagedKVPackCache", "use_paged_attention"]
+__all__ += ["PagedKVPackCache", "StaticKVPackCache", "use_paged_attention"]
 __all__ += ["load_policy", "save_policy"]
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "KVPackCache": "kvpack.hf.cache",
     "PagedKVPackCache": "kvpack.hf.paged_cache",
+    "StaticKVPackCache": "kvpack.hf.static_cache",
     "use_paged_attention": "kvpack.hf.paged_cache",
     "load_cache": "kvpack.hf.persist",
     "save_cache": "kvpack.hf.persist",

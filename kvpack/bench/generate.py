@@ -30,6 +30,7 @@ import torch
 
 from kvpack.hf.cache import KVPackCache
 from kvpack.hf.paged_cache import PagedLayer
+from kvpack.hf.static_cache import StaticKVPackCache
 
 __all__ = ["DEFAULT_CACHES", "add_arguments", "build_model", "measure", "parse_caches", "run_caches", "run_generate"]
 
@@ -60,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--caches",
         default=",".join(DEFAULT_CACHES),
-        help="generate: kvpack codec specs, 'dynamic', 'quanto:N', 'hqq:N'",
+        help="generate: kvpack codec specs (PagedKVPackCache), 'static:SPEC' (StaticKVPackCache, generate compiles "
+        "it), 'static-eager:SPEC', 'dynamic', 'hf-static' (transformers' StaticCache, compiled), 'quanto:N', 'hqq:N'",
     )
     group.add_argument("--residual", type=int, default=128, help="generate: kvpack 16-bit residual window")
     group.add_argument("--sinks", type=int, default=4, help="generate: kvpack 16-bit attention sinks")
@@ -75,8 +77,10 @@ def parse_caches(text: str, head_dim: int = 128) -> list[str]:
     if not names:
         raise ValueError(f"--caches must name at least one cache, got {text!r}")
     for name in names:
-        if name == "dynamic":
+        if name in ("dynamic", "hf-static"):
             continue
+        for prefix in ("static:", "static-eager:"):
+            name = name.removeprefix(prefix)
         if name.startswith(("quanto:", "hqq:")):
             backend = name.split(":")[0]
             if name not in (f"{backend}:2", f"{backend}:4"):
@@ -122,12 +126,24 @@ def build_model(layers: int, device: str | torch.device = "cuda", dtype: torch.d
     return model.eval()
 
 
-def _make_cache(name: str, model, residual: int, sinks: int):
+def _make_cache(name: str, model, residual: int, sinks: int, max_cache_len: int):
     """The cache called ``name``, with the model's attention set to what it needs.
 
     Peers are built by `kvpack.evaluation.peers.peer_factory` (transformers' `QuantizedCache`, which also
     counts its bytes); it raises ImportError naming the install when the backend package is missing.
     """
+    if name == "hf-static":  # transformers' StaticCache: generate compiles the decode step by itself on CUDA
+        from transformers import StaticCache
+
+        model.set_attn_implementation("sdpa")
+        return StaticCache(config=model.config, max_cache_len=max_cache_len)
+    if name.startswith(("static:", "static-eager:")):
+        from kvpack.hf.paged_cache import use_paged_attention
+        from kvpack.hf.static_cache import StaticKVPackCache
+
+        spec = name.split(":", 1)[1]
+        use_paged_attention(model)
+        return StaticKVPackCache(model.config, max_cache_len, key=spec, value=spec, residual=residual, sinks=sinks)
     if name == "dynamic" or name.startswith(("quanto:", "hqq:")):
         from transformers import DynamicCache
 
@@ -158,7 +174,7 @@ def measure(model, name: str, ids: torch.Tensor, *, new_tokens: int, warmup_toke
         torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device) if cuda else 0
     try:
-        cache = _make_cache(name, model, residual, sinks)
+        cache = _make_cache(name, model, residual, sinks, ids.shape[1] + warmup_tokens + new_tokens)
     except ImportError as exc:  # a peer whose package is not installed
         return {"cache": name, "skipped": str(exc)}
     batch, context = ids.shape
@@ -173,6 +189,8 @@ def measure(model, name: str, ids: torch.Tensor, *, new_tokens: int, warmup_toke
         _sync(device)
         row["prefill_s"] = time.perf_counter() - start
         generate = {"attention_mask": mask, "past_key_values": cache, "do_sample": False}
+        if name.startswith("static-eager:"):
+            generate["disable_compile"] = True
         out = ids
         if warmup_tokens:
             out = model.generate(out, max_new_tokens=warmup_tokens, min_new_tokens=warmup_tokens, **generate)
@@ -197,11 +215,15 @@ def measure(model, name: str, ids: torch.Tensor, *, new_tokens: int, warmup_toke
             "cache_seq_length": cache.get_seq_length(),
         }
     )
-    if isinstance(cache, KVPackCache):  # kvpack: measured bytes; layers whose decode ran on the pages
+    if isinstance(cache, StaticKVPackCache):  # bytes allocated for max_cache_len tokens
+        row["bits_per_value"] = cache.bits_per_value()
+        row["nbytes"] = cache.nbytes()
+        row["paged_layers"] = sum(not layer.dense for layer in cache.layers)
+    elif isinstance(cache, KVPackCache):  # kvpack: measured bytes; layers whose decode ran on the pages
         row["bits_per_value"] = cache.bits_per_value()
         row["nbytes"] = cache.nbytes()
         row["paged_layers"] = sum(isinstance(layer, PagedLayer) for layer in cache.layers)
-    elif name == "dynamic":
+    elif name in ("dynamic", "hf-static"):
         row["nbytes"] = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     if cuda:
         row["decode_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -227,6 +249,8 @@ def run_caches(args, caches: list[str], device: str | torch.device, **shape) -> 
     weights = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context), device=device, generator=g)
+    copy_gbps = _copy_bandwidth(device) if cuda else None
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
     for name in caches:
         try:
@@ -237,6 +261,10 @@ def run_caches(args, caches: list[str], device: str | torch.device, **shape) -> 
         except Exception as exc:  # one failing cache (e.g. a quanto build problem) must not lose the other rows
             logger.exception("kvpack bench generate: %s failed", name)
             row = {"cache": name, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+        if copy_gbps and "ms_per_token" in row:  # weights + the K/V a step reads, at the copy bandwidth
+            read = weight_bytes + _kv_bytes_read(name, model.config, args.batch, args.context)
+            row["floor_ms_per_token"] = read / copy_gbps / 1e6
+            row["x_floor"] = row["ms_per_token"] / row["floor_ms_per_token"]
         rows.append(row)
         print(_line(row), flush=True)
         gc.collect()
@@ -244,7 +272,37 @@ def run_caches(args, caches: list[str], device: str | torch.device, **shape) -> 
             torch.cuda.empty_cache()
     model.set_attn_implementation("sdpa")
     config = {"layers": args.layers, **LLAMA3_8B, **shape, "dtype": "float16"}
-    return {"model": config, "weights_gib": weights, "rows": rows}
+    return {"model": config, "weights_gib": weights, "copy_gbps": copy_gbps, "rows": rows}
+
+
+def _copy_bandwidth(device: torch.device, nbytes: int = 2**31) -> float:
+    """GB/s of a device-to-device copy of ``nbytes`` (read + write counted), best of 5."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    del src, dst
+    return 2 * nbytes / best / 1e9
+
+
+def _kv_bytes_read(name: str, config, batch: int, context: int) -> int:
+    """Bytes of K and V that one decode step reads at ``context`` tokens: packed rows for kvpack specs, else 16 bits."""
+    from kvpack import get_codec
+    from kvpack.kernels.paged import paged_codec
+
+    tokens = batch * context * config.num_hidden_layers * config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    spec = name.split(":", 1)[1] if name.startswith(("static:", "static-eager:")) else name
+    try:
+        row = paged_codec(get_codec(spec, head_dim=head_dim)).row_bytes
+    except (KeyError, TypeError, ValueError):  # dynamic, hf-static, peers: 16-bit K/V
+        row = 2 * head_dim
+    return tokens * 2 * row
 
 
 def _line(row: dict) -> str:
@@ -256,6 +314,8 @@ def _line(row: dict) -> str:
         f"{row['cache']:>12}: ctx {row['context']} batch {row['batch']}: {row['tokens_per_s']:8.1f} tok/s "
         f"{row['ms_per_token']:7.2f} ms/token, prefill {row['prefill_s']:.1f} s"
     )
+    if "x_floor" in row:
+        text += f" ({row['x_floor']:.2f}x the byte floor)"
     if "peak_gib" in row:
         text += f", peak {row['peak_gib']:.2f} GiB (decode {row['decode_peak_gib']:.2f}, held {row['held_gib']:.2f})"
     return text

@@ -15,10 +15,8 @@ but its packed tokens live in the paged layout of `kvpack.kernels.paged`: per st
 Wiring with transformers 5.x: the attention module calls ``past_key_values.update(k, v, layer_idx)``
 and then the function registered under ``config._attn_implementation`` with the tensors ``update``
 returned; the cache itself never reaches that function (only transformers' own continuous-batching
-cache is passed in kwargs). So on a paged layer ``update`` returns its tensors tagged with the layer
-(attribute ``kvpack_layer``) and `paged_attention` reads the tag. Rejected: passing the cache again
-through ``generate(**kwargs)`` (twice, and by hand), a global "current cache" (wrong with two caches
-alive), patching attention modules (per model). If the model's attention is switched away from
+cache is passed in kwargs). So a paged layer's ``update`` registers itself (`register_pending`) and
+`paged_attention` takes it back by the attention module's ``layer_idx``. If the model's attention is switched away from
 "kvpack_paged", a paged layer's ``update`` raises instead of handing SDPA only the new token.
 
 
@@ -59,6 +57,7 @@ __all__ = [
     "PagedLayer",
     "paged_attention",
     "paged_formats",
+    "register_pending",
     "use_paged_attention",
 ]
 
@@ -129,7 +128,7 @@ class PagedLayer(KVPackLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, H, n, D)`` in; decode (n = 1): the new token, tagged; else past (dequantized) + new, tagged."""
+        """``(B, H, n, D)`` in; decode (n = 1): the new token; else past (dequantized) + new (registered: `register_pending`)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         implementation = getattr(self.model_config, "_attn_implementation", None)
@@ -146,8 +145,7 @@ class PagedLayer(KVPackLayer):
             keys, values = torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
         self.cumulative_length += n
         self._append(key_states, value_states)
-        keys, values = keys.view(keys.shape), values.view(values.shape)  # fresh tensor objects to carry the tag
-        keys.kvpack_layer = values.kvpack_layer = self
+        register_pending(self)
         return keys, values
 
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -207,6 +205,21 @@ class PagedLayer(KVPackLayer):
             window_values=window_values, window_lens=lens, scale=scale, use_kernel=self.use_kernel,
         )  # fmt: skip
         return out.to(query.dtype)
+
+    def attention_forward(self, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+        """The ``"kvpack_paged"`` attention of this layer's step (`paged_attention`): ``((B, q, Hq, D), None)``."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        batch, _, q_len, head_dim = query.shape
+        valid = _key_validity(attention_mask, batch, self.cumulative_length)
+        if q_len == 1:
+            scale = head_dim**-0.5 if scaling is None else scaling
+            out = self.attend(query[:, :, 0], valid, scale)[:, None]
+        else:
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                            scaling=scaling, **kwargs)  # fmt: skip
+        self.pack_aged(valid)
+        return out, None
 
     def pack_aged(self, valid: torch.Tensor | None) -> None:
         """Pack the window's oldest whole blocks beyond ``residual`` (as `KVPackLayer`), skipping invalid tokens."""
@@ -365,6 +378,22 @@ def _key_validity(mask: torch.Tensor | None, batch: int, length: int) -> torch.T
     return valid.expand(batch, length)
 
 
+def register_pending(layer) -> None:
+    """Hand ``layer`` to the next ``"kvpack_paged"`` attention call of its ``layer_idx`` (`paged_attention`).
+
+    transformers calls ``cache.update(k, v, layer_idx)`` and then the attention function with what ``update``
+    returned, never with the cache; so a paged layer's ``update`` registers itself here and the attention, which
+    gets the attention module (``module.layer_idx``), takes it back. A module-level dict keyed by layer index is
+    what torch.compile traces (an attribute set on a returned tensor is lost under dynamo: the attention would
+    silently see a plain tensor). Rejected: passing the cache through ``generate(**kwargs)`` (twice, by hand),
+    patching attention modules (per model). Not thread-safe: one forward at a time per process.
+    """
+    _PENDING[layer.layer_idx] = layer
+
+
+_PENDING: dict[int, object] = {}
+
+
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -377,25 +406,22 @@ def paged_attention(
 ) -> tuple[torch.Tensor, None]:
     """The ``"kvpack_paged"`` attention: ``query`` (B, Hq, q, D) -> ``((B, q, Hq, D), None)``.
 
-    Keys tagged by a `PagedLayer`: one query token goes to `kvpack.kernels.attention.decode`, several to SDPA, and
-    the layer packs its aged window after. Untagged keys (other caches, no cache): transformers' SDPA.
+    A layer that registered itself in its ``update`` (`register_pending`: `PagedLayer`,
+    `kvpack.hf.static_cache.StaticPagedLayer`) runs the step (one query token: the paged decode; several: SDPA,
+    then it stores what it must). Otherwise (other caches, no cache, KVPackLayer storage): transformers' SDPA.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    layer = getattr(key, "kvpack_layer", None)
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_idx is None and _PENDING:
+        raise ValueError(
+            f"{type(module).__name__} has no layer_idx: the kvpack paged caches need it to find their layer"
+        )
+    layer = _PENDING.pop(layer_idx, None)
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # fmt: skip
-    batch, _, q_len, head_dim = query.shape
-    valid = _key_validity(attention_mask, batch, layer.cumulative_length)
-    if q_len == 1:
-        scale = head_dim**-0.5 if scaling is None else scaling
-        out = layer.attend(query[:, :, 0], valid, scale)[:, None]
-    else:
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                        **kwargs)  # fmt: skip
-    layer.pack_aged(valid)
-    return out, None
+    return layer.attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
 
 def use_paged_attention(model) -> None:

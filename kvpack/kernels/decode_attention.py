@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -34,7 +35,7 @@ import triton.language as tl
 
 from kvpack.kernels.paged import KIND_IDS, PagedCodec, choose_splits
 
-__all__ = ["default_tuning", "paged_decode_attention"]
+__all__ = ["default_tuning", "paged_decode", "paged_decode_attention"]
 
 LOG2E = 1.4426950408889634
 
@@ -151,8 +152,10 @@ def _dequant(w0, w1, cb_ptr, KIND: tl.constexpr, BITS: tl.constexpr, D: tl.const
     ``int`` codes become float16 exactly with the 0x6400 trick.
     """
     if UNPACK == 1:
-        S: tl.constexpr = 8 if BITS == 4 else (32 if BITS == 1 else 16)  # codes per lane
-        if S == 8:
+        S: tl.constexpr = 4 if BITS == 8 else (8 if BITS == 4 else (32 if BITS == 1 else 16))  # codes per lane
+        if S == 4:
+            vals = _tree4(w0, w1, cb_ptr, 0, 1, KIND, BITS)
+        elif S == 8:
             vals = _tree8(w0, w1, cb_ptr, 0, 1, KIND, BITS)
         elif S == 16:
             vals = _tree16(w0, w1, cb_ptr, 0, 1, KIND, BITS)
@@ -396,7 +399,11 @@ def default_tuning(key_codec: PagedCodec, value_codec: PagedCodec) -> dict:
     With a codebook (``turbo_mse``) the per-value gathers dominate and the broadcast unpack of two warps
     over 64-token tiles was faster.
     """
-    if key_codec.kind == "int" and value_codec.kind == "int":
+    return _tuning(key_codec.kind, value_codec.kind)
+
+
+def _tuning(key_kind: str, value_kind: str) -> dict:
+    if key_kind == "int" and value_kind == "int":
         return {"block_n": 32, "num_warps": 1, "waves": 32.0, "unpack": 1}
     return {"block_n": 64, "num_warps": 2, "waves": 32.0, "unpack": 0}
 
@@ -429,7 +436,31 @@ def paged_decode_attention(
     No host synchronisation: every length is read on the device, and the split count depends only
     on shapes (the block table's capacity), so a step can be captured in a CUDA graph.
     """
-    tuned = default_tuning(key_codec, value_codec)
+    return _launch(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
+                   _KernelTables.of(key_codec), _KernelTables.of(value_codec), scale, num_splits, block_n, num_warps,
+                   num_stages, waves, unpack, out)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _KernelTables:
+    """What the launch reads of a `PagedCodec`: kind, code bits, float16 codebook, rotations, QJL sketch."""
+
+    kind: str
+    mse_bits: int
+    codebook16: torch.Tensor | None
+    rotation16: torch.Tensor | None
+    unrotation: torch.Tensor | None
+    sketch: torch.Tensor | None
+
+    @staticmethod
+    def of(fmt: PagedCodec) -> _KernelTables:
+        return _KernelTables(fmt.kind, fmt.mse_bits, fmt.codebook16, fmt.rotation16, fmt.unrotation, fmt.sketch)
+
+
+def _launch(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
+            key_codec: _KernelTables, value_codec: _KernelTables, scale, num_splits=None, block_n=None,
+            num_warps=None, num_stages=2, waves=None, unpack=None, out=None) -> torch.Tensor:  # fmt: skip
+    tuned = _tuning(key_codec.kind, value_codec.kind)
     block_n = tuned["block_n"] if block_n is None else block_n
     num_warps = tuned["num_warps"] if num_warps is None else num_warps
     waves = tuned["waves"] if waves is None else waves
@@ -524,3 +555,45 @@ def paged_decode_attention(
             window_part.view(-1, d).addmm_(qjl_part.view(-1, d), value_codec.sketch, alpha=math.sqrt(math.pi / 2) / d)
         out.copy_(window_part)
     return out
+
+
+@torch.library.custom_op("kvpack::paged_decode", mutates_args=())
+def paged_decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
+    window_lens: torch.Tensor,
+    key_kind: str,
+    key_bits: int,
+    key_codebook16: torch.Tensor | None,
+    key_rotation16: torch.Tensor | None,
+    key_sketch: torch.Tensor | None,
+    value_kind: str,
+    value_bits: int,
+    value_codebook16: torch.Tensor | None,
+    value_unrotation: torch.Tensor | None,
+    value_sketch: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """`paged_decode_attention` as the ``torch.library`` op ``kvpack::paged_decode`` (a fake implementation lets
+    ``torch.compile`` trace through it; the launch has no host sync, so a compiled step replays in a CUDA graph).
+
+    The codecs come as their kernel tables (``PagedCodec.kind``, ``mse_bits``, ``codebook16``, ``rotation16`` of
+    the keys, ``unrotation`` of the values, ``sketch``): derived once by the caller, not per step. Inputs are not
+    checked here (`kvpack.kernels.attention.decode` checks them; a graph-safe cache keeps them in range itself).
+    """
+    keys = _KernelTables(key_kind, key_bits, key_codebook16, key_rotation16, None, key_sketch)
+    values = _KernelTables(value_kind, value_bits, value_codebook16, None, value_unrotation, value_sketch)
+    return _launch(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
+                   keys, values, scale)  # fmt: skip
+
+
+@paged_decode.register_fake
+def _(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens, key_kind,
+      key_bits, key_codebook16, key_rotation16, key_sketch, value_kind, value_bits, value_codebook16,
+      value_unrotation, value_sketch, scale):  # fmt: skip
+    return torch.empty_like(query)

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from kvpack.kernels.paged import KIND_IDS, PagedCodec
 
-__all__ = ["paged_encode"]
+__all__ = ["paged_encode", "paged_encode_op"]
 
 
 @triton.jit
@@ -143,17 +143,45 @@ def paged_encode(
         raise TypeError(
             f"slot_mapping must be int64 ({x.shape[0]},), got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
         )
+    paged_encode_op(x, slot_mapping, cache, codec.kind, codec.mse_bits, codec.rotation, codec.boundaries,
+                    codec.codebook, codec.sketch, block_t, num_warps, programs_per_sm)  # fmt: skip
+
+
+@torch.library.custom_op("kvpack::paged_encode", mutates_args=("cache",))
+def paged_encode_op(
+    x: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cache: torch.Tensor,
+    kind: str,
+    bits: int,
+    rotation: torch.Tensor | None,
+    boundaries: torch.Tensor | None,
+    codebook: torch.Tensor | None,
+    sketch: torch.Tensor | None,
+    block_t: int = 32,
+    num_warps: int = 8,
+    programs_per_sm: int = 4,
+) -> None:
+    """The launch of `paged_encode` as the ``torch.library`` op ``kvpack::paged_encode`` (it writes ``cache`` in
+    place; ``torch.compile`` traces through it and a CUDA graph captures it). ``bits``: the code bits
+    (``PagedCodec.mse_bits``); tables as `PagedCodec` holds them. Inputs are not checked here (`paged_encode` does)."""
     x = x.contiguous()
-    rotated = codec.rotation is not None
-    rot = codec.rotation.float().contiguous() if rotated else slot_mapping
-    turbo = codec.kind != "int"
-    edges = codec.boundaries.float().contiguous() if turbo else slot_mapping
-    codebook = codec.codebook.float().contiguous() if turbo else slot_mapping
-    sketch = codec.sketch.float().contiguous() if codec.kind == "turbo_prod" else slot_mapping
+    rotated = rotation is not None
+    rot = rotation.float().contiguous() if rotated else slot_mapping
+    turbo = kind != "int"
+    edges = boundaries.float().contiguous() if turbo else slot_mapping
+    codebook = codebook.float().contiguous() if turbo else slot_mapping
+    sketch = sketch.float().contiguous() if kind == "turbo_prod" else slot_mapping
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     programs = max(1, min(triton.cdiv(x.shape[0], block_t), triton.cdiv(programs_per_sm * num_sms, x.shape[1])))
     _encode_kernel[(programs, x.shape[1])](
         x, slot_mapping, cache.view(torch.int32), rot, edges, codebook, sketch, x.shape[0], programs, HKV=x.shape[1],
-        D=codec.head_dim, KIND=KIND_IDS[codec.kind], BITS=codec.mse_bits, BLOCK_T=block_t,
+        D=x.shape[-1], KIND=KIND_IDS[kind], BITS=bits, BLOCK_T=block_t,
         DOT_PRECISION="tf32x3" if x.is_cuda else "ieee", ROTATED=rotated, num_warps=num_warps,
     )  # fmt: skip
+
+
+@paged_encode_op.register_fake
+def _(x, slot_mapping, cache, kind, bits, rotation, boundaries, codebook, sketch, block_t=32, num_warps=8,
+      programs_per_sm=4):  # fmt: skip
+    return None

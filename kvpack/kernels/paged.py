@@ -6,11 +6,11 @@ block ``block_tables[b, t // block_size]`` at row ``t % block_size``. One row ho
 one KV head: the ``head_dim`` codes, then the per-token side data. Rows are a multiple of 4 bytes
 so that a kernel reads and writes them as int32 words (byte loads cost an instruction per byte).
 
-Code planes (``head_dim * bits / 8`` bytes in all): the codes split into bit planes of width 4, 2
-or 1 (``PLANES``: 4 -> (4,), 3 -> (2, 1) low bits first, 2 -> (2,), 1 -> (1,)), each plane packed by
+Code planes (``head_dim * bits / 8`` bytes in all): the codes split into bit planes of width 8, 4, 2
+or 1 (``PLANES``: 8 -> (8,) (``int`` only), 4 -> (4,), 3 -> (2, 1) low bits first, 2 -> (2,), 1 -> (1,)), each plane packed by
 `kvpack.pack_bits` (code ``i`` at plane bits ``[i w, (i + 1) w)``, least significant first), so a
 little-endian int32 word of a plane holds ``32 / w`` whole codes and a kernel unpacks it with
-shifts. For 1, 2 and 4 bits the bytes are exactly the codec's ``"codes"``. ``turbo_prod`` at ``b`` bits: the
+shifts. For 1, 2, 4 and 8 bits the bytes are exactly the codec's ``"codes"``. ``turbo_prod`` at ``b`` bits: the
 codes are ``b``-bit, the low ``b - 1`` bits the index of its ``turbo_mse`` stage (planes ``PLANES[b - 1]``)
 and the top bit the QJL sign of sketch coordinate ``i`` (one more 1-bit plane: the codec's ``"qjl_signs"``).
 
@@ -48,7 +48,7 @@ KINDS = ("turbo_mse", "int", "turbo_prod")
 KIND_IDS = {kind: i for i, kind in enumerate(KINDS)}  # the kernels' KIND constexpr: 0 turbo_mse, 1 int, 2 turbo_prod
 SIDE_BYTES = 4  # turbo_mse: float16 norm + 2 bytes of padding; int: float16 scale and zero; turbo_prod: both norms
 SIDE_VALUES = {"turbo_mse": 1, "int": 2, "turbo_prod": 2}  # float16 side values (turbo_prod: norm, residual_norm)
-PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,)}  # bit-plane widths, low bits first
+PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}  # bit-plane widths, low bits first (8: int only)
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class PagedCodec:
         d = self.head_dim
         if isinstance(d, bool) or not isinstance(d, int) or d < 32 or d & (d - 1):
             raise ValueError(f"head_dim must be a power of two >= 32 for the paged kernels, got {d!r}")
-        allowed = (2, 3, 4, 5) if self.kind == "turbo_prod" else (1, 2, 3, 4)
+        allowed = {"turbo_prod": (2, 3, 4, 5), "turbo_mse": (1, 2, 3, 4), "int": (1, 2, 3, 4, 8)}[self.kind]
         if isinstance(self.bits, bool) or self.bits not in allowed:
             raise ValueError(f"bits must be one of {allowed} for {self.kind} in the paged kernels, got {self.bits!r}")
         if self.kind == "turbo_prod" and not (isinstance(self.sketch, torch.Tensor) and self.sketch.shape == (d, d)):
@@ -156,8 +156,8 @@ def paged_codec(codec: Codec, device: torch.device | str = "cpu") -> PagedCodec:
     if codec.name == "int":
         if codec.axis != "token" or codec.group_size != codec.head_dim:
             raise ValueError(f"the paged kernels take int with axis=token and one group per vector, got {codec.spec!r}")
-        if codec.bits not in (1, 2, 3, 4):
-            raise ValueError(f"the paged kernels take int with bits 1-4, got {codec.spec!r}")
+        if codec.bits not in (1, 2, 3, 4, 8):
+            raise ValueError(f"the paged kernels take int with bits 1-4 or 8, got {codec.spec!r}")
         rotation = None if codec.rotation == "none" else rotate(eye, codec.rotation, codec.seed).float().to(device)
         return PagedCodec("int", codec.head_dim, codec.bits, rotation=rotation)
     raise ValueError(f"the paged kernels support turbo_mse, turbo_prod and int, not {codec.spec!r}")

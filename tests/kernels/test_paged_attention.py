@@ -34,7 +34,7 @@ SPECS = [
 # ---- layout --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_pack_rows_roundtrip(bits):
     fmt = PagedCodec("int", 64, bits)
     g = torch.Generator().manual_seed(bits)
@@ -109,8 +109,8 @@ def test_paged_codec_rejects_what_the_kernels_cannot_read():
         PagedCodec("turbo_mse", 64, 4)
     with pytest.raises(TypeError, match="Codec"):
         paged_codec("turbo_mse:4")
-    with pytest.raises(ValueError, match="bits 1-4"):
-        paged_codec(get_codec("int:8", head_dim=64))
+    with pytest.raises(ValueError, match="bits must be one of"):
+        PagedCodec("int", 64, 6)
     with pytest.raises(ValueError, match="rotation must be None"):
         PagedCodec("int", 64, 4, rotation=torch.eye(32))
     prod = paged_codec(get_codec("turbo_prod:3", head_dim=32))
@@ -133,7 +133,7 @@ def test_paged_codec_rejects_what_the_kernels_cannot_read():
      ("int:4", "int:4"), ("turbo_mse:4:rotation=hadamard", "int:4"), ("int:4:rotation=hadamard", "int:2"),
      ("int:3", "int:3:rotation=haar"), ("turbo_prod:4", "turbo_mse:3"), ("turbo_prod:2", "int:4"),
      ("turbo_prod:3:rotation=hadamard", "int:2:rotation=hadamard"), ("int:4", "turbo_prod:3"),
-     ("turbo_prod:5", "turbo_prod:2:rotation=hadamard")],
+     ("turbo_prod:5", "turbo_prod:2:rotation=hadamard"), ("int:8", "int:8"), ("int:8", "turbo_mse:2")],
 )  # fmt: skip
 def test_decode_kernel_matches_reference(key, value, device):
     from kvpack.kernels.decode_attention import paged_decode_attention
@@ -237,7 +237,8 @@ def encode_through_kernel(spec: str, device: str):
 
 
 @pytest.mark.parametrize(
-    "spec", ["turbo_mse:4", "turbo_mse:3", "turbo_mse:2", "int:4", "int:3", "int:2", "int:4:rotation=hadamard"]
+    "spec",
+    ["turbo_mse:4", "turbo_mse:3", "turbo_mse:2", "int:8", "int:4", "int:3", "int:2", "int:4:rotation=hadamard"],
 )
 def test_encode_kernel_codes_equal_the_codec(spec, device):
     codec, fmt, rows, expected = encode_through_kernel(spec, device)

@@ -1,0 +1,157 @@
+"""StaticKVPackCache: the graph-safe paged cache against KVPackCache (same policy, same held bits), compiled vs eager."""
+
+import pytest
+import torch
+from test_paged_cache import generate, prompt, teacher_forced, tiny_llama
+from tiny_models import TINY_FAMILIES
+
+from kvpack import CachePolicy, KVPackCache, StaticKVPackCache, use_paged_attention
+from kvpack.hf.cache import layer_kinds
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+SMALL = {"residual": 8, "sinks": 4, "block": 8}
+
+
+def static_cache(model, max_cache_len=160, **kwargs):
+    use_paged_attention(model)
+    return StaticKVPackCache(model.config, max_cache_len, **kwargs)
+
+
+def plain_cache(model, **kwargs):
+    model.set_attn_implementation("sdpa")
+    return KVPackCache(model.config, **kwargs)
+
+
+@pytest.mark.parametrize("key,value", [("int:4", "turbo_mse:3"), ("int:8", "turbo_mse:1")])
+def test_teacher_forced_logits_follow_kvpack_cache(key, value):
+    """Every step attends to what KVPackLayer holds (packed blocks + window): logits agree to float rounding."""
+    model = tiny_llama()
+    ids, _ = prompt(batch=2, tokens=100)
+    ref = teacher_forced(model, ids, plain_cache(model, key=key, value=value, **SMALL), prefill=37)
+    out = teacher_forced(model, ids, static_cache(model, key=key, value=value, use_kernel=False, **SMALL), prefill=37)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-2)
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.97
+
+
+@pytest.mark.parametrize("pad", [(0, 0), (0, 5)])
+def test_generation_equals_kvpack_cache(pad):
+    model = tiny_llama()
+    ids, mask = prompt(batch=2, tokens=40, pad=pad)
+    ref = generate(model, ids, mask, plain_cache(model, key="int:4", value="int:4", **SMALL), n=40)
+    out = generate(model, ids, mask, static_cache(model, key="int:4", value="int:4", use_kernel=False, **SMALL), n=40)
+    assert (out == ref).float().mean() >= 0.97
+
+
+def test_padded_row_equals_the_row_alone():
+    """Left padding is not stored: the padded row decodes as it does in a batch of one."""
+    model = tiny_llama()
+    ids, mask = prompt(batch=2, tokens=30, pad=(0, 6))
+    both = generate(model, ids, mask, static_cache(model, key="int:4", value="turbo_mse:2", use_kernel=False, **SMALL))
+    alone = generate(model, ids[1:, 6:], mask[1:, 6:],
+                     static_cache(model, key="int:4", value="turbo_mse:2", use_kernel=False, **SMALL))  # fmt: skip
+    assert torch.equal(both[1, 30:], alone[0, 24:])
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_every_family_generates(family):
+    """GQA ratios, head_dim 32-256, sliding windows (a 16-bit ring), qk-norm: greedy tokens follow KVPackCache where
+    every layer is full attention (sliding layers hold 16 bits here, so there only the run is checked)."""
+    torch.manual_seed(0)
+    model = TINY_FAMILIES[family]().eval().to(torch.float16)
+    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    kw = {"key": "turbo_mse:4", "value": "int:4", "residual": 4, "sinks": 2, "block": 4}
+    out = generate(model, ids, mask, static_cache(model, max_cache_len=64, use_kernel=False, **kw), n=24)
+    assert out.shape == (2, 48)
+    if all(window is None for window in layer_kinds(model.config)):
+        ref = generate(model, ids, mask, plain_cache(model, **kw), n=24)
+        assert (out == ref).float().mean() >= 0.9
+
+
+def test_kernel_ops_path_and_compiled_step_equal_eager():
+    """The Triton encode/decode ops (Triton's interpreter on the CPU) give the reference's tokens, and a
+    torch.compile(fullgraph=True) decode step (no graph break: nothing on the host) gives the eager step's logits."""
+    model = tiny_llama(layers=2)
+    ids, mask = prompt(batch=2, tokens=20)
+    kw = {"key": "int:4", "value": "turbo_mse:3", "residual": 4, "sinks": 2, "block": 4}
+    ref = generate(model, ids, mask, static_cache(model, max_cache_len=48, use_kernel=False, **kw), n=8)
+    ops = generate(model, ids, mask, static_cache(model, max_cache_len=48, use_kernel=True, **kw), n=8)
+    assert (ops == ref).float().mean() >= 0.9
+
+    def steps(cache, forward):
+        with torch.inference_mode():
+            out = model(ids, past_key_values=cache)  # eager prefill
+            tok, logits = out.logits[:, -1:].argmax(-1), []
+            for t in range(6):
+                pos = torch.full((2, 1), ids.shape[1] + t)
+                step = forward(input_ids=tok, past_key_values=cache, position_ids=pos, cache_position=pos[0])
+                logits.append(step.logits[:, -1].float())
+                tok = step.logits[:, -1:].argmax(-1)
+        return torch.stack(logits)
+
+    eager = steps(static_cache(model, max_cache_len=48, use_kernel=True, **kw), model.forward)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
+    graph = steps(static_cache(model, max_cache_len=48, use_kernel=True, **kw), compiled)
+    torch.testing.assert_close(graph, eager, rtol=0, atol=1e-3)
+
+
+def test_bytes_count_the_preallocated_pages():
+    model = tiny_llama(layers=1)
+    cache = static_cache(model, max_cache_len=132, key="int:4", value="int:4", residual=8, sinks=4, block=8,
+                         use_kernel=False)  # fmt: skip
+    ids, _ = prompt(batch=2, tokens=10)
+    with torch.inference_mode():
+        model(ids, past_key_values=cache)
+    layer = cache.layers[0]
+    row = 64 // 2 + 4  # int:4 codes + float16 scale and zero
+    pages = 2 * 128 * 2 * row  # batch 2, 128 page tokens, 2 KV heads
+    window = 2 * (4 + 16) * 2 * 64 * 2  # sinks + ring of residual + block, float16
+    tables = layer.block_tables.numel() * 4 + 2 * 8
+    assert cache.nbytes("v") == pages + window
+    assert cache.nbytes("k") == pages + window + tables
+    assert cache.bits_per_value() == pytest.approx(8 * cache.nbytes() / (2 * 2 * 132 * 2 * 64))
+
+
+def test_errors():
+    model = tiny_llama(layers=1)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="use_paged_attention"):
+        StaticKVPackCache(model.config, 64)
+    use_paged_attention(model)
+    for bad in (0, -3, 2.5, True, None):
+        with pytest.raises(ValueError, match="max_cache_len"):
+            StaticKVPackCache(model.config, bad)
+    with pytest.raises(TypeError, match="use_kernel"):
+        StaticKVPackCache(model.config, 64, use_kernel="yes")
+    with pytest.raises(ValueError, match="pre_rope_keys"):
+        StaticKVPackCache(model.config, 64, policy=CachePolicy("int:4", "int:4", pre_rope_keys=True))
+    with pytest.raises(ValueError, match="no paged layout"), torch.inference_mode():
+        model(torch.ones(1, 4, dtype=torch.long), past_key_values=StaticKVPackCache(model.config, 64, key="e8:4"))
+    cache = StaticKVPackCache(model.config, 16, key="int:4", value="int:4", use_kernel=False)
+    with torch.inference_mode():
+        model(torch.ones(1, 12, dtype=torch.long), past_key_values=cache)
+        with pytest.raises(ValueError, match="max_cache_len=16"):
+            model(torch.ones(1, 5, dtype=torch.long), past_key_values=cache)
+    cache = StaticKVPackCache(model.config, 64, key="int:4", value="int:4", use_kernel=False)
+    ids, mask = prompt(batch=2, tokens=10, pad=(0, 3))
+    with torch.inference_mode():
+        model(ids, attention_mask=mask, past_key_values=cache)
+        with pytest.raises(ValueError, match="different token counts"):
+            model(ids[:, :3], past_key_values=cache)
+
+
+def test_sliding_window_ring_wraps_as_transformers_window():
+    """A sliding layer keeps its window in a 16-bit ring: past the window, logits follow DynamicCache's."""
+    from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=32, sliding_window=12, max_position_embeddings=256)  # fmt: skip
+    model = MistralForCausalLM(cfg).eval().to(torch.float16)
+    ids, _ = prompt(batch=2, tokens=50)
+    model.set_attn_implementation("sdpa")
+    ref = teacher_forced(model, ids, DynamicCache(config=model.config), prefill=9)
+    out = teacher_forced(model, ids, static_cache(model, max_cache_len=64, use_kernel=False, **SMALL), prefill=9)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-2)
