@@ -385,12 +385,12 @@ class StaticKVPackCache(Cache):
         if getattr(model_config, "attention_chunk_size", None) is not None and None not in kinds:
             raise ValueError("StaticKVPackCache does not support chunked attention layers")
         policy.check_model(len(kinds), *model_heads(config))
-        self.policy, self.max_cache_len = policy, max_cache_len
+        self.policy, self.max_tokens = policy, max_cache_len  # (transformers 5.17's Cache has a max_cache_len property)
         layers = [StaticPagedLayer(policy, i, w, max_cache_len, use_kernel) for i, w in enumerate(kinds)]
         super().__init__(layers=layers)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return self.max_cache_len
+        return self.max_tokens
 
     def nbytes(self, stream: str | None = None) -> int:
         """Bytes allocated (the pre-allocated pools included): ``stream`` ``"k"``, ``"v"`` or ``None`` (both)."""
