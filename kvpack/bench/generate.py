@@ -31,6 +31,7 @@ import torch
 from kvpack.hf.cache import KVPackCache
 from kvpack.hf.paged_cache import PagedLayer
 from kvpack.hf.static_cache import StaticKVPackCache
+from kvpack.tuning.recipe import BUDGETS
 
 __all__ = ["DEFAULT_CACHES", "add_arguments", "build_model", "measure", "parse_caches", "run_caches", "run_generate"]
 
@@ -79,8 +80,11 @@ def parse_caches(text: str, head_dim: int = 128) -> list[str]:
     for name in names:
         if name in ("dynamic", "hf-static"):
             continue
+        static = name.startswith(("static:", "static-eager:"))
         for prefix in ("static:", "static-eager:"):
             name = name.removeprefix(prefix)
+        if static and name in BUDGETS:  # a preset, derived from the config alone (random weights: no calibration)
+            continue
         if name.startswith(("quanto:", "hqq:")):
             backend = name.split(":")[0]
             if name not in (f"{backend}:2", f"{backend}:4"):
@@ -141,9 +145,10 @@ def _make_cache(name: str, model, residual: int, sinks: int, max_cache_len: int)
         from kvpack.hf.paged_cache import use_paged_attention
         from kvpack.hf.static_cache import StaticKVPackCache
 
-        spec = name.split(":", 1)[1]
         use_paged_attention(model)
-        return StaticKVPackCache(model.config, max_cache_len, key=spec, value=spec, residual=residual, sinks=sinks)
+        return StaticKVPackCache(
+            model.config, max_cache_len, policy=_static_policy(name, model.config, residual, sinks)
+        )
     if name == "dynamic" or name.startswith(("quanto:", "hqq:")):
         from transformers import DynamicCache
 
@@ -156,6 +161,17 @@ def _make_cache(name: str, model, residual: int, sinks: int, max_cache_len: int)
 
     use_paged_attention(model)
     return PagedKVPackCache(model.config, key=name, value=name, residual=residual, sinks=sinks)
+
+
+def _static_policy(name: str, config, residual: int, sinks: int):
+    """The policy of a ``static:SPEC`` / ``static-eager:SPEC`` cache: a preset's config rule, or SPEC for K and V."""
+    from kvpack.policy import CachePolicy
+    from kvpack.tuning.recipe import rule_policy
+
+    spec = name.split(":", 1)[1]
+    if spec in BUDGETS:
+        return rule_policy(spec, config)
+    return CachePolicy(spec, spec, residual=residual, sinks=sinks)
 
 
 def _sync(device: torch.device) -> None:
@@ -212,7 +228,7 @@ def measure(model, name: str, ids: torch.Tensor, *, new_tokens: int, warmup_toke
             "decode_s": seconds,
             "tokens_per_s": batch * new_tokens / seconds,
             "ms_per_token": 1e3 * seconds / new_tokens,
-            "cache_seq_length": cache.get_seq_length(),
+            "cache_seq_length": int(cache.get_seq_length()),
         }
     )
     if isinstance(cache, StaticKVPackCache):  # bytes allocated for max_cache_len tokens
@@ -292,17 +308,17 @@ def _copy_bandwidth(device: torch.device, nbytes: int = 2**31) -> float:
 
 def _kv_bytes_read(name: str, config, batch: int, context: int) -> int:
     """Bytes of K and V that one decode step reads at ``context`` tokens: packed rows for kvpack specs, else 16 bits."""
-    from kvpack import get_codec
     from kvpack.kernels.paged import paged_codec
 
-    tokens = batch * context * config.num_hidden_layers * config.num_key_value_heads
+    tokens = batch * context * config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    spec = name.split(":", 1)[1] if name.startswith(("static:", "static-eager:")) else name
-    try:
-        row = paged_codec(get_codec(spec, head_dim=head_dim)).row_bytes
-    except (KeyError, TypeError, ValueError):  # dynamic, hf-static, peers: 16-bit K/V
-        row = 2 * head_dim
-    return tokens * 2 * row
+    if name in ("dynamic", "hf-static") or name.startswith(("quanto:", "hqq:")):  # 16-bit K/V
+        return tokens * config.num_hidden_layers * 2 * 2 * head_dim
+    policy = _static_policy(name if name.startswith("static") else f"static:{name}", config, 0, 0)
+    rows = 0
+    for layer in range(config.num_hidden_layers):
+        rows += sum(paged_codec(c).row_bytes for c in policy.codecs(head_dim, layer, config.num_key_value_heads))
+    return tokens * rows
 
 
 def _line(row: dict) -> str:

@@ -72,8 +72,9 @@ def test_every_family_generates(family):
 def test_kernel_ops_path_and_compiled_step_equal_eager():
     """The Triton encode/decode ops (Triton's interpreter on the CPU) give the reference's tokens, and a
     torch.compile(fullgraph=True) decode step (no graph break: nothing on the host) gives the eager step's logits."""
-    model = tiny_llama(layers=2)
-    ids, mask = prompt(batch=2, tokens=20)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU: Triton's interpreter
+    model = tiny_llama(layers=2).to(device)
+    ids, mask = (t.to(device) for t in prompt(batch=2, tokens=20))
     kw = {"key": "int:4", "value": "turbo_mse:3", "residual": 4, "sinks": 2, "block": 4}
     ref = generate(model, ids, mask, static_cache(model, max_cache_len=48, use_kernel=False, **kw), n=8)
     ops = generate(model, ids, mask, static_cache(model, max_cache_len=48, use_kernel=True, **kw), n=8)
@@ -84,7 +85,7 @@ def test_kernel_ops_path_and_compiled_step_equal_eager():
             out = model(ids, past_key_values=cache)  # eager prefill
             tok, logits = out.logits[:, -1:].argmax(-1), []
             for t in range(6):
-                pos = torch.full((2, 1), ids.shape[1] + t)
+                pos = torch.full((2, 1), ids.shape[1] + t, device=device)
                 step = forward(input_ids=tok, past_key_values=cache, position_ids=pos, cache_position=pos[0])
                 logits.append(step.logits[:, -1].float())
                 tok = step.logits[:, -1:].argmax(-1)
