@@ -30,7 +30,7 @@ from kvpack.codec import Codec, Layout, Packed, register_codec
 from kvpack.codecs.qjl import float16_norm, qjl_estimate, qjl_signs, sketch_matrix, sketch_seed
 from kvpack.ops.lloyd_max import sphere_boundaries, sphere_codebook
 from kvpack.ops.packing import pack_bits, packed_nbytes, unpack_bits
-from kvpack.ops.rotation import check_rotation, rotate, unrotate
+from kvpack.ops.rotation import check_rotation, rotate, rotation_as_matrix, unrotate
 
 __all__ = ["TurboMSE", "TurboProd"]
 
@@ -110,6 +110,16 @@ class TurboMSE(Codec):
         y = self.dequantize(packed.data["norm"], packed.data["codes"])
         return y.reshape(packed.shape)
 
+    def paged_tables(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The float32 tables of `kvpack.kernels.paged.PagedCodec`: ``codebook`` ``(2^bits,)``, its cell edges
+        ``boundaries`` and the rotation ``M`` ``(head_dim, head_dim)`` with ``rotate(x) = x @ M``, on ``device``."""
+        d = self.head_dim
+        return {
+            "codebook": sphere_codebook(d, self.bits).float().to(device),
+            "boundaries": sphere_boundaries(d, self.bits).float().to(device),
+            "rotation": rotation_as_matrix(self.rotation, d, self.seed).to(device),
+        }
+
 
 @functools.lru_cache(maxsize=64)
 def _mse_stage(head_dim: int, bits: int, seed: int, rotation: str) -> TurboMSE:
@@ -138,6 +148,10 @@ class TurboProd(Codec):
 
     def sketch(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return sketch_matrix(self.head_dim, self.head_dim, sketch_seed(self.seed), device=device)
+
+    def paged_tables(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Its mse stage's `TurboMSE.paged_tables` plus the float32 QJL ``sketch`` ``S`` ``(head_dim, head_dim)``."""
+        return {**self.mse.paged_tables(device), "sketch": self.sketch(device).float()}
 
     def layout(self, shape: tuple[int, ...]) -> Layout:
         lead = shape[:-1]

@@ -39,7 +39,7 @@ import torch
 
 from kvpack.codec import Codec, Layout, Packed, register_codec
 from kvpack.ops.packing import pack_bits, packed_nbytes, unpack_bits
-from kvpack.ops.rotation import check_rotation, rotate, unrotate
+from kvpack.ops.rotation import check_rotation, rotate, rotation_as_matrix, unrotate
 
 __all__ = ["UniformInt", "affine_dequantize_ref", "affine_quantize_ref"]
 
@@ -152,6 +152,15 @@ class UniformInt(Codec):
         codes, scale, zero = affine_quantize_ref(grouped, self.bits)  # rows: (group, channel)
         codes = codes.transpose(-1, -2).flatten(-3, -2)[..., :tokens, :]
         return codes, scale.squeeze(-1), zero.squeeze(-1)
+
+    def paged_tables(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor | None]:
+        """The tables of `kvpack.kernels.paged.PagedCodec`: the float32 ``rotation`` ``M`` (``None`` without one).
+
+        The paged rows hold one scale and zero per token: axis token with one group per vector only."""
+        if self.axis != "token" or self.group_size != self.head_dim:
+            raise ValueError(f"the paged kernels take int with axis=token and one group per vector, got {self.spec!r}")
+        rotation = None if self.rotation == "none" else rotation_as_matrix(self.rotation, self.head_dim, self.seed)
+        return {"rotation": None if rotation is None else rotation.to(device)}
 
     def _decode(self, packed: Packed) -> torch.Tensor:
         shape, d = packed.shape, self.head_dim

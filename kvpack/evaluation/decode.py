@@ -22,7 +22,6 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvpack.hf.cache import KVPackCache, KVPackLayer
-from kvpack.hf.rope import rerope
 
 __all__ = ["decode_logits", "decode_stepwise_logits"]
 
@@ -33,15 +32,6 @@ NEVER = 1 << 62  # lifetime end of a version no query outgrows
 def decode_stepwise_logits(model, cache: KVPackCache, cont: torch.Tensor) -> torch.Tensor:
     """Logits ``(n, vocab)`` of ``cont`` ``(1, n)`` fed one token per forward through ``cache`` (as ``generate``)."""
     return torch.cat([model(cont[:, i : i + 1], past_key_values=cache).logits[0] for i in range(cont.shape[1])])
-
-
-def _decoded(layer: KVPackLayer, chunk) -> tuple[torch.Tensor, torch.Tensor]:
-    """One packed chunk as `KVPackLayer.past` decodes it (model dtype, RoPE restored)."""
-    if chunk.order is not None:
-        raise ValueError("the decode protocol runs on a cache without batch reorders")
-    k, v = layer.key_codec.decode(chunk.key), layer.value_codec.decode(chunk.value).to(layer.dtype)
-    k = (k if layer.key_rope is None else rerope(k, chunk.start, layer.key_rope)).to(layer.dtype)
-    return k, v
 
 
 def _views(layer: KVPackLayer, keys: torch.Tensor, values: torch.Tensor):
@@ -60,7 +50,9 @@ def _views(layer: KVPackLayer, keys: torch.Tensor, values: torch.Tensor):
         if layer.chunks and layer.chunks[-1] is not last:  # a store packs at most one chunk, appended last
             chunk = layer.chunks[-1]
             packed_at[chunk.start : chunk.start + chunk.tokens] = i
-            blocks.append((i, chunk, *_decoded(layer, chunk)))
+            if chunk.order is not None:
+                raise ValueError("the decode protocol runs on a cache without batch reorders")
+            blocks.append((i, chunk, *layer.decode_chunk(chunk)))
     # versions: (positions, first query that sees it, first query that no longer does)
     pos = [torch.arange(start - past_k.shape[-2], start)]
     first, end = [torch.zeros_like(pos[0])], [packed_at[pos[0]] + 1]

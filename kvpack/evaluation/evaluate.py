@@ -240,11 +240,7 @@ def evaluate(
     prefill K/V and reference logits, so later calls run only the compressed continuation (about 3x
     faster for snapshot at ctx 1024 / n_eval 256; it holds ~100 MB per window for SmolLM2 in float32).
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    _check_int("ctx", ctx, 1)
-    _check_int("n_eval", n_eval, 1)
-    _check_int("windows", windows, 1)
+    _check_arguments(protocol, ctx, n_eval, windows)
     policy = _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys)
     if policy.pre_rope_keys and protocol == "inforward":
         raise ValueError(
@@ -253,14 +249,7 @@ def evaluate(
     if cache_factory is not None and (protocol == "inforward" or only is not None or pre_rope_keys):
         raise ValueError("cache_factory works with protocol='snapshot' or 'decode', only=None and pre_rope_keys=False")
     raw_text = None if isinstance(text, torch.Tensor) else load_text(text)  # a bad path fails before the model loads
-    if isinstance(model, (str, Path)):
-        from kvpack.evaluation.models import load
-
-        model_name, (lm, tokenizer) = str(model), load(model)
-    elif isinstance(model, tuple) and len(model) == 2:
-        (lm, tokenizer), model_name = model, getattr(model[0].config, "_name_or_path", "") or type(model[0]).__name__
-    else:
-        raise TypeError(f"model must be a name/path or a (model, tokenizer) pair, got {type(model).__name__}")
+    model_name, (lm, tokenizer) = _model_pair(model)
     if preset is not None:
         policy = _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys,
                                  (lm, tokenizer), calibration)  # fmt: skip
@@ -268,31 +257,64 @@ def evaluate(
         ids, label = text.long().flatten(), "token ids"
     else:
         ids, label = tokenize(tokenizer, raw_text), text_label(text)
-    starts = window_starts(ids.numel(), ctx + n_eval, windows)
     make_cache = cache_factory or (lambda config: KVPackCache(config, policy=policy))
-    device = next(lm.parameters()).device
-
-    rows, held, t0 = [], None, time.perf_counter()
     desc = f"{protocol} k={policy.key} v={policy.value}" if cache_factory is None else f"{protocol} custom cache"
+    t0 = time.perf_counter()
+    rows, held = _run_windows(lm, ids, ctx, n_eval, windows, protocol, policy, make_cache, reference_memo,
+                              desc, progress)  # fmt: skip
+    seconds = (time.perf_counter() - t0) / len(rows)
+    if bits is not None:
+        held = (float(bits[0]), float(bits[1]))
+    policy_record = {**policy_to_dict(policy), "only": only, "preset": preset,
+                     "cache_factory": None if cache_factory is None else getattr(cache_factory, "__name__", "custom")}  # fmt: skip
+    return _result(model_name, label, protocol, ctx, n_eval, policy_record, rows, held, seconds)
+
+
+def _check_arguments(protocol: str, ctx: int, n_eval: int, windows: int) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    _check_int("ctx", ctx, 1)
+    _check_int("n_eval", n_eval, 1)
+    _check_int("windows", windows, 1)
+
+
+def _model_pair(model) -> tuple[str, tuple]:
+    """``(name, (model, tokenizer))`` of a name/path (loaded) or a ``(model, tokenizer)`` pair."""
+    if isinstance(model, (str, Path)):
+        from kvpack.evaluation.models import load
+
+        return str(model), load(model)
+    if isinstance(model, tuple) and len(model) == 2:
+        return getattr(model[0].config, "_name_or_path", "") or type(model[0]).__name__, model
+    raise TypeError(f"model must be a name/path or a (model, tokenizer) pair, got {type(model).__name__}")
+
+
+def _run_windows(
+    lm, ids, ctx, n_eval, windows, protocol, policy, make_cache, memo, desc, progress
+) -> tuple[list[dict], tuple[float, float] | None]:
+    """One row of metrics per window (`_window_row`) and the (K, V) bits per value the first window held."""
+    starts = window_starts(ids.numel(), ctx + n_eval, windows)
+    device = next(lm.parameters()).device
+    rows, held = [], None
     with torch.inference_mode():
         for start in tqdm(starts, desc=desc, unit="window", disable=not progress):
             window = ids[start : start + ctx + n_eval][None].to(device)
             if protocol == "inforward":
-                sums, window_bits = _inforward_window(lm, window, n_eval, policy, reference_memo)
+                sums, window_bits = _inforward_window(lm, window, n_eval, policy, memo)
             else:
-                sums, window_bits = _prefill_window(lm, window, ctx, make_cache, reference_memo, protocol)
+                sums, window_bits = _prefill_window(lm, window, ctx, make_cache, memo, protocol)
             held = held or window_bits
             rows.append(_window_row(start, sums))
-    seconds = (time.perf_counter() - t0) / len(starts)
+    return rows, held
+
+
+def _result(model_name, label, protocol, ctx, n_eval, policy_record, rows, held, seconds) -> EvalResult:
+    """The `EvalResult` of the window rows: pooled metrics, their spread over windows and the verdict."""
     ppl_ref, ppl, delta, top1, kl = _pooled(rows)
-    if bits is not None:
-        held = (float(bits[0]), float(bits[1]))
     bits_k, bits_v = held if held is not None else (float("nan"), float("nan"))
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     return EvalResult(
-        model=model_name, text=label, protocol=protocol, ctx=ctx, n_eval=n_eval,
-        policy={**policy_to_dict(policy), "only": only, "preset": preset,
-                "cache_factory": None if cache_factory is None else getattr(cache_factory, "__name__", "custom")},
+        model=model_name, text=label, protocol=protocol, ctx=ctx, n_eval=n_eval, policy=policy_record,
         ppl_ref=ppl_ref, ppl=ppl, delta_ppl_pct=delta, top1=top1, kl=kl,
         delta_ppl_pct_std=_std([r["delta_ppl_pct"] for r in public]), top1_std=_std([r["top1"] for r in public]),
         kl_std=_std([r["kl"] for r in public]), bits_k=bits_k, bits_v=bits_v, bits_per_value=(bits_k + bits_v) / 2,

@@ -137,22 +137,10 @@ def inspect_codecs(
     """
     from kvpack.evaluation.text import tokenize
 
-    for name, value, low in (("ctx", ctx, 2), ("windows", windows, 1), ("sinks", sinks, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if sinks >= ctx:
-        raise ValueError(f"sinks={sinks} must be smaller than ctx={ctx}")
-    if not codecs:
-        raise ValueError("codecs must name at least one (key_spec, value_spec) pair")
+    _check_arguments(codecs, ctx, windows, sinks)
     text_cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
-    built = {}
-    for key_spec, value_spec in codecs:  # bad specs fail before any model work
-        label = key_spec if key_spec == value_spec else f"{key_spec} / {value_spec}"
-        built[label] = (
-            get_codec(key_spec, head_dim=head_dim, seed=seed),
-            get_codec(value_spec, head_dim=head_dim, seed=seed),
-        )
+    built = _build_codecs(codecs, head_dim, seed)  # bad specs fail before any model work
     ids = text.long().flatten() if isinstance(text, torch.Tensor) else tokenize(tokenizer, text)
     starts = window_starts(ids.numel(), ctx, windows)
 
@@ -172,49 +160,82 @@ def inspect_codecs(
             if len(layers) != n_layers:
                 raise ValueError(f"captured {len(layers)} attention layers, the config says {n_layers}")
             for li, layer in enumerate(layers):
-                q, k, v = layer.q.float(), layer.k.float(), layer.v.float()
-                o_ref = attention_output(q, k, v, layer.scaling, layer.window)
-                o_ref_sq[li] += _pool_groups(_per_head_sq(o_ref), kv_heads)
-                for label, (key_codec, value_codec) in built.items():
-                    s = sums[label]
-                    k_hat, k_bytes = roundtrip(key_codec, k, sinks)
-                    v_hat, v_bytes = roundtrip(value_codec, v, sinks)
-                    nbytes[label][0] += k_bytes
-                    nbytes[label][1] += v_bytes
-                    s["k_err"][li] += _per_head_sq(k_hat - k)
-                    s["k_ref"][li] += _per_head_sq(k)
-                    s["v_err"][li] += _per_head_sq(v_hat - v)
-                    s["v_ref"][li] += _per_head_sq(v)
-                    for a, (kk, vv) in zip(ATTENTION_VARIANTS, ((k_hat, v), (k, v_hat), (k_hat, v_hat))):
-                        o = attention_output(q, kk, vv, layer.scaling, layer.window)
-                        s[f"o_err_{a}"][li] += _pool_groups(_per_head_sq(o - o_ref), kv_heads)
-                        cos = F.cosine_similarity(o.double(), o_ref.double(), dim=-1).sum(-1)  # (Hq,)
-                        s[f"cos_{a}"][li] += _pool_groups(cos, kv_heads)
+                _add_layer(li, layer, built, sums, o_ref_sq, nbytes, sinks)
                 bar.update(1)
     bar.close()
-
-    per_head_cos = len(starts) * ctx * (q_heads // kv_heads)  # cosines summed per KV head
-    metrics, storage = {}, {}
-    for label, s in sums.items():
-        m = {"k_nmse": s["k_err"] / s["k_ref"], "v_nmse": s["v_err"] / s["v_ref"]}
-        for a in ATTENTION_VARIANTS:
-            m[f"attn_nmse_{a}"] = s[f"o_err_{a}"] / o_ref_sq
-            m[f"attn_cos_{a}"] = s[f"cos_{a}"] / per_head_cos
-        metrics[label] = {name: m[name].tolist() for name in METRICS}
-        values = len(starts) * n_layers * kv_heads * ctx * head_dim  # per stream
-        k_bytes, v_bytes = nbytes[label]
-        tokens = len(starts) * ctx
-        storage[label] = {
-            "bits_k": 8 * k_bytes / values, "bits_v": 8 * v_bytes / values,
-            "bytes_per_token_k": k_bytes / tokens, "bytes_per_token_v": v_bytes / tokens,
-            "bytes_per_token": (k_bytes + v_bytes) / tokens,
-        }  # fmt: skip
+    tokens = len(starts) * ctx
+    metrics = {label: _metrics(s, o_ref_sq, tokens * (q_heads // kv_heads)) for label, s in sums.items()}
+    values = len(starts) * n_layers * kv_heads * ctx * head_dim  # per stream
+    storage = {label: _storage(*nbytes[label], values, tokens) for label in built}
     return InspectResult(
         model=model_name, text=text_name, ctx=ctx, windows=starts, sinks=sinks, layers=n_layers, kv_heads=kv_heads,
         q_heads=q_heads, head_dim=head_dim,
         codecs={label: {"key": kc.spec, "value": vc.spec} for label, (kc, vc) in built.items()},
         metrics=metrics, storage=storage, fp16_bytes_per_token=float(2 * 2 * n_layers * kv_heads * head_dim),
     )  # fmt: skip
+
+
+def _check_arguments(codecs: list[tuple[str, str]], ctx: int, windows: int, sinks: int) -> None:
+    for name, value, low in (("ctx", ctx, 2), ("windows", windows, 1), ("sinks", sinks, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if sinks >= ctx:
+        raise ValueError(f"sinks={sinks} must be smaller than ctx={ctx}")
+    if not codecs:
+        raise ValueError("codecs must name at least one (key_spec, value_spec) pair")
+
+
+def _build_codecs(codecs: list[tuple[str, str]], head_dim: int, seed: int) -> dict[str, tuple]:
+    """label (``spec`` or ``key / value``) -> the (key, value) codecs."""
+    built = {}
+    for key_spec, value_spec in codecs:
+        label = key_spec if key_spec == value_spec else f"{key_spec} / {value_spec}"
+        built[label] = (
+            get_codec(key_spec, head_dim=head_dim, seed=seed),
+            get_codec(value_spec, head_dim=head_dim, seed=seed),
+        )
+    return built
+
+
+def _add_layer(li: int, layer, built: dict, sums: dict, o_ref_sq: torch.Tensor, nbytes: dict, sinks: int) -> None:
+    """Add one captured layer's squared errors, attention errors and cosines, and packed bytes, to the sums."""
+    kv_heads = o_ref_sq.shape[1]
+    q, k, v = layer.q.float(), layer.k.float(), layer.v.float()
+    o_ref = attention_output(q, k, v, layer.scaling, layer.window)
+    o_ref_sq[li] += _pool_groups(_per_head_sq(o_ref), kv_heads)
+    for label, (key_codec, value_codec) in built.items():
+        s = sums[label]
+        k_hat, k_bytes = roundtrip(key_codec, k, sinks)
+        v_hat, v_bytes = roundtrip(value_codec, v, sinks)
+        nbytes[label][0] += k_bytes
+        nbytes[label][1] += v_bytes
+        s["k_err"][li] += _per_head_sq(k_hat - k)
+        s["k_ref"][li] += _per_head_sq(k)
+        s["v_err"][li] += _per_head_sq(v_hat - v)
+        s["v_ref"][li] += _per_head_sq(v)
+        for a, (kk, vv) in zip(ATTENTION_VARIANTS, ((k_hat, v), (k, v_hat), (k_hat, v_hat))):
+            o = attention_output(q, kk, vv, layer.scaling, layer.window)
+            s[f"o_err_{a}"][li] += _pool_groups(_per_head_sq(o - o_ref), kv_heads)
+            cos = F.cosine_similarity(o.double(), o_ref.double(), dim=-1).sum(-1)  # (Hq,)
+            s[f"cos_{a}"][li] += _pool_groups(cos, kv_heads)
+
+
+def _metrics(s: dict, o_ref_sq: torch.Tensor, per_head_cos: int) -> dict[str, list[list[float]]]:
+    """One codec's `METRICS` tables from its sums (``per_head_cos``: cosines summed per KV head)."""
+    m = {"k_nmse": s["k_err"] / s["k_ref"], "v_nmse": s["v_err"] / s["v_ref"]}
+    for a in ATTENTION_VARIANTS:
+        m[f"attn_nmse_{a}"] = s[f"o_err_{a}"] / o_ref_sq
+        m[f"attn_cos_{a}"] = s[f"cos_{a}"] / per_head_cos
+    return {name: m[name].tolist() for name in METRICS}
+
+
+def _storage(k_bytes: int, v_bytes: int, values: int, tokens: int) -> dict[str, float]:
+    """Bits per value and bytes per token of one codec's packed K and V (``values`` per stream)."""
+    return {
+        "bits_k": 8 * k_bytes / values, "bits_v": 8 * v_bytes / values,
+        "bytes_per_token_k": k_bytes / tokens, "bytes_per_token_v": v_bytes / tokens,
+        "bytes_per_token": (k_bytes + v_bytes) / tokens,
+    }  # fmt: skip
 
 
 # ---- report -------------------------------------------------------------------------------------

@@ -92,10 +92,7 @@ class KVPackLayer(CacheLayerMixin):
         """The held past as the model sees it, decoded to the model dtype: ``(B, H, tokens, D)`` each."""
         keys, values = [self.sink_keys.to(self.dtype)], [self.sink_values.to(self.dtype)]
         for chunk in self.chunks:
-            k, v = self.key_codec.decode(chunk.key), self.value_codec.decode(chunk.value).to(self.dtype)
-            k = (k if self.key_rope is None else rerope(k, chunk.start, self.key_rope)).to(self.dtype)
-            if chunk.order is not None:
-                k, v = k.index_select(0, chunk.order), v.index_select(0, chunk.order)
+            k, v = self.decode_chunk(chunk)
             keys.append(k)
             values.append(v)
         keys.append(self.keys.to(self.dtype))
@@ -104,6 +101,15 @@ class KVPackLayer(CacheLayerMixin):
         if self.is_sliding and keys.shape[-2] > self.sliding_window - 1:
             keys, values = keys[..., -(self.sliding_window - 1) :, :], values[..., -(self.sliding_window - 1) :, :]
         return keys, values
+
+    def decode_chunk(self, chunk: _Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """One packed chunk's K and V ``(B, H, chunk.tokens, D)`` as attention sees them: decoded to the model
+        dtype, RoPE re-applied to pre-RoPE keys, batch rows in the chunk's ``order``."""
+        k, v = self.key_codec.decode(chunk.key), self.value_codec.decode(chunk.value).to(self.dtype)
+        k = (k if self.key_rope is None else rerope(k, chunk.start, self.key_rope)).to(self.dtype)
+        if chunk.order is not None:
+            k, v = k.index_select(0, chunk.order), v.index_select(0, chunk.order)
+        return k, v
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs

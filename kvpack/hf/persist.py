@@ -8,10 +8,10 @@ of the header and all tensor bytes (format version 2), so an edited header fails
 bit. A save writes a temporary file beside the target, fsyncs it and replaces the target with it; a
 leftover of a killed save is removed by the next save or load of that path.
 
-Loading checks everything before building the cache, and raises ``ValueError`` naming the field for
-a corrupt, truncated or mismatched file (another model, policy, codec or format version): first the
-header's structure (every field present, of its type, nothing else, nesting bounded), then the
-checksum, then every field against the tensors it describes and against what the saved policy makes
+Loading checks everything before building the cache (the checks: `kvpack.hf.persist_checks`), and raises
+``ValueError`` naming the field for a corrupt, truncated or mismatched file (another model, policy, codec or
+format version): first the header's structure (every field present, of its type, nothing else, nesting
+bounded), then the checksum, then every field against the tensors it describes and against what the saved policy makes
 of each layer (codec specs, shapes against the model's KV heads and head_dim, dtypes, beam order,
 sinks, block and window sizes, contiguous chunk starts ending at ``cumulative_length``, the same
 ``cumulative_length`` in every layer, no tensor the header does not describe), so a header edited and
@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from kvpack.codec import Packed
 from kvpack.hf.cache import KVPackCache, KVPackLayer, _Chunk, layer_kinds
+from kvpack.hf.persist_checks import DTYPES, check_order, check_packed, check_parts, check_positions, check_structure
 from kvpack.policy import CachePolicy, policy_from_dict, policy_to_dict
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_cache", "model_fingerprint", "save_cache"]
@@ -40,7 +41,6 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "load_cache", "model_fingerprint", "save_
 FORMAT = "kvpack-cache"
 FORMAT_VERSION = 2  # 2: the checksum covers the header too
 _HEADER_KEY = "kvpack"
-_DTYPES = {str(dt): dt for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def model_fingerprint(config, model_id: str | None = None) -> dict:
@@ -81,39 +81,7 @@ def save_cache(cache: KVPackCache, path: str | Path, *, model_id: str | None = N
     tensors: dict[str, torch.Tensor] = {}
     if any(type(layer) is not KVPackLayer for layer in cache.layers):
         raise NotImplementedError("save_cache takes KVPackCache layers; PagedKVPackCache's paged layers hold pages")
-    layers = []
-    for i, layer in enumerate(cache.layers):
-        if not layer.is_initialized:
-            layers.append({"initialized": False})
-            continue
-        prefix = f"layers.{i}."
-        for part in ("sink_keys", "sink_values", "keys", "values"):
-            tensors[prefix + part] = getattr(layer, part)
-        chunks = []
-        for j, chunk in enumerate(layer.chunks):
-            for stream, packed in (("key", chunk.key), ("value", chunk.value)):
-                for name, t in packed.data.items():
-                    tensors[f"{prefix}chunks.{j}.{stream}.{name}"] = t
-            if chunk.order is not None:
-                tensors[f"{prefix}chunks.{j}.order"] = chunk.order
-            chunks.append(
-                {
-                    "tokens": chunk.tokens,
-                    "start": chunk.start,
-                    "key": _packed_meta(chunk.key),
-                    "value": _packed_meta(chunk.value),
-                    "order": chunk.order is not None,
-                }
-            )
-        layers.append(
-            {
-                "initialized": True,
-                "cumulative_length": layer.cumulative_length,
-                "dtype": str(layer.dtype),
-                "held_dtype": str(layer.held_dtype),
-                "chunks": chunks,
-            }
-        )
+    layers = [_layer_state(layer, f"layers.{i}.", tensors) for i, layer in enumerate(cache.layers)]
     # own, contiguous CPU copies: safetensors refuses shared storage, and the digest reads bytes
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     header = {
@@ -134,6 +102,37 @@ def save_cache(cache: KVPackCache, path: str | Path, *, model_id: str | None = N
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _layer_state(layer: KVPackLayer, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """One layer's header state; its tensors go into ``tensors`` under ``prefix``."""
+    if not layer.is_initialized:
+        return {"initialized": False}
+    for part in ("sink_keys", "sink_values", "keys", "values"):
+        tensors[prefix + part] = getattr(layer, part)
+    chunks = []
+    for j, chunk in enumerate(layer.chunks):
+        for stream, packed in (("key", chunk.key), ("value", chunk.value)):
+            for name, t in packed.data.items():
+                tensors[f"{prefix}chunks.{j}.{stream}.{name}"] = t
+        if chunk.order is not None:
+            tensors[f"{prefix}chunks.{j}.order"] = chunk.order
+        chunks.append(
+            {
+                "tokens": chunk.tokens,
+                "start": chunk.start,
+                "key": _packed_meta(chunk.key),
+                "value": _packed_meta(chunk.value),
+                "order": chunk.order is not None,
+            }
+        )
+    return {
+        "initialized": True,
+        "cumulative_length": layer.cumulative_length,
+        "dtype": str(layer.dtype),
+        "held_dtype": str(layer.held_dtype),
+        "chunks": chunks,
+    }
 
 
 def _temp_path(path: Path) -> Path:
@@ -165,79 +164,10 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{str(path)!r} is kvpack cache format version {header.get('version')!r}; this kvpack reads version "
             f"{FORMAT_VERSION} only"
         )
-    _check_structure(header)  # bounded, typed: the digest and every later step can read it safely
+    check_structure(header)  # bounded, typed: the digest and every later step can read it safely
     if _digest(tensors, header) != header.get("sha256"):
         raise ValueError(f"{str(path)!r}: header or tensor bytes do not match the saved checksum (corrupt file)")
     return header, tensors
-
-
-# ---- the header's structure: every field present, of its type, nothing else ---------------------------------
-
-_TOP = {"format": str, "version": int, "model": dict, "policy": dict, "layers": list, "sha256": str}
-_MODEL = {"model_id": str, "num_layers": int, "num_kv_heads": int, "head_dim": int, "layer_kinds": list}
-_LAYER = {"initialized": bool, "cumulative_length": int, "dtype": str, "held_dtype": str, "chunks": list}
-_CHUNK = {"tokens": int, "start": int, "key": dict, "value": dict, "order": bool}
-_PACKED = {"codec": str, "shape": list, "dtype": str}
-
-
-def _fields(obj, kinds: dict, where: str) -> dict:
-    """``obj`` as a dict of exactly the keys of ``kinds``, each of its type (``int`` excludes bool); else ValueError."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"header field {where} must be a JSON object, got {type(obj).__name__}")  # noqa: TRY004
-    missing, extra = sorted(set(kinds) - set(obj)), sorted(set(obj) - set(kinds))
-    if missing or extra:
-        raise ValueError(f"header field {where}: missing fields {missing}, unknown fields {extra}")
-    for key, kind in kinds.items():
-        _typed(obj[key], kind, f"{where}.{key}")
-    return obj
-
-
-def _typed(value, kind: type, where: str):
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"header field {where} must be {kind.__name__}, got {type(value).__name__}")
-    if kind is int and value < 0:
-        raise ValueError(f"header field {where} must be >= 0, got {value}")
-    return value
-
-
-def _check_structure(header: dict) -> None:
-    _fields(header, _TOP, "header")
-    _fields(header["model"], _MODEL, "model")
-    for j, kind in enumerate(header["model"]["layer_kinds"]):
-        if kind is not None:
-            _typed(kind, int, f"model.layer_kinds[{j}]")
-    _check_depth(header["policy"], "policy", 3)  # field -> list -> list (head specs, fp_heads): never deeper
-    for i, state in enumerate(header["layers"]):
-        where = f"layers[{i}]"
-        if not isinstance(state, dict) or not isinstance(state.get("initialized"), bool):
-            raise ValueError(f"header field {where} must be an object with a bool 'initialized'")  # noqa: TRY004
-        if not state["initialized"]:
-            _fields(state, {"initialized": bool}, where)
-            continue
-        _fields(state, _LAYER, where)
-        for name in ("dtype", "held_dtype"):
-            if state[name] not in _DTYPES:
-                raise ValueError(f"header field {where}.{name} must be one of {sorted(_DTYPES)}, got {state[name]!r}")
-        for j, chunk in enumerate(state["chunks"]):
-            _fields(chunk, _CHUNK, f"{where}.chunks[{j}]")
-            for stream in ("key", "value"):
-                m = _fields(chunk[stream], _PACKED, f"{where}.chunks[{j}].{stream}")
-                for k, n in enumerate(m["shape"]):
-                    _typed(n, int, f"{where}.chunks[{j}].{stream}.shape[{k}]")
-                if m["dtype"] not in _DTYPES:
-                    raise ValueError(f"header field {where}.chunks[{j}].{stream}.dtype is {m['dtype']!r}")
-
-
-def _check_depth(value, where: str, limit: int) -> None:
-    """Refuse JSON nested more than ``limit`` containers below ``value`` (walked without recursion)."""
-    stack = [(value, where, 0)]
-    while stack:
-        v, at, depth = stack.pop()
-        if isinstance(v, (dict, list)):
-            if depth > limit:
-                raise ValueError(f"header field {at} nests deeper than a policy field can")
-            items = v.items() if isinstance(v, dict) else enumerate(v)
-            stack.extend((x, f"{at}[{k!r}]" if isinstance(v, dict) else f"{at}[{k}]", depth + 1) for k, x in items)
 
 
 def load_cache(
@@ -316,9 +246,9 @@ def _tensor(tensors: dict, name: str, used: set, device: torch.device) -> torch.
 def _restore_layer(layer, state: dict, tensors: dict, i: int, model: dict, device: torch.device) -> set[str]:
     """Fill ``layer`` from its header ``state`` and tensors after checking one against the other; names used."""
     prefix, where, used = f"layers.{i}.", f"header field layers[{i}]", set()
-    dtype, held = _DTYPES[state["dtype"]], _DTYPES[state["held_dtype"]]
+    dtype, held = DTYPES[state["dtype"]], DTYPES[state["held_dtype"]]
     parts = {p: _tensor(tensors, prefix + p, used, device) for p in ("sink_keys", "sink_values", "keys", "values")}
-    batch = _check_parts(parts, held, (model["num_kv_heads"], model["head_dim"]), prefix)
+    batch = check_parts(parts, held, (model["num_kv_heads"], model["head_dim"]), prefix)
     layer.lazy_initialization(parts["keys"].to(dtype), parts["values"].to(dtype))  # codecs, block from the policy
     if layer.held_dtype != held:
         raise ValueError(f"{where}.held_dtype is {held}, the policy gives {layer.held_dtype} for dtype {dtype}")
@@ -332,86 +262,16 @@ def _restore_layer(layer, state: dict, tensors: dict, i: int, model: dict, devic
             m, start = meta[stream], f"{prefix}chunks.{j}.{stream}."
             data = {k[len(start) :]: _tensor(tensors, k, used, device) for k in tensors if k.startswith(start)}
             try:
-                packed[stream] = Packed(m["codec"], tuple(m["shape"]), _DTYPES[m["dtype"]], data)
+                packed[stream] = Packed(m["codec"], tuple(m["shape"]), DTYPES[m["dtype"]], data)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{at}.{stream}: {exc}") from None
             want = (model["num_kv_heads"], meta["tokens"], model["head_dim"])
             pre_rope = stream == "key" and layer.key_rope is not None  # `unrope` gives float32
-            _check_packed(codec, packed[stream], f"{at}.{stream}", want, torch.float32 if pre_rope else held)
+            check_packed(codec, packed[stream], f"{at}.{stream}", want, torch.float32 if pre_rope else held)
         order = _tensor(tensors, f"{prefix}chunks.{j}.order", used, device) if meta["order"] else None
-        _check_order(order, packed["key"].shape[0], packed["value"].shape[0], batch, at)
+        check_order(order, packed["key"].shape[0], packed["value"].shape[0], batch, at)
         chunks.append(_Chunk(packed["key"], packed["value"], meta["tokens"], order, meta["start"]))
-    _check_positions(layer, chunks, state["cumulative_length"], where)
+    check_positions(layer, chunks, state["cumulative_length"], where)
     layer.chunks = chunks
     layer.cumulative_length = state["cumulative_length"]
     return used
-
-
-def _check_parts(parts: dict, held: torch.dtype, heads_dim: tuple[int, int], prefix: str) -> int:
-    """Sinks and window: ``(B, H, n, D)`` of the held dtype and the model's H and D, K and V alike; returns B."""
-    batch = parts["keys"].shape[0] if parts["keys"].dim() == 4 else -1
-    for name, t in parts.items():
-        if t.dim() != 4 or t.dtype != held or t.shape[0] != batch or (t.shape[1], t.shape[3]) != heads_dim:
-            raise ValueError(
-                f"tensor {prefix}{name} is {t.dtype} {tuple(t.shape)}, expected {held} (B, H, n, D) with "
-                f"(H, D) = {heads_dim} and the batch of {prefix}keys"
-            )
-    for a, b in (("sink_keys", "sink_values"), ("keys", "values")):
-        if parts[a].shape != parts[b].shape:
-            raise ValueError(f"tensors {prefix}{a} {tuple(parts[a].shape)} and {prefix}{b} differ in shape")
-    return batch
-
-
-def _check_packed(codec, packed: Packed, where: str, heads_tokens_dim: tuple[int, int, int], dtype) -> None:
-    """A chunk's `Packed`: the codec the policy gives this layer, ``(B, H, tokens, D)``, ``dtype``, its tensors."""
-    if packed.codec != codec.spec:
-        raise ValueError(f"{where}.codec is {packed.codec!r}; the saved policy gives this layer {codec.spec!r}")
-    if len(packed.shape) != 4 or packed.shape[1:] != heads_tokens_dim or packed.dtype != dtype:
-        raise ValueError(
-            f"{where}: shape {packed.shape} {packed.dtype}, expected (B, H, tokens, D) with (H, tokens, D) = "
-            f"{heads_tokens_dim} and dtype {dtype}"
-        )
-    try:
-        codec.check_packed(packed)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: the chunk's tensors do not match it: {exc}") from None
-
-
-def _check_order(order, key_batch: int, value_batch: int, batch: int, where: str) -> None:
-    """Beam order: int64 ``(batch,)`` rows of the packed batch; without one, the packed batch is the layer's."""
-    if order is None:
-        if key_batch != batch or value_batch != batch:
-            raise ValueError(f"{where}: packed batch {key_batch}/{value_batch}, the layer's is {batch}")
-        return
-    if order.dtype != torch.int64 or tuple(order.shape) != (batch,) or key_batch != value_batch:
-        raise ValueError(f"{where}.order: tensor {order.dtype} {tuple(order.shape)}, expected int64 ({batch},)")
-    if batch and (int(order.min()) < 0 or int(order.max()) >= key_batch):
-        raise ValueError(f"{where}.order holds rows outside 0..{key_batch - 1}")
-
-
-def _check_positions(layer, chunks: list, cumulative: int, where: str) -> None:
-    """Token positions: sinks, then contiguous whole-block chunks, then the window, ending at ``cumulative_length``."""
-    sinks, window = layer.sink_keys.shape[-2], layer.keys.shape[-2]
-    if sinks > layer.sinks or ((chunks or window) and sinks != layer.sinks):
-        raise ValueError(f"{where}: {sinks} sink tokens held, the policy keeps {layer.sinks} (then packs)")
-    if window > layer.residual + layer.block - 1:
-        raise ValueError(
-            f"{where}: {window} window tokens held, the policy packs beyond {layer.residual + layer.block - 1}"
-        )
-    pos = chunks[0].start if chunks else cumulative - window
-    if not layer.is_sliding and pos != sinks:
-        raise ValueError(f"{where}: the packed tokens start at {pos}, right after {sinks} sink tokens expected")
-    for j, chunk in enumerate(chunks):
-        if chunk.tokens < 1 or chunk.tokens % layer.block:
-            raise ValueError(f"{where}.chunks[{j}].tokens is {chunk.tokens}, not a positive multiple of {layer.block}")
-        if chunk.start != pos:
-            raise ValueError(f"{where}.chunks[{j}].start is {chunk.start}, the previous chunk ends at {pos}")
-        pos += chunk.tokens
-    if pos + window != cumulative or pos < 0:
-        raise ValueError(f"{where}.cumulative_length is {cumulative}; the tokens held end at {pos + window}")
-    if layer.is_sliding:
-        excess = pos - (chunks[0].start if chunks else pos) + window - (layer.sliding_window - 1)
-        if excess >= (chunks[0].tokens if chunks else 1):
-            raise ValueError(
-                f"{where}: holds {excess} tokens more than its sliding window {layer.sliding_window} keeps"
-            )

@@ -19,7 +19,8 @@ Side data (4 bytes, after the codes): ``turbo_mse``: float16 ``norm`` and 2 zero
 ``zero`` (value = ``code * scale + zero``); ``turbo_prod``: float16 ``norm`` and ``residual_norm`` (value =
 ``norm * unrotate(codebook[low]) + residual_norm * sqrt(pi/2) / D * S^T (2 sign - 1)``). A `PagedCodec`
 carries what a kernel needs besides the bytes: the codebook (``turbo_mse``; ``turbo_prod``: its mse
-stage's), the rotation as a matrix ``M`` with ``rotate(x) = x @ M`` and the QJL sketch ``S`` (``turbo_prod``).
+stage's), the rotation as a matrix ``M`` with ``rotate(x) = x @ M`` and the QJL sketch ``S`` (``turbo_prod``);
+each codec the rows can hold hands these tables over itself (``codec.paged_tables(device)``, read by `paged_codec`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from kvpack.ops.packing import pack_bits, unpack_bits
 
 __all__ = [
     "KINDS",
+    "PAGED_BITS",
     "PagedCodec",
     "choose_splits",
     "dequantize_rows",
@@ -48,7 +50,10 @@ KINDS = ("turbo_mse", "int", "turbo_prod")
 KIND_IDS = {kind: i for i, kind in enumerate(KINDS)}  # the kernels' KIND constexpr: 0 turbo_mse, 1 int, 2 turbo_prod
 SIDE_BYTES = 4  # turbo_mse: float16 norm + 2 bytes of padding; int: float16 scale and zero; turbo_prod: both norms
 SIDE_VALUES = {"turbo_mse": 1, "int": 2, "turbo_prod": 2}  # float16 side values (turbo_prod: norm, residual_norm)
-PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}  # bit-plane widths, low bits first (8: int only)
+PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}  # bit-plane widths, low bits first
+# the bits each kind's rows hold: codebook index 1-4 bits (turbo_prod: one more, its sign); int codes 1-4 or 8 bits
+CODEBOOK_BITS = (1, 2, 3, 4)  # the encoder compares against 2^bits - 1 edges one by one: no 256-entry codebooks
+PAGED_BITS = {"turbo_mse": CODEBOOK_BITS, "int": tuple(PLANES), "turbo_prod": tuple(b + 1 for b in CODEBOOK_BITS)}
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ class PagedCodec:
         d = self.head_dim
         if isinstance(d, bool) or not isinstance(d, int) or d < 32 or d & (d - 1):
             raise ValueError(f"head_dim must be a power of two >= 32 for the paged kernels, got {d!r}")
-        allowed = {"turbo_prod": (2, 3, 4, 5), "turbo_mse": (1, 2, 3, 4), "int": (1, 2, 3, 4, 8)}[self.kind]
+        allowed = PAGED_BITS[self.kind]
         if isinstance(self.bits, bool) or self.bits not in allowed:
             raise ValueError(f"bits must be one of {allowed} for {self.kind} in the paged kernels, got {self.bits!r}")
         if self.kind == "turbo_prod" and not (isinstance(self.sketch, torch.Tensor) and self.sketch.shape == (d, d)):
@@ -134,33 +139,18 @@ class PagedCodec:
 
 
 def paged_codec(codec: Codec, device: torch.device | str = "cpu") -> PagedCodec:
-    """The `PagedCodec` of a kvpack codec: ``turbo_mse``, ``turbo_prod`` (any rotation) or ``int`` (axis token, one group)."""
+    """The `PagedCodec` of a kvpack codec that hands the kernels its tables (``codec.paged_tables(device)``):
+    ``turbo_mse``, ``turbo_prod`` (any rotation) or ``int`` (axis token, one group), at the bits of `PAGED_BITS`."""
     if not isinstance(codec, Codec):
         raise TypeError(f"codec must be a kvpack Codec, got {type(codec).__name__}")
-    from kvpack.ops.rotation import rotate
-
-    eye = torch.eye(codec.head_dim, dtype=torch.float64)
-    if codec.name in ("turbo_mse", "turbo_prod"):
-        from kvpack.ops.lloyd_max import sphere_boundaries, sphere_codebook
-
-        mse_bits = codec.bits - 1 if codec.name == "turbo_prod" else codec.bits
-        return PagedCodec(
-            codec.name,
-            codec.head_dim,
-            codec.bits,
-            codebook=sphere_codebook(codec.head_dim, mse_bits).float().to(device),
-            boundaries=sphere_boundaries(codec.head_dim, mse_bits).float().to(device),
-            rotation=rotate(eye, codec.rotation, codec.seed).float().to(device),
-            sketch=codec.sketch(device).float() if codec.name == "turbo_prod" else None,
-        )
-    if codec.name == "int":
-        if codec.axis != "token" or codec.group_size != codec.head_dim:
-            raise ValueError(f"the paged kernels take int with axis=token and one group per vector, got {codec.spec!r}")
-        if codec.bits not in (1, 2, 3, 4, 8):
-            raise ValueError(f"the paged kernels take int with bits 1-4 or 8, got {codec.spec!r}")
-        rotation = None if codec.rotation == "none" else rotate(eye, codec.rotation, codec.seed).float().to(device)
-        return PagedCodec("int", codec.head_dim, codec.bits, rotation=rotation)
-    raise ValueError(f"the paged kernels support turbo_mse, turbo_prod and int, not {codec.spec!r}")
+    tables = getattr(codec, "paged_tables", None)
+    if codec.name not in KINDS or tables is None:
+        raise ValueError(f"the paged kernels support turbo_mse, turbo_prod and int, not {codec.spec!r}")
+    tables = tables(device)  # raises ValueError for a layout the rows cannot hold (int: axis=channel, ...)
+    allowed = PAGED_BITS[codec.name]
+    if codec.bits not in allowed:
+        raise ValueError(f"the paged kernels take {codec.name} with bits in {allowed}, got {codec.spec!r}")
+    return PagedCodec(codec.name, codec.head_dim, codec.bits, **tables)
 
 
 def _check_codes(codes: torch.Tensor, fmt: PagedCodec) -> None:

@@ -13,7 +13,15 @@ import functools
 
 import torch
 
-__all__ = ["ROTATIONS", "hadamard_transform", "random_signs", "rotate", "rotation_matrix", "unrotate"]
+__all__ = [
+    "ROTATIONS",
+    "hadamard_transform",
+    "random_signs",
+    "rotate",
+    "rotation_as_matrix",
+    "rotation_matrix",
+    "unrotate",
+]
 
 ROTATIONS = ("haar", "hadamard")
 
@@ -88,3 +96,9 @@ def unrotate(y: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     if kind == "haar":
         return y @ rotation_matrix(d, seed, y.device, y.dtype)
     return hadamard_transform(y) * random_signs(d, seed, y.device, y.dtype)
+
+
+def rotation_as_matrix(kind: str, dim: int, seed: int) -> torch.Tensor:
+    """float32 ``M`` (dim x dim) with ``rotate(x, kind, seed) == x @ M`` (up to rounding): the rotation of
+    the identity, computed in float64 on the CPU, as the paged kernels read it (``unrotate(y) = y @ M.T``)."""
+    return rotate(torch.eye(dim, dtype=torch.float64), kind, seed).float()

@@ -169,3 +169,19 @@ def test_property_shapes_dtypes(spec, head_dim, lead, dtype, hadamard, check_cod
     rotation = "hadamard" if hadamard and head_dim != 48 else "haar"
     codec = kvpack.get_codec(spec, head_dim=head_dim, rotation=rotation)
     check_codec_contract(codec, (torch.randn(*lead, head_dim) * 2).to(dtype))
+
+
+@pytest.mark.parametrize("rotation", ["haar", "hadamard"])
+def test_paged_tables(rotation):
+    """turbo_mse hands the kernels its codebook, edges and rotation matrix; turbo_prod its mse stage's and its sketch."""
+    mse = kvpack.get_codec(f"turbo_mse:3:rotation={rotation}", head_dim=32, seed=4)
+    tables = mse.paged_tables()
+    assert set(tables) == {"codebook", "boundaries", "rotation"}
+    assert torch.equal(tables["codebook"], sphere_codebook(32, 3).float())
+    assert torch.equal(tables["boundaries"], sphere_boundaries(32, 3).float())
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x @ tables["rotation"], rotate(x, rotation, 4), rtol=0, atol=1e-5)
+    prod = kvpack.get_codec(f"turbo_prod:4:rotation={rotation}", head_dim=32, seed=4)
+    prod_tables = prod.paged_tables()
+    assert torch.equal(prod_tables.pop("sketch"), sketch_matrix(32, 32, sketch_seed(4)))
+    assert prod_tables.keys() == tables.keys() and all(torch.equal(prod_tables[k], tables[k]) for k in tables)

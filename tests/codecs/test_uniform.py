@@ -5,6 +5,7 @@ import torch
 
 import kvpack
 from kvpack.ops.packing import pack_bits
+from kvpack.ops.rotation import rotate
 
 
 def rel_error(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -168,3 +169,14 @@ def test_error_paths():
         kvpack.get_codec("int:4:rotation=random", head_dim=64)
     with pytest.raises(ValueError, match="power-of-two"):
         kvpack.get_codec("int:4:rotation=hadamard", head_dim=48)
+
+
+def test_paged_tables_only_for_one_group_per_token():
+    """The paged rows hold one scale/zero per token: int hands the kernels its rotation matrix (or None), else refuses."""
+    assert kvpack.get_codec("int:4", head_dim=32).paged_tables() == {"rotation": None}
+    m = kvpack.get_codec("int:4:rotation=hadamard", head_dim=32, seed=2).paged_tables()["rotation"]
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x @ m, rotate(x, "hadamard", 2), rtol=0, atol=1e-5)
+    for spec in ("int:4:axis=channel", "int:4:axis=head", "int:4:group=16"):
+        with pytest.raises(ValueError, match="axis=token and one group"):
+            kvpack.get_codec(spec, head_dim=32).paged_tables()

@@ -167,3 +167,13 @@ def test_sweep_runs_configs_presets_and_peers_on_the_same_windows(smollm2, wikit
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out["md"].read_text().count("\n| `") == 5
     assert format_markdown(data["rows"]).startswith("| config |")
+
+
+def test_plain_policies_go_to_evaluate_as_fields_and_the_rest_through_a_cache_factory():
+    from kvpack.evaluation.sweep import _evaluate_kwargs
+
+    plain = _evaluate_kwargs(SweepConfig("p", "int:4", None, 8, 1, (3, 1)))
+    assert plain == {"key": "int:4", "value": None, "residual": 8, "sinks": 1, "skip_layers": (1, 3)}
+    full = _evaluate_kwargs(SweepConfig("f", "int:4", block=1))
+    assert list(full) == ["cache_factory"] and full["cache_factory"].__name__ == "KVPackCache"
+    assert _evaluate_kwargs(SweepConfig("s", preset="3bit")) == {"preset": "3bit"}

@@ -291,3 +291,30 @@ def test_update_refuses_mismatched_states_and_fresh_batch_select_is_a_no_op():
     with pytest.raises(ValueError, match="range"):
         layer.update(torch.full((1, 2, 3, 16), 1e5), torch.zeros(1, 2, 3, 16))
     assert not layer.is_initialized or layer.get_seq_length() == 0
+
+
+def test_decode_chunk_is_what_past_shows_of_each_chunk():
+    """`past()` is the sinks, every chunk through `decode_chunk` (pre-RoPE keys re-rotated, rows reordered) and the
+    window: the one chunk decode that the decode protocol shares."""
+    model = tiny_llama()
+    cache = KVPackCache(model.config, policy=CachePolicy("int:4", "e8:3", residual=8, sinks=2, block=8,
+                                                         pre_rope_keys=True))  # fmt: skip
+    with torch.inference_mode():
+        model(prompt(3, 40), past_key_values=cache)
+        model(prompt(3, 16, seed=2), past_key_values=cache)  # a second chunk, packed at another start
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    layer = cache.layers[1]
+    assert len(layer.chunks) >= 2 and layer.key_rope is not None and layer.chunks[0].order is not None
+    decoded = [layer.decode_chunk(c) for c in layer.chunks]
+    keys, values = layer.past()
+    n_sink = layer.sink_keys.shape[-2]
+    at = n_sink
+    for (k, v), chunk in zip(decoded, layer.chunks):
+        assert k.dtype == v.dtype == layer.dtype and k.shape[-2] == chunk.tokens
+        assert torch.equal(keys[..., at : at + chunk.tokens, :], k) and torch.equal(
+            values[..., at : at + chunk.tokens, :], v
+        )
+        at += chunk.tokens
+    assert at + layer.keys.shape[-2] == keys.shape[-2]
+    raw = layer.key_codec.decode(layer.chunks[0].key).to(layer.dtype)[layer.chunks[0].order]
+    assert not torch.allclose(raw, decoded[0][0])  # RoPE re-applied, not the stored pre-RoPE keys

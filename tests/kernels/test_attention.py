@@ -1,4 +1,5 @@
-"""`check_decode_inputs`: the paged decode refuses block ids and lengths outside its tensors before any work."""
+"""`kvpack.kernels.attention`: `decode_ref` is attention over the codecs' decode, `decode` dispatches and checks its
+inputs (`check_decode_inputs` refuses block ids and lengths outside its tensors before any work)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import math
 
 import pytest
 import torch
+from cases import make_case, rel_err
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from kvpack import get_codec
-from kvpack.kernels.attention import check_decode_inputs, decode
-from kvpack.kernels.paged import paged_codec, rows_from_packed
+from kvpack.kernels.attention import check_decode_inputs, decode, decode_ref
+from kvpack.kernels.paged import PagedCodec, paged_codec, rows_from_packed
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 BLOCK, NUM_BLOCKS, MAX_BLOCKS, HEADS, D, W = 4, 6, 3, 2, 32, 3
 
@@ -108,3 +112,79 @@ def test_lengths_named(lens, wins, match):
     inputs, fmt = case([[0, 1, 2], [3, 4, 5]], lens, wins)
     with pytest.raises(ValueError, match=match):
         decode(**inputs, key_codec=fmt, value_codec=fmt)
+
+
+@pytest.mark.parametrize("key,value", [("turbo_mse:3", "int:4"), ("turbo_prod:3", "turbo_prod:2")])
+def test_reference_matches_dense_attention_over_codec_decode(key, value):
+    """decode_ref == softmax attention over codec.decode(K), codec.decode(V) and the window, in float64."""
+    case, kf, vf, (kc, vc) = make_case(key, value, batch=1, kv_heads=2, gqa=2, head_dim=32, block_size=4,
+                                       seq_lens=[10], window_lens=[3], device="cpu", seed=2)  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    ref = decode_ref(**case, key_codec=kf, value_codec=vf)
+    # rebuild what was encoded from the same generator stream and decode it with the codecs
+    torch.randperm(case["key_cache"].shape[0], generator=g)
+    torch.randint(0, 256, case["key_cache"].shape, generator=g, dtype=torch.uint8)
+    torch.randint(0, 256, case["value_cache"].shape, generator=g, dtype=torch.uint8)
+    k = torch.randn(10, 2, 32, generator=g) * 2 + 0.3
+    v = torch.randn(10, 2, 32, generator=g)
+    keys = torch.cat([kc.decode(kc.encode(k)).double(), case["window_keys"][0, :3].double()])
+    values = torch.cat([vc.decode(vc.encode(v)).double(), case["window_values"][0, :3].double()])
+    q = case["query"][0].double().reshape(2, 2, 32)  # (kv_head, group, d)
+    p = torch.einsum("hgd,thd->hgt", q, keys).div(math.sqrt(32)).softmax(-1)
+    dense = torch.einsum("hgt,thd->hgd", p, values).reshape(4, 32)
+    assert rel_err(ref[0], dense) < 1e-5
+
+
+def test_decode_dispatch_and_errors():
+    case, kf, vf, _ = make_case("int:4", "int:4", batch=2, kv_heads=2, gqa=2, head_dim=32, block_size=4,
+                                seq_lens=[5, 9], window_lens=[1, 2], device="cpu", seed=1)  # fmt: skip
+    out = decode(**case, key_codec=kf, value_codec=vf)  # CPU: the reference
+    assert out.dtype == torch.float16 and out.shape == (2, 4, 32)
+    assert rel_err(out, decode_ref(**case, key_codec=kf, value_codec=vf)) < 1e-3
+    bad = dict(case)
+    bad["query"] = case["query"].float()
+    with pytest.raises(TypeError, match="query"):
+        decode(**bad, key_codec=kf, value_codec=vf)
+    bad = dict(case)
+    bad["seq_lens"] = case["seq_lens"].long()
+    with pytest.raises(TypeError, match="seq_lens"):
+        decode(**bad, key_codec=kf, value_codec=vf)
+    bad = dict(case)
+    bad["query"] = case["query"][:, :3]
+    with pytest.raises(ValueError, match="multiple"):
+        decode(**bad, key_codec=kf, value_codec=vf)
+    with pytest.raises(ValueError, match="rows hold"):
+        decode(**case, key_codec=PagedCodec("int", 32, 3), value_codec=vf)
+    with pytest.raises(TypeError, match="key_codec"):
+        decode(**case, key_codec="int:4", value_codec=vf)
+    partial = {k: v for k, v in case.items() if k != "window_lens"}
+    with pytest.raises(ValueError, match="together"):
+        decode(**partial, key_codec=kf, value_codec=vf)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("key,value", [("turbo_mse:4", "turbo_mse:3"), ("int:4:rotation=hadamard", "int:4")])
+def test_decode_step_replays_from_a_cuda_graph(key, value):
+    """A captured decode step replays exactly what eager computes, also after new lengths are written in place."""
+    case, kf, vf, _ = make_case(key, value, batch=3, kv_heads=8, gqa=4, head_dim=128, block_size=16,
+                                seq_lens=[900, 17, 300], window_lens=[20, 4, 0], device="cuda", seed=9)  # fmt: skip
+    out = torch.full_like(case["query"], float("nan"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode(**case, key_codec=kf, value_codec=vf, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode(**case, key_codec=kf, value_codec=vf, out=out)
+    for step in range(2):
+        if step == 1:  # the next step: a new query and new lengths (within the encoded tokens) in the buffers
+            case["query"].copy_(torch.randn_like(case["query"]))
+            case["seq_lens"].copy_(torch.tensor([899, 3, 299], dtype=torch.int32))
+            case["window_lens"].copy_(torch.tensor([19, 1, 1], dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, decode(**case, key_codec=kf, value_codec=vf))
+        assert rel_err(out, decode_ref(**case, key_codec=kf, value_codec=vf)) <= 1e-2

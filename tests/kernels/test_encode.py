@@ -1,0 +1,85 @@
+"""`kvpack.kernels.encode`: the fused paged encode kernel writes the rows of the codec's own encode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpack import get_codec
+from kvpack.kernels.paged import PagedCodec, paged_codec, rows_from_packed, unpack_rows
+
+
+def encode_through_kernel(spec: str, device: str):
+    """(codec, fmt, rows the kernel wrote, rows of the codec's encode) for 50 tokens x 2 heads at D=32."""
+    from kvpack.kernels.encode import paged_encode
+
+    d, hkv, tokens, block_size = 32, 2, 50, 8
+    codec = get_codec(spec, head_dim=d, seed=7)
+    fmt = paged_codec(codec, device)
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(tokens, hkv, d, generator=g) * 3).half()
+    num_blocks = 10
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]
+    slots[5] = -1  # a padding token: not written
+    cache = torch.randint(0, 256, (num_blocks, block_size, hkv, fmt.row_bytes), generator=g, dtype=torch.uint8)
+    before = cache.clone()
+    cache, x_dev, slots_dev = cache.to(device), x.to(device), slots.to(device)
+    paged_encode(x_dev, slots_dev, cache, fmt, block_t=16)
+    cache = cache.cpu()
+    flat, flat_before = cache.view(-1, hkv, fmt.row_bytes), before.view(-1, hkv, fmt.row_bytes)
+    keep = slots >= 0
+    untouched = torch.ones(flat.shape[0], dtype=torch.bool)
+    untouched[slots[keep]] = False
+    assert torch.equal(flat[untouched], flat_before[untouched])
+    return codec, fmt, flat[slots[keep]], rows_from_packed(codec.encode(x[keep]), fmt)
+
+
+@pytest.mark.parametrize(
+    "spec", ["turbo_mse:4", "turbo_mse:3", "turbo_mse:2", "int:8", "int:4", "int:3", "int:2", "int:4:rotation=hadamard"]
+)
+def test_encode_kernel_codes_equal_the_codec(spec, device):
+    codec, fmt, rows, expected = encode_through_kernel(spec, device)
+    codes, side = unpack_rows(rows, fmt)
+    exp_codes, exp_side = unpack_rows(expected, fmt)
+    mismatch = codes != exp_codes
+    if fmt.rotation is None:
+        assert not mismatch.any()
+        assert torch.equal(side, exp_side)
+    else:  # only boundary ties, explained by float32 summation order in the rotation
+        assert mismatch.float().mean() <= 1e-3
+        assert ((codes.int() - exp_codes.int()).abs()[mismatch] == 1).all()
+        if codec.name == "turbo_mse":
+            assert torch.equal(side, exp_side)
+        else:  # min/max of the rotated vector: at most a float16 rounding step apart
+            torch.testing.assert_close(side, exp_side, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("spec", ["turbo_prod:4", "turbo_prod:3", "turbo_prod:2", "turbo_prod:5:rotation=hadamard"])
+def test_encode_kernel_turbo_prod_equals_the_codec(spec, device):
+    _, fmt, rows, expected = encode_through_kernel(spec, device)
+    (codes, side), (exp_codes, exp_side) = unpack_rows(rows, fmt), unpack_rows(expected, fmt)
+    b = fmt.mse_bits
+    low, exp_low = (codes & ((1 << b) - 1)).int(), (exp_codes & ((1 << b) - 1)).int()
+    mismatch = low != exp_low  # mse stage: boundary ties only, as turbo_mse
+    assert mismatch.float().mean() <= 1e-3
+    assert ((low - exp_low).abs()[mismatch] == 1).all()
+    assert torch.equal(side[..., 0], exp_side[..., 0])  # the norm
+    # where the mse codes agree the residual is the codec's up to float32 rounding: signs flip only at ~0
+    same = ~mismatch.any(-1)
+    assert same.float().mean() >= 0.9
+    signs, exp_signs = codes >> b, exp_codes >> b
+    assert (signs != exp_signs)[same].float().mean() <= 1e-3
+    torch.testing.assert_close(side[..., 1][same], exp_side[..., 1][same], rtol=1e-3, atol=0)
+
+
+def test_encode_rejects_bad_input():
+    from kvpack.kernels.encode import paged_encode
+
+    fmt = PagedCodec("int", 32, 4)
+    cache = torch.zeros(2, 4, 1, fmt.row_bytes, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="slot_mapping"):
+        paged_encode(torch.randn(3, 1, 32), torch.arange(3, dtype=torch.int32), cache, fmt)
+    with pytest.raises(ValueError, match="cache"):
+        paged_encode(torch.randn(3, 2, 32), torch.arange(3), cache, fmt)
+    with pytest.raises(TypeError, match="codec"):
+        paged_encode(torch.randn(3, 1, 32), torch.arange(3), cache, "int:4")
