@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="generate: kvpack codec specs (PagedKVPackCache), 'static:SPEC' (StaticKVPackCache, generate compiles "
         "it), 'static-eager:SPEC', 'dynamic', 'hf-static' (transformers' StaticCache, compiled), 'quanto:N', 'hqq:N'",
     )
+    group.add_argument("--fit", action="store_true",
+                       help="generate: instead of timing, find by allocation the largest batch at --context and the "
+                       "longest context at batch 1 that fit in GPU memory (pre-allocating caches only: static:SPEC, "
+                       "hf-static)")  # fmt: skip
     group.add_argument("--residual", type=int, default=128, help="generate: kvpack 16-bit residual window")
     group.add_argument("--sinks", type=int, default=4, help="generate: kvpack 16-bit attention sinks")
 
@@ -254,7 +258,69 @@ def run_generate(args) -> dict:
     caches = _check_args(args)
     if not torch.cuda.is_available():
         raise ValueError("kvpack bench generate needs a CUDA GPU (it times the Triton decode kernel); none found")
+    if getattr(args, "fit", False):
+        return run_fit(args, caches, "cuda")
     return run_caches(args, caches, "cuda")
+
+
+def fits(model, name: str, batch: int, max_cache_len: int, residual: int = 128, sinks: int = 4) -> bool:
+    """Whether cache ``name`` for ``batch`` sequences of ``max_cache_len`` tokens, a 16-token prefill and one decode
+    step fit in the device's memory: the pre-allocating caches take their whole size at the first update."""
+    device = next(model.parameters()).device
+    gc.collect()
+    torch.cuda.empty_cache()
+    cache = None
+    try:
+        cache = _make_cache(name, model, residual, sinks, max_cache_len)
+        ids = torch.randint(3, 1000, (batch, 16), device=device)
+        with torch.inference_mode():
+            model(ids, past_key_values=cache, logits_to_keep=1)
+            model(ids[:, :1], past_key_values=cache, logits_to_keep=1)
+        torch.cuda.synchronize(device)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        del cache
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _largest(ok, low: int, high: int) -> int:
+    """Largest ``n`` in ``[low, high]`` with ``ok(n)`` (``ok`` monotone, ``ok(low)`` assumed; doubling, then bisection)."""
+    while high > low:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if ok(mid) else (low, mid - 1)
+    return low
+
+
+def run_fit(args, caches: list[str], device: str | torch.device) -> dict:
+    """For each pre-allocating cache: the largest batch at ``--context`` and the longest context at batch 1."""
+    model = build_model(args.layers, torch.device(device))
+    rows = []
+    for name in caches:
+        if not (name == "hf-static" or name.startswith("static:")):
+            rows.append({"cache": name, "skipped": "--fit measures pre-allocating caches (static:SPEC, hf-static)"})
+            continue
+        row = {"cache": name, "context": args.context}
+        if not fits(model, name, 1, args.context, args.residual, args.sinks):
+            row["max_batch"] = 0
+        else:
+            top = 1
+            while fits(model, name, top * 2, args.context, args.residual, args.sinks):
+                top *= 2
+            row["max_batch"] = _largest(lambda b, name=name: fits(model, name, b, args.context, args.residual, args.sinks),
+                                        top, 2 * top - 1)  # fmt: skip
+        top = max(1, args.context // 1024)  # in units of 1024 tokens
+        while fits(model, name, 1, top * 2048, args.residual, args.sinks):
+            top *= 2
+        row["max_context_batch1"] = 1024 * _largest(
+            lambda k, name=name: fits(model, name, 1, 1024 * k, args.residual, args.sinks), top, 2 * top - 1
+        )
+        rows.append(row)
+        print(f"{name:>14}: max batch at {args.context} tokens {row['max_batch']}, "
+              f"max context at batch 1 {row['max_context_batch1']}", flush=True)  # fmt: skip
+    return {"rows": rows}
 
 
 def run_caches(args, caches: list[str], device: str | torch.device, **shape) -> dict:

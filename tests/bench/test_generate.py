@@ -106,3 +106,12 @@ def test_a_peer_without_its_package_becomes_a_skipped_row(monkeypatch):
     model = build_model(1, "cpu", torch.float16, **TINY)
     row = measure(model, "hqq:4", torch.randint(3, 256, (1, 20)), new_tokens=2, warmup_tokens=0)
     assert row == {"cache": "hqq:4", "skipped": "peer 'hqq:4' needs its backend package: pip install hqq-package"}
+
+
+def test_largest_bisects_a_monotone_predicate():
+    from kvpack.bench.generate import _largest
+
+    for limit in (1, 2, 7, 64, 100):
+        calls = []
+        assert _largest(lambda n, calls=calls, limit=limit: calls.append(n) or n <= limit, 1, 127) == min(limit, 127)
+        assert len(calls) <= 7  # bisection: log2 of the range

@@ -156,3 +156,19 @@ def test_sliding_window_ring_wraps_as_transformers_window():
     ref = teacher_forced(model, ids, DynamicCache(config=model.config), prefill=9)
     out = teacher_forced(model, ids, static_cache(model, max_cache_len=64, use_kernel=False, **SMALL), prefill=9)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-2)
+
+
+def test_generate_takes_the_cache_under_both_names():
+    """transformers >= 5.2x names the argument ``cache`` (``past_key_values`` deprecated): both give the same tokens."""
+    import inspect
+
+    model = tiny_llama(layers=1)
+    if "cache" not in inspect.signature(model.forward).parameters:
+        pytest.skip("this transformers only takes past_key_values")
+    ids, mask = prompt(batch=2, tokens=20)
+    kw = {"max_cache_len": 48, "key": "int:4", "value": "int:4", "use_kernel": False, **SMALL}
+    old = generate(model, ids, mask, static_cache(model, **kw), n=10)
+    with torch.inference_mode():
+        new = model.generate(ids, attention_mask=mask, cache=static_cache(model, **kw), max_new_tokens=10,
+                             do_sample=False, pad_token_id=0)  # fmt: skip
+    assert torch.equal(old, new)
