@@ -336,13 +336,7 @@ class KVPackCache(Cache):
         *,
         policy: CachePolicy | None = None,
     ) -> None:
-        if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
-            raise TypeError(f"config must be the model's transformers config (model.config), got {config!r}")
-        if policy is None:
-            policy = CachePolicy(key, value, residual, sinks, tuple(skip_layers), block, seed)
-        elif not isinstance(policy, CachePolicy):
-            raise TypeError(f"policy must be a kvpack.CachePolicy, got {type(policy).__name__}")
-        self.policy = policy
+        self.policy = policy = cache_policy(config, policy, key, value, residual, sinks, skip_layers, block, seed)
         kinds = layer_kinds(config)
         policy.check_model(len(kinds), *model_heads(config))
         super().__init__(layers=[KVPackLayer(policy, i, window) for i, window in enumerate(kinds)])
@@ -360,6 +354,18 @@ class KVPackCache(Cache):
         """Average bits per held value (``8 * nbytes / values``); NaN while the cache is empty."""
         values = sum(layer.stored_values() for layer in self.layers) * (1 if stream else 2)
         return 8 * self.nbytes(stream) / values if values else float("nan")
+
+
+def cache_policy(config, policy, key, value, residual, sinks, skip_layers, block, seed) -> CachePolicy:
+    """The policy of a kvpack cache from its constructor's arguments: ``policy``, else one built from the rest;
+    ``config`` must be a transformers config (the caches' first check)."""
+    if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
+        raise TypeError(f"config must be the model's transformers config (model.config), got {config!r}")
+    if policy is None:
+        return CachePolicy(key, value, residual, sinks, tuple(skip_layers), block, seed)
+    if not isinstance(policy, CachePolicy):
+        raise TypeError(f"policy must be a kvpack.CachePolicy, got {type(policy).__name__}")
+    return policy
 
 
 def _check_stream(stream: str | None) -> str | None:

@@ -40,7 +40,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpack.codecs.compose import IdentityCodec
-from kvpack.hf.cache import _check_states, layer_kinds
+from kvpack.hf.cache import _check_states, _check_stream, cache_policy, layer_kinds
 from kvpack.hf.config import model_heads, text_config
 from kvpack.hf.paged_cache import ATTENTION_NAME, BLOCK_SIZE, register_pending
 from kvpack.kernels.paged import PagedCodec, dequantize_rows, paged_codec, rows_from_packed, write_slots
@@ -360,16 +360,11 @@ class StaticKVPackCache(Cache):
         policy: CachePolicy | None = None,
         use_kernel: bool | None = None,
     ) -> None:
-        if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
-            raise TypeError(f"config must be the model's transformers config (model.config), got {config!r}")
+        policy = cache_policy(config, policy, key, value, residual, sinks, skip_layers, block, seed)
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive int (tokens per sequence), got {max_cache_len!r}")
         if use_kernel is not None and not isinstance(use_kernel, bool):
             raise TypeError(f"use_kernel must be a bool or None, got {use_kernel!r}")
-        if policy is None:
-            policy = CachePolicy(key, value, residual, sinks, tuple(skip_layers), block, seed)
-        elif not isinstance(policy, CachePolicy):
-            raise TypeError(f"policy must be a kvpack.CachePolicy, got {type(policy).__name__}")
         if policy.pre_rope_keys:
             raise ValueError(
                 "StaticKVPackCache does not take pre_rope_keys policies (the paged kernels read post-RoPE keys)"
@@ -394,8 +389,6 @@ class StaticKVPackCache(Cache):
 
     def nbytes(self, stream: str | None = None) -> int:
         """Bytes allocated (the pre-allocated pools included): ``stream`` ``"k"``, ``"v"`` or ``None`` (both)."""
-        from kvpack.hf.cache import _check_stream
-
         k, v = (sum(x) for x in zip(*(layer.stored_bytes() for layer in self.layers if layer.is_initialized)))
         return {"k": k, "v": v, None: k + v}[_check_stream(stream)]
 
