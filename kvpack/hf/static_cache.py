@@ -334,6 +334,31 @@ class StaticPagedLayer(CacheLayerMixin):
             self.host_tokens = 0
             self._prefill = None
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``b`` takes row ``beam_idx[b]``'s tokens, in place (addresses kept; no host sync)."""
+        if not self.is_initialized:
+            return
+        rows = beam_idx.to(self.device)
+        batch = self.rows.numel()
+        for t in (self.key_pages, self.value_pages, self.window_k, self.window_v, self.lengths):
+            view = t.view(batch, -1, *t.shape[1:]) if t.shape[0] != batch else t  # pages: a row's blocks
+            view.copy_(view.index_select(0, rows))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._refuse_resize("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._refuse_resize("batch_select_indices")
+
+    def _refuse_resize(self, what: str) -> None:
+        if self.is_initialized:  # before the first update there is nothing to resize: the pages take its batch
+            raise ValueError(
+                f"StaticKVPackCache cannot {what} after its first update (its pages are sized for the batch)"
+            )
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("StaticKVPackCache cannot crop (assisted decoding): use PagedKVPackCache or KVPackCache")
+
     def __repr__(self) -> str:
         return f"StaticPagedLayer({self.layer_idx}, max_cache_len={self.max_cache_len}, dense={self.dense})"
 

@@ -74,7 +74,7 @@ def test_kernel_ops_path_and_compiled_step_equal_eager():
     torch.compile(fullgraph=True) decode step (no graph break: nothing on the host) gives the eager step's logits."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU: Triton's interpreter
     model = tiny_llama(layers=2).to(device)
-    ids, mask = (t.to(device) for t in prompt(batch=2, tokens=20))
+    ids, _ = (t.to(device) for t in prompt(batch=2, tokens=20))
     kw = {"key": "int:4", "value": "turbo_mse:3", "residual": 4, "sinks": 2, "block": 4}
     long_ids = torch.cat([ids, ids.flip(1)], 1)  # teacher-forced: the same inputs for both paths at every step
     ref = teacher_forced(model, long_ids, static_cache(model, max_cache_len=48, use_kernel=False, **kw), prefill=20)
@@ -173,3 +173,33 @@ def test_generate_takes_the_cache_under_both_names():
         new = model.generate(ids, attention_mask=mask, cache=static_cache(model, **kw), max_new_tokens=10,
                              do_sample=False, pad_token_id=0)  # fmt: skip
     assert torch.equal(old, new)
+
+
+def test_reorder_cache_moves_every_row_in_place():
+    """After reorder_cache(perm), each row decodes as the row it took would have (same logits as a cache that held
+    the permuted batch from the start); beam search runs on it."""
+    model = tiny_llama()
+    ids, _ = prompt(batch=3, tokens=50)
+    perm = torch.tensor([2, 0, 0])
+    kw = {"max_cache_len": 64, "key": "int:4", "value": "turbo_mse:2", "use_kernel": False, **SMALL}
+    moved, direct = static_cache(model, **kw), static_cache(model, **kw)
+    with torch.inference_mode():
+        model(ids[:, :30], past_key_values=moved)
+        model(ids[perm, :30], past_key_values=direct)
+        for t in range(30, 40):
+            model(ids[:, t : t + 1], past_key_values=moved)
+            model(ids[perm, t : t + 1], past_key_values=direct)
+        moved.reorder_cache(perm)
+        pointers = moved.layers[0].key_pages.data_ptr()
+        for t in range(40, 50):
+            a = model(ids[perm, t : t + 1], past_key_values=moved).logits
+            b = model(ids[perm, t : t + 1], past_key_values=direct).logits
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
+    assert moved.layers[0].key_pages.data_ptr() == pointers  # in place: a captured graph stays valid
+    beams = static_cache(model, **kw)
+    out = generate(model, ids[:1, :40], torch.ones_like(ids[:1, :40]), beams, n=20, num_beams=3)
+    assert out.shape == (1, 60) and beams.layers[0].lengths.shape == (3,)
+    with pytest.raises(ValueError, match="cannot batch_select_indices"):
+        beams.batch_select_indices(torch.tensor([0]))
+    with pytest.raises(ValueError, match="cannot crop"):
+        beams.crop(2)
