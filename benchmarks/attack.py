@@ -85,7 +85,7 @@ class Attack:
             outcome, detail = "late_error", str(exc)
         except CLEAR_TYPES + PATH_TYPES + (NotImplementedError,) as exc:
             detail = f"{type(exc).__name__}: {exc}"
-            if not raised_by_kvpack(exc):
+            if not isinstance(exc, PATH_TYPES) and not raised_by_kvpack(exc):  # a bad path's OSError is the right one
                 outcome, detail = "crash", detail + " [raised in " + traceback.extract_tb(exc.__traceback__)[-1].filename + "]"
             else:
                 outcome = "false_error" if expect == "ok" else "clear"
@@ -187,7 +187,7 @@ def encode_cases(a: Attack, spec: str, codec, x: torch.Tensor, g: torch.Generato
         "zeros": big,
         "constant 7": big + 7,
         "denormal 1e-40": big + 1e-40,
-        "mixed scales": x * torch.logspace(-6, 6, d),
+        "mixed scales": x * torch.logspace(-4, 3, d),
         "non-contiguous": x.transpose(1, 2),
         "one token": x[:1, :1, :1],
         "no tokens": x[:, :, :0],
@@ -195,7 +195,7 @@ def encode_cases(a: Attack, spec: str, codec, x: torch.Tensor, g: torch.Generato
         "float64": x.double(),
         "bfloat16": x.bfloat16(),
     }.items():
-        bound = 1e9 if name in ("mixed scales",) else 2.5  # a vector spanning 12 decades: finiteness only
+        bound = 1e9 if name in ("mixed scales",) else 2.5  # a vector spanning 7 decades: finiteness only
         a.case("codecs", f"{spec} encode {name}", roundtrip(inp, bound), "ok")
 
 
@@ -590,7 +590,8 @@ def interpreter_cases(a: Attack) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(paths)}
     for spec, name in (("int:4", "valid"), ("turbo_mse:3", "valid"), ("int:4", "block id 1000000 (reached)"),
                        ("int:4", "block id -1 (reached)"), ("turbo_prod:3", "block id 12 (reached)"),
-                       ("int:4", "seq_lens 2147483647"), ("int:4", "window_lens 7"), ("turbo_mse:3", "query NaN")):  # fmt: skip
+                       ("int:4", "seq_lens 2147483647"), ("int:4", "window_lens 7"), ("turbo_mse:3", "query NaN"),
+                       ("int:4", "pool side data NaN (reached row)")):  # fmt: skip
         script = INTERP_SCRIPT.format(paths=paths, spec=spec, seed=a.seed, name=name)
         start = time.time()
         proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -618,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default="codecs,decode,persist,policy,cache,cli", help="comma-separated groups")
     args = parser.parse_args(argv)
+    sys.modules.setdefault("attack", sys.modules[__name__])  # one module object: attack_io's Wrong is this one
     import attack_io
 
     groups = {"codecs": codec_cases, "decode": decode_cases, "persist": attack_io.persist_cases,

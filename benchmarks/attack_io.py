@@ -620,12 +620,12 @@ def select_cases(a: Attack, fresh, filled) -> None:
     for n in (10, 16, 17, 20, -2, 0, 2.5):
         def run(n=n):
             c, k, v = filled()
-            c.crop(n)  # transformers' semantics: keep n tokens (negative: drop -n)
-            keep = n if n >= 0 else 17 + n
+            c.crop(n)  # kvpack's documented semantics: n <= 0 drops -n tokens (transformers': n >= 0 keeps n)
+            keep = 17 + n if n <= 0 else n
             keys, _ = _past(c)
             return same(keys.float(), k[..., :keep, :], f"cache crop({n})")
 
-        a.case("cache", f"cache.crop({n!r}) (transformers: keep n)", run, "either")
+        a.case("cache", f"cache.crop({n!r})", run, "either")
     for r in (2, 1, 0, -1, 1.5, "2"):
         def run(r=r):
             c, k, v = filled()
@@ -779,7 +779,8 @@ def cli_cases(a: Attack) -> None:
     lst = TMP / "list.json"
     lst.write_text("[1, 2]")
     m, t = ["--model", str(folder)], ["--text", str(text)]
-    fast_eval = [*m, *t, "--ctx", "48", "--n-eval", "8", "--windows", "1", "--no-progress", "--residual", "8", "--block", "8"]
+    fast_eval = [*m, *t, "--ctx", "96", "--n-eval", "8", "--windows", "1", "--no-progress", "--residual", "8", "--block", "32"]
+    fast_inspect = [*m, *t, "--ctx", "96", "--windows", "1"]
     cases: list[tuple[list[str], str, tuple]] = [
         ([], "error", ()), (["nosuch"], "error", ()), (["--bogus"], "error", ()),
         (["eval", *fast_eval], "ok", ()),
@@ -838,11 +839,11 @@ def cli_cases(a: Attack) -> None:
         (["needle", *m, "--depths", "150"], "error", ()),
         (["needle", *m, "--trials", "0"], "error", ()),
         (["needle", *m, "--plot", str(TMP)], "error", ()),
-        (["inspect", *fast_eval[:8], "--codecs", "int:4", "--no-progress"], "ok", ()),
-        (["inspect", *fast_eval[:8], "--codecs", "bogus"], "error", ()),
-        (["inspect", *fast_eval[:8], "--codecs", "int:4/"], "error", ()),
-        (["inspect", *fast_eval[:8], "--codecs", ""], "error", ()),
-        (["inspect", *fast_eval[:8], "--sinks", "-1"], "error", ()),
+        (["inspect", *fast_inspect, "--codecs", "int:4", "--no-progress"], "ok", ()),
+        (["inspect", *fast_inspect, "--codecs", "bogus"], "error", ()),
+        (["inspect", *fast_inspect, "--codecs", "int:4/"], "error", ()),
+        (["inspect", *fast_inspect, "--codecs", ""], "error", ()),
+        (["inspect", *fast_inspect, "--sinks", "-1"], "error", ()),
         (["validate", "--codecs", "bogus"], "error", ()),
         (["validate", "--codecs", "int:4", "--head-dims", "0"], "error", ()),
         (["validate", "--codecs", "int:4", "--head-dims", "x"], "error", ()),
