@@ -168,3 +168,12 @@ def test_error_paths():
         kvpack.get_codec("int:4:rotation=random", head_dim=64)
     with pytest.raises(ValueError, match="power-of-two"):
         kvpack.get_codec("int:4:rotation=hadamard", head_dim=48)
+
+
+@pytest.mark.parametrize("spec", ["int:4:axis=head", "int:4:axis=channel", "int:4"])
+def test_no_tokens_round_trip(spec):
+    """axis=head raised IndexError (amin over an empty dim) on an input of 0 tokens."""
+    codec = kvpack.get_codec(spec, head_dim=16)
+    x = torch.randn(2, 0, 16)
+    y = codec.decode(codec.encode(x))
+    assert y.shape == x.shape and y.dtype == x.dtype
