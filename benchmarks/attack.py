@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # unknown models must fail fast, o
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(Path(__file__).resolve().parent)]
 
-import torch  # noqa: E402
+import torch
 
 CLEAN = ("clear", "correct", "documented")
 OUTCOMES = ("clear", "correct", "documented", "crash", "death", "silent_wrong", "late_error", "false_error")
@@ -86,13 +86,18 @@ class Attack:
         except CLEAR_TYPES + PATH_TYPES + (NotImplementedError,) as exc:
             detail = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, PATH_TYPES) and not raised_by_kvpack(exc):  # a bad path's OSError is the right one
-                outcome, detail = "crash", detail + " [raised in " + traceback.extract_tb(exc.__traceback__)[-1].filename + "]"
+                outcome, detail = (
+                    "crash",
+                    detail + " [raised in " + traceback.extract_tb(exc.__traceback__)[-1].filename + "]",
+                )
             else:
                 outcome = "false_error" if expect == "ok" else "clear"
         except Exception as exc:  # noqa: BLE001 (classifying every failure is the point)
             frame = traceback.extract_tb(exc.__traceback__)[-1]
             outcome, detail = "crash", f"{type(exc).__name__}: {exc} [{frame.filename}:{frame.lineno}]"
-        self.results.append({"group": group, "case": name, "outcome": outcome, "detail": " ".join(detail.split())[:400]})
+        self.results.append(
+            {"group": group, "case": name, "outcome": outcome, "detail": " ".join(detail.split())[:400]}
+        )
         return outcome
 
     def record(self, group: str, name: str, outcome: str, detail: str = "") -> None:
@@ -224,7 +229,11 @@ def packed_cases(a: Attack, spec: str, codec, packed, truth: torch.Tensor, Packe
     shape = packed.shape
     lying = {
         "another codec's spec": lambda: rep(packed, codec="int:4" if spec != "int:4" else "fp16"),
-        "spec with seed=1": lambda: rep(packed, codec=packed.codec + (",seed=1" if ":" in packed.codec.split(":", 1)[-1] and "=" in packed.codec else ":seed=1")),
+        "spec with seed=1": lambda: rep(
+            packed,
+            codec=packed.codec
+            + (",seed=1" if ":" in packed.codec.split(":", 1)[-1] and "=" in packed.codec else ":seed=1"),
+        ),
         "shape dims swapped": lambda: rep(packed, shape=(shape[1], shape[0], *shape[2:])),
         "shape tokens +1": lambda: rep(packed, shape=(*shape[:-2], shape[-2] + 1, shape[-1])),
         "shape tokens -1": lambda: rep(packed, shape=(*shape[:-2], shape[-2] - 1, shape[-1])),
@@ -250,42 +259,64 @@ def packed_cases(a: Attack, spec: str, codec, packed, truth: torch.Tensor, Packe
     for name, make in lying.items():
         expect = "ok" if name == "dtype float16 (declared)" else "error"
         if name == "dtype float16 (declared)":
-            a.case("codecs", f"{spec} Packed {name}", lambda make=make: same(codec.decode(make()).float(), truth.half().float(), "declared f16"), expect)
+            a.case(
+                "codecs",
+                f"{spec} Packed {name}",
+                lambda make=make: same(codec.decode(make()).float(), truth.half().float(), "declared f16"),
+                expect,
+            )
             continue
         a.case("codecs", f"{spec} Packed {name}", decodes(make), expect)
     for key, t in packed.data.items():
         others = {k: v for k, v in packed.data.items() if k != key}
         variants = {
-            "missing": lambda: rep(packed, data=others),
-            "renamed": lambda t=t: rep(packed, data={**others, key + "_x": t}),
-            "as float32": lambda t=t: rep(packed, data={**others, key: t.float()}),
-            "as int64": lambda t=t: rep(packed, data={**others, key: t.long()}),
-            "bytes reinterpreted": lambda t=t: rep(packed, data={**others, key: _reinterpret(t)}),
-            "last row cut": lambda t=t: rep(packed, data={**others, key: t[..., :-1, :] if t.dim() > 1 else t[:-1]}),
-            "last dim cut": lambda t=t: rep(packed, data={**others, key: t[..., :-1]}),
-            "flattened": lambda t=t: rep(packed, data={**others, key: t.reshape(-1)}),
-            "extra dim": lambda t=t: rep(packed, data={**others, key: t.unsqueeze(0)}),
-            "numpy": lambda t=t: rep(packed, data={**others, key: t.numpy()}),
-            "meta device": lambda t=t: rep(packed, data={**others, key: t.to("meta")}),
-            "all 0xFF bytes": lambda t=t: rep(packed, data={**others, key: _fill_bytes(t, 0xFF)}),
-            "all zero bytes": lambda t=t: rep(packed, data={**others, key: _fill_bytes(t, 0)}),
+            "missing": lambda others=others: rep(packed, data=others),
+            "renamed": lambda t=t, key=key, others=others: rep(packed, data={**others, key + "_x": t}),
+            "as float32": lambda t=t, key=key, others=others: rep(packed, data={**others, key: t.float()}),
+            "as int64": lambda t=t, key=key, others=others: rep(packed, data={**others, key: t.long()}),
+            "bytes reinterpreted": lambda t=t, key=key, others=others: rep(
+                packed, data={**others, key: _reinterpret(t)}
+            ),
+            "last row cut": lambda t=t, key=key, others=others: rep(
+                packed, data={**others, key: t[..., :-1, :] if t.dim() > 1 else t[:-1]}
+            ),
+            "last dim cut": lambda t=t, key=key, others=others: rep(packed, data={**others, key: t[..., :-1]}),
+            "flattened": lambda t=t, key=key, others=others: rep(packed, data={**others, key: t.reshape(-1)}),
+            "extra dim": lambda t=t, key=key, others=others: rep(packed, data={**others, key: t.unsqueeze(0)}),
+            "numpy": lambda t=t, key=key, others=others: rep(packed, data={**others, key: t.numpy()}),
+            "meta device": lambda t=t, key=key, others=others: rep(packed, data={**others, key: t.to("meta")}),
+            "all 0xFF bytes": lambda t=t, key=key, others=others: rep(
+                packed, data={**others, key: _fill_bytes(t, 0xFF)}
+            ),
+            "all zero bytes": lambda t=t, key=key, others=others: rep(packed, data={**others, key: _fill_bytes(t, 0)}),
         }
         if t.is_floating_point():
-            variants["one NaN"] = lambda t=t: rep(packed, data={**others, key: _flat_set(t, 0, float("nan"))})
-            variants["one Inf"] = lambda t=t: rep(packed, data={**others, key: _flat_set(t, -1, float("inf"))})
-            variants["one 6e4"] = lambda t=t: rep(packed, data={**others, key: _flat_set(t, 1, 6e4)})
+            variants["one NaN"] = lambda t=t, key=key, others=others: rep(
+                packed, data={**others, key: _flat_set(t, 0, float("nan"))}
+            )
+            variants["one Inf"] = lambda t=t, key=key, others=others: rep(
+                packed, data={**others, key: _flat_set(t, -1, float("inf"))}
+            )
+            variants["one 6e4"] = lambda t=t, key=key, others=others: rep(
+                packed, data={**others, key: _flat_set(t, 1, 6e4)}
+            )
         for vname, make in variants.items():
             flip = vname in ("all 0xFF bytes", "all zero bytes", "one 6e4") and t.numel() > 0
             kind = "either" if flip or vname == "non-contiguous" else "error"
             a.case("codecs", f"{spec} tensor {key} {vname}", decodes(make, flip), kind)
-        a.case("codecs", f"{spec} tensor {key} non-contiguous", decodes(lambda t=t, o=others: rep(packed, data={**o, key: _noncontig(t)})), "ok")
+        a.case(
+            "codecs",
+            f"{spec} tensor {key} non-contiguous",
+            decodes(lambda t=t, o=others, key=key: rep(packed, data={**o, key: _noncontig(t)})),
+            "ok",
+        )
         for _ in range(4):  # bit flips at random positions
             n = t.numel() * t.element_size()
             if not n:
                 continue
             pos, bit = a.rng.randrange(n), a.rng.randrange(8)
             a.case("codecs", f"{spec} tensor {key} bit flip byte {pos} bit {bit}",
-                   decodes(lambda t=t, o=others, pos=pos, bit=bit: rep(packed, data={**o, key: _flip(t, pos, bit)}), True),
+                   decodes(lambda t=t, o=others, pos=pos, bit=bit, key=key: rep(packed, data={**o, key: _flip(t, pos, bit)}), True),
                    "either")  # fmt: skip
 
 
@@ -337,6 +368,7 @@ def spec_cases(a: Attack) -> None:
                          "bits 4.0": {"head_dim": 32, "bits": 4.0}, "seed 2**70": {"head_dim": 32, "seed": 2**70},
                          "head_dim 24 e8": {"head_dim": 24}, "head_dim 7": {"head_dim": 7}}.items():  # fmt: skip
         for spec in ("int:4", "turbo_mse:3", "e8:3", "polar:3", "turbo_prod:3", "qjl"):
+
             def run(spec=spec, kwargs=kwargs):
                 c = kvpack.get_codec(spec, **kwargs)
                 x = torch.randn(2, 4, c.head_dim)
@@ -436,7 +468,11 @@ def decode_mutations(inputs: dict, rng: random.Random) -> dict:
         m(f"block id {bad} (reached)", block_tables=t)
         t = bt.clone()
         t[b, -1] = bad
-        m(f"block id {bad} (past seq_lens[{b}]={int(sl[b])})", "either" if int(sl[b]) <= (bt.shape[1] - 1) * bs else "error", block_tables=t)
+        m(
+            f"block id {bad} (past seq_lens[{b}]={int(sl[b])})",
+            "either" if int(sl[b]) <= (bt.shape[1] - 1) * bs else "error",
+            block_tables=t,
+        )
     for bad in (cap + 1, cap * 10, -1, 2**31 - 1):
         s = sl.clone()
         s[b] = bad
@@ -471,12 +507,20 @@ def decode_mutations(inputs: dict, rng: random.Random) -> dict:
     m("query NaN", query=_set(inputs["query"], (b, 0, 0), float("nan")))
     m("query Inf", query=_set(inputs["query"], (b, 1, 3), float("inf")))
     m("query 6e4", "either", query=_set(inputs["query"], (b, 1, 3), 6e4))
-    m("window NaN (valid row)", window_keys=_set(inputs["window_keys"], (b, 0, 0, 0), float("nan")), window_lens=wl.clamp_min(1))
+    m(
+        "window NaN (valid row)",
+        window_keys=_set(inputs["window_keys"], (b, 0, 0, 0), float("nan")),
+        window_lens=wl.clamp_min(1),
+    )
     m("window NaN (beyond window_lens)", "ok", window_keys=_set(inputs["window_keys"], (b, -1, 0, 0), float("nan")),
       window_lens=wl.clamp_max(inputs["window_keys"].shape[1] - 1))  # fmt: skip
     m("window float32", window_keys=inputs["window_keys"].float(), window_values=inputs["window_values"].float())
     m("window keys/values dtypes differ", window_values=inputs["window_values"].bfloat16())
-    m("window kv_heads wrong", window_keys=inputs["window_keys"][:, :, :1], window_values=inputs["window_values"][:, :, :1])
+    m(
+        "window kv_heads wrong",
+        window_keys=inputs["window_keys"][:, :, :1],
+        window_values=inputs["window_values"][:, :, :1],
+    )
     m("window non-contiguous", window_keys=inputs["window_keys"].transpose(0, 1).contiguous().transpose(0, 1))
     m("key_cache int8", key_cache=kc.view(torch.int8))
     m("key_cache row bytes -4", key_cache=kc[..., :-4].contiguous())
@@ -484,7 +528,11 @@ def decode_mutations(inputs: dict, rng: random.Random) -> dict:
     m("key/value pools differ in blocks", value_cache=inputs["value_cache"][:-1].contiguous())
     m("key_cache non-contiguous", key_cache=kc.transpose(0, 1).contiguous().transpose(0, 1))
     m("key_cache on meta", key_cache=kc.to("meta"))
-    for name, byte in (("side data NaN", (0x00, 0x7E)), ("side data Inf", (0x00, 0x7C)), ("side data 6e4", (0x80, 0x7B))):
+    for name, byte in (
+        ("side data NaN", (0x00, 0x7E)),
+        ("side data Inf", (0x00, 0x7C)),
+        ("side data 6e4", (0x80, 0x7B)),
+    ):
         kc2 = kc.clone()
         t0 = 0
         blk = int(bt[b, t0 // bs])
@@ -501,9 +549,10 @@ def decode_cases(a: Attack) -> None:
         truth = decode_truth(inputs, true_kv)
         for fn_name in ("decode", "decode_ref"):
             a.case("decode", f"{spec} {fn_name} valid",
-                   lambda fn_name=fn_name: same(call_decode(inputs, fn_name).float(), truth, "valid", 2e-2, 2e-2), "ok")  # fmt: skip
+                   lambda fn_name=fn_name, i=inputs, t=truth: same(call_decode(i, fn_name).float(), t, "valid", 2e-2, 2e-2), "ok")  # fmt: skip
             for name, (mutated, expect) in decode_mutations(inputs, a.rng).items():
-                def run(mutated=mutated, fn_name=fn_name, name=name):
+
+                def run(mutated=mutated, fn_name=fn_name, name=name, truth=truth, true_kv=true_kv):
                     y = call_decode(mutated, fn_name)
                     if "6e4" in name or "pool side" in name:
                         finite(y, name)
@@ -529,8 +578,8 @@ def bad_call_cases(a: Attack) -> None:
     inputs, _ = make_decode_case("int:4", a.seed + 1)
     i = dict(inputs)
     fmt = i.pop("fmt")
-    base = dict(key_codec=fmt, value_codec=fmt, window_keys=i["window_keys"], window_values=i["window_values"],
-                window_lens=i["window_lens"])  # fmt: skip
+    base = {"key_codec": fmt, "value_codec": fmt, "window_keys": i["window_keys"], "window_values": i["window_values"],
+                "window_lens": i["window_lens"]}  # fmt: skip
     pos = (i["query"], i["key_cache"], i["value_cache"], i["block_tables"], i["seq_lens"])
     cases = {
         "key_codec None": {**base, "key_codec": None},
@@ -556,9 +605,9 @@ def bad_call_cases(a: Attack) -> None:
                 continue
             a.case("decode", f"{fn_name} {name}",
                    lambda fn_name=fn_name, kw=kw: _finite_out(getattr(attention, fn_name)(*pos, **kw)), "error")  # fmt: skip
-    for name, kwargs in {"kind bogus": dict(kind="x", head_dim=32, bits=4), "head_dim 48": dict(kind="int", head_dim=48, bits=4),
-                         "bits 8": dict(kind="int", head_dim=32, bits=8), "turbo without codebook": dict(kind="turbo_mse", head_dim=32, bits=3),
-                         "bits True": dict(kind="int", head_dim=32, bits=True)}.items():  # fmt: skip
+    for name, kwargs in {"kind bogus": {"kind": "x", "head_dim": 32, "bits": 4}, "head_dim 48": {"kind": "int", "head_dim": 48, "bits": 4},
+                         "bits 8": {"kind": "int", "head_dim": 32, "bits": 8}, "turbo without codebook": {"kind": "turbo_mse", "head_dim": 32, "bits": 3},
+                         "bits True": {"kind": "int", "head_dim": 32, "bits": True}}.items():  # fmt: skip
         a.case("decode", f"PagedCodec {name}", lambda kwargs=kwargs: PagedCodec(**kwargs) and None)
     a.case("decode", "decode use_kernel=True on CPU without TRITON_INTERPRET",
            lambda: _finite_out(attention.decode(*pos, **base, use_kernel=True)), "either")  # fmt: skip
@@ -594,7 +643,9 @@ def interpreter_cases(a: Attack) -> None:
                        ("int:4", "pool side data NaN (reached row)")):  # fmt: skip
         script = INTERP_SCRIPT.format(paths=paths, spec=spec, seed=a.seed, name=name)
         start = time.time()
-        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=300
+        )
         case = f"{spec} decode kernel (TRITON_INTERPRET=1) {name}"
         last = (proc.stderr.strip().splitlines() or [""])[-1]
         if proc.returncode < 0:

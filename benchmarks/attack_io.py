@@ -115,10 +115,10 @@ def persist_cases(a: Attack) -> None:
     policies = {
         "int4/turbo3 block 8": CachePolicy(key="int:4", value="turbo_mse:3", residual=8, sinks=2, block=8),
         "channel keys, window f32": CachePolicy(key="int:2:axis=channel,group=8", value="int:4", residual=4, sinks=1,
-                                                block=8, window_dtype=torch.float32),  # fmt: skip
+                                                block=8, window_dtype=torch.float32),
         "pre-rope, fp_heads, skip": CachePolicy(key="turbo_prod:3", value="e8:3", residual=8, sinks=4,
-                                                pre_rope_keys=True, skip_layers=(1,), seed=7),  # fmt: skip
-    }
+                                                pre_rope_keys=True, skip_layers=(1,), seed=7),
+    }  # fmt: skip
     for pname, policy in policies.items():
         batch = 2 if "channel" in pname else 1
         cache = filled_cache(model, policy, a.seed, batch=batch)
@@ -166,7 +166,15 @@ def header_cases(a: Attack, pname: str, model, header: dict, tensors: dict, trut
                     return _load_compare(model, path, truth, name)
 
                 a.case("persist", name, run, "either" if _harmless(field_path) else "error")
-    for junk in ("not json", "[]", "null", '{"format": "kvpack-cache"}', "[" * 100000, '{"a": ' * 5000 + "1" + "}" * 5000):
+    for junk in (
+        "not json",
+        "[]",
+        "null",
+        '{"format": "kvpack-cache"}',
+        "[" * 100000,
+        '{"a": ' * 5000 + "1" + "}" * 5000,
+    ):
+
         def run(junk=junk):
             from safetensors.torch import save_file
 
@@ -196,12 +204,18 @@ def byte_cases(a: Attack, pname: str, model, path: Path, truth) -> None:
 
         a.case("persist", f"[{pname}] byte flip at {pos} ({where})", run, "either")
     for cut in (0, 4, 8, head - 1, head, head + 1, len(raw) // 2, len(raw) - 1):
+
         def run(b=raw[:cut]):
             target.write_bytes(b)
             return _load_compare(model, target, truth, "truncated")
 
         a.case("persist", f"[{pname}] truncated to {cut} bytes", run)
-    a.case("persist", f"[{pname}] appended garbage", lambda: (target.write_bytes(raw + b"\0" * 64), _load_compare(model, target, truth, "appended"))[1], "either")
+    a.case(
+        "persist",
+        f"[{pname}] appended garbage",
+        lambda: (target.write_bytes(raw + b"\0" * 64), _load_compare(model, target, truth, "appended"))[1],
+        "either",
+    )
 
 
 def tensor_cases(a: Attack, pname: str, model, header: dict, tensors: dict, truth) -> None:
@@ -218,9 +232,13 @@ def tensor_cases(a: Attack, pname: str, model, header: dict, tensors: dict, trut
             "doubled batch": {**tensors, name: torch.cat([t, t]) if t.dim() else t},
         }
         if t.dtype in (torch.float16, torch.bfloat16):
-            variants["float16<->bfloat16 bytes"] = {**tensors, name: t.view(torch.bfloat16 if t.dtype == torch.float16 else torch.float16)}
+            variants["float16<->bfloat16 bytes"] = {
+                **tensors,
+                name: t.view(torch.bfloat16 if t.dtype == torch.float16 else torch.float16),
+            }
         for vname, tens in variants.items():
             for rechecksum in (False, True):
+
                 def run(tens=tens, rechecksum=rechecksum):
                     write_file(path, header, tens, rechecksum)
                     return _load_compare(model, path, truth, "tensor edit")
@@ -272,7 +290,12 @@ def api_cases(a: Attack, model, policies) -> None:
         "save model_id 3": lambda: save_cache(cache, TMP / "m.safetensors", config=model.config, model_id=3),
     }
     for name, fn in cases.items():
-        a.case("persist", f"api {name}", lambda fn=fn: fn() and "correct", "either" if name in ("config the model",) else "error")
+        a.case(
+            "persist",
+            f"api {name}",
+            lambda fn=fn: fn() and "correct",
+            "either" if name in ("config the model",) else "error",
+        )
     empty = KVPackCache(config=model.config, policy=policy)
     a.case("persist", "api save/load an empty cache",
            lambda: (save_cache(empty, TMP / "e.safetensors", config=model.config), load_cache(TMP / "e.safetensors", config=model.config).get_seq_length() == 0 or _raise("empty cache loaded with tokens"))[1] and "correct", "ok")  # fmt: skip
@@ -319,6 +342,7 @@ def interrupted_cases(a: Attack, model, policy) -> None:
     save_cache(cache, path, config=model.config)
     tmp = persist._temp_path(path)
     for what, target in (("save_file", "save_file"), ("os.fsync", "os.fsync"), ("os.replace", "os.replace")):
+
         def run(target=target, what=what):
             def boom(*args, **kwargs):
                 if target == "save_file":
@@ -438,7 +462,10 @@ def policy_file_cases(a: Attack, model) -> None:
         "policy 5": json.dumps({**good, "policy": 5}),
         "policy null": json.dumps({**good, "policy": None}),
         "unknown field": json.dumps({**good, "policy": {"keys": "int:4"}}),
-        "deep nesting": '{"format": "kvpack-policy", "version": 1, "policy": {"skip_layers": ' + "[" * 50000 + "]" * 50000 + "}}",
+        "deep nesting": '{"format": "kvpack-policy", "version": 1, "policy": {"skip_layers": '
+        + "[" * 50000
+        + "]" * 50000
+        + "}}",
         "huge int": '{"format": "kvpack-policy", "version": 1, "policy": {"residual": ' + "9" * 5000 + "}}",
         "NaN residual": '{"format": "kvpack-policy", "version": 1, "policy": {"residual": NaN}}',
         "Infinity block": '{"format": "kvpack-policy", "version": 1, "policy": {"block": Infinity}}',
@@ -459,6 +486,7 @@ def policy_file_cases(a: Attack, model) -> None:
         "BOM": "\ufeff" + json.dumps(good),
     }
     for name, text in docs.items():
+
         def run(text=text):
             path.write_bytes(text if isinstance(text, bytes) else text.encode())
             load_policy(path)
@@ -473,12 +501,13 @@ def policy_file_cases(a: Attack, model) -> None:
         "save under a file": lambda: save_policy(CachePolicy(), path / "x.json"),
         "save a dict": lambda: save_policy({"key": "int:4"}, TMP / "d.json"),
         "save with info a tensor": lambda: save_policy(CachePolicy(), TMP / "i.json", note=torch.zeros(1)),
-        "save with info key 'policy'": lambda: save_policy(CachePolicy(), TMP / "i.json", policy=3),
+        "save with info key 'format'": lambda: save_policy(CachePolicy(), TMP / "i.json", format=3),
     }.items():
         a.case("policy", f"policy file {name}", lambda fn=fn: fn() and "correct", "error")
     roundtrips = [CachePolicy(window_dtype=torch.bfloat16), CachePolicy(key="int:4", fp_heads={0: (0,)}, head_keys=(("int:2",),)),
                   CachePolicy(key=None, value="e8:3", skip_layers=(2, 0), layer_keys=("int:4", None), pre_rope_keys=True, seed=2**63 - 1)]  # fmt: skip
     for i, p in enumerate(roundtrips):
+
         def run(p=p):
             save_policy(p, path)
             back = load_policy(path)
@@ -529,6 +558,7 @@ def cache_cases(a: Attack) -> None:
         "K complex": (k.to(torch.complex64),) * 2,
     }
     for name, (kk, vv) in upd.items():
+
         def run(kk=kk, vv=vv, name=name):
             c = fresh()
             keys, values = c.update(kk, vv, 0)
@@ -541,12 +571,21 @@ def cache_cases(a: Attack) -> None:
             finite(values, "values")
             return "correct"
 
-        a.case("cache", f"update {name}", run, "either" if name in ("K 0 tokens", "K 2 KV heads (model: 1)", "K head_dim 64 (model: 32)") else "error")
+        a.case(
+            "cache",
+            f"update {name}",
+            run,
+            "either" if name in ("K 0 tokens", "K 2 KV heads (model: 1)", "K head_dim 64 (model: 32)") else "error",
+        )
     later = {"batch 2 then 1": (torch.randn(2, 1, 3, 32), torch.randn(1, 1, 3, 32)),
              "float32 then float16": (torch.randn(1, 1, 3, 32), torch.randn(1, 1, 3, 32).half()),
              "head_dim 32 then 64": (torch.randn(1, 1, 3, 32), torch.randn(1, 1, 3, 64))}  # fmt: skip
     for name, (x1, x2) in later.items():
-        a.case("cache", f"update {name}", lambda x1=x1, x2=x2: (fresh().update(x1, x1, 0), None)[1] or _second(fresh, x1, x2))
+        a.case(
+            "cache",
+            f"update {name}",
+            lambda x1=x1, x2=x2: (fresh().update(x1, x1, 0), None)[1] or _second(fresh, x1, x2),
+        )
     for idx in (3, -1, -4, 1.0, "0", None, 10**9):
         a.case("cache", f"update layer_idx={idx!r}", lambda idx=idx: _update_layer(fresh(), k, idx), "error")
     select_cases(a, fresh, filled)
@@ -588,16 +627,27 @@ def select_cases(a: Attack, fresh, filled) -> None:
 
     rows_ok = {"[2, 0]": [2, 0], "[1, 1, 1]": [1, 1, 1], "[0]": [0]}
     for name, rows in rows_ok.items():
-        a.case("cache", f"batch_select_indices {name}", check(lambda c, r=rows: c.batch_select_indices(torch.tensor(r)), rows), "ok")
+        a.case(
+            "cache",
+            f"batch_select_indices {name}",
+            check(lambda c, r=rows: c.batch_select_indices(torch.tensor(r)), rows),
+            "ok",
+        )
         a.case("cache", f"reorder_cache {name}", check(lambda c, r=rows: c.reorder_cache(torch.tensor(r)), rows), "ok")
-    a.case("cache", "batch_select_indices bool mask", check(lambda c: c.batch_select_indices(torch.tensor([True, False, True])), [0, 2]), "ok")
+    a.case(
+        "cache",
+        "batch_select_indices bool mask",
+        check(lambda c: c.batch_select_indices(torch.tensor([True, False, True])), [0, 2]),
+        "ok",
+    )
     bad = {"[3]": torch.tensor([3]), "[-1]": torch.tensor([-1]), "[-4]": torch.tensor([-4]), "float": torch.tensor([0.5]),
            "2-D": torch.tensor([[0, 1]]), "bool mask of 2": torch.tensor([True, False]), "list [0, 5]": [0, 5],
            "None": None, "empty": torch.tensor([], dtype=torch.long), "string": "0"}  # fmt: skip
     for name, idx in bad.items():
         for op in ("batch_select_indices", "reorder_cache"):
+
             def run(idx=idx, op=op, name=name):
-                c, k, v = filled()
+                c, k, _ = filled()
                 getattr(c, op)(idx)
                 keys, _ = _past(c)
                 finite(keys, "keys")
@@ -607,19 +657,36 @@ def select_cases(a: Attack, fresh, filled) -> None:
                 return "correct"
 
             a.case("cache", f"{op} {name}", run, "either" if name in ("empty",) else "error")
-        a.case("cache", f"batch_select_indices {name} on a fresh cache", lambda idx=idx: fresh().batch_select_indices(idx) or "correct", "either")
-        a.case("cache", f"reorder_cache {name} on a fresh cache", lambda idx=idx: fresh().reorder_cache(idx) or "correct", "either")
+        a.case(
+            "cache",
+            f"batch_select_indices {name} on a fresh cache",
+            lambda idx=idx: fresh().batch_select_indices(idx) or "correct",
+            "either",
+        )
+        a.case(
+            "cache",
+            f"reorder_cache {name} on a fresh cache",
+            lambda idx=idx: fresh().reorder_cache(idx) or "correct",
+            "either",
+        )
     for n in (0, -1, -3, -4, -6, -100, 1, 1.5, True, None, "1"):
+
         def run(n=n):
-            c, k, v = filled()
+            c, k, _ = filled()
             c.layers[0].crop(n)
             keys, _ = _past(c)
             return same(keys.float(), k[..., : 17 + n, :], f"layer crop({n})")
 
-        a.case("cache", f"layer crop({n!r})", run, "either" if isinstance(n, int) and not isinstance(n, bool) and -3 <= n <= 0 else "error")
+        a.case(
+            "cache",
+            f"layer crop({n!r})",
+            run,
+            "either" if isinstance(n, int) and not isinstance(n, bool) and -3 <= n <= 0 else "error",
+        )
     for n in (10, 16, 17, 20, -2, 0, 2.5):
+
         def run(n=n):
-            c, k, v = filled()
+            c, k, _ = filled()
             c.crop(n)  # kvpack's documented semantics: n <= 0 drops -n tokens (transformers': n >= 0 keeps n)
             keep = 17 + n if n <= 0 else n
             keys, _ = _past(c)
@@ -627,8 +694,9 @@ def select_cases(a: Attack, fresh, filled) -> None:
 
         a.case("cache", f"cache.crop({n!r})", run, "either")
     for r in (2, 1, 0, -1, 1.5, "2"):
+
         def run(r=r):
-            c, k, v = filled()
+            c, k, _ = filled()
             c.batch_repeat_interleave(r)
             keys, _ = _past(c)
             return same(keys.float(), k.repeat_interleave(r, 0), f"repeat({r})")
@@ -643,7 +711,11 @@ def select_cases(a: Attack, fresh, filled) -> None:
                          "key bogus": {"key": "bogus"}, "residual -1": {"residual": -1}, "policy a dict": {"policy": {}},
                          "skip_layers 7": {"skip_layers": (7,)}, "skip_layers None": {"skip_layers": None}}.items():  # fmt: skip
         cfg = fresh().layers and _cfg_of(fresh)
-        a.case("cache", f"KVPackCache({name})", lambda kwargs=kwargs, cfg=cfg: KVPackCache(**{"config": cfg, **kwargs}) and None)
+        a.case(
+            "cache",
+            f"KVPackCache({name})",
+            lambda kwargs=kwargs, cfg=cfg: KVPackCache(**{"config": cfg, **kwargs}) and None,
+        )
 
 
 def _cfg_of(fresh):
@@ -656,7 +728,11 @@ def paged_cases(a: Attack, model) -> None:
     from kvpack import CachePolicy, KVPackCache, PagedKVPackCache, use_paged_attention
 
     policy = CachePolicy(key="int:4", value="turbo_mse:3", residual=8, sinks=2, block=16)
-    a.case("cache", "PagedKVPackCache without use_paged_attention", lambda: PagedKVPackCache(model.config, policy=policy) and None)
+    a.case(
+        "cache",
+        "PagedKVPackCache without use_paged_attention",
+        lambda: PagedKVPackCache(model.config, policy=policy) and None,
+    )
     paged_model = copy.deepcopy(model)
     use_paged_attention(paged_model)
     ids = prompt_ids(3, n=50, batch=2)
@@ -672,7 +748,11 @@ def paged_cases(a: Attack, model) -> None:
     truth = logits(model, KVPackCache(config=model.config, policy=policy))
     a.case("cache", "PagedKVPackCache equals KVPackCache (decode_ref)",
            lambda: same(logits(paged_model, PagedKVPackCache(paged_model.config, policy=policy, use_kernel=False)), truth, "paged", 1e-3, 1e-3), "ok")  # fmt: skip
-    a.case("cache", "PagedKVPackCache(use_kernel='yes')", lambda: PagedKVPackCache(paged_model.config, policy=policy, use_kernel="yes") and None)
+    a.case(
+        "cache",
+        "PagedKVPackCache(use_kernel='yes')",
+        lambda: PagedKVPackCache(paged_model.config, policy=policy, use_kernel="yes") and None,
+    )
     for name, op in {"batch_select_indices [1]": lambda c: c.batch_select_indices(torch.tensor([1])),
                      "batch_select_indices [5]": lambda c: c.batch_select_indices(torch.tensor([5])),
                      "batch_select_indices [-1]": lambda c: c.batch_select_indices(torch.tensor([-1])),
@@ -684,6 +764,7 @@ def paged_cases(a: Attack, model) -> None:
                      "update batch 3": lambda c: c.update(torch.randn(3, 1, 4, 32), torch.randn(3, 1, 4, 32), 0),
                      "update NaN": lambda c: c.update(torch.full((2, 1, 4, 32), float("nan")), torch.randn(2, 1, 4, 32), 0),
                      "batch_repeat_interleave(2)": lambda c: c.batch_repeat_interleave(2)}.items():  # fmt: skip
+
         def run(op=op, name=name):
             c = PagedKVPackCache(paged_model.config, policy=policy, use_kernel=False)
             with torch.no_grad():
@@ -702,7 +783,11 @@ def paged_cases(a: Attack, model) -> None:
                 raise Late(f"next forward: {exc}") from None
             return same(y, t, name, 1e-3, 1e-3)
 
-        expect = "ok" if name in ("batch_select_indices [1]", "reorder_cache [1, 0]", "crop(-1)", "batch_repeat_interleave(2)") else "error"
+        expect = (
+            "ok"
+            if name in ("batch_select_indices [1]", "reorder_cache [1, 0]", "crop(-1)", "batch_repeat_interleave(2)")
+            else "error"
+        )
         a.case("cache", f"PagedKVPackCache {name}", run, expect)
 
 
@@ -779,7 +864,21 @@ def cli_cases(a: Attack) -> None:
     lst = TMP / "list.json"
     lst.write_text("[1, 2]")
     m, t = ["--model", str(folder)], ["--text", str(text)]
-    fast_eval = [*m, *t, "--ctx", "96", "--n-eval", "8", "--windows", "1", "--no-progress", "--residual", "8", "--block", "32"]
+    fast_eval = [
+        *m,
+        *t,
+        "--ctx",
+        "96",
+        "--n-eval",
+        "8",
+        "--windows",
+        "1",
+        "--no-progress",
+        "--residual",
+        "8",
+        "--block",
+        "32",
+    ]
     fast_inspect = [*m, *t, "--ctx", "96", "--windows", "1"]
     cases: list[tuple[list[str], str, tuple]] = [
         ([], "error", ()), (["nosuch"], "error", ()), (["--bogus"], "error", ()),
@@ -891,7 +990,14 @@ def subprocess_cases(a: Attack, folder: Path, lst: Path) -> None:
                          (["memory", "--model", str(lst)], "error"), (["validate", "--codecs", "bogus"], "error"),
                          (["eval", "--model", str(folder), "--ctx", "x"], "error")):  # fmt: skip
         start = time.time()
-        proc = subprocess.run([sys.executable, "-m", "kvpack.cli", *argv], env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "kvpack.cli", *argv],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         seconds = time.time() - start
         rc = proc.returncode
         if rc < 0:
@@ -900,4 +1006,6 @@ def subprocess_cases(a: Attack, folder: Path, lst: Path) -> None:
         outcome, detail = classify_cli(rc, proc.stderr, expect)
         if outcome == "clear" and seconds > 30:
             outcome, detail = "crash", f"{detail} but after {seconds:.0f} s"
-        a.record("cli", "subprocess " + " ".join(argv).replace(str(TMP), "$TMP"), outcome, f"{detail} ({seconds:.1f} s)")
+        a.record(
+            "cli", "subprocess " + " ".join(argv).replace(str(TMP), "$TMP"), outcome, f"{detail} ({seconds:.1f} s)"
+        )
