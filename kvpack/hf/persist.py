@@ -81,7 +81,7 @@ def save_cache(cache: KVPackCache, path: str | Path, *, model_id: str | None = N
     path = _check_path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(
-            f"cannot save a cache to {str(path)!r}: the directory {str(path.parent)!r} does not exist"
+            f"cannot save a cache to {str(path)!r}: the directory {str(path.parent)!r} does not exist (or is a file)"
         )
     try:
         fingerprint = model_fingerprint(config, model_id)
