@@ -200,6 +200,8 @@ class Codec:
                 f"Packed holds tensors {sorted(packed.data)}, codec {self.spec!r} expects {sorted(expected)}"
             )
         device = packed.device
+        if device.type == "meta":
+            raise ValueError("Packed tensors are on the meta device: they hold no values to decode")
         for key, (want, dtype) in expected.items():
             t = packed.data[key]
             if tuple(t.shape) != tuple(want) or t.dtype != dtype:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,20 +330,33 @@ def policy_from_dict(fields: dict, where: str = "policy") -> CachePolicy:
         raise ValueError(f"{where} has bad fields: {exc}") from None
 
 
+def _check_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {path!r}")
+    return Path(path)
+
+
 def save_policy(policy: CachePolicy, path: str | Path, **info) -> None:
     """Write ``policy`` as a policy file (JSON), plus ``info`` (budget, measured numbers...)."""
+    reserved = {"format", "version", "policy"} & set(info)
+    if reserved:
+        raise ValueError(f"info may not be named {sorted(reserved)}: the policy file's own fields")
     doc = {"format": POLICY_FORMAT, "version": 1, "policy": policy_to_dict(policy), **info}
-    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+    try:
+        text = json.dumps(doc, indent=1) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"info must hold JSON values (numbers, strings, lists, dicts): {exc}") from None
+    Path(_check_path(path)).write_text(text)
 
 
 def load_policy(path: str | Path) -> CachePolicy:
     """The policy :func:`save_policy` wrote: ``KVPackCache(config, policy=load_policy(path))``."""
-    path = Path(path)
+    path = _check_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no policy file at {str(path)!r}")
     try:
         doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits
         raise ValueError(f"policy file {str(path)!r} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != POLICY_FORMAT or doc.get("version") != 1:
         raise ValueError(f"{str(path)!r} is not a kvpack policy file (format {POLICY_FORMAT!r}, version 1)")

@@ -73,3 +73,15 @@ def test_fp_codecs_refuse_out_of_range_and_16bit_results_saturate():
     x[0, 3] = 65504
     y = kvpack.get_codec("int:8", head_dim=64).decode(kvpack.get_codec("int:8", head_dim=64).encode(x))
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("spec", ["fp16", "int:4", "turbo_mse:3"])
+def test_decode_refuses_packed_on_meta(spec):
+    """A Packed whose tensors are on the meta device raised RuntimeError (Tensor.item on meta) in the checks."""
+    import dataclasses
+
+    codec = kvpack.get_codec(spec, head_dim=32)
+    packed = codec.encode(torch.randn(3, 32))
+    meta = dataclasses.replace(packed, data={k: v.to("meta") for k, v in packed.data.items()})
+    with pytest.raises(ValueError, match="meta"):
+        codec.decode(meta)

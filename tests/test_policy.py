@@ -183,3 +183,19 @@ def test_deeply_nested_policy_file_is_a_value_error(tmp_path):
     )
     with pytest.raises(ValueError):
         load_policy(path)
+
+
+def test_policy_file_paths_and_info_named(tmp_path):
+    """An int of 5000 digits (json's ValueError), a None path and a tensor in info escaped from json/pathlib."""
+    path = tmp_path / "p.json"
+    path.write_text('{"format": "kvpack-policy", "version": 1, "policy": {"residual": ' + "9" * 5000 + "}}")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_policy(path)
+    with pytest.raises(TypeError, match="path must be"):
+        load_policy(None)
+    with pytest.raises(TypeError, match="JSON values"):
+        save_policy(CachePolicy(), path, note=torch.zeros(1))
+    with pytest.raises(ValueError, match="policy file's own fields"):
+        save_policy(CachePolicy(), path, format="other")
+    save_policy(CachePolicy(key="int:4"), path, budget=3.5)
+    assert load_policy(path) == CachePolicy(key="int:4")

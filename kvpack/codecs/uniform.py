@@ -127,6 +127,11 @@ class UniformInt(Codec):
 
     def encode(self, x: torch.Tensor) -> Packed:
         self.check_input(x, min_dim=1 if self.axis == "token" else 2)
+        if not x.numel():  # no values: no min/max to take (axis=head would reduce over nothing)
+            layout = self.layout(tuple(x.shape))
+            return self.make_packed(
+                x, **{k: torch.zeros(s, dtype=dt, device=x.device) for k, (s, dt) in layout.items()}
+            )
         d, g, source = self.head_dim, self.group_size, x
         if self.rotation != "none":
             x = rotate(x.float(), self.rotation, self.seed)

@@ -229,21 +229,43 @@ class KVPackLayer(CacheLayerMixin):
         self.chunks = [replace(c, order=rows.clone() if c.order is None else c.order[rows]) for c in self.chunks]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_batch(beam_idx)
+        if self.is_initialized:
+            self._select_batch(_batch_rows(beam_idx, self.keys.shape[0], self.device, "beam_idx"))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
         if self.is_initialized:
             self._select_batch(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:  # nothing held yet: a no-op, as transformers' DynamicLayer does
             return
-        indices = torch.as_tensor(indices, device=self.device)
-        self._select_batch(indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long())
+        self._select_batch(_batch_rows(indices, self.keys.shape[0], self.device, "indices"))
 
     def __repr__(self) -> str:
         kind = f"sliding={self.sliding_window}" if self.is_sliding else "full"
         return f"KVPackLayer({self.layer_idx}, {kind}, tokens={self.cumulative_length}, chunks={len(self.chunks)})"
+
+
+def _batch_rows(indices, batch: int, device: torch.device, name: str) -> torch.Tensor:
+    """``indices`` (1-D integer rows in ``0..batch - 1``, or a bool mask of ``batch``) as a LongTensor of rows."""
+    try:
+        rows = torch.as_tensor(indices, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a 1-D tensor of batch rows, got {type(indices).__name__}") from None
+    if rows.dim() != 1 or not (rows.dtype == torch.bool or not rows.is_floating_point() and not rows.is_complex()):
+        raise TypeError(
+            f"{name} must be a 1-D integer (or bool) tensor of batch rows, got {rows.dtype} {tuple(rows.shape)}"
+        )
+    if rows.dtype == torch.bool:
+        if rows.numel() != batch:
+            raise ValueError(f"{name} is a bool mask of {rows.numel()} rows for a batch of {batch}")
+        return rows.nonzero().flatten()
+    rows = rows.long()
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch):
+        raise ValueError(f"{name} holds rows outside 0..{batch - 1} (the cache's batch): {rows.tolist()[:8]}")
+    return rows
 
 
 def _check_states(keys, values) -> None:
@@ -255,6 +277,8 @@ def _check_states(keys, values) -> None:
             raise ValueError(
                 f"{name} must be a float (batch, kv_heads, tokens, head_dim) tensor, got {t.dtype} {tuple(t.shape)}"
             )
+        if t.is_meta:
+            raise ValueError(f"{name} is on the meta device: it holds no values to cache")
     if keys.shape != values.shape or keys.dtype != values.dtype or keys.device != values.device:
         raise ValueError(
             f"key_states {tuple(keys.shape)} {keys.dtype} and value_states {tuple(values.shape)} {values.dtype} "
@@ -345,6 +369,11 @@ class KVPackCache(Cache):
             for layer in self.layers:
                 layer.rope = table
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """transformers' `Cache.update`, after checking ``layer_idx`` names one of the model's layers."""
+        check_layer_idx(layer_idx, len(self.layers))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def nbytes(self, stream: str | None = None) -> int:
         """Bytes of every tensor held: ``stream`` ``"k"``, ``"v"`` or ``None`` (both)."""
         k, v = (sum(x) for x in zip(*(layer.stored_bytes() for layer in self.layers)))
@@ -366,6 +395,14 @@ def cache_policy(config, policy, key, value, residual, sinks, skip_layers, block
     if not isinstance(policy, CachePolicy):
         raise TypeError(f"policy must be a kvpack.CachePolicy, got {type(policy).__name__}")
     return policy
+
+
+def check_layer_idx(layer_idx, num_layers: int) -> None:
+    """Raise unless ``layer_idx`` is an int in ``0..num_layers - 1`` (a negative index would name another layer)."""
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+        raise TypeError(f"layer_idx must be an int, got {layer_idx!r}")
+    if not 0 <= layer_idx < num_layers:
+        raise ValueError(f"layer_idx {layer_idx} is outside 0..{num_layers - 1} (the model's layers)")
 
 
 def _check_stream(stream: str | None) -> str | None:

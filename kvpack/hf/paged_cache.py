@@ -45,7 +45,7 @@ import math
 
 import torch
 
-from kvpack.hf.cache import KVPackCache, KVPackLayer
+from kvpack.hf.cache import KVPackCache, KVPackLayer, _check_like, _check_range, _check_states, check_layer_idx
 from kvpack.hf.config import text_config
 from kvpack.kernels.attention import decode
 from kvpack.kernels.paged import PagedCodec, dequantize_rows, paged_codec, rows_from_packed, write_slots
@@ -129,8 +129,13 @@ class PagedLayer(KVPackLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, H, n, D)`` in; decode (n = 1): the new token; else past (dequantized) + new (registered: `register_pending`)."""
+        _check_states(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        else:
+            _check_like(key_states, self.keys, self.dtype)
+        if self.held_dtype != key_states.dtype:
+            _check_range(key_states, value_states, self.held_dtype)
         implementation = getattr(self.model_config, "_attn_implementation", None)
         if implementation != ATTENTION_NAME:
             raise ValueError(
@@ -356,6 +361,7 @@ class PagedKVPackCache(KVPackCache):
             )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        check_layer_idx(layer_idx, len(self.layers))
         layer = self.layers[layer_idx]
         if type(layer) is KVPackLayer and not layer.is_initialized:  # first update: choose the layer's storage
             layer.lazy_initialization(key_states, value_states)

@@ -76,8 +76,17 @@ def save_cache(cache: KVPackCache, path: str | Path, *, model_id: str | None = N
     ``model_id``: the model's name (default: ``config.name_or_path``)."""
     if not isinstance(cache, KVPackCache):
         raise TypeError(f"cache must be a kvpack.KVPackCache, got {type(cache).__name__}")
-    if config is None:
-        raise TypeError("save_cache needs config= (the model's config), to record which model made the cache")
+    if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
+        raise TypeError(f"save_cache needs config= (the model's transformers config, model.config), got {config!r}")
+    path = _check_path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"cannot save a cache to {str(path)!r}: the directory {str(path.parent)!r} does not exist (or is a file)"
+        )
+    try:
+        fingerprint = model_fingerprint(config, model_id)
+    except AttributeError as exc:
+        raise TypeError(f"save_cache needs config= (the model's transformers config, model.config): {exc}") from None
     tensors: dict[str, torch.Tensor] = {}
     if any(type(layer) is not KVPackLayer for layer in cache.layers):
         raise NotImplementedError("save_cache takes KVPackCache layers; PagedKVPackCache's paged layers hold pages")
@@ -87,13 +96,12 @@ def save_cache(cache: KVPackCache, path: str | Path, *, model_id: str | None = N
     header = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "model": model_fingerprint(config, model_id),
+        "model": fingerprint,
         "policy": policy_to_dict(cache.policy),
         "layers": layers,
     }
     header["sha256"] = _digest(tensors, header)
     # write a temporary file beside the target, then replace it: a killed save leaves the old file whole
-    path = Path(path)
     tmp = _temp_path(path)
     try:
         save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
@@ -133,6 +141,12 @@ def _layer_state(layer: KVPackLayer, prefix: str, tensors: dict[str, torch.Tenso
         "held_dtype": str(layer.held_dtype),
         "chunks": chunks,
     }
+
+
+def _check_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {path!r}")
+    return Path(path)
 
 
 def _temp_path(path: Path) -> Path:
@@ -191,7 +205,9 @@ def load_cache(
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device must name a torch device ('cpu', 'cuda:0'...), got {device!r}") from None
-    path = Path(path)
+    if device.type == "meta":
+        raise ValueError("device must hold the loaded tensors; 'meta' holds none")
+    path = _check_path(path)
     _temp_path(path).unlink(missing_ok=True)  # a killed save's leftover
     header, tensors = _read(path)
     try:

@@ -40,7 +40,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpack.codecs.compose import IdentityCodec
-from kvpack.hf.cache import _check_states, _check_stream, cache_policy, layer_kinds
+from kvpack.hf.cache import _check_states, _check_stream, cache_policy, check_layer_idx, layer_kinds
 from kvpack.hf.config import model_heads, text_config
 from kvpack.hf.paged_cache import ATTENTION_NAME, BLOCK_SIZE, register_pending
 from kvpack.kernels.paged import PagedCodec, dequantize_rows, paged_codec, rows_from_packed, write_slots
@@ -408,6 +408,11 @@ class StaticKVPackCache(Cache):
         self.policy, self.max_tokens = policy, max_cache_len  # (transformers 5.17's Cache has a max_cache_len property)
         layers = [StaticPagedLayer(policy, i, w, max_cache_len, use_kernel) for i, w in enumerate(kinds)]
         super().__init__(layers=layers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            check_layer_idx(layer_idx, len(self.layers))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_tokens

@@ -15,6 +15,7 @@ on CUDA tensors and `decode_ref` elsewhere.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -85,6 +86,8 @@ def check_decode_inputs(
     seq_lens: torch.Tensor,
     window_keys: torch.Tensor,
     window_lens: torch.Tensor,
+    query: torch.Tensor | None = None,
+    window_values: torch.Tensor | None = None,
 ) -> None:
     """Raise ``ValueError`` unless every index the decode will follow stays inside the tensors it indexes.
 
@@ -96,6 +99,9 @@ def check_decode_inputs(
     per call (more only to name what is wrong); while a CUDA graph is being captured (``torch.cuda.is_current_stream_capturing()``) it is
     skipped, since capture forbids a sync: the inputs of a captured graph are the caller's to keep in range (the CUDA
     int:4 kernel also clamps lengths and block ids on the device).
+    ``query`` and ``window_values``, when given, must be finite (as must the window keys), the window in its
+    first ``window_lens[b]`` rows: a NaN/inf there would make the output NaN. The bytes of the pools are not
+    read here (that would cost a pass over the whole cache): a corrupted side value can still give NaN.
     Shapes and dtypes are assumed checked (`decode` checks them first).
     """
     if seq_lens.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -106,7 +112,14 @@ def check_decode_inputs(
     bad_lens |= (seq_lens + window_lens) == 0
     reached = torch.arange(block_tables.shape[1], device=seq_lens.device) * block_size < seq_lens[:, None].long()
     bad_ids = reached & ((block_tables < 0) | (block_tables >= num_blocks))
-    if not bool(bad_lens.any() | bad_ids.any()):  # the one host sync of a valid call
+    rows = torch.arange(window, device=seq_lens.device) < window_lens[:, None].long()  # (B, W) valid window rows
+    bad_values = torch.zeros((), dtype=torch.bool, device=seq_lens.device)
+    for t in (window_keys, window_values):
+        if t is not None:
+            bad_values |= (~torch.isfinite(t).flatten(2).all(-1) & rows).any()
+    if query is not None:
+        bad_values |= ~torch.isfinite(query).all()
+    if not bool(bad_lens.any() | bad_ids.any() | bad_values):  # the one host sync of a valid call
         return
     for name, lens, limit in (("seq_lens", seq_lens, capacity), ("window_lens", window_lens, window)):
         bad = ((lens < 0) | (lens > limit)).nonzero().flatten().tolist()
@@ -117,11 +130,26 @@ def check_decode_inputs(
     empty = ((seq_lens + window_lens) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"sequence {empty[0]} holds no token (seq_lens and window_lens both 0)")
+    if bool(bad_values):
+        raise ValueError("query, window_keys or window_values hold NaN/inf (the window in its first window_lens rows)")
     b, j = bad_ids.nonzero()[0].tolist()
     raise ValueError(
         f"block_tables[{b}, {j}] = {int(block_tables[b, j])} is outside 0..{num_blocks - 1} (the pools' blocks), "
         f"and seq_lens[{b}] = {int(seq_lens[b])} reaches it"
     )
+
+
+def _scale(scale, head_dim: int) -> float:
+    """The softmax scale: ``1/sqrt(head_dim)`` by default; a given one must be a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    try:
+        value = float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        value = math.nan
+    if isinstance(scale, (bool, str)) or not math.isfinite(value):
+        raise ValueError(f"scale must be a finite float or None (1/sqrt(head_dim)), got {scale!r}")
+    return value
 
 
 def _describe(x) -> str:
@@ -169,16 +197,26 @@ def decode(
         raise ValueError("window_keys, window_values and window_lens go together: give all three or none")
     _check(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
            key_codec, value_codec)  # fmt: skip
-    check_decode_inputs(key_cache, block_tables, seq_lens, window_keys, window_lens)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    check_decode_inputs(key_cache, block_tables, seq_lens, window_keys, window_lens, query, window_values)
+    scale = _scale(scale, query.shape[-1])
     if use_kernel is None:
         use_kernel = query.is_cuda
     if kernel not in (None, "cuda", "triton"):
         raise ValueError(f"kernel must be None (chosen by shape), 'cuda' or 'triton', got {kernel!r}")
+    if out is not None and (
+        not isinstance(out, torch.Tensor) or out.shape != query.shape or out.dtype != query.dtype
+        or out.device != query.device
+    ):  # fmt: skip
+        raise ValueError(
+            f"out must be a {query.dtype} tensor {tuple(query.shape)} on {query.device}, got {_describe(out)}"
+        )
+    if use_kernel and not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("use_kernel=True needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernel on the CPU")
     if not use_kernel:
-        ref = decode_ref(query, key_cache, value_cache, block_tables, seq_lens, key_codec=key_codec,
-                         value_codec=value_codec, window_keys=window_keys, window_values=window_values,
-                         window_lens=window_lens, scale=scale)  # fmt: skip
+        ref = _reference(query, key_cache, value_cache, block_tables, seq_lens, key_codec, value_codec, window_keys,
+                         window_values, window_lens, scale)  # fmt: skip
+        if not bool(torch.isfinite(ref).all()):
+            raise ValueError("decode: the packed tokens decode to NaN/inf (corrupted side bytes in the pools?)")
         return ref.to(query.dtype) if out is None else out.copy_(ref)
     from kvpack.kernels.int_decode import int4_supported, paged_int4_decode
 
@@ -221,12 +259,32 @@ def decode_ref(
     window_lens: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """The definition `decode` computes: dequantize (as the codec decodes), then softmax attention; float32 out."""
-    batch, hq, d = query.shape
+    """The definition `decode` computes: dequantize (as the codec decodes), then softmax attention; float32 out.
+
+    Checks its inputs as `decode` does (``ValueError``/``TypeError`` naming the argument), and refuses a NaN/inf
+    result (corrupted side bytes in the pools)."""
+    if window_keys is None and window_values is None and window_lens is None:
+        if isinstance(query, torch.Tensor) and query.dim() == 3 and isinstance(key_cache, torch.Tensor):
+            window_keys, window_values, window_lens = _empty_window(query, key_cache.shape[2])
+    elif window_keys is None or window_values is None or window_lens is None:
+        raise ValueError("window_keys, window_values and window_lens go together: give all three or none")
+    _check(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
+           key_codec, value_codec)  # fmt: skip
+    check_decode_inputs(key_cache, block_tables, seq_lens, window_keys, window_lens, query, window_values)
+    out = _reference(query, key_cache, value_cache, block_tables, seq_lens, key_codec, value_codec, window_keys,
+                     window_values, window_lens, _scale(scale, query.shape[-1]))  # fmt: skip
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError("decode_ref: the packed tokens decode to NaN/inf (corrupted side bytes in the pools?)")
+    return out
+
+
+def _reference(query, key_cache, value_cache, block_tables, seq_lens, key_codec, value_codec, window_keys,
+               window_values, window_lens, scale: float) -> torch.Tensor:  # fmt: skip
+    """`decode_ref`'s arithmetic on checked inputs (`decode` calls it directly: its inputs are checked once)."""
+    batch, hq, _ = query.shape
     hkv = key_cache.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     seq_lens_host = seq_lens.tolist()
-    window_lens_host = window_lens.tolist() if window_lens is not None else [0] * batch
+    window_lens_host = window_lens.tolist()
     outs = []
     for b in range(batch):  # one sequence at a time: lengths differ
         keys = dequantize_rows(gather_tokens(key_cache, block_tables[b], seq_lens_host[b]), key_codec)

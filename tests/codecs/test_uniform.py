@@ -180,3 +180,12 @@ def test_paged_tables_only_for_one_group_per_token():
     for spec in ("int:4:axis=channel", "int:4:axis=head", "int:4:group=16"):
         with pytest.raises(ValueError, match="axis=token and one group"):
             kvpack.get_codec(spec, head_dim=32).paged_tables()
+
+
+@pytest.mark.parametrize("spec", ["int:4:axis=head", "int:4:axis=channel", "int:4"])
+def test_no_tokens_round_trip(spec):
+    """axis=head raised IndexError (amin over an empty dim) on an input of 0 tokens."""
+    codec = kvpack.get_codec(spec, head_dim=16)
+    x = torch.randn(2, 0, 16)
+    y = codec.decode(codec.encode(x))
+    assert y.shape == x.shape and y.dtype == x.dtype

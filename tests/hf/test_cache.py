@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from kvpack import CachePolicy, KVPackCache, get_codec
@@ -318,3 +320,58 @@ def test_decode_chunk_is_what_past_shows_of_each_chunk():
     assert at + layer.keys.shape[-2] == keys.shape[-2]
     raw = layer.key_codec.decode(layer.chunks[0].key).to(layer.dtype)[layer.chunks[0].order]
     assert not torch.allclose(raw, decoded[0][0])  # RoPE re-applied, not the stored pre-RoPE keys
+
+
+def filled_fp16_cache(batch=3, tokens=17):
+    """A cache whose held past is exactly its input in float16 (fp16 codec), with sinks, packed chunks and a window."""
+    cache = KVPackCache(tiny_llama().config, key="fp16", value="fp16", residual=4, sinks=2, block=4)
+    keys = torch.randn(batch, 2, tokens, 16, generator=torch.Generator().manual_seed(0)).half().float()
+    for i in range(len(cache.layers)):
+        cache.update(keys, keys * 2, i)
+    return cache, keys
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.integers(-5, 7), min_size=0, max_size=5), op=st.sampled_from(["select", "reorder"]))
+def test_batch_rows_in_range_select_else_refused(rows, op):
+    """Rows outside 0..batch-1 raised IndexError from index_select; now ValueError, and valid rows select exactly."""
+    cache, keys = filled_fp16_cache()
+    fn = cache.batch_select_indices if op == "select" else cache.reorder_cache
+    if any(not 0 <= r < 3 for r in rows):
+        with pytest.raises(ValueError, match="outside 0..2"):
+            fn(torch.tensor(rows, dtype=torch.long))
+        return
+    fn(torch.tensor(rows, dtype=torch.long))
+    assert torch.equal(cache.layers[0].past()[0].float(), keys[rows])
+
+
+@pytest.mark.parametrize("indices", [None, "0", torch.tensor([0.5]), torch.tensor([[0, 1]]), torch.tensor([True])])
+def test_batch_rows_of_the_wrong_kind_refused(indices):
+    cache, _ = filled_fp16_cache()
+    for fn in (cache.batch_select_indices, cache.reorder_cache):
+        with pytest.raises((TypeError, ValueError), match="indices|beam_idx"):
+            fn(indices)
+
+
+@pytest.mark.parametrize("repeats", [0, -1, 1.5, "2", True])
+def test_batch_repeat_interleave_needs_a_positive_int(repeats):
+    cache, _ = filled_fp16_cache()
+    with pytest.raises(ValueError, match="repeats"):
+        cache.batch_repeat_interleave(repeats)
+
+
+@pytest.mark.parametrize("layer_idx", [3, -1, -4, 1.0, "0", None, True])
+def test_update_layer_idx_checked(layer_idx):
+    """-1 updated the last layer silently; 3, 1.0, None raised IndexError/TypeError inside transformers."""
+    cache = KVPackCache(tiny_llama().config, key="int:4", value="int:4")
+    kv = torch.randn(1, 2, 5, 16)
+    with pytest.raises((TypeError, ValueError), match="layer_idx"):
+        cache.update(kv, kv, layer_idx)
+    assert not any(layer.is_initialized for layer in cache.layers)
+
+
+def test_update_refuses_meta_tensors():
+    cache = KVPackCache(tiny_llama().config, key="int:4", value="int:4")
+    kv = torch.randn(1, 2, 5, 16, device="meta")
+    with pytest.raises(ValueError, match="meta"):
+        cache.update(kv, kv, 0)

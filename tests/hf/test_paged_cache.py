@@ -270,3 +270,24 @@ def test_cuda_kernels_follow_kvpack_cache(key, value):
     assert all(isinstance(layer, PagedLayer) and layer.use_kernel for layer in cache.layers)
     codec_error, paged_error = (plain - exact).abs().amax(-1), (paged - plain).abs().amax(-1)
     assert paged_error.max() <= 0.1 * codec_error.max()
+
+
+def test_update_checks_states_and_layer_idx():
+    """PagedLayer.update took a batch of 3 after a batch of 2 (RuntimeError in torch.cat), a float32 1e5 into its
+    float16 window (inf) and layer_idx 3 (IndexError); KVPackLayer's checks apply."""
+    model = tiny_llama(torch.float32)
+    cache = cache_for(model, PagedKVPackCache, key="int:4", value="int:4", residual=8, block=16)
+    kv = torch.randn(2, 2, 20, 64)
+    cache.update(kv, kv, 0)
+    assert isinstance(cache.layers[0], PagedLayer)
+    with pytest.raises(ValueError, match="do not match"):
+        cache.update(torch.randn(3, 2, 4, 64), torch.randn(3, 2, 4, 64), 0)
+    with pytest.raises(ValueError, match="same shape"):
+        cache.update(torch.randn(2, 2, 4, 64), torch.randn(2, 2, 3, 64), 0)
+    big = torch.randn(2, 2, 4, 64)
+    big[0, 0, 0, 0] = 1e5
+    with pytest.raises(ValueError, match="range"):
+        cache.update(big, big, 0)
+    for idx in (3, -1):
+        with pytest.raises(ValueError, match="layer_idx"):
+            cache.update(kv, kv, idx)

@@ -372,3 +372,23 @@ def test_every_policy_saves_and_loads(tmp_path, policy):
     loaded = load_cache(tmp_path / "p.safetensors", config=config, policy=policy)
     assert loaded.policy == policy
     same_state(cache, loaded)
+
+
+def test_paths_configs_and_devices_named(tmp_path):
+    """A None/int path, a missing folder, a model or dict as config and device='meta' raised TypeError from pathlib,
+    SafetensorError, AttributeError or RuntimeError; each is now named."""
+    cache = filled_cache()
+    config = toy_config()
+    for path in (None, 3):
+        with pytest.raises(TypeError, match="path must be"):
+            save_cache(cache, path, config=config)
+        with pytest.raises(TypeError, match="path must be"):
+            load_cache(path, config=config)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_cache(cache, tmp_path / "missing" / "c.safetensors", config=config)
+    for bad in ({}, torch.nn.Linear(2, 2)):
+        with pytest.raises(TypeError, match="config"):
+            save_cache(cache, tmp_path / "c.safetensors", config=bad)
+    save_cache(cache, tmp_path / "c.safetensors", config=config)
+    with pytest.raises(ValueError, match="meta"):
+        load_cache(tmp_path / "c.safetensors", config=config, device="meta")

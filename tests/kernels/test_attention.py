@@ -79,6 +79,8 @@ def test_fuzz_refused_iff_out_of_range_and_valid_inputs_decode(data, batch, corr
             check_decode_inputs(*args, inputs["window_lens"])
         with pytest.raises(ValueError):
             decode(**inputs, key_codec=fmt, value_codec=fmt, use_kernel=False)
+        with pytest.raises(ValueError, match="block_tables|seq_lens|window_lens|no token"):
+            decode_ref(**inputs, key_codec=fmt, value_codec=fmt)  # public too: no IndexError, no wrapped -1
         return
     check_decode_inputs(*args, inputs["window_lens"])
     out = decode(**inputs, key_codec=fmt, value_codec=fmt, use_kernel=False)
@@ -188,3 +190,66 @@ def test_decode_step_replays_from_a_cuda_graph(key, value):
         torch.cuda.synchronize()
         assert torch.equal(out, decode(**case, key_codec=kf, value_codec=vf))
         assert rel_err(out, decode_ref(**case, key_codec=kf, value_codec=vf)) <= 1e-2
+
+
+def test_decode_ref_checks_what_decode_checks():
+    """decode_ref followed negative block ids (python wrap: another block, a wrong finite answer) and raised
+    IndexError/RuntimeError/AttributeError on other bad inputs; it now refuses them as decode does."""
+    inputs, fmt = case([[0, 1, 2], [3, 4, 5]], [6, 5], [1, 0])
+    tables = inputs["block_tables"].clone()
+    tables[1, 0] = -1
+    with pytest.raises(ValueError, match=r"block_tables\[1, 0\] = -1"):
+        decode_ref(**{**inputs, "block_tables": tables}, key_codec=fmt, value_codec=fmt)
+    with pytest.raises(TypeError, match="seq_lens"):
+        decode_ref(**{**inputs, "seq_lens": [6, 5]}, key_codec=fmt, value_codec=fmt)
+    with pytest.raises(TypeError, match="key_codec"):
+        decode_ref(**inputs, key_codec=None, value_codec=fmt)
+    with pytest.raises(ValueError, match="multiple"):
+        decode_ref(**{**inputs, "query": inputs["query"][:, :3]}, key_codec=fmt, value_codec=fmt)
+    no_window = {k: v for k, v in inputs.items() if not k.startswith("window")}
+    out = decode_ref(**no_window, key_codec=fmt, value_codec=fmt)
+    assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("where", ["query", "window_keys", "window_values"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_query_or_window_refused(where, value):
+    inputs, fmt = case([[0, 1, 2], [3, 4, 5]], [6, 5], [2, 1])
+    bad = inputs[where].clone()
+    bad[1, 0, 0] = value
+    for fn in (decode, decode_ref):
+        with pytest.raises(ValueError, match="NaN/inf"):
+            fn(**{**inputs, where: bad}, key_codec=fmt, value_codec=fmt)
+
+
+def test_non_finite_window_rows_beyond_window_lens_are_not_read():
+    inputs, fmt = case([[0, 1, 2], [3, 4, 5]], [6, 5], [2, 1])
+    keys = inputs["window_keys"].clone()
+    keys[1, 2] = float("nan")  # row 2 of sequence 1: past its window_lens of 1
+    out = decode(**{**inputs, "window_keys": keys}, key_codec=fmt, value_codec=fmt, use_kernel=False)
+    assert bool(torch.isfinite(out).all())
+
+
+def test_corrupted_side_bytes_give_an_error_not_nan_on_the_reference_paths():
+    inputs, fmt = case([[0, 1, 2], [3, 4, 5]], [6, 5], [0, 0])
+    pool = inputs["key_cache"].clone()
+    pool[3, 0, 0, fmt.code_bytes : fmt.code_bytes + 2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)  # NaN scale
+    for fn in (decode, decode_ref):
+        with pytest.raises(ValueError, match="NaN/inf"):
+            fn(**{**inputs, "key_cache": pool}, key_codec=fmt, value_codec=fmt)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "x", True])
+def test_scale_must_be_finite(scale):
+    inputs, fmt = case([[0, 1, 2], [3, 4, 5]], [6, 5], [1, 0])
+    with pytest.raises(ValueError, match="scale"):
+        decode(**inputs, key_codec=fmt, value_codec=fmt, scale=scale)
+
+
+def test_out_and_cpu_kernel_checked(monkeypatch):
+    inputs, fmt = case([[0, 1, 2], [3, 4, 5]], [6, 5], [1, 0])
+    with pytest.raises(ValueError, match="out must be"):
+        decode(**inputs, key_codec=fmt, value_codec=fmt, out=torch.empty(1))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        decode(**inputs, key_codec=fmt, value_codec=fmt, use_kernel=True)
