@@ -126,3 +126,22 @@ def test_run_on_a_tiny_model_scores_every_answer(char_tokenizer, tmp_path):
     assert all(t in table for t in TASKS) and "int:4" in table and "16*" in table
     assert json.loads(json.dumps(result.to_dict()))["tasks"] == list(TASKS)
     assert plot_heatmap(result, tmp_path / "ruler.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.model
+def test_smollm2_at_1k_through_the_harness_answers_as_generate_does(smollm2):
+    model, tokenizer = smollm2
+    for task in TASKS:
+        sample = make_sample(tokenizer, task, 1024)
+        total = sample.context.numel() + sample.question.numel() + sample.answer_tokens
+        assert total == 1024 if task != "cwe" else 1000 < total <= 1024
+    result = run_ruler(model, tokenizer, {REFERENCE: None}, [1024], ["multikey"], trials=1, progress=False)
+    (sample,) = result.samples
+    assert result.accuracy[REFERENCE] == [[1.0]], sample  # the uncompressed model finds one key of four at 1K
+    # the harness (exact prefill recorded, then decoded through a filled cache) answers as plain generate does
+    prompt = make_sample(tokenizer, "multikey", 1024)
+    full = torch.cat([prompt.context, prompt.question])[None]
+    out = model.generate(
+        full, attention_mask=torch.ones_like(full), max_new_tokens=prompt.answer_tokens, do_sample=False
+    )
+    assert tokenizer.decode(out[0, full.shape[1] :], skip_special_tokens=True) == sample["answer"]
