@@ -27,6 +27,7 @@ COMMANDS = {
         "kvpack.evaluation.needle",
         "passkey retrieval at several depths and lengths through the compressed cache",
     ),
+    "ruler": ("kvpack.evaluation.ruler", "RULER-style multi-key/value needles, variable tracking, common words"),
     "inspect": ("kvpack.evaluation.inspect", "per-layer, per-head codec error and attention fidelity on real Q/K/V"),
     "bench": ("kvpack.bench.kernels", "GPU speed benchmarks (decode attention, fused encode)"),
     "calibrate": ("kvpack.tuning.calibrate", "fit codebooks / preconditioners on calibration text"),

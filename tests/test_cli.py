@@ -34,7 +34,7 @@ def test_help_shows_defaults_and_preset_names(capsys):
     assert "(default: 1024)" in out and "(default: smollm2)" in out and "(default: decode)" in out
     assert "4bit" in out and "2.5bit" in out and "--no-calibration" in out and "--block" in out
     assert "wikitext2-excerpt" in out and "(default: None)" not in out
-    for command in ("sweep", "needle"):
+    for command in ("sweep", "needle", "ruler"):
         assert main([command, "--help"]) == 0
         out = " ".join(capsys.readouterr().out.split())
         assert "--block" in out and "3bit" in out
@@ -72,6 +72,8 @@ def paths(tmp_path):
         ["sweep", "--key", "int:4", "--plot"],
         ["needle", "--json"],
         ["needle", "--plot"],
+        ["ruler", "--json"],
+        ["ruler", "--plot"],
         ["inspect", "--json"],
         ["inspect", "--plot"],
         ["validate", "--codecs", "int:4", "--json"],

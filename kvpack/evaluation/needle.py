@@ -32,7 +32,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kvpack.evaluation.protocol import Prefill, clean_prefill, store_prefill
+from kvpack.evaluation.haystack import (
+    DEFAULT_FILLER,
+    REFERENCE,
+    add_config_arguments,
+    answer_through,
+    chat_frame,
+    check_configs,
+    check_lengths,
+    configs_from_args,
+    haystack,
+    load_filler,
+    sentence_starts,
+    token_ids,
+)
 from kvpack.policy import CachePolicy, policy_to_dict
 
 __all__ = [
@@ -41,6 +54,7 @@ __all__ = [
     "NeedleResult",
     "add_arguments",
     "build_prompt",
+    "configs_from_args",
     "format_table",
     "parse_fractions",
     "parse_lengths",
@@ -53,8 +67,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REFERENCE = "uncompressed"  # name of the DynamicCache reference configuration
-DEFAULT_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 INSTRUCTION = (
     "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the pass key.\n\n"
@@ -78,43 +90,6 @@ def score_answer(answer: str, passkey: int) -> bool:
     return match is not None and re.sub(r"[ ,]", "", match.group()) == str(passkey)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-
-@dataclass(frozen=True)
-class _Parts:
-    """Token ids of the fixed prompt pieces and of the filler (with the sentence starts where a needle may go)."""
-
-    head: list[int]  # chat template up to the haystack + instruction
-    tail: list[int]  # question + end of the user turn + assistant header + answer prefix
-    filler: list[int]
-    boundaries: list[int]  # filler offsets where a sentence starts (the needle goes at one of these)
-
-
-def _prompt_parts(tokenizer, filler_text: str | None) -> _Parts:
-    marker = "\x00HAYSTACK\x00"
-    messages = [{"role": "user", "content": INSTRUCTION + marker + QUESTION}]
-    if getattr(tokenizer, "chat_template", None):
-        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:  # a base model: the plain text
-        chat = INSTRUCTION + marker + QUESTION + "\n"
-    before, after = chat.split(marker)
-    head, tail = _ids(tokenizer, before), _ids(tokenizer, after + ANSWER_PREFIX)
-    if filler_text is None:
-        sentences = [s + "." for s in DEFAULT_FILLER.split(".") if s.strip()]
-        pieces = [_ids(tokenizer, s) for s in sentences]
-        filler = [t for p in pieces for t in p]
-        starts = [0]
-        for p in pieces[:-1]:
-            starts.append(starts[-1] + len(p))
-        return _Parts(head, tail, filler, starts)
-    filler = _ids(tokenizer, " " + " ".join(filler_text.split()))
-    if not filler:
-        raise ValueError("the filler text is empty")
-    return _Parts(head, tail, filler, [])
-
-
 def build_prompt(
     tokenizer,
     length: int,
@@ -131,24 +106,22 @@ def build_prompt(
     nearest to ``depth``). ``context_ids``: chat header, instruction, haystack; ``question_ids``:
     question, assistant header and the answer prefix `ANSWER_PREFIX`.
     """
-    parts = _prompt_parts(tokenizer, filler_text)
-    needle = _ids(tokenizer, NEEDLE.format(key=passkey))
-    n_hay = length - answer_tokens - len(parts.head) - len(parts.tail) - len(needle)
+    head, tail = chat_frame(tokenizer, INSTRUCTION, QUESTION, ANSWER_PREFIX)
+    filler = load_filler(tokenizer, filler_text)
+    needle = token_ids(tokenizer, NEEDLE.format(key=passkey))
+    n_hay = length - answer_tokens - len(head) - len(tail) - len(needle)
     if n_hay < 1:
         raise ValueError(
             f"length {length} leaves no room for a haystack: the prompt's fixed parts take "
             f"{length - n_hay - 1} tokens; use a longer length"
         )
-    reps = math.ceil((n_hay + offset) / len(parts.filler)) + 1
-    hay = (parts.filler * reps)[offset : offset + n_hay]
-    if parts.boundaries:  # sentence starts over the whole haystack, and its end
-        period = len(parts.filler)
-        starts = [r * period + b for r in range(reps) for b in parts.boundaries if r * period + b <= n_hay] + [n_hay]
-        at = min(starts, key=lambda s: (abs(s - depth * n_hay), s))
+    hay = haystack(filler, n_hay, offset)
+    if filler.boundaries:  # the sentence starts of the filler from its start (not from ``offset``), as always here
+        at = min(sentence_starts(filler, n_hay), key=lambda s: (abs(s - depth * n_hay), s))
     else:
         at = round(depth * n_hay)
-    context = parts.head + hay[:at] + needle + hay[at:]
-    return torch.tensor(context, dtype=torch.long), torch.tensor(parts.tail, dtype=torch.long)
+    context = head + hay[:at] + needle + hay[at:]
+    return torch.tensor(context, dtype=torch.long), torch.tensor(tail, dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -168,15 +141,6 @@ class NeedleResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _filled_cache(model, policy: CachePolicy | None, prefill: Prefill):
-    from transformers import DynamicCache
-
-    from kvpack.hf.cache import KVPackCache
-
-    cache = DynamicCache(config=model.config) if policy is None else KVPackCache(model.config, policy=policy)
-    return store_prefill(cache, prefill)
 
 
 def _check_grid(lengths, depths, trials) -> None:
@@ -210,11 +174,8 @@ def run_needle(
     """
     lengths, depths = list(lengths), [float(d) for d in depths]
     _check_grid(lengths, depths, trials)
-    if not configs or not all(p is None or isinstance(p, CachePolicy) for p in configs.values()):
-        raise TypeError("configs must map names to kvpack.CachePolicy or None (the uncompressed reference)")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and max(lengths) > limit:
-        raise ValueError(f"lengths {lengths} exceed the model's context length max_position_embeddings={limit}")
+    check_configs(configs)
+    check_lengths(model, lengths)
     device = next(model.parameters()).device
     correct = {name: torch.zeros(len(lengths), len(depths)) for name in configs}
     bits = {name: [float("nan")] * len(lengths) for name in configs}
@@ -226,22 +187,15 @@ def run_needle(
             key = passkey_for(seed, length, depth, t)
             context, question = build_prompt(tokenizer, length, depth, key, filler_text, answer_tokens, offset=997 * t)
             context, question = context.to(device), question.to(device)
-            prefill = clean_prefill(model, context[None])
-            full = torch.cat([context, question])[None]
-            for name, policy in configs.items():
-                cache = _filled_cache(model, policy, prefill)
-                if policy is not None and math.isnan(bits[name][i]):
-                    bits[name][i] = cache.bits_per_value()
-                out = model.generate(
-                    full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=answer_tokens,
-                    do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                )  # fmt: skip
-                answer = tokenizer.decode(out[0, full.shape[1] :], skip_special_tokens=True)
+            answers = answer_through(model, tokenizer, configs, context, question, answer_tokens)
+            for name, (answer, held) in answers.items():
+                if configs[name] is not None and math.isnan(bits[name][i]):
+                    bits[name][i] = held
                 ok = score_answer(answer, key)
                 correct[name][i, j] += ok
                 samples.append(
                     {"config": name, "length": length, "depth": depth, "trial": t, "passkey": key,
-                     "answer": answer, "correct": ok, "prompt_tokens": full.shape[1]}
+                     "answer": answer, "correct": ok, "prompt_tokens": context.numel() + question.numel()}
                 )  # fmt: skip
     return NeedleResult(
         model=model_name, filler=filler_label, lengths=lengths, depths=depths, trials=trials,
@@ -332,7 +286,7 @@ def parse_fractions(text: str) -> list[float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kvpack.cli import output_file
-    from kvpack.evaluation.eval_cli import MODEL_HELP, preset_names
+    from kvpack.evaluation.eval_cli import MODEL_HELP
 
     parser.add_argument("--model", default="smollm2", help=MODEL_HELP)
     parser.add_argument(
@@ -340,24 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="filler text (a file, 'wikitext2', 'wikitext2-excerpt', 'pydoc'); default: repeated sentences",
     )
-    parser.add_argument("--key", action="append", default=None, help="K codec spec; repeat for several configs")
-    parser.add_argument("--value", action="append", default=None, help="V codec spec; repeat for several configs")
-    parser.add_argument(
-        "--residual", action="append", type=int, default=None, help="recent tokens kept in 16 bits (default 128)"
-    )
-    parser.add_argument(
-        "--block",
-        action="append",
-        type=int,
-        default=None,
-        help="tokens packed at once (default 32; 1 with --residual 0); repeat for several configs",
-    )
-    parser.add_argument("--sinks", action="append", type=int, default=None, help="first tokens kept (default 4)")
-    parser.add_argument("--skip-layers", default=None, help="comma-separated layer indices kept in full precision")
-    parser.add_argument(
-        "--preset", action="append", default=None, help=f"a named policy; repeat for several: {preset_names()}"
-    )
-    parser.add_argument("--no-calibration", action="store_true", help="presets from the model's config alone")
+    add_config_arguments(parser)
     parser.add_argument("--lengths", default="1024,2048,4096", help="prompt lengths in tokens, answer included")
     parser.add_argument("--depths", default="0,25,50,75,100", help="needle depths, percent of the haystack")
     parser.add_argument("--trials", type=int, default=3, help="passkeys per (length, depth) cell")
@@ -368,39 +305,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--plot", default=None, metavar="PNG", type=output_file, help="write the accuracy heatmap to PNG"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def configs_from_args(args: argparse.Namespace) -> dict[str, CachePolicy | None]:
-    """Named policies from repeated ``--key/--value/--residual/--sinks`` (a single value applies to all) and ``--preset``."""
-    from kvpack.evaluation.eval_cli import DEFAULTS
-
-    configs: dict[str, CachePolicy | None] = {} if args.no_reference else {REFERENCE: None}
-    skip = ()
-    if args.skip_layers:
-        try:
-            skip = tuple(int(i) for i in args.skip_layers.split(",") if i.strip())
-        except ValueError:
-            raise ValueError(f"--skip-layers must be comma-separated ints, got {args.skip_layers!r}") from None
-    lists = {name: getattr(args, name, None) for name in ("key", "value", "residual", "sinks", "block")}
-    n = max((len(v) for v in lists.values() if v), default=0)
-    for name, vals in lists.items():
-        if vals and len(vals) not in (1, n):
-            raise ValueError(f"--{name} given {len(vals)} times; give it once (for all) or {n} times (one per config)")
-    for i in range(n):
-        pick = {name: DEFAULTS.get(name) if not v else v[0] if len(v) == 1 else v[i] for name, v in lists.items()}
-        key, value = (None if s.lower() == "none" else s for s in (pick["key"], pick["value"]))
-        policy = CachePolicy(key, value, pick["residual"], pick["sinks"], skip, pick["block"], args.seed)
-        block = "" if pick["block"] is None else f" b={pick['block']}"
-        configs[f"k={key} v={value} r={pick['residual']} s={pick['sinks']}{block}"] = policy
-    for preset in args.preset or ():  # resolved for the model once it is loaded (`preset_configs`)
-        from kvpack.evaluation.presets import check_preset
-
-        check_preset(preset)
-    if len(configs) == (0 if args.no_reference else 1) and not args.preset:  # nothing asked: the eval default
-        configs["k={key} v={value} r={residual} s={sinks}".format(**DEFAULTS)] = CachePolicy(
-            DEFAULTS["key"], DEFAULTS["value"], DEFAULTS["residual"], DEFAULTS["sinks"], skip, None, args.seed
-        )
-    return configs
 
 
 def run(args: argparse.Namespace) -> int:

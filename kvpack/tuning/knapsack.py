@@ -20,9 +20,20 @@ import torch
 from kvpack.codec import get_codec, parse_spec
 from kvpack.policy import CachePolicy
 
-__all__ = ["allocate_bits", "choose_outlier_heads", "head_policy_for", "policy_for", "uniform_pairs"]
+__all__ = ["BudgetTooSmall", "allocate_bits", "choose_outlier_heads", "head_policy_for", "policy_for", "uniform_pairs"]
 
 MAX_DP_UNITS = 5_000_000  # capacity cells of the knapsack table
+
+
+class BudgetTooSmall(ValueError):
+    """No choice of allowed candidates is within the budget; ``least`` is the smallest achievable one."""
+
+    def __init__(self, budget: float, least: float):
+        super().__init__(
+            f"budget {budget:g} is below the cheapest choice of allowed (non-NaN) candidates: the smallest "
+            f"achievable budget is {least:g} bits per value"
+        )
+        self.least = least
 
 
 def _bit_units(bits: list[float]) -> tuple[list[int], int]:
@@ -38,7 +49,8 @@ def allocate_bits(sensitivity: torch.Tensor, bits: list[float], budget: float) -
     """Choice ``(items,)`` of a candidate per row of ``sensitivity`` ``(items, candidates)`` minimizing the
     summed sensitivity with ``mean(bits[choice]) <= budget``; exact (dynamic programming over bits in units
     of the candidates' common denominator). Ties go to the cheaper total. A NaN entry marks a candidate
-    that item cannot take (e.g. a K-only codec for a V item)."""
+    that item cannot take (e.g. a K-only codec for a V item). Raises ValueError, naming the smallest
+    achievable budget, when no choice of allowed candidates fits."""
     if not isinstance(sensitivity, torch.Tensor) or sensitivity.dim() != 2 or 0 in sensitivity.shape:
         raise ValueError(f"sensitivity must be a non-empty (items, candidates) tensor, got {sensitivity!r}")
     sensitivity = sensitivity.double().nan_to_num(nan=float("inf"), posinf=float("inf"))
@@ -49,10 +61,14 @@ def allocate_bits(sensitivity: torch.Tensor, bits: list[float], budget: float) -
         raise ValueError(f"bits has {len(bits)} entries for {n_cand} candidates")
     if not math.isfinite(budget):
         raise ValueError(f"budget must be a finite number of bits per value, got {budget!r}")
+    if not all(math.isfinite(b) and b > 0 for b in bits):
+        raise ValueError(f"bits must be finite and positive, got {bits}")
     cost, den = _bit_units([float(b) for b in bits])
-    capacity = math.floor(Fraction(budget).limit_denominator(1 << 20) * den * items)
-    if min(cost) * items > capacity:
-        raise ValueError(f"budget {budget} is below the cheapest candidate ({min(bits)} bits per value)")
+    capacity = math.floor(Fraction(budget) * den * items)  # exact: a float is a rational
+    allowed = sensitivity.isfinite()
+    least = sum(min(c for c, ok in zip(cost, row) if ok) for row in allowed.tolist())  # each item at its cheapest
+    if least > capacity:
+        raise BudgetTooSmall(budget, float(Fraction(least, den * items)))
     capacity = min(capacity, max(cost) * items)  # more is never needed
     if (capacity + 1) * items > MAX_DP_UNITS:
         raise ValueError(

@@ -68,7 +68,7 @@ from kvpack.codec import get_codec
 from kvpack.hf.cache import layer_kinds
 from kvpack.hf.config import model_heads, text_config
 from kvpack.policy import FP16_BITS, CachePolicy, layer_bits, load_policy, save_policy
-from kvpack.tuning.allocate import allocate_bits, policy_for
+from kvpack.tuning.knapsack import BudgetTooSmall, allocate_bits, policy_for
 
 __all__ = [
     "BUDGETS",
@@ -159,12 +159,10 @@ def solve_budget(sensitivity: torch.Tensor, config, budget: float, seed: int = 0
         raise ValueError(f"nothing is packed at {BUDGET_CTX} tokens with residual {RESIDUAL}")
     codec_budget = (budget * held - FP16_BITS * (held - packed)) / packed
     for _ in range(32):  # sliding layers weigh less than full ones in held_bits: tighten until it fits
-        if codec_budget < min(bits):
-            break
-        table = sensitivity.reshape(2 * num_layers, -1)
-        choice = allocate_bits(table, bits, codec_budget)
-        if not bool(table[torch.arange(len(choice)), choice].isfinite().all()):
-            break  # allocate_bits found no choice of allowed (non-NaN) candidates within the budget
+        try:
+            choice = allocate_bits(sensitivity.reshape(2 * num_layers, -1), bits, codec_budget)
+        except BudgetTooSmall:
+            break  # no choice of allowed (non-NaN) candidates is within the codec budget
         policy = policy_for(choice, CANDIDATES, num_layers, **fields)
         excess = held_bits(policy, config) - budget
         if excess <= 1e-9:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kvpack import get_codec
 from kvpack.policy import policy_bits
-from kvpack.tuning.knapsack import allocate_bits, head_policy_for, policy_for, uniform_pairs
+from kvpack.tuning.knapsack import BudgetTooSmall, allocate_bits, head_policy_for, policy_for, uniform_pairs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -101,3 +101,54 @@ def test_policy_for_orders_items_layer_then_stream():
     assert policy.residual == 32
     with pytest.raises(ValueError, match="2 \\* num_layers"):
         policy_for(torch.tensor([0, 1]), ("e8:2",), 2)
+
+
+def test_allocate_bits_when_the_cheapest_candidate_is_not_allowed_for_an_item():
+    # item 0 cannot take the 2-bit candidate: the least mean any allowed choice reaches is (4 + 2) / 2 = 3,
+    # above the budget of 2.5, though the cheapest candidate overall (2 bits) is below it
+    s = torch.tensor([[float("nan"), 1.0], [1.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="smallest achievable budget is 3 bits"):
+        allocate_bits(s, [2.0, 4.0], 2.5)
+    assert allocate_bits(s, [2.0, 4.0], 3.0).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="smallest achievable budget is 4 bits"):
+        allocate_bits(torch.tensor([[float("nan"), 1.0]] * 2, dtype=torch.float64), [2.0, 4.0], 3.0)
+
+
+def test_allocate_bits_budget_holds_exactly():
+    # a budget a hair below a candidate's bits must not round up to it
+    budget = 2.25 - 1e-10
+    with pytest.raises(ValueError, match="smallest achievable budget is 2.25 bits"):
+        allocate_bits(torch.zeros(1, 2, dtype=torch.float64), [2.25, 4.5], budget)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    items=st.integers(1, 4),
+    seed=st.integers(0, 10_000),
+    budget=st.floats(2.0, 5.0),
+    nan_rate=st.floats(0.0, 0.7),
+)
+def test_allocate_bits_holds_the_budget_or_says_the_least_it_can(items, seed, budget, nan_rate):
+    bits = [2.25, 2.5, 3.25, 4.5]
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(items, len(bits), generator=g, dtype=torch.float64)
+    s[torch.rand(items, len(bits), generator=g) < nan_rate] = float("nan")
+    s[torch.arange(items), torch.randint(len(bits), (items,), generator=g)] = 0.5  # one allowed per item
+    allowed = [[j for j in range(len(bits)) if not s[i, j].isnan()] for i in range(items)]
+    feasible = [c for c in itertools.product(*allowed) if sum(bits[j] for j in c) / items <= budget]
+    least = sum(min(bits[j] for j in a) for a in allowed) / items
+    if not feasible:
+        with pytest.raises(ValueError, match=f"smallest achievable budget is {least:g} bits"):
+            allocate_bits(s, bits, budget)
+        return
+    choice = allocate_bits(s, bits, budget).tolist()
+    assert all(j in a for j, a in zip(choice, allowed))
+    assert sum(bits[j] for j in choice) / items <= budget
+    best = min(sum(float(s[i, j]) for i, j in enumerate(c)) for c in feasible)
+    assert sum(float(s[i, j]) for i, j in enumerate(choice)) == pytest.approx(best, rel=1e-12)
+
+
+def test_budget_too_small_is_a_value_error_carrying_the_least_budget():
+    with pytest.raises(BudgetTooSmall) as info:
+        allocate_bits(torch.tensor([[float("nan"), 1.0], [1.0, 1.0]], dtype=torch.float64), [2.0, 4.0], 2.5)
+    assert isinstance(info.value, ValueError) and info.value.least == 3.0
