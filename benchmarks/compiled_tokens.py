@@ -16,7 +16,7 @@ import time
 import torch
 
 from kvpack.bench.generate import build_model
-from kvpack.hf.paged_cache import use_paged_attention
+from kvpack.hf.attention import use_paged_attention
 from kvpack.hf.static_cache import StaticKVPackCache
 
 

@@ -18,7 +18,7 @@ _LAZY = {
     "KVPackCache": "kvpack.hf.cache",
     "PagedKVPackCache": "kvpack.hf.paged_cache",
     "StaticKVPackCache": "kvpack.hf.static_cache",
-    "use_paged_attention": "kvpack.hf.paged_cache",
+    "use_paged_attention": "kvpack.hf.attention",
     "load_cache": "kvpack.hf.persist",
     "save_cache": "kvpack.hf.persist",
     "EvalResult": "kvpack.evaluation.evaluate",

@@ -146,7 +146,7 @@ def _make_cache(name: str, model, residual: int, sinks: int, max_cache_len: int)
         model.set_attn_implementation("sdpa")
         return StaticCache(config=model.config, max_cache_len=max_cache_len)
     if name.startswith(("static:", "static-eager:")):
-        from kvpack.hf.paged_cache import use_paged_attention
+        from kvpack.hf.attention import use_paged_attention
         from kvpack.hf.static_cache import StaticKVPackCache
 
         use_paged_attention(model)
@@ -161,7 +161,8 @@ def _make_cache(name: str, model, residual: int, sinks: int, max_cache_len: int)
         make = (lambda config: DynamicCache(config=config)) if name == "dynamic" else peer_factory(name)
         model.set_attn_implementation("sdpa")
         return make(model.config)
-    from kvpack.hf.paged_cache import PagedKVPackCache, use_paged_attention
+    from kvpack.hf.attention import use_paged_attention
+    from kvpack.hf.paged_cache import PagedKVPackCache
 
     use_paged_attention(model)
     return PagedKVPackCache(model.config, key=name, value=name, residual=residual, sinks=sinks)

@@ -45,6 +45,7 @@ import math
 
 import torch
 
+from kvpack.hf.attention import ATTENTION_NAME, key_validity, paged_attention, register_pending, use_paged_attention
 from kvpack.hf.cache import KVPackCache, KVPackLayer, _check_like, _check_range, _check_states, check_layer_idx
 from kvpack.hf.config import text_config
 from kvpack.kernels.attention import decode
@@ -63,7 +64,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_NAME = "kvpack_paged"
 BLOCK_SIZE = 16  # tokens per page, as in `kvpack bench attention`
 _WINDOW_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -216,7 +216,7 @@ class PagedLayer(KVPackLayer):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         batch, _, q_len, head_dim = query.shape
-        valid = _key_validity(attention_mask, batch, self.cumulative_length)
+        valid = key_validity(attention_mask, batch, self.cumulative_length)
         if q_len == 1:
             scale = head_dim**-0.5 if scaling is None else scaling
             out = self.attend(query[:, :, 0], valid, scale)[:, None]
@@ -371,70 +371,3 @@ class PagedKVPackCache(KVPackCache):
                                                     self.model_config, self.use_kernel)  # fmt: skip
                 self.layers[layer_idx].rope = layer.rope
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-
-def _key_validity(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
-    """Per row, which of the ``length`` key positions the newest query may see: ``(B, length)`` bool, or None (all)."""
-    if mask is None:
-        return None
-    if mask.dim() != 4 or mask.shape[-1] != length:
-        raise ValueError(f"attention_mask must be (batch, 1, queries, {length}), got {tuple(mask.shape)}")
-    last = mask[:, 0, -1, :]
-    valid = last if last.dtype == torch.bool else last == 0  # additive float mask: 0 where attended
-    return valid.expand(batch, length)
-
-
-def register_pending(layer) -> None:
-    """Hand ``layer`` to the next ``"kvpack_paged"`` attention call of its ``layer_idx`` (`paged_attention`).
-
-    transformers calls ``cache.update(k, v, layer_idx)`` and then the attention function with what ``update``
-    returned, never with the cache; so a paged layer's ``update`` registers itself here and the attention, which
-    gets the attention module (``module.layer_idx``), takes it back. A module-level dict keyed by layer index is
-    what torch.compile traces (an attribute set on a returned tensor is lost under dynamo: the attention would
-    silently see a plain tensor). Rejected: passing the cache through ``generate(**kwargs)`` (twice, by hand),
-    patching attention modules (per model). Not thread-safe: one forward at a time per process.
-    """
-    _PENDING[layer.layer_idx] = layer
-
-
-_PENDING: dict[int, object] = {}
-
-
-def paged_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """The ``"kvpack_paged"`` attention: ``query`` (B, Hq, q, D) -> ``((B, q, Hq, D), None)``.
-
-    A layer that registered itself in its ``update`` (`register_pending`: `PagedLayer`,
-    `kvpack.hf.static_cache.StaticPagedLayer`) runs the step (one query token: the paged decode; several: SDPA,
-    then it stores what it must). Otherwise (other caches, no cache, KVPackLayer storage): transformers' SDPA.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    layer_idx = getattr(module, "layer_idx", None)
-    if layer_idx is None and _PENDING:
-        raise ValueError(
-            f"{type(module).__name__} has no layer_idx: the kvpack paged caches need it to find their layer"
-        )
-    layer = _PENDING.pop(layer_idx, None)
-    if layer is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)  # fmt: skip
-    return layer.attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-
-
-def use_paged_attention(model) -> None:
-    """Register ``"kvpack_paged"`` (attention and mask) with transformers and make it ``model``'s attention."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, paged_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
-    model.set_attn_implementation(ATTENTION_NAME)

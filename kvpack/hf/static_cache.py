@@ -40,9 +40,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpack.codecs.compose import IdentityCodec
+from kvpack.hf.attention import ATTENTION_NAME, key_validity, register_pending
 from kvpack.hf.cache import _check_states, _check_stream, cache_policy, check_layer_idx, layer_kinds
 from kvpack.hf.config import model_heads, text_config
-from kvpack.hf.paged_cache import ATTENTION_NAME, BLOCK_SIZE, register_pending
+from kvpack.hf.paged_cache import BLOCK_SIZE
 from kvpack.kernels.paged import PagedCodec, dequantize_rows, paged_codec, rows_from_packed, write_slots
 from kvpack.policy import CachePolicy
 
@@ -255,8 +256,6 @@ class StaticPagedLayer(CacheLayerMixin):
         mask's matching columns, then the new tokens are stored."""
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        from kvpack.hf.paged_cache import _key_validity
-
         batch, _, q_len, head_dim = query.shape
         if q_len == 1 and self._prefill is None:
             scale = head_dim**-0.5 if scaling is None else scaling
@@ -265,7 +264,7 @@ class StaticPagedLayer(CacheLayerMixin):
         mask = None if attention_mask is None else attention_mask[..., start:stop]
         out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                         **kwargs)  # fmt: skip
-        valid = _key_validity(mask, batch, key.shape[-2])
+        valid = key_validity(mask, batch, key.shape[-2])
         self.store_prefill(None if valid is None else valid[:, -q_len:])
         return out, None
 

@@ -5,7 +5,8 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvpack import KVPackCache, PagedKVPackCache, get_codec, save_cache, use_paged_attention
-from kvpack.hf.paged_cache import PagedLayer, _key_validity
+from kvpack.hf.attention import key_validity
+from kvpack.hf.paged_cache import PagedLayer
 from kvpack.kernels.paged import paged_codec, rows_from_packed
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -202,7 +203,7 @@ def test_errors(tmp_path):
     with pytest.raises(TypeError, match="use_kernel"):
         PagedKVPackCache(model.config, use_kernel="yes")
     with pytest.raises(ValueError, match="attention_mask"):
-        _key_validity(torch.ones(2, 1, 1, 5, dtype=torch.bool), 2, 6)
+        key_validity(torch.ones(2, 1, 1, 5, dtype=torch.bool), 2, 6)
 
 
 @pytest.mark.model

@@ -1,0 +1,84 @@
+"""The ``"kvpack_paged"`` attention: how a paged kvpack cache's layer gets the query of its step.
+
+transformers calls ``cache.update(k, v, layer_idx)`` and then the function registered under
+``config._attn_implementation`` with the tensors ``update`` returned; the cache itself never reaches that function.
+So a paged layer's ``update`` registers itself (`register_pending`) and `paged_attention` takes it back by the
+attention module's ``layer_idx`` and lets the layer run the step (``layer.attention_forward``). Used by
+`kvpack.hf.paged_cache.PagedKVPackCache` and `kvpack.hf.static_cache.StaticKVPackCache`; any other cache (or none)
+gets transformers' SDPA. The mask interface is transformers' ``sdpa_mask``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ATTENTION_NAME", "key_validity", "paged_attention", "register_pending", "use_paged_attention"]
+
+ATTENTION_NAME = "kvpack_paged"
+
+
+def key_validity(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """Per row, which of the ``length`` key positions the newest query may see: ``(B, length)`` bool, or None (all)."""
+    if mask is None:
+        return None
+    if mask.dim() != 4 or mask.shape[-1] != length:
+        raise ValueError(f"attention_mask must be (batch, 1, queries, {length}), got {tuple(mask.shape)}")
+    last = mask[:, 0, -1, :]
+    valid = last if last.dtype == torch.bool else last == 0  # additive float mask: 0 where attended
+    return valid.expand(batch, length)
+
+
+def register_pending(layer) -> None:
+    """Hand ``layer`` to the next ``"kvpack_paged"`` attention call of its ``layer_idx`` (`paged_attention`).
+
+    transformers calls ``cache.update(k, v, layer_idx)`` and then the attention function with what ``update``
+    returned, never with the cache; so a paged layer's ``update`` registers itself here and the attention, which
+    gets the attention module (``module.layer_idx``), takes it back. A module-level dict keyed by layer index is
+    what torch.compile traces (an attribute set on a returned tensor is lost under dynamo: the attention would
+    silently see a plain tensor). Rejected: passing the cache through ``generate(**kwargs)`` (twice, by hand),
+    patching attention modules (per model). Not thread-safe: one forward at a time per process.
+    """
+    _PENDING[layer.layer_idx] = layer
+
+
+_PENDING: dict[int, object] = {}
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The ``"kvpack_paged"`` attention: ``query`` (B, Hq, q, D) -> ``((B, q, Hq, D), None)``.
+
+    A layer that registered itself in its ``update`` (`register_pending`: `PagedLayer`,
+    `kvpack.hf.static_cache.StaticPagedLayer`) runs the step (one query token: the paged decode; several: SDPA,
+    then it stores what it must). Otherwise (other caches, no cache, KVPackLayer storage): transformers' SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_idx is None and _PENDING:
+        raise ValueError(
+            f"{type(module).__name__} has no layer_idx: the kvpack paged caches need it to find their layer"
+        )
+    layer = _PENDING.pop(layer_idx, None)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)  # fmt: skip
+    return layer.attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+def use_paged_attention(model) -> None:
+    """Register ``"kvpack_paged"`` (attention and mask) with transformers and make it ``model``'s attention."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    model.set_attn_implementation(ATTENTION_NAME)
