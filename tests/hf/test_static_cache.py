@@ -203,3 +203,27 @@ def test_reorder_cache_moves_every_row_in_place():
         beams.batch_select_indices(torch.tensor([0]))
     with pytest.raises(ValueError, match="cannot crop"):
         beams.crop(2)
+
+
+@pytest.mark.model
+def test_real_model_with_the_4bit_preset_follows_kvpack_cache(smollm2, wikitext_path):
+    """SmolLM2 with its shipped 4bit recipe (per-layer turbo_mse and int:8: every layer paged), teacher-forced on
+    WikiText-2: the static cache's logits stay within 1/10 of the codecs' own effect of KVPackCache's, and every
+    greedy choice agrees (the same bound as the paged cache's test)."""
+    from transformers import DynamicCache
+
+    model, tokenizer = smollm2
+    ids = tokenizer(wikitext_path.read_text()[2000:4000], return_tensors="pt").input_ids[:, :90]
+    policy = CachePolicy.preset("4bit", (model, tokenizer))  # the shipped calibrated result for SmolLM2
+    try:
+        model.set_attn_implementation("sdpa")
+        exact = teacher_forced(model, ids, DynamicCache(config=model.config))
+        plain = teacher_forced(model, ids, KVPackCache(model.config, policy=policy))
+        cache = static_cache(model, max_cache_len=128, policy=policy, use_kernel=False)
+        static = teacher_forced(model, ids, cache)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert all(not layer.dense for layer in cache.layers)
+    codec_error, static_error = (plain - exact).abs().amax(-1), (static - plain).abs().amax(-1)
+    assert static_error.max() <= 0.1 * codec_error.max() and static_error.median() <= 0.1 * codec_error.median()
+    assert torch.equal(static.argmax(-1), plain.argmax(-1))
