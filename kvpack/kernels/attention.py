@@ -162,6 +162,20 @@ def _empty_window(query: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, tor
     return w, w.clone(), torch.zeros(batch, dtype=torch.int32, device=query.device)
 
 
+def _checked(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
+             key_codec, value_codec):  # fmt: skip
+    """What `decode` and `decode_ref` check before any work; returns the window (empty if none was given)."""
+    if window_keys is None and window_values is None and window_lens is None:
+        if isinstance(query, torch.Tensor) and query.dim() == 3 and isinstance(key_cache, torch.Tensor):
+            window_keys, window_values, window_lens = _empty_window(query, key_cache.shape[2])
+    elif window_keys is None or window_values is None or window_lens is None:
+        raise ValueError("window_keys, window_values and window_lens go together: give all three or none")
+    _check(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
+           key_codec, value_codec)  # fmt: skip
+    check_decode_inputs(key_cache, block_tables, seq_lens, window_keys, window_lens, query, window_values)
+    return window_keys, window_values, window_lens
+
+
 def decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -190,14 +204,9 @@ def decode(
     CUDA-graph capture at batch >= 8 where it takes the codecs, else Triton). ``out``: a
     ``(B, Hq, D)`` tensor of the query's dtype to write into (the kernel path; for CUDA graphs).
     """
-    if window_keys is None and window_values is None and window_lens is None:
-        if isinstance(query, torch.Tensor) and query.dim() == 3 and isinstance(key_cache, torch.Tensor):
-            window_keys, window_values, window_lens = _empty_window(query, key_cache.shape[2])
-    elif window_keys is None or window_values is None or window_lens is None:
-        raise ValueError("window_keys, window_values and window_lens go together: give all three or none")
-    _check(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
-           key_codec, value_codec)  # fmt: skip
-    check_decode_inputs(key_cache, block_tables, seq_lens, window_keys, window_lens, query, window_values)
+    window_keys, window_values, window_lens = _checked(query, key_cache, value_cache, block_tables, seq_lens,
+                                                      window_keys, window_values, window_lens, key_codec,
+                                                      value_codec)  # fmt: skip
     scale = _scale(scale, query.shape[-1])
     if use_kernel is None:
         use_kernel = query.is_cuda
@@ -263,14 +272,9 @@ def decode_ref(
 
     Checks its inputs as `decode` does (``ValueError``/``TypeError`` naming the argument), and refuses a NaN/inf
     result (corrupted side bytes in the pools)."""
-    if window_keys is None and window_values is None and window_lens is None:
-        if isinstance(query, torch.Tensor) and query.dim() == 3 and isinstance(key_cache, torch.Tensor):
-            window_keys, window_values, window_lens = _empty_window(query, key_cache.shape[2])
-    elif window_keys is None or window_values is None or window_lens is None:
-        raise ValueError("window_keys, window_values and window_lens go together: give all three or none")
-    _check(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
-           key_codec, value_codec)  # fmt: skip
-    check_decode_inputs(key_cache, block_tables, seq_lens, window_keys, window_lens, query, window_values)
+    window_keys, window_values, window_lens = _checked(query, key_cache, value_cache, block_tables, seq_lens,
+                                                      window_keys, window_values, window_lens, key_codec,
+                                                      value_codec)  # fmt: skip
     out = _reference(query, key_cache, value_cache, block_tables, seq_lens, key_codec, value_codec, window_keys,
                      window_values, window_lens, _scale(scale, query.shape[-1]))  # fmt: skip
     if not bool(torch.isfinite(out).all()):
