@@ -41,7 +41,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpack.codecs.compose import IdentityCodec
 from kvpack.hf.attention import ATTENTION_NAME, key_validity, register_pending
-from kvpack.hf.cache import _check_states, _check_stream, cache_policy, check_layer_idx, layer_kinds
+from kvpack.hf.cache import _check_range, _check_states, _check_stream, cache_policy, check_layer_idx, layer_kinds
 from kvpack.hf.config import model_heads, text_config
 from kvpack.hf.paged_cache import BLOCK_SIZE
 from kvpack.kernels.paged import PagedCodec, dequantize_rows, paged_codec, rows_from_packed, write_slots
@@ -141,6 +141,8 @@ class StaticPagedLayer(CacheLayerMixin):
         n = key_states.shape[-2]
         if not torch.compiler.is_compiling():
             self._check_update(key_states, n)
+            if self.held_dtype != key_states.dtype:  # a float32 model's 1e5 would be inf in the 16-bit window
+                _check_range(key_states, value_states, self.held_dtype)
         self.cumulative_length.add_(n)
         if n == 1:
             self._write_token(key_states[:, :, 0], value_states[:, :, 0])

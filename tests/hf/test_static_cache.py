@@ -137,6 +137,10 @@ def test_errors():
         with pytest.raises(ValueError, match="max_cache_len=16"):
             model(torch.ones(1, 5, dtype=torch.long), past_key_values=cache)
     cache = StaticKVPackCache(model.config, 64, key="int:4", value="int:4", use_kernel=False)
+    huge = torch.full((1, 2, 3, 64), 1e5)
+    with pytest.raises(ValueError, match="range"):
+        cache.update(huge, huge, 0)
+    cache = StaticKVPackCache(model.config, 64, key="int:4", value="int:4", use_kernel=False)
     ids, mask = prompt(batch=2, tokens=10, pad=(0, 3))
     with torch.inference_mode():
         model(ids, attention_mask=mask, past_key_values=cache)
