@@ -3,7 +3,7 @@
 Usage (see the README)::
 
     use_paged_attention(model)
-    cache = StaticKVPackCache(model.config, max_cache_len=4096, policy=CachePolicy.preset("4bit", model))
+    cache = StaticKVPackCache(model.config, max_cache_len=4096, policy=CachePolicy.preset("4bit", (model, tokenizer)))
     model.generate(ids, past_key_values=cache, max_new_tokens=256)   # compiled by transformers on CUDA
 
 Everything a decode step touches is allocated at the first update and then changed in place on the
