@@ -10,6 +10,9 @@ distributions. One clean prefill and one exact continuation per window serve eve
 
 from __future__ import annotations
 
+import sys
+import time
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -38,14 +41,23 @@ def _kl_of_policies(model, windows, ctx: int, policies: list[CachePolicy], desc:
     exact = CachePolicy(None, None, policies[0].residual, policies[0].sinks, window_dtype=dtype)
     kl = torch.zeros(len(policies), dtype=torch.float64)
     with torch.inference_mode():
-        for w in windows:
+        for i, w in enumerate(windows):
             ids = w[None].to(next(model.parameters()).device)
+            start = time.perf_counter()
             prefill = clean_prefill(model, ids[:, :ctx])
             ref = _continue(model, prefill, ids[:, ctx:], exact)
+            if i == 0 and progress:  # one prefill + one continuation measured: what the whole run will take
+                seconds = (time.perf_counter() - start) * len(windows) * (len(policies) + 1)
+                print(f"{desc}: {len(policies)} candidates x {len(windows)} windows, about {_duration(seconds)} "
+                      "on this machine (measured on the first window)", file=sys.stderr, flush=True)  # fmt: skip
             for j, policy in enumerate(tqdm(policies, desc=desc, disable=not progress)):
                 out = _continue(model, prefill, ids[:, ctx:], policy)
                 kl[j] += (ref.exp() * (ref - out)).sum(-1).clamp_min(0).mean().item() / len(windows)
     return kl
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _only_layer(layer: int, num_layers: int, key: str | None, value: str | None, **fields) -> CachePolicy:

@@ -65,3 +65,13 @@ def test_choose_outlier_heads_from_measured_head_error(tiny_llama, windows):
         choose_outlier_heads(scores, 5)
     with pytest.raises(ValueError, match="needs a key or a value"):
         head_sensitivity(model, ws, 56, None, None)
+
+
+def test_a_time_estimate_is_printed_before_the_candidates_run(tiny_llama, windows, capsys):
+    model, ws = tiny_llama(layers=1), windows(2, 60)
+    policies = [CachePolicy("int:2", None, 0, 1, block=1), CachePolicy("int:4", None, 0, 1, block=1)]
+    _kl_of_policies(model, ws, 56, policies, "sensitivity", True)
+    err = capsys.readouterr().err
+    assert "sensitivity: 2 candidates x 2 windows, about" in err and err.index("about") < err.index("sensitivity:", 1)
+    _kl_of_policies(model, ws, 56, policies, "quiet", False)
+    assert "about" not in capsys.readouterr().err
