@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -25,11 +26,13 @@ __all__ = [
     "DEFAULT_FILLER",
     "REFERENCE",
     "Filler",
+    "accuracy_heatmaps",
     "add_config_arguments",
     "answer_through",
     "chat_frame",
     "check_configs",
     "check_lengths",
+    "comma_ints",
     "configs_from_args",
     "filled_cache",
     "haystack",
@@ -202,3 +205,45 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, CachePolicy | None]
             DEFAULTS["key"], DEFAULTS["value"], DEFAULTS["residual"], DEFAULTS["sinks"], skip, None, args.seed
         )
     return configs
+
+
+def comma_ints(text: str, error: str) -> list[int]:
+    """``"1024,2048"`` -> ``[1024, 2048]``: comma-separated positive ints, else ``ValueError(error)``."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(error) from None
+    if not out or any(n < 1 for n in out):
+        raise ValueError(error)
+    return out
+
+
+def accuracy_heatmaps(accuracy: dict, rows: list[str], columns: list[str], *, xlabel: str, ylabel: str | None,
+                      label: str, title: str, figsize: tuple[float, float], path: str | Path) -> Path:  # fmt: skip
+    """One annotated panel per configuration of ``accuracy`` (name -> rows x columns in [0, 1]), saved to ``path``:
+    the heatmaps of `kvpack needle` and `kvpack ruler`. ``ylabel`` goes on the first panel only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(accuracy)
+    fig, axes = plt.subplots(1, len(names), figsize=figsize, squeeze=False, constrained_layout=True)
+    for ax, name in zip(axes[0], names):
+        acc = torch.tensor(accuracy[name])
+        im = ax.imshow(acc.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for r in range(acc.shape[0]):
+            for c in range(acc.shape[1]):
+                ax.text(c, r, f"{100 * float(acc[r, c]):.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(columns)), columns, fontsize=7)
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_title(name, fontsize=7)
+    if ylabel:
+        axes[0][0].set_ylabel(ylabel, fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=label)
+    fig.suptitle(title, fontsize=9)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

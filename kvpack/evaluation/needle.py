@@ -35,11 +35,13 @@ from tqdm.auto import tqdm
 from kvpack.evaluation.haystack import (
     DEFAULT_FILLER,
     REFERENCE,
+    accuracy_heatmaps,
     add_config_arguments,
     answer_through,
     chat_frame,
     check_configs,
     check_lengths,
+    comma_ints,
     configs_from_args,
     haystack,
     load_filler,
@@ -227,32 +229,13 @@ def format_table(result: NeedleResult) -> str:
 
 def plot_heatmap(result: NeedleResult, path: str | Path) -> Path:
     """One panel per configuration: accuracy, lengths (rows) x depths (columns), annotated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(result.accuracy)
-    fig, axes = plt.subplots(
-        1, len(names), figsize=(1.0 + 0.55 * len(result.depths) * len(names), 0.6 + 0.45 * len(result.lengths) + 0.8),
-        squeeze=False, constrained_layout=True,
+    panels = len(result.accuracy)
+    return accuracy_heatmaps(
+        result.accuracy, [str(n) for n in result.lengths], [f"{100 * d:.0f}" for d in result.depths],
+        xlabel="depth %", ylabel="length (tokens)", label="accuracy",
+        title=f"passkey retrieval, {result.model}, {result.trials} trials per cell",
+        figsize=(1.0 + 0.55 * len(result.depths) * panels, 0.6 + 0.45 * len(result.lengths) + 0.8), path=path,
     )  # fmt: skip
-    for ax, name in zip(axes[0], names):
-        acc = torch.tensor(result.accuracy[name])
-        im = ax.imshow(acc.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        for (r, c), a in zip(((r, c) for r in range(acc.shape[0]) for c in range(acc.shape[1])), acc.flatten()):
-            ax.text(c, r, f"{100 * a:.0f}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(result.depths)), [f"{100 * d:.0f}" for d in result.depths], fontsize=7)
-        ax.set_yticks(range(len(result.lengths)), [str(n) for n in result.lengths], fontsize=7)
-        ax.set_xlabel("depth %", fontsize=8)
-        ax.set_title(name, fontsize=7)
-    axes[0][0].set_ylabel("length (tokens)", fontsize=8)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-    fig.suptitle(f"passkey retrieval, {result.model}, {result.trials} trials per cell", fontsize=9)
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -260,13 +243,7 @@ def plot_heatmap(result: NeedleResult, path: str | Path) -> Path:
 
 def parse_lengths(text: str) -> list[int]:
     """``"1024,2048"`` -> ``[1024, 2048]``; ValueError naming ``--lengths`` otherwise."""
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--lengths must be comma-separated positive ints, got {text!r}") from None
-    if not out or any(n < 1 for n in out):
-        raise ValueError(f"--lengths must be comma-separated positive ints, got {text!r}")
-    return out
+    return comma_ints(text, f"--lengths must be comma-separated positive ints, got {text!r}")
 
 
 def parse_fractions(text: str) -> list[float]:

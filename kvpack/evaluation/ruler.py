@@ -34,11 +34,13 @@ import torch
 from tqdm.auto import tqdm
 
 from kvpack.evaluation.haystack import (
+    accuracy_heatmaps,
     add_config_arguments,
     answer_through,
     chat_frame,
     check_configs,
     check_lengths,
+    comma_ints,
     configs_from_args,
     haystack,
     load_filler,
@@ -310,32 +312,12 @@ def format_table(result: RulerResult) -> str:
 
 def plot_heatmap(result: RulerResult, path: str | Path) -> Path:
     """One panel per configuration: mean recall, tasks (rows) x lengths (columns), annotated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(result.accuracy)
-    fig, axes = plt.subplots(
-        1, len(names), figsize=(1.6 + 0.8 * len(result.lengths) * len(names), 1.4 + 0.45 * len(result.tasks)),
-        squeeze=False, constrained_layout=True,
+    panels = len(result.accuracy)
+    return accuracy_heatmaps(
+        result.accuracy, list(result.tasks), [str(n) for n in result.lengths], xlabel="context (tokens)", ylabel=None,
+        label="recall", title=f"RULER-style tasks, {result.model}, {result.trials} trials per cell",
+        figsize=(1.6 + 0.8 * len(result.lengths) * panels, 1.4 + 0.45 * len(result.tasks)), path=path,
     )  # fmt: skip
-    for ax, name in zip(axes[0], names):
-        acc = torch.tensor(result.accuracy[name])
-        im = ax.imshow(acc.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        for r in range(acc.shape[0]):
-            for c in range(acc.shape[1]):
-                ax.text(c, r, f"{100 * float(acc[r, c]):.0f}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(result.lengths)), [str(n) for n in result.lengths], fontsize=7)
-        ax.set_yticks(range(len(result.tasks)), result.tasks, fontsize=7)
-        ax.set_xlabel("context (tokens)", fontsize=8)
-        ax.set_title(name, fontsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="recall")
-    fig.suptitle(f"RULER-style tasks, {result.model}, {result.trials} trials per cell", fontsize=9)
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -352,13 +334,7 @@ def parse_tasks(text: str) -> list[str]:
 
 def parse_context(text: str) -> list[int]:
     """``"4096,8192"`` -> ``[4096, 8192]``; ValueError naming ``--context`` otherwise."""
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        out = []
-    if not out or any(n < 1 for n in out):
-        raise ValueError(f"--context must be comma-separated positive ints (tokens), got {text!r}")
-    return out
+    return comma_ints(text, f"--context must be comma-separated positive ints (tokens), got {text!r}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
