@@ -20,7 +20,7 @@ import triton.testing
 from kvpack import get_codec
 from kvpack.bench.kernels import _graph_ms, copy_bandwidth, paged_decode_inputs, random_paged_cache
 from kvpack.kernels.decode_attention import paged_decode_attention
-from kvpack.kernels.int_decode import paged_int4_decode
+from kvpack.kernels.int_decode import default_splits, paged_int4_decode, variant_for
 from kvpack.kernels.paged import paged_codec
 
 
@@ -63,12 +63,14 @@ def main() -> None:
             variants = [("triton", {}, paged_decode_attention)]
             if spec == "int:4":
                 variants = [("cuda", {}, paged_int4_decode)]
-                if args.sweep:
-                    for splits in (16, 32, 64, 128, 256):
-                        for hpc, stages in ((8, 2), (4, 4), (4, 2), (2, 4)):
-                            variants.append((f"cuda s{splits} h{hpc} st{stages}",
-                                             {"num_splits": splits, "heads_per_cta": hpc, "stages": stages},
-                                             paged_int4_decode))  # fmt: skip
+                if args.sweep:  # KV heads per CTA, stages, register cap; splits filling 1 or 2 waves, or given
+                    for hpc, stages, minb in ((8, 2, 0), (4, 4, 0), (4, 2, 0), (2, 4, 0), (8, 2, 3), (4, 4, 5)):
+                        variant = variant_for(query, kc, hpc, stages, minb)
+                        for waves in (1, 2):
+                            splits = default_splits(variant, batch, tables.shape[1] * bs, query.device, waves)
+                            variants.append((f"cuda s{splits} h{hpc} st{stages} mb{minb}",
+                                             {"num_splits": splits, "heads_per_cta": hpc, "stages": stages,
+                                              "min_blocks": minb}, paged_int4_decode))  # fmt: skip
                 variants.append(("triton", {}, paged_decode_attention))
             for name, kw, fn in variants:
                 step = functools.partial(fn, *common, out=torch.empty_like(query), **kw)

@@ -143,7 +143,7 @@ def bench_attention(args) -> dict:
                 kc = random_paged_cache(num_blocks, bs, hkv, fmt)
                 vc = random_paged_cache(num_blocks, bs, hkv, fmt)
                 step = functools.partial(
-                    decode_kernel(fmt, fmt, bs, hq // hkv), query, kc, vc, block_tables, seq_lens, wk, wv, wl, fmt, fmt, d**-0.5,
+                    decode_kernel(query, kc, fmt, fmt), query, kc, vc, block_tables, seq_lens, wk, wv, wl, fmt, fmt, d**-0.5,
                     out=torch.empty_like(query), **_tuning(args, spec),
                 )  # fmt: skip
 
@@ -165,12 +165,13 @@ def bench_attention(args) -> dict:
     return {"copy_tbps": copy_bps / 1e12, "rows": rows, "codecs": specs}
 
 
-def decode_kernel(key_fmt: PagedCodec, value_fmt: PagedCodec, block_size: int, gqa: int):
-    """The launcher that `kvpack.kernels.attention.decode` dispatches these streams to on CUDA (same arguments)."""
+def decode_kernel(query: torch.Tensor, key_cache: torch.Tensor, key_fmt: PagedCodec, value_fmt: PagedCodec):
+    """The launcher that `kvpack.kernels.attention.decode` dispatches these inputs to on CUDA (same arguments)."""
     from kvpack.kernels.decode_attention import paged_decode_attention
-    from kvpack.kernels.int_decode import int4_supported, paged_int4_decode
+    from kvpack.kernels.int_decode import paged_int4_decode, uses_int4_kernel
 
-    return paged_int4_decode if int4_supported(key_fmt, value_fmt, block_size, gqa) else paged_decode_attention
+    streams = (key_fmt.kind, key_fmt.bits, value_fmt.kind, value_fmt.bits)
+    return paged_int4_decode if uses_int4_kernel(query, key_cache, *streams) else paged_decode_attention
 
 
 def _tuning(args, spec: str) -> dict:

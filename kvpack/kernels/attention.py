@@ -101,7 +101,7 @@ def check_decode_inputs(
     int:4 kernel also clamps lengths and block ids on the device).
     ``query`` and ``window_values``, when given, must be finite (as must the window keys), the window in its
     first ``window_lens[b]`` rows: a NaN/inf there would make the output NaN. The bytes of the pools are not
-    read here (that would cost a pass over the whole cache): a corrupted side value can still give NaN.
+    read here (that would cost a pass over the whole cache): `decode` refuses a NaN/inf output instead.
     Shapes and dtypes are assumed checked (`decode` checks them first).
     """
     if seq_lens.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -200,8 +200,8 @@ def decode(
     int32 (B, max_blocks); ``seq_lens`` int32 (B,) packed tokens per sequence; the window (optional)
     ``(B, W, Hkv, D)`` with ``window_lens`` int32 (B,). Every sequence must hold at least one token.
     ``scale`` defaults to ``1/sqrt(D)``. ``use_kernel``: ``None`` = a GPU kernel iff on CUDA. ``kernel``: which
-    (``"cuda"``: the NVRTC int:4 kernel, `kvpack.kernels.int_decode`; ``"triton"``; ``None``: the CUDA one inside a
-    CUDA-graph capture at batch >= 8 where it takes the codecs, else Triton). ``out``: a
+    (``"cuda"``: the NVRTC int:4 kernel, `kvpack.kernels.int_decode`; ``"triton"``; ``None``: the CUDA one at batch
+    >= 8 where it takes the codecs, else Triton: `kvpack.kernels.int_decode.uses_int4_kernel`). ``out``: a
     ``(B, Hq, D)`` tensor of the query's dtype to write into (the kernel path; for CUDA graphs).
     """
     window_keys, window_values, window_lens = _checked(query, key_cache, value_cache, block_tables, seq_lens,
@@ -227,23 +227,27 @@ def decode(
         if not bool(torch.isfinite(ref).all()):
             raise ValueError("decode: the packed tokens decode to NaN/inf (corrupted side bytes in the pools?)")
         return ref.to(query.dtype) if out is None else out.copy_(ref)
-    from kvpack.kernels.int_decode import int4_supported, paged_int4_decode
+    from kvpack.kernels.int_decode import int4_supported, paged_int4_decode, uses_int4_kernel
 
-    cuda_ok = query.is_cuda and int4_supported(key_codec, value_codec, key_cache.shape[1],
+    streams = (key_codec.kind, key_codec.bits, value_codec.kind, value_codec.bits)
+    cuda_ok = query.is_cuda and int4_supported(*streams, query.shape[-1], key_cache.shape[1],
                                                query.shape[1] // key_cache.shape[2])  # fmt: skip
     if kernel == "cuda" and not cuda_ok:
         raise ValueError("kernel='cuda' takes int:4 keys and values (token axis) on CUDA; use kernel=None or 'triton'")
-    # by default the CUDA int:4 kernel runs only where it wins: inside a CUDA-graph capture (its Python launch is not
-    # paid per call) at batch >= 8 (H200, graph replay: 193 vs 260 us at batch 8 / 32K, 1793 vs 3903 us at batch
-    # 32 / 128K; eager it loses to Triton, 238 vs 260 us at best; batch 1 / 32K 158 vs 59 us even in a graph)
-    auto = kernel is None and query.shape[0] >= 8 and torch.cuda.is_current_stream_capturing()
-    if cuda_ok and (kernel == "cuda" or auto):
-        return paged_int4_decode(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values,
-                                 window_lens, key_codec, value_codec, scale, num_splits=num_splits, out=out)  # fmt: skip
-    from kvpack.kernels.decode_attention import paged_decode_attention
+    if kernel == "cuda" or (kernel is None and uses_int4_kernel(query, key_cache, *streams)):
+        result = paged_int4_decode(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values,
+                                   window_lens, key_codec, value_codec, scale, num_splits=num_splits, out=out)  # fmt: skip
+    else:
+        from kvpack.kernels.decode_attention import paged_decode_attention
 
-    return paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values,
-                                  window_lens, key_codec, value_codec, scale, num_splits=num_splits, out=out)  # fmt: skip
+        result = paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, window_keys,
+                                        window_values, window_lens, key_codec, value_codec, scale,
+                                        num_splits=num_splits, out=out)  # fmt: skip
+    # the inputs were checked finite, so a NaN/inf out means corrupted side bytes in the pools (as the reference
+    # path refuses them); one more host sync, skipped inside a CUDA-graph capture (where no sync is allowed)
+    if not (result.is_cuda and torch.cuda.is_current_stream_capturing()) and not bool(torch.isfinite(result).all()):
+        raise ValueError("decode: the packed tokens decode to NaN/inf (corrupted side bytes in the pools?)")
+    return result
 
 
 def gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -2,7 +2,8 @@
 // Compiled at first use by NVRTC (kvpack/kernels/int_decode.py), one variant per set of macros:
 //   D (head_dim), GQA (query heads per KV head), HKV (KV heads), HG (KV heads per CTA = warps),
 //   BLOCK_SIZE (tokens per page, a multiple of 16), STAGES (cp.async pipeline depth),
-//   CHUNK (16 or 4: cp.async width; 16 needs 16-byte aligned rows of HG heads), OUT_BF16.
+//   CHUNK (16 or 4: cp.async width; 16 needs 16-byte aligned rows of HG heads), OUT_BF16, MINB (0 or the CTAs per
+//   SM that the register allocation must allow).
 // No headers: every conversion is inline PTX, so NVRTC needs no CUDA include path.
 //
 // Grid (splits + 1, HKV / HG, batch). Split s < splits: packed tokens [s * TPS, min((s+1) * TPS, seq_len)),
@@ -64,8 +65,20 @@ __device__ __forceinline__ float ex2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
 }
-__device__ __forceinline__ u32 nib(u32 w, int s) {  // half2 {1024 + nibble s, 1024 + nibble s+4} - 1024
-  return hsub2(lop_or(w >> (4 * s), 0x000F000Fu, MAGIC), MAGIC);
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 r;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+// The 8 nibbles of w as 4 half2: h[s] = {nibble s, nibble s+4}. Nibbles (0, 4) and (2, 6) become 1024 + c with the
+// magic number, minus 1024; (1, 5) and (3, 7) are taken in place as 1024 + 16 c, times 1/16 minus 64 (one fma,
+// exact in fp16): one shift per word instead of one per pair.
+__device__ __forceinline__ void nibbles(u32 w, u32* h) {
+  const u32 w8 = w >> 8;
+  h[0] = hsub2(lop_or(w, 0x000F000Fu, MAGIC), MAGIC);
+  h[1] = hfma2(lop_or(w, 0x00F000F0u, MAGIC), 0x2C002C00u, 0xD400D400u);
+  h[2] = hsub2(lop_or(w8, 0x000F000Fu, MAGIC), MAGIC);
+  h[3] = hfma2(lop_or(w8, 0x00F000F0u, MAGIC), 0x2C002C00u, 0xD400D400u);
 }
 __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
   asm volatile(
@@ -104,6 +117,8 @@ __device__ __forceinline__ void softmax_pv(Acc& acc, float (*s)[4], float vs0, f
 #pragma unroll
   for (int nt = 0; nt < NT; nt++) {
     u32 x[2];
+    float alpha[2];
+    bool grew = false;
 #pragma unroll
     for (int i = 0; i < 2; i++) {
       float mx = fmaxf(s[nt][i], s[nt][2 + i]);
@@ -112,17 +127,23 @@ __device__ __forceinline__ void softmax_pv(Acc& acc, float (*s)[4], float vs0, f
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
       const float m_new = fmaxf(acc.m[nt][i], mx);
       const float m_use = m_new == NEG_INF ? 0.f : m_new;
-      const float alpha = ex2(acc.m[nt][i] - m_use);
+      grew |= m_new > acc.m[nt][i];
+      alpha[i] = ex2(acc.m[nt][i] - m_use);
       const float p0 = ex2(s[nt][i] - m_use), p8 = ex2(s[nt][2 + i] - m_use);
       acc.m[nt][i] = m_new;
-      acc.l[nt][i] = acc.l[nt][i] * alpha + p0 + p8;
-      acc.z[nt][i] = acc.z[nt][i] * alpha + p0 * vz0 + p8 * vz8;
+      acc.l[nt][i] = acc.l[nt][i] * alpha[i] + p0 + p8;
+      acc.z[nt][i] = acc.z[nt][i] * alpha[i] + p0 * vz0 + p8 * vz8;
+      x[i] = pack2(p0 * vs0, p8 * vs8);  // head 2t+i: tokens (g, g+8)
+    }
+    // the output is rescaled only when some head's running max grew (rare after the first tiles: alpha is 1 else)
+    if (__any_sync(0xffffffffu, grew)) {
 #pragma unroll
       for (int mt = 0; mt < KSTEPS; mt++) {
-        acc.o[mt][nt][i] *= alpha;
-        acc.o[mt][nt][2 + i] *= alpha;
+        acc.o[mt][nt][0] *= alpha[0];
+        acc.o[mt][nt][1] *= alpha[1];
+        acc.o[mt][nt][2] *= alpha[0];
+        acc.o[mt][nt][3] *= alpha[1];
       }
-      x[i] = pack2(p0 * vs0, p8 * vs8);  // head 2t+i: tokens (g, g+8)
     }
     // B fragment for head n = g: b0 = tokens (2t, 2t+8) from lane (2t)*4 + g/2, b1 = (2t+1, 2t+9)
     const int src0 = (2 * t) * 4 + (g >> 1), src1 = (2 * t + 1) * 4 + (g >> 1);
@@ -151,17 +172,29 @@ __device__ __forceinline__ void load_q(u32 (*qf)[KSTEPS][2], const u16* q, int l
   }
 }
 
+// Two accumulators per n-tile: the K steps alternate between them, so two mma chains of D / 32 run side by side
+// instead of one of D / 16 (each mma waits for the previous one of its chain).
 __device__ __forceinline__ void scores(float (*s)[4], const u32 (*h0)[2], const u32 (*h8)[2],
                                        const u32 (*qf)[KSTEPS][2]) {
 #pragma unroll
   for (int nt = 0; nt < NT; nt++) {
+    float odd[4] = {0.f, 0.f, 0.f, 0.f};
     s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-    for (int j = 0; j < KSTEPS; j++) mma(s[nt], h0[j][0], h8[j][0], h0[j][1], h8[j][1], qf[nt][j][0], qf[nt][j][1]);
+    for (int j = 0; j < KSTEPS; j++)
+      mma(j & 1 ? odd : s[nt], h0[j][0], h8[j][0], h0[j][1], h8[j][1], qf[nt][j][0], qf[nt][j][1]);
+#pragma unroll
+    for (int c = 0; c < 4; c++) s[nt][c] += odd[c];
   }
 }
 
-extern "C" __global__ void __launch_bounds__(32 * HG) kvpack_int4_decode(
+#if MINB > 0  // a register cap: MINB CTAs of HG warps per SM
+#define BOUNDS __launch_bounds__(32 * HG, MINB)
+#else
+#define BOUNDS __launch_bounds__(32 * HG)
+#endif
+
+extern "C" __global__ void BOUNDS kvpack_int4_decode(
     const u16* __restrict__ q_keys,     // (B, HQ, D) fp16, rotated (Hadamard codecs), times scale * log2(e)
     const u16* __restrict__ q_window,   // (B, HQ, D) fp16, as given, times scale * log2(e)
     const float* __restrict__ q_sum,    // (B, HQ) float32: sum of q_keys (for the zero points)
@@ -203,19 +236,35 @@ extern "C" __global__ void __launch_bounds__(32 * HG) kvpack_int4_decode(
     const int n_tiles = end > start ? (end - start + 15) / 16 : 0;
     const int* bt = block_tables + (long long)b * max_blocks;
     const u32 sbase = smem_addr(smem);
+    // The chunks this thread copies of every tile are the same; only the page moves: their offsets are computed
+    // once (32-bit, relative to the tile's first row in the pool and in shared memory).
+    constexpr int PER_TOKEN = HG * ROW_BYTES / CHUNK, CHUNKS = 16 * PER_TOKEN;
+    constexpr int PER_THREAD = (CHUNKS + 32 * HG - 1) / (32 * HG);
+    int src_rel[PER_THREAD], dst_rel[PER_THREAD];
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; j++) {
+      const int c = threadIdx.x + j * 32 * HG, tok = c / PER_TOKEN, within = c - tok * PER_TOKEN;
+      src_rel[j] = c < CHUNKS ? tok * HKV * ROW_BYTES + within * CHUNK : -1;
+      dst_rel[j] = tok * HG * ROW_BYTES + within * CHUNK;
+    }
+    // block ids are read one tile before their copy is issued: the table load's latency hides behind a tile
+    auto block_of = [&](int i) { return min(max(bt[(start + 16 * i) / BLOCK_SIZE], 0), num_blocks - 1); };
+    int next_blk = n_tiles > 0 ? block_of(0) : 0;
     auto issue = [&](int i) {
       if (i < n_tiles) {
         const int pos = start + 16 * i;
-        const int blk = min(max(bt[pos / BLOCK_SIZE], 0), num_blocks - 1);
-        const long long slot = (long long)blk * BLOCK_SIZE + pos % BLOCK_SIZE;
-        const int stage = i % STAGES;
-        constexpr int PER_TOKEN = HG * ROW_BYTES / CHUNK;
-        for (int c = threadIdx.x; c < 16 * PER_TOKEN; c += 32 * HG) {
-          const int tok = c / PER_TOKEN, within = c - tok * PER_TOKEN;
-          const long long off = ((slot + tok) * HKV + hg * HG) * ROW_BYTES + within * CHUNK;
-          const u32 dst = stage * 2 * TILE_BYTES + tok * HG * ROW_BYTES + within * CHUNK;
-          cp_async(sbase + dst, k_cache + off);
-          cp_async(sbase + dst + TILE_BYTES, v_cache + off);
+        const int blk = next_blk;
+        if (i + 1 < n_tiles) next_blk = block_of(i + 1);
+        const long long base = (((long long)blk * BLOCK_SIZE + pos % BLOCK_SIZE) * HKV + hg * HG) * ROW_BYTES;
+        const u8* kp = k_cache + base;
+        const u8* vp = v_cache + base;
+        const u32 dst = sbase + (i % STAGES) * 2 * TILE_BYTES;
+#pragma unroll
+        for (int j = 0; j < PER_THREAD; j++) {
+          if (src_rel[j] >= 0) {
+            cp_async(dst + dst_rel[j], kp + src_rel[j]);
+            cp_async(dst + dst_rel[j] + TILE_BYTES, vp + src_rel[j]);
+          }
         }
       }
       cp_commit();
@@ -234,14 +283,9 @@ extern "C" __global__ void __launch_bounds__(32 * HG) kvpack_int4_decode(
       const u32* k0 = reinterpret_cast<const u32*>(ks + (g * HG + warp) * ROW_BYTES);
       const u32* k8 = reinterpret_cast<const u32*>(ks + ((g + 8) * HG + warp) * ROW_BYTES);
 #pragma unroll
-      for (int w = 0; w < KWORDS; w++) {
-        const u32 w0 = k0[t * KWORDS + w], w8 = k8[t * KWORDS + w];
-#pragma unroll
-        for (int sft = 0; sft < 4; sft++) {
-          const int e = 4 * w + sft;
-          h0[e >> 1][e & 1] = nib(w0, sft);
-          h8[e >> 1][e & 1] = nib(w8, sft);
-        }
+      for (int w = 0; w < KWORDS; w++) {  // e = 4w + s: fragments (2w, 0), (2w, 1), (2w + 1, 0), (2w + 1, 1)
+        nibbles(k0[t * KWORDS + w], &h0[2 * w][0]);
+        nibbles(k8[t * KWORDS + w], &h8[2 * w][0]);
       }
       const u32 ksd0 = k0[CODE_BYTES / 4], ksd8 = k8[CODE_BYTES / 4];
       float s[NT][4];
@@ -268,12 +312,14 @@ extern "C" __global__ void __launch_bounds__(32 * HG) kvpack_int4_decode(
 #pragma unroll
         for (int w = 0; w < VWORDS; w++) {
           const u32 a = ra[w], bb = rb[w];
-          const u32 lo = prmt(a, bb, 0x5410), hi = prmt(a, bb, 0x7632);
+          u32 lo[4], hi[4];
+          nibbles(prmt(a, bb, 0x5410), lo);
+          nibbles(prmt(a, bb, 0x7632), hi);
 #pragma unroll
           for (int sft = 0; sft < 4; sft++) {
             const int l0 = 8 * w + sft, l1 = 8 * w + 4 + sft;
-            va[l0 >> 1][2 * pr + (l0 & 1)] = nib(lo, sft);
-            va[l1 >> 1][2 * pr + (l1 & 1)] = nib(hi, sft);
+            va[l0 >> 1][2 * pr + (l0 & 1)] = lo[sft];
+            va[l1 >> 1][2 * pr + (l1 & 1)] = hi[sft];
           }
         }
       }

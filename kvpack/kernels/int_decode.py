@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from kvpack.kernels.paged import PagedCodec, choose_splits
+from kvpack.kernels.paged import PagedCodec
 
-__all__ = ["Variant", "compile_variant", "int4_supported", "paged_int4_decode", "variant_for"]
+__all__ = ["Variant", "compile_variant", "int4_supported", "paged_int4_decode", "launch_shape", "uses_int4_kernel", "variant_for"]
 
 LOG2E = 1.4426950408889634
 SOURCE = Path(__file__).with_name("int_decode.cu")
@@ -45,6 +45,7 @@ class Variant:
     block_size: int
     stages: int
     out_bf16: bool
+    min_blocks: int = 0  # > 0: registers capped so that this many CTAs fit on an SM (may spill)
 
     def __post_init__(self) -> None:
         if self.head_dim not in HEAD_DIMS:
@@ -75,20 +76,39 @@ class Variant:
     def defines(self) -> list[tuple[str, str]]:
         values = {"D": self.head_dim, "GQA": self.gqa, "HKV": self.kv_heads, "HG": self.heads_per_cta,
                   "BLOCK_SIZE": self.block_size, "STAGES": self.stages, "CHUNK": self.chunk,
-                  "OUT_BF16": int(self.out_bf16)}  # fmt: skip
+                  "OUT_BF16": int(self.out_bf16), "MINB": self.min_blocks}  # fmt: skip
         return [(k, str(v)) for k, v in values.items()]
 
 
-def int4_supported(key_codec: PagedCodec, value_codec: PagedCodec, block_size: int, gqa: int) -> bool:
+def int4_supported(key_kind: str, key_bits: int, value_kind: str, value_bits: int, head_dim: int, block_size: int,
+                   gqa: int) -> bool:  # fmt: skip
     """Whether this kernel takes the streams: ``int`` 4-bit K and V (any rotation), pages of 16k tokens."""
     return (
-        key_codec.kind == "int" and value_codec.kind == "int" and key_codec.bits == 4 and value_codec.bits == 4
-        and key_codec.head_dim in HEAD_DIMS and block_size % 16 == 0 and 1 <= gqa <= MAX_GQA
+        key_kind == "int" and value_kind == "int" and key_bits == 4 and value_bits == 4 and head_dim in HEAD_DIMS
+        and block_size % 16 == 0 and 1 <= gqa <= MAX_GQA
+    )  # fmt: skip
+
+
+# Below this batch the Triton kernel is faster (H200, graph replay, batch 1 / 32K: 58 vs 89 us at best); from
+# batch 8 this one (8 / 32K: 131 vs 257 us; 16 / 32K: 223 vs 525; 32 / 128K: 1577 vs 3921), eager too (179 vs 259).
+MIN_BATCH = 8
+
+
+def uses_int4_kernel(query: torch.Tensor, key_cache: torch.Tensor, key_kind: str, key_bits: int, value_kind: str,
+                     value_bits: int) -> bool:  # fmt: skip
+    """The dispatch rule of every CUDA decode (`kvpack.kernels.attention.decode`, the ``kvpack::paged_decode`` op
+    of the caches): this kernel where it takes the codecs and the batch is at least `MIN_BATCH`, else Triton.
+    Shapes only: a compiled step makes the same choice when traced and when replayed."""
+    batch, hq, d = query.shape
+    _, block_size, hkv, _ = key_cache.shape
+    return (
+        query.is_cuda and batch >= MIN_BATCH
+        and int4_supported(key_kind, key_bits, value_kind, value_bits, d, block_size, hq // hkv)
     )  # fmt: skip
 
 
 def variant_for(query: torch.Tensor, key_cache: torch.Tensor, heads_per_cta: int | None = None,
-                stages: int | None = None) -> Variant:  # fmt: skip
+                stages: int | None = None, min_blocks: int = 0) -> Variant:  # fmt: skip
     """The kernel variant of these shapes; default: up to 8 KV heads per CTA and a pipeline in 48 KB of shared memory."""
     _, hq, d = query.shape
     _, block_size, hkv, _ = key_cache.shape
@@ -99,7 +119,7 @@ def variant_for(query: torch.Tensor, key_cache: torch.Tensor, heads_per_cta: int
     tile = 2 * 16 * heads_per_cta * (d // 2 + 4)
     if stages is None:
         stages = max(2, min(4, (48 << 10) // tile))
-    return Variant(d, hq // hkv, hkv, heads_per_cta, block_size, stages, query.dtype == torch.bfloat16)
+    return Variant(d, hq // hkv, hkv, heads_per_cta, block_size, stages, query.dtype == torch.bfloat16, min_blocks)
 
 
 def _cache_dir() -> Path:
@@ -177,13 +197,14 @@ def int4_paged_decode(
     num_splits: int,
     heads_per_cta: int,
     stages: int,
+    min_blocks: int = 0,
 ) -> torch.Tensor:
     import numpy as np
     from cuda.core import LaunchConfig, launch
 
     batch, hq, d = query.shape
     num_blocks, _, hkv, _ = key_cache.shape
-    variant = variant_for(query, key_cache, heads_per_cta or None, stages or None)
+    variant = variant_for(query, key_cache, heads_per_cta or None, stages or None, min_blocks)
     dev = query.device.index if query.device.index is not None else torch.cuda.current_device()
     decode_kernel, reduce_kernel = _kernels(variant, dev)
     stream = _stream(torch.cuda.current_stream(query.device).cuda_stream, dev)
@@ -219,8 +240,37 @@ def int4_paged_decode(
 
 @int4_paged_decode.register_fake
 def _(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens, key_rotation,
-      value_unrotation, scale, num_splits, heads_per_cta, stages):  # fmt: skip
+      value_unrotation, scale, num_splits, heads_per_cta, stages, min_blocks=0):  # fmt: skip
     return torch.empty_like(query)
+
+
+@functools.cache
+def _resident_ctas(variant: Variant, device_index: int) -> int:
+    """CTAs of ``variant`` that the whole GPU holds at once (registers and shared memory per SM)."""
+    decode_kernel, _ = _kernels(variant, device_index)
+    per_sm = decode_kernel.occupancy.max_active_blocks_per_multiprocessor(32 * variant.heads_per_cta,
+                                                                          variant.smem_bytes)  # fmt: skip
+    return max(1, per_sm) * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_splits(variant: Variant, batch: int, capacity: int, device: torch.device, waves: int = 1) -> int:
+    """Splits of the packed tokens such that the grid (``splits + 1`` CTAs, the last for the window, per KV-head
+    group and sequence) fills ``waves`` whole waves of the CTAs that fit on the GPU at once (a partial last wave
+    leaves SMs idle while it runs), each split at least 4 tiles of 16 tokens."""
+    dev = device.index if device.index is not None else torch.cuda.current_device()
+    resident = _resident_ctas(variant, dev)
+    ctas = batch * (variant.kv_heads // variant.heads_per_cta)
+    return max(1, min(waves * resident // ctas - 1, math.ceil(capacity / 64)))
+
+
+def launch_shape(query: torch.Tensor, key_cache: torch.Tensor, block_tables: torch.Tensor,
+                 num_splits: int | None = None, heads_per_cta: int | None = None, stages: int | None = None,
+                 min_blocks: int = 0) -> tuple[int, int, int, int]:  # fmt: skip
+    """``(num_splits, heads_per_cta, stages, min_blocks)`` of the op for these shapes (``None``: the defaults)."""
+    variant = variant_for(query, key_cache, heads_per_cta, stages, min_blocks)
+    if num_splits is None:
+        num_splits = default_splits(variant, query.shape[0], block_tables.shape[1] * key_cache.shape[1], query.device)
+    return int(num_splits), variant.heads_per_cta, variant.stages, min_blocks
 
 
 def paged_int4_decode(
@@ -239,18 +289,14 @@ def paged_int4_decode(
     heads_per_cta: int | None = None,
     stages: int | None = None,
     out: torch.Tensor | None = None,
+    min_blocks: int = 0,
 ) -> torch.Tensor:
-    """Launch the op (inputs checked by `kvpack.kernels.attention.decode`); ``num_splits`` depends on shapes only."""
-    batch, _, _ = query.shape
-    hkv = key_cache.shape[2]
-    variant = variant_for(query, key_cache, heads_per_cta, stages)
-    if num_splits is None:
-        sms = torch.cuda.get_device_properties(query.device).multi_processor_count
-        capacity = block_tables.shape[1] * key_cache.shape[1]
-        num_splits = choose_splits(batch, hkv // variant.heads_per_cta, capacity, 16, sms, waves=4.0)  # 16-token tiles
+    """Launch the op (inputs checked by `kvpack.kernels.attention.decode`); ``num_splits`` depends on shapes only.
+    ``key_codec``/``value_codec``: `PagedCodec` or anything with its ``rotation``/``unrotation``."""
     key_rotation = None if key_codec.rotation is None else key_codec.rotation.float()
     result = torch.ops.kvpack.int4_paged_decode(
         query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens, key_rotation,
-        value_codec.unrotation, float(scale), int(num_splits), variant.heads_per_cta, variant.stages,
+        value_codec.unrotation, float(scale),
+        *launch_shape(query, key_cache, block_tables, num_splits, heads_per_cta, stages, min_blocks),
     )  # fmt: skip
     return result if out is None else out.copy_(result)

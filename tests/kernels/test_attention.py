@@ -230,13 +230,19 @@ def test_non_finite_window_rows_beyond_window_lens_are_not_read():
     assert bool(torch.isfinite(out).all())
 
 
-def test_corrupted_side_bytes_give_an_error_not_nan_on_the_reference_paths():
+def test_corrupted_side_bytes_give_an_error_not_nan(device):
+    """On the reference paths and through the kernel (Triton's interpreter without a GPU) alike."""
     inputs, fmt = case([[0, 1, 2], [3, 4, 5]], [6, 5], [0, 0])
     pool = inputs["key_cache"].clone()
     pool[3, 0, 0, fmt.code_bytes : fmt.code_bytes + 2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)  # NaN scale
-    for fn in (decode, decode_ref):
+    with pytest.raises(ValueError, match="NaN/inf"):
+        decode_ref(**{**inputs, "key_cache": pool}, key_codec=fmt, value_codec=fmt)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    fmt = paged_codec(get_codec("int:4", head_dim=D), device)
+    for kw in ({"use_kernel": False}, {"use_kernel": True}):
         with pytest.raises(ValueError, match="NaN/inf"):
-            fn(**{**inputs, "key_cache": pool}, key_codec=fmt, value_codec=fmt)
+            decode(**{**inputs, "key_cache": pool.to(device)}, key_codec=fmt, value_codec=fmt, **kw)
+        decode(**inputs, key_codec=fmt, value_codec=fmt, **kw)  # the clean pool passes
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), "x", True])

@@ -52,7 +52,7 @@ def test_int4_kernel_matches_reference(head_dim, kv_heads, gqa):
     case, kf, vf, _ = make_case("int:4", "int:4", batch=3, kv_heads=kv_heads, gqa=gqa, head_dim=head_dim,
                                 block_size=16, seq_lens=[1000, 17, 333], window_lens=[40, 0, 16], device="cuda",
                                 seed=head_dim + 7 * gqa + kv_heads)  # fmt: skip
-    assert int4_supported(kf, vf, 16, gqa)
+    assert int4_supported(kf.kind, kf.bits, vf.kind, vf.bits, head_dim, 16, gqa)
     check(case, kf, vf)
 
 

@@ -1,0 +1,83 @@
+"""What one compiled decode step of ``model.generate`` runs on the GPU: kernels per step, device time, host gap.
+
+Usage (CUDA machine, repository root): ``PYTHONPATH=$PWD python benchmarks/step_profile.py [--caches
+static:int:4,hf-static] [--layers 32] [--context 32768] [--batch 1] [--tokens 8] [--json OUT]``.
+Random-weight Llama-3-8B-shaped model (`kvpack.bench.generate.build_model`); each cache is prefilled and warmed
+up as `kvpack bench generate` does (the warm-up pays the compile), then one ``generate`` of ``--tokens`` tokens
+runs under ``torch.profiler``. Reported per cache: wall ms per token, GPU kernel time per token (the sum of kernel
+durations: below the wall time when the GPU idles between kernels), kernel launches per token, and the kernels
+with the most time per token, grouped by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from kvpack.bench.generate import _make_cache, build_model
+
+
+def profile_cache(model, name: str, batch: int, context: int, tokens: int) -> dict:
+    ids = torch.randint(3, 1000, (batch, context), device="cuda")
+    cache = _make_cache(name, model, 128, 4, context + 8 + 2 * tokens + 8)
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        for at in range(0, context - 1, 4096):
+            end = min(at + 4096, context - 1)
+            model(ids[:, at:end], attention_mask=mask[:, :end], past_key_values=cache, logits_to_keep=1)
+        kw = {"past_key_values": cache, "do_sample": False}
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, **kw)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            model.generate(out, attention_mask=torch.ones_like(out), max_new_tokens=tokens, min_new_tokens=tokens,
+                           **kw)  # fmt: skip
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for e in kernels:
+        by_name[e.name].append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+    total_us = sum(sum(v) for v in by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
+    row = {
+        "cache": name, "batch": batch, "context": context, "tokens": tokens,
+        "wall_ms_per_token_profiled": 1e3 * wall / tokens,
+        "gpu_kernel_ms_per_token": total_us / 1e3 / tokens,
+        "kernels_per_token": len(kernels) / tokens,
+        "top": [{"kernel": k[:90], "calls_per_token": len(v) / tokens, "us_per_token": sum(v) / tokens}
+                for k, v in top],
+    }  # fmt: skip
+    print(f"{name} b{batch} ctx{context}: wall {row['wall_ms_per_token_profiled']:.2f} ms/token (profiled), GPU "
+          f"kernels {row['gpu_kernel_ms_per_token']:.2f} ms/token, {row['kernels_per_token']:.0f} kernels/token",
+          flush=True)  # fmt: skip
+    for t in row["top"]:
+        print(f"  {t['us_per_token']:9.1f} us/token {t['calls_per_token']:6.1f} calls  {t['kernel']}", flush=True)
+    del cache
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--caches", default="static:int:4,hf-static")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    model = build_model(args.layers)
+    rows = [profile_cache(model, c, args.batch, args.context, args.tokens) for c in args.caches.split(",")]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
