@@ -156,19 +156,40 @@ __device__ __forceinline__ void softmax_pv(Acc& acc, float (*s)[4], float vs0, f
 }
 
 // Q B fragments of head n (nt*8 + g), its dims [t*D/4, (t+1)*D/4) paired as (8w+s, 8w+s+4): e = 4w + s.
-__device__ __forceinline__ void load_q(u32 (*qf)[KSTEPS][2], const u16* q, int lane) {
+// raw: q is the model's query (fp16, or bf16 with OUT_BF16), scaled here by qscale (the softmax scale times
+// log2(e)) and rounded to fp16; sums[nt] then gets the sum of head n's rounded values (for the zero points).
+// Else q is already scaled fp16 (rotated keys: the launcher multiplies by the rotation).
+__device__ __forceinline__ void load_q(u32 (*qf)[KSTEPS][2], const u16* q, int lane, bool raw, float qscale,
+                                       float* sums) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < NT; nt++) {
     const int n = nt * 8 + g;
     const u32* row = reinterpret_cast<const u32*>(q + n * D + t * (D / 4));
+    u32 words[D / 8];
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < D / 8; j++) {
+      u32 v = n < GQA ? row[j] : 0u;
+      if (raw) {
+#if OUT_BF16
+        const float lo = __uint_as_float(v << 16), hi = __uint_as_float(v & 0xFFFF0000u);
+#else
+        const float lo = lo_f(v), hi = hi_f(v);
+#endif
+        v = pack2(lo * qscale, hi * qscale);
+        sum += lo_f(v) + hi_f(v);
+      }
+      words[j] = v;
+    }
 #pragma unroll
     for (int e = 0; e < 2 * KSTEPS; e++) {
       const int w = e >> 2, sft = e & 3;
-      u32 v = 0;
-      if (n < GQA) v = prmt(row[4 * w + (sft >> 1)], row[4 * w + 2 + (sft >> 1)], (sft & 1) ? 0x7632 : 0x5410);
-      qf[nt][e >> 1][e & 1] = v;
+      qf[nt][e >> 1][e & 1] =
+          prmt(words[4 * w + (sft >> 1)], words[4 * w + 2 + (sft >> 1)], (sft & 1) ? 0x7632 : 0x5410);
     }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sums[nt] = sum + __shfl_xor_sync(0xffffffffu, sum, 2);  // head n's sum, in every lane of group g
   }
 }
 
@@ -195,15 +216,15 @@ __device__ __forceinline__ void scores(float (*s)[4], const u32 (*h0)[2], const 
 #endif
 
 extern "C" __global__ void BOUNDS kvpack_int4_decode(
-    const u16* __restrict__ q_keys,     // (B, HQ, D) fp16, rotated (Hadamard codecs), times scale * log2(e)
-    const u16* __restrict__ q_window,   // (B, HQ, D) fp16, as given, times scale * log2(e)
-    const float* __restrict__ q_sum,    // (B, HQ) float32: sum of q_keys (for the zero points)
+    const u16* __restrict__ q_keys,     // q_raw: the query (B, HQ, D); else fp16, rotated, times scale * log2(e)
+    const u16* __restrict__ q_window,   // q_raw: unused; else (B, HQ, D) fp16, as given, times scale * log2(e)
+    const float* __restrict__ q_sum,    // q_raw: unused; else (B, HQ) float32: sum of q_keys (the zero points)
     const u8* __restrict__ k_cache, const u8* __restrict__ v_cache,  // (num_blocks, BLOCK_SIZE, HKV, ROW_BYTES)
     const int* __restrict__ block_tables, const int* __restrict__ seq_lens, const u16* __restrict__ wk,
     const u16* __restrict__ wv,         // (B, W, HKV, D) fp16
     const int* __restrict__ window_lens, float* __restrict__ part_m, float* __restrict__ part_l,
     float* __restrict__ part_acc,       // (B, HQ, S + 1) and (B, HQ, S + 1, D)
-    int num_blocks, int max_blocks, int window, int tokens_per_split, int num_splits) {
+    int num_blocks, int max_blocks, int window, int tokens_per_split, int num_splits, int q_raw, float qscale) {
   extern __shared__ __align__(16) u8 smem[];
   const int split = blockIdx.x, hg = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -221,13 +242,15 @@ extern "C" __global__ void BOUNDS kvpack_int4_decode(
   float qs[NT][2];
   const int qbase = (b * HQ + h * GQA);
   if (split < num_splits) {
-    load_q(qf, q_keys + qbase * D, lane);
+    float sums[NT];
+    load_q(qf, q_keys + qbase * D, lane, q_raw, qscale, sums);
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
       for (int i = 0; i < 2; i++) {
-        const int n = nt * 8 + 2 * t + i;
-        qs[nt][i] = n < GQA ? q_sum[qbase + n] : 0.f;
+        const int n = nt * 8 + 2 * t + i;  // the C layout's head of this lane: its sum sits in lanes 4n..4n+3
+        const float raw_sum = __shfl_sync(0xffffffffu, sums[nt], 4 * (2 * t + i));
+        qs[nt][i] = n >= GQA ? 0.f : q_raw ? raw_sum : q_sum[qbase + n];
       }
     // device-side clamp: the launcher validates outside graph capture; a bad length never reads past the table
     const int seq_len = min(max(seq_lens[b], 0), max_blocks * BLOCK_SIZE);
@@ -327,7 +350,8 @@ extern "C" __global__ void BOUNDS kvpack_int4_decode(
     }
     cp_wait<0>();
   } else {
-    load_q(qf, q_window + qbase * D, lane);
+    float sums[NT];
+    load_q(qf, (q_raw ? q_keys : q_window) + qbase * D, lane, q_raw, qscale, sums);
     const int wl = min(max(window_lens[b], 0), window);
     for (int t0 = 0; t0 < wl; t0 += 16) {
       const int valid = wl - t0;

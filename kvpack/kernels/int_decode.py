@@ -208,10 +208,15 @@ def int4_paged_decode(
     dev = query.device.index if query.device.index is not None else torch.cuda.current_device()
     decode_kernel, reduce_kernel = _kernels(variant, dev)
     stream = _stream(torch.cuda.current_stream(query.device).cuda_stream, dev)
-    q = query.float() * (scale * LOG2E)  # the softmax scale and log2(e) go into the query once
-    q_keys = (q if key_rotation is None else q @ key_rotation).to(torch.float16).contiguous()
-    q_window = q.to(torch.float16).contiguous()
-    q_sum = q_keys.float().sum(-1).contiguous()
+    qscale = scale * LOG2E  # the softmax scale and log2(e) go into the query once
+    if key_rotation is None:  # the kernel scales and sums the query itself: no extra launches
+        q_keys = q_window = query.contiguous()
+        q_sum = torch.empty(1, device=query.device, dtype=torch.float32)
+    else:
+        q = query.float() * qscale
+        q_keys = (q @ key_rotation).to(torch.float16).contiguous()
+        q_window = q.to(torch.float16).contiguous()
+        q_sum = q_keys.float().sum(-1).contiguous()
     wk = window_keys.to(torch.float16).contiguous()
     wv = window_values.to(torch.float16).contiguous()
     capacity = block_tables.shape[1] * key_cache.shape[1]
@@ -226,7 +231,8 @@ def int4_paged_decode(
     launch(stream, config, decode_kernel, _ptr(q_keys), _ptr(q_window), _ptr(q_sum), _ptr(key_cache),
            _ptr(value_cache), _ptr(block_tables), _ptr(seq_lens), _ptr(wk), _ptr(wv), _ptr(window_lens),
            _ptr(part_m), _ptr(part_l), _ptr(part_acc), i32(num_blocks), i32(block_tables.shape[1]),
-           i32(wk.shape[1]), i32(tokens_per_split), i32(num_splits))  # fmt: skip
+           i32(wk.shape[1]), i32(tokens_per_split), i32(num_splits), i32(key_rotation is None),
+           np.float32(qscale))  # fmt: skip
     out = torch.empty_like(query)
     rotated = value_unrotation is not None
     packed = torch.empty(batch, hq, d, device=query.device, dtype=torch.float32) if rotated else part_m
