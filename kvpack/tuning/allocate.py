@@ -3,7 +3,8 @@
 The command and the policy files; the steps live in their own modules:
 
 1. Sensitivity (measured, not assumed; `kvpack.tuning.sensitivity`): ``D[layer, stream, codec]`` is
-   the mean KL when only that layer's K (or V) goes through that candidate codec.
+   the mean KL when only that layer's K (or V) goes through that candidate codec. The candidates default to
+   the presets' (`DEFAULT_CANDIDATES`, codecs the paged decode kernels read); others are logged as such.
 2. Allocation (`kvpack.tuning.knapsack`): one candidate per (layer, stream) minimizing ``sum D``
    under ``mean bits_per_value <= budget``, an exact multiple-choice knapsack.
 3. The result is a `CachePolicy` with per-layer specs (``layer_keys``/``layer_values``), written by
@@ -34,20 +35,43 @@ from pathlib import Path
 import torch
 
 from kvpack.codec import get_codec
+from kvpack.kernels.paged import paged_codec
 from kvpack.policy import CachePolicy, policy_bits, save_policy
 from kvpack.tuning.knapsack import allocate_bits, choose_outlier_heads, head_policy_for, policy_for, uniform_pairs
+from kvpack.tuning.recipe import CANDIDATES
 from kvpack.tuning.sensitivity import head_sensitivity, measure_head_sensitivity, measure_sensitivity
 
-__all__ = ["add_arguments", "compare_policies", "run"]
+__all__ = ["DEFAULT_CANDIDATES", "add_arguments", "compare_policies", "log_unpaged", "run", "unpaged_specs"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CANDIDATES = (
-    "e8:2", "e8:3", "e8:4", "turbo_mse:2", "turbo_mse:3", "turbo_mse:4",
-    "int:2", "int:3", "int:4", "int:2:axis=channel", "int:3:axis=channel", "int:4:axis=channel",
-)  # fmt: skip
+# The presets' candidates: codecs the paged decode kernels read (turbo_mse 1-4 bits, int:8), so that a policy
+# allocated with the defaults runs on them (PagedKVPackCache, StaticKVPackCache). Others (e8, int:*:axis=channel)
+# can still be given with --candidates; `log_unpaged` then says that a policy choosing them will not.
+DEFAULT_CANDIDATES = CANDIDATES
 
 
+def unpaged_specs(specs, head_dim: int) -> dict[str, str]:
+    """``{spec: why}`` for each of ``specs`` that the paged decode kernels cannot read at ``head_dim``
+    (`kvpack.kernels.paged.paged_codec` refuses it); empty when all of them can."""
+    out = {}
+    for spec in dict.fromkeys(specs):
+        try:
+            paged_codec(get_codec(spec, head_dim=head_dim))
+        except (TypeError, ValueError) as exc:
+            out[spec] = str(exc)
+    return out
+
+
+def log_unpaged(specs, head_dim: int) -> None:
+    """One warning line when some of ``specs`` are not codecs the paged decode kernels read."""
+    unpaged = unpaged_specs(specs, head_dim)
+    if unpaged:
+        logger.warning(
+            "candidates %s are not read by the paged decode kernels: a policy that chooses them will not run on "
+            "them (StaticKVPackCache refuses it, PagedKVPackCache keeps those layers in KVPackLayer storage) (%s)",
+            ", ".join(unpaged), "; ".join(f"{s}: {why}" for s, why in unpaged.items()),
+        )  # fmt: skip
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -70,7 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--key", default="e8:2", help="with --outlier-heads: the K codec of every layer")
     parser.add_argument("--value", default="e8:2", help="with --outlier-heads: the V codec of every layer")
-    parser.add_argument("--candidates", nargs="+", default=list(DEFAULT_CANDIDATES), help="codec specs to choose from")
+    parser.add_argument("--candidates", nargs="+", default=list(DEFAULT_CANDIDATES),
+                        help=f"codec specs to choose from (default: {' '.join(DEFAULT_CANDIDATES)}, the presets' "
+                        "candidates, which the paged decode kernels read)")  # fmt: skip
     parser.add_argument("--calib-windows", type=int, default=2, help="calibration windows")
     parser.add_argument("--calib-ctx", type=int, default=512, help="context tokens per calibration window")
     parser.add_argument("--calib-n", type=int, default=64, help="continuation tokens scored per calibration window")
@@ -120,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model, device=args.device)
     if args.outlier_heads is not None:
         return _run_outlier_heads(model, tokenizer, args)
+    log_unpaged(candidates + tuple(args.value_candidates or ()), _head_dim(model.config))
     if args.per_head:
         return _run_per_head(model, tokenizer, args)
     config = model.config

@@ -1,6 +1,7 @@
 """kvpack allocate: policy files, per-layer policies, fp (outlier) heads, the command line."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -210,3 +211,53 @@ def test_allocate_cli_per_head_from_a_saved_table(tmp_path, monkeypatch, tiny_ll
         allocate.run(parser.parse_args(["--budget", "3", "--held-ctx", "64"]))
     with pytest.raises(ValueError, match="--held-ctx must exceed"):
         allocate.run(parser.parse_args(["--per-head", "--budget", "3", "--held-ctx", "4", "--sinks", "4"]))
+
+
+def test_default_candidates_are_codecs_the_paged_kernels_read():
+    import argparse
+
+    from kvpack.kernels.paged import paged_codec
+    from kvpack.tuning import allocate, recipe
+
+    parser = argparse.ArgumentParser()
+    allocate.add_arguments(parser)
+    assert parser.parse_args([]).candidates == list(allocate.DEFAULT_CANDIDATES) == list(recipe.CANDIDATES)
+    for head_dim in (64, 128):
+        assert allocate.unpaged_specs(allocate.DEFAULT_CANDIDATES, head_dim) == {}
+        for spec in allocate.DEFAULT_CANDIDATES:
+            assert paged_codec(get_codec(spec, head_dim=head_dim)).bits == get_codec(spec, head_dim=head_dim).bits
+    unpaged = allocate.unpaged_specs(("e8:2", "turbo_mse:3", "int:3:axis=channel", "e8:2"), 64)
+    assert list(unpaged) == ["e8:2", "int:3:axis=channel"]
+    assert "axis=token" in unpaged["int:3:axis=channel"]
+
+
+def test_allocate_with_an_unpaged_candidate_says_so_once_and_still_allocates(tmp_path, monkeypatch, caplog):
+    import argparse
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from kvpack.evaluation import models
+    from kvpack.tuning import allocate
+
+    config = LlamaConfig(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2)  # hd 64
+    monkeypatch.setattr(models, "load", lambda name, **kw: (SimpleNamespace(config=config), None))
+    parser = argparse.ArgumentParser()
+    allocate.add_arguments(parser)
+
+    def run(candidates, kl):
+        table = tmp_path / f"{len(candidates)}.json"
+        table.write_text(json.dumps({"candidates": candidates, "kl": kl}))
+        argv = ["--budget", "2.5", "--candidates", *candidates, "--sensitivity", str(table),
+                "--out", str(tmp_path / f"p{len(candidates)}.json")]  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kvpack.tuning.allocate"):
+            assert allocate.run(parser.parse_args(argv)) == 0
+        return load_policy(tmp_path / f"p{len(candidates)}.json"), [r.getMessage() for r in caplog.records]
+
+    # e8:2 is the least sensitive codec: the knapsack takes it and the run says the result is not paged
+    policy, messages = run(["turbo_mse:2", "e8:2"], [[[0.01, 0.001]] * 2] * 2)
+    assert set(policy.layer_keys + policy.layer_values) == {"e8:2"}
+    assert len(messages) == 1 and messages[0].startswith("candidates e8:2 are not read by the paged decode kernels")
+    policy, messages = run(["turbo_mse:2", "turbo_mse:3"], [[[0.01, 0.001]] * 2] * 2)
+    assert set(policy.layer_keys + policy.layer_values) <= {"turbo_mse:2", "turbo_mse:3"} and messages == []
