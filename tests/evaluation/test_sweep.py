@@ -150,7 +150,9 @@ def test_sweep_runs_configs_presets_and_peers_on_the_same_windows(smollm2, wikit
     rows = {r["name"]: r for r in data["rows"]}
     assert set(rows) == {"exact", "e8 block 1", "K=int:2 V=int:4 r=8 s=4", "preset 3bit", "peer quanto:2"}
     assert len({r["ppl_ref"] for r in rows.values()}) == 1  # the same windows, one shared reference
-    assert rows["exact"]["delta_ppl_pct"] == 0.0 and rows["exact"]["top1"] == 1.0
+    # no compression: the decode protocol's forward differs from the reference's only in float summation order
+    # (exactly 0 with 2 threads, -2.4e-5 % with OMP_NUM_THREADS=1)
+    assert abs(rows["exact"]["delta_ppl_pct"]) < 1e-3 and rows["exact"]["top1"] == 1.0
     for name in ("e8 block 1", "K=int:2 V=int:4 r=8 s=4", "peer quanto:2"):
         assert rows[name]["kl"] > 0
     # block 1: only the 4 sinks stay 16-bit; e8:3 holds 3 + 16/64 bits per value
