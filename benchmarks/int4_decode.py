@@ -1,4 +1,4 @@
-"""int:4 decode attention: the NVRTC CUDA kernel (kvpack.kernels.int_decode) vs the Triton kernel, fp16 SDPA and a copy.
+"""int:2 and int:4 decode attention: the NVRTC CUDA kernel (kvpack.kernels.int_decode) vs Triton, fp16 SDPA and a copy.
 
 Llama-3-8B heads (32 q / 8 kv, head_dim 128), 132-token 16-bit window, 16-token pages in a random permutation.
 Reported per case: median do_bench time (L2 flushed) and CUDA-graph replay time, x SDPA, and % of copy on the bytes
@@ -20,7 +20,7 @@ import triton.testing
 from kvpack import get_codec
 from kvpack.bench.kernels import _graph_ms, copy_bandwidth, paged_decode_inputs, random_paged_cache
 from kvpack.kernels.decode_attention import paged_decode_attention
-from kvpack.kernels.int_decode import default_splits, paged_int4_decode, variant_for
+from kvpack.kernels.int_decode import default_splits, paged_int_decode, variant_for
 from kvpack.kernels.paged import paged_codec
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="8x32768,1x32768,32x131072")
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--triton-specs", default="int:4,int:2")
+    ap.add_argument("--specs", default="int:4,int:2", help="int:2/int:4 K and V: the CUDA kernel and Triton")
     args = ap.parse_args()
     hq, hkv, d, bs, window = 32, 8, 128, 16, 132
     copy_bps = copy_bandwidth()
@@ -54,15 +54,15 @@ def main() -> None:
         tables, seq_lens, wk, wv, wl = paged_decode_inputs(batch, packed, window, hkv, d, bs, g)
         query = q.reshape(batch, hq, d)
         row = {"batch": batch, "context": ctx, "sdpa_us": sdpa_us, "sdpa_graph_us": sdpa_graph_us, "cases": []}
-        for spec in ["int:4"] + [s for s in args.triton_specs.split(",") if s]:
+        for spec in [s for s in args.specs.split(",") if s]:
             fmt = paged_codec(get_codec(spec, head_dim=d), "cuda")
             kc = random_paged_cache(tables.numel(), bs, hkv, fmt)
             vc = random_paged_cache(tables.numel(), bs, hkv, fmt)
             nbytes = batch * hkv * (packed * 2 * fmt.row_bytes + window * d * 2 * 2)
             common = (query, kc, vc, tables, seq_lens, wk, wv, wl, fmt, fmt, d**-0.5)
-            variants = [("triton", {}, paged_decode_attention)]
+            variants = [("cuda", {}, paged_int_decode), ("triton", {}, paged_decode_attention)]
             if spec == "int:4":
-                variants = [("cuda", {}, paged_int4_decode)]
+                variants = [("cuda", {}, paged_int_decode)]
                 if args.sweep:  # KV heads per CTA, stages, register cap; splits filling 1 or 2 waves, or given
                     for hpc, stages, minb in ((8, 2, 0), (4, 4, 0), (4, 2, 0), (2, 4, 0), (8, 2, 3), (4, 4, 5)):
                         variant = variant_for(query, kc, hpc, stages, minb)
@@ -70,7 +70,7 @@ def main() -> None:
                             splits = default_splits(variant, batch, tables.shape[1] * bs, query.device, waves)
                             variants.append((f"cuda s{splits} h{hpc} st{stages} mb{minb}",
                                              {"num_splits": splits, "heads_per_cta": hpc, "stages": stages,
-                                              "min_blocks": minb}, paged_int4_decode))  # fmt: skip
+                                              "min_blocks": minb}, paged_int_decode))  # fmt: skip
                 variants.append(("triton", {}, paged_decode_attention))
             for name, kw, fn in variants:
                 step = functools.partial(fn, *common, out=torch.empty_like(query), **kw)

@@ -586,13 +586,13 @@ def paged_decode(
     the keys, ``unrotation`` of the values, ``sketch``): derived once by the caller, not per step. Inputs are not
     checked here (`kvpack.kernels.attention.decode` checks them; a graph-safe cache keeps them in range itself).
     """
-    from kvpack.kernels.int_decode import launch_shape, uses_int4_kernel
+    from kvpack.kernels.int_decode import launch_shape, uses_cuda_int_kernel
 
-    if uses_int4_kernel(query, key_cache, key_kind, key_bits, value_kind, value_bits):  # the one fast path of int:4
+    if uses_cuda_int_kernel(query, key_cache, key_kind, key_bits, value_kind, value_bits):  # the fast path of int 2/4
         rotation = None if key_rotation16 is None else key_rotation16.float()
-        return torch.ops.kvpack.int4_paged_decode(query, key_cache, value_cache, block_tables, seq_lens, window_keys,
+        return torch.ops.kvpack.int_paged_decode(query, key_cache, value_cache, block_tables, seq_lens, window_keys,
                                                   window_values, window_lens, rotation, value_unrotation, scale,
-                                                  *launch_shape(query, key_cache, block_tables))  # fmt: skip
+                                                  *launch_shape(query, key_cache, value_cache, block_tables))  # fmt: skip
     keys = _KernelTables(key_kind, key_bits, key_codebook16, key_rotation16, None, key_sketch)
     values = _KernelTables(value_kind, value_bits, value_codebook16, None, value_unrotation, value_sketch)
     return _launch(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,

@@ -1,6 +1,7 @@
-// Decode attention over int:4 paged KV (token axis, per-token fp16 scale/zero), mma.sync tensor cores.
+// Decode attention over int:2/int:4 paged KV (token axis, per-token fp16 scale/zero), mma.sync tensor cores.
 // Compiled at first use by NVRTC (kvpack/kernels/int_decode.py), one variant per set of macros:
-//   D (head_dim), GQA (query heads per KV head), HKV (KV heads), HG (KV heads per CTA = warps),
+//   D (head_dim), KBITS / VBITS (2 or 4: code bits of K and V), GQA (query heads per KV head), HKV (KV heads),
+//   HG (KV heads per CTA = warps),
 //   BLOCK_SIZE (tokens per page, a multiple of 16), STAGES (cp.async pipeline depth),
 //   CHUNK (16 or 4: cp.async width; 16 needs 16-byte aligned rows of HG heads), OUT_BF16, MINB (0 or the CTAs per
 //   SM that the register allocation must allow).
@@ -10,7 +11,8 @@
 // 16-token tiles of all HG heads copied page -> shared memory with cp.async (STAGES deep); warp w scores
 // KV head hg*HG + w. Split == splits: the 16-bit window (sinks + residual), read straight from global.
 // Scores: S^T (16 tokens x 8 query heads) = K (tokens on M) . Q^T (query heads on N, padded to 8) with
-// m16n8k16; int codes become fp16 with the 0x6400 magic number (no per-value shift and convert), and the
+// m16n8k16; int codes become fp16 with the 0x6400 magic number (one shift per 32-bit word, no per-value shift
+// and convert: a code at bit 2^j of a half is taken in place as 1024 + 2^j c and scaled back by one fma), and the
 // per-token scale and zero are applied to the 16x8 scores (s = scale <q,c> + zero sum q), not to values.
 // Values: O^T (dims on M) += V^T (tokens on K) . (p * v_scale)^T, plus sum p * v_zero per head.
 // Dims are permuted freely inside a thread's fragment (a dot product does not care); Q is loaded with the
@@ -23,11 +25,17 @@ typedef unsigned char u8;
 #define MAGIC 0x64006400u
 #define NT ((GQA + 7) / 8)           // n-tiles of 8 query heads
 #define KSTEPS (D / 16)
-#define KWORDS (D / 32)              // int4 words of one token a thread reads for K (D/4 dims)
-#define VWORDS (D / 64)              // int4 words of one token a thread reads for V (D/8 dims)
-#define CODE_BYTES (D / 2)
-#define ROW_BYTES (CODE_BYTES + 4)
-#define TILE_BYTES (16 * HG * ROW_BYTES)
+#define K_CODE (D * KBITS / 8)       // code bytes of one token of one KV head, then 4 bytes of scale and zero
+#define V_CODE (D * VBITS / 8)
+#define K_ROW (K_CODE + 4)
+#define V_ROW (V_CODE + 4)
+#define K_TILE (16 * HG * K_ROW)     // one stage: the K tile, then the V tile
+#define V_TILE (16 * HG * V_ROW)
+#define STAGE_BYTES (K_TILE + V_TILE)
+#define KWORDS (D / 4 * KBITS / 32)  // code words of one token a thread reads for K (D/4 dims)
+#define KPAIRS (16 / KBITS)          // half2 pairs a word of K codes makes: codes (s, s + KPAIRS), s < KPAIRS
+#define VWORDS (D / 8 * VBITS / 32)  // code words of one token a thread reads for V (D/8 dims; 0: half a word)
+#define VPAIRS (16 / VBITS)
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 __device__ __forceinline__ u32 lop_or(u32 x, u32 mask, u32 magic) {  // (x & mask) | magic
@@ -70,15 +78,29 @@ __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
   asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
   return r;
 }
-// The 8 nibbles of w as 4 half2: h[s] = {nibble s, nibble s+4}. Nibbles (0, 4) and (2, 6) become 1024 + c with the
-// magic number, minus 1024; (1, 5) and (3, 7) are taken in place as 1024 + 16 c, times 1/16 minus 64 (one fma,
-// exact in fp16): one shift per word instead of one per pair.
-__device__ __forceinline__ void nibbles(u32 w, u32* h) {
+// The codes of a 32-bit word as half2 pairs h[s] = {code s, code s + 16 / BITS}. A code at bit 2^j of its half is
+// taken in place as 1024 + 2^j c with the magic number, then brought to c by one fma (x 2^-j, - 2^(10-j)) or,
+// for j = 0, one subtraction of 1024 (exact in fp16): one shift per word instead of one per pair.
+template <int BITS>
+__device__ __forceinline__ void unpack(u32 w, u32* h);
+template <>
+__device__ __forceinline__ void unpack<4>(u32 w, u32* h) {
   const u32 w8 = w >> 8;
   h[0] = hsub2(lop_or(w, 0x000F000Fu, MAGIC), MAGIC);
-  h[1] = hfma2(lop_or(w, 0x00F000F0u, MAGIC), 0x2C002C00u, 0xD400D400u);
+  h[1] = hfma2(lop_or(w, 0x00F000F0u, MAGIC), 0x2C002C00u, 0xD400D400u);  // x 1/16 - 64
   h[2] = hsub2(lop_or(w8, 0x000F000Fu, MAGIC), MAGIC);
   h[3] = hfma2(lop_or(w8, 0x00F000F0u, MAGIC), 0x2C002C00u, 0xD400D400u);
+}
+template <>
+__device__ __forceinline__ void unpack<2>(u32 w, u32* h) {
+#pragma unroll
+  for (int half = 0; half < 2; half++) {
+    const u32 x = half ? w >> 8 : w;
+    h[4 * half + 0] = hsub2(lop_or(x, 0x00030003u, MAGIC), MAGIC);
+    h[4 * half + 1] = hfma2(lop_or(x, 0x000C000Cu, MAGIC), 0x34003400u, 0xDC00DC00u);  // x 1/4 - 256
+    h[4 * half + 2] = hfma2(lop_or(x, 0x00300030u, MAGIC), 0x2C002C00u, 0xD400D400u);  // x 1/16 - 64
+    h[4 * half + 3] = hfma2(lop_or(x, 0x00C000C0u, MAGIC), 0x24002400u, 0xCC00CC00u);  // x 1/64 - 16
+  }
 }
 __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
   asm volatile(
@@ -155,7 +177,14 @@ __device__ __forceinline__ void softmax_pv(Acc& acc, float (*s)[4], float vs0, f
   }
 }
 
-// Q B fragments of head n (nt*8 + g), its dims [t*D/4, (t+1)*D/4) paired as (8w+s, 8w+s+4): e = 4w + s.
+// Element e of a thread's K fragments from 16-bit values given as words of two (dims 2i, 2i + 1).
+__device__ __forceinline__ u32 q_pair(const u32* words, int e) {
+  const int w = e / KPAIRS, s = e % KPAIRS, a = 2 * KPAIRS * w + s;
+  return prmt(words[a >> 1], words[(a + KPAIRS) >> 1], (s & 1) ? 0x7632 : 0x5410);
+}
+
+// Q B fragments of head n (nt*8 + g), its dims [t*D/4, (t+1)*D/4) paired as K's codes are: dims (a, a + KPAIRS),
+// a = 2 KPAIRS w + s, are fragment element e = KPAIRS w + s (`q_pair`).
 // raw: q is the model's query (fp16, or bf16 with OUT_BF16), scaled here by qscale (the softmax scale times
 // log2(e)) and rounded to fp16; sums[nt] then gets the sum of head n's rounded values (for the zero points).
 // Else q is already scaled fp16 (rotated keys: the launcher multiplies by the rotation).
@@ -183,11 +212,7 @@ __device__ __forceinline__ void load_q(u32 (*qf)[KSTEPS][2], const u16* q, int l
       words[j] = v;
     }
 #pragma unroll
-    for (int e = 0; e < 2 * KSTEPS; e++) {
-      const int w = e >> 2, sft = e & 3;
-      qf[nt][e >> 1][e & 1] =
-          prmt(words[4 * w + (sft >> 1)], words[4 * w + 2 + (sft >> 1)], (sft & 1) ? 0x7632 : 0x5410);
-    }
+    for (int e = 0; e < 2 * KSTEPS; e++) qf[nt][e >> 1][e & 1] = q_pair(words, e);
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sums[nt] = sum + __shfl_xor_sync(0xffffffffu, sum, 2);  // head n's sum, in every lane of group g
   }
@@ -215,11 +240,11 @@ __device__ __forceinline__ void scores(float (*s)[4], const u32 (*h0)[2], const 
 #define BOUNDS __launch_bounds__(32 * HG)
 #endif
 
-extern "C" __global__ void BOUNDS kvpack_int4_decode(
+extern "C" __global__ void BOUNDS kvpack_int_decode(
     const u16* __restrict__ q_keys,     // q_raw: the query (B, HQ, D); else fp16, rotated, times scale * log2(e)
     const u16* __restrict__ q_window,   // q_raw: unused; else (B, HQ, D) fp16, as given, times scale * log2(e)
     const float* __restrict__ q_sum,    // q_raw: unused; else (B, HQ) float32: sum of q_keys (the zero points)
-    const u8* __restrict__ k_cache, const u8* __restrict__ v_cache,  // (num_blocks, BLOCK_SIZE, HKV, ROW_BYTES)
+    const u8* __restrict__ k_cache, const u8* __restrict__ v_cache,  // (num_blocks, BLOCK_SIZE, HKV, K_ROW / V_ROW)
     const int* __restrict__ block_tables, const int* __restrict__ seq_lens, const u16* __restrict__ wk,
     const u16* __restrict__ wv,         // (B, W, HKV, D) fp16
     const int* __restrict__ window_lens, float* __restrict__ part_m, float* __restrict__ part_l,
@@ -261,14 +286,22 @@ extern "C" __global__ void BOUNDS kvpack_int4_decode(
     const u32 sbase = smem_addr(smem);
     // The chunks this thread copies of every tile are the same; only the page moves: their offsets are computed
     // once (32-bit, relative to the tile's first row in the pool and in shared memory).
-    constexpr int PER_TOKEN = HG * ROW_BYTES / CHUNK, CHUNKS = 16 * PER_TOKEN;
-    constexpr int PER_THREAD = (CHUNKS + 32 * HG - 1) / (32 * HG);
-    int src_rel[PER_THREAD], dst_rel[PER_THREAD];
+    constexpr int K_PER_TOKEN = HG * K_ROW / CHUNK, K_CHUNKS = 16 * K_PER_TOKEN;
+    constexpr int V_PER_TOKEN = HG * V_ROW / CHUNK, V_CHUNKS = 16 * V_PER_TOKEN;
+    constexpr int K_PER_THREAD = (K_CHUNKS + 32 * HG - 1) / (32 * HG);
+    constexpr int V_PER_THREAD = (V_CHUNKS + 32 * HG - 1) / (32 * HG);
+    int k_src[K_PER_THREAD], k_dst[K_PER_THREAD], v_src[V_PER_THREAD], v_dst[V_PER_THREAD];
 #pragma unroll
-    for (int j = 0; j < PER_THREAD; j++) {
-      const int c = threadIdx.x + j * 32 * HG, tok = c / PER_TOKEN, within = c - tok * PER_TOKEN;
-      src_rel[j] = c < CHUNKS ? tok * HKV * ROW_BYTES + within * CHUNK : -1;
-      dst_rel[j] = tok * HG * ROW_BYTES + within * CHUNK;
+    for (int j = 0; j < K_PER_THREAD; j++) {
+      const int c = threadIdx.x + j * 32 * HG, tok = c / K_PER_TOKEN, within = c - tok * K_PER_TOKEN;
+      k_src[j] = c < K_CHUNKS ? tok * HKV * K_ROW + within * CHUNK : -1;
+      k_dst[j] = tok * HG * K_ROW + within * CHUNK;
+    }
+#pragma unroll
+    for (int j = 0; j < V_PER_THREAD; j++) {
+      const int c = threadIdx.x + j * 32 * HG, tok = c / V_PER_TOKEN, within = c - tok * V_PER_TOKEN;
+      v_src[j] = c < V_CHUNKS ? tok * HKV * V_ROW + within * CHUNK : -1;
+      v_dst[j] = K_TILE + tok * HG * V_ROW + within * CHUNK;
     }
     // block ids are read one tile before their copy is issued: the table load's latency hides behind a tile
     auto block_of = [&](int i) { return min(max(bt[(start + 16 * i) / BLOCK_SIZE], 0), num_blocks - 1); };
@@ -278,17 +311,16 @@ extern "C" __global__ void BOUNDS kvpack_int4_decode(
         const int pos = start + 16 * i;
         const int blk = next_blk;
         if (i + 1 < n_tiles) next_blk = block_of(i + 1);
-        const long long base = (((long long)blk * BLOCK_SIZE + pos % BLOCK_SIZE) * HKV + hg * HG) * ROW_BYTES;
-        const u8* kp = k_cache + base;
-        const u8* vp = v_cache + base;
-        const u32 dst = sbase + (i % STAGES) * 2 * TILE_BYTES;
+        const long long row = ((long long)blk * BLOCK_SIZE + pos % BLOCK_SIZE) * HKV + hg * HG;
+        const u8* kp = k_cache + row * K_ROW;
+        const u8* vp = v_cache + row * V_ROW;
+        const u32 dst = sbase + (i % STAGES) * STAGE_BYTES;
 #pragma unroll
-        for (int j = 0; j < PER_THREAD; j++) {
-          if (src_rel[j] >= 0) {
-            cp_async(dst + dst_rel[j], kp + src_rel[j]);
-            cp_async(dst + dst_rel[j] + TILE_BYTES, vp + src_rel[j]);
-          }
-        }
+        for (int j = 0; j < K_PER_THREAD; j++)
+          if (k_src[j] >= 0) cp_async(dst + k_dst[j], kp + k_src[j]);
+#pragma unroll
+        for (int j = 0; j < V_PER_THREAD; j++)
+          if (v_src[j] >= 0) cp_async(dst + v_dst[j], vp + v_src[j]);
       }
       cp_commit();
     };
@@ -298,19 +330,19 @@ extern "C" __global__ void BOUNDS kvpack_int4_decode(
       cp_wait<STAGES - 2>();
       __syncthreads();
       issue(i + STAGES - 1);  // into the stage every warp finished reading before the barrier
-      const u8* ks = smem + (i % STAGES) * 2 * TILE_BYTES;
-      const u8* vs = ks + TILE_BYTES;
+      const u8* ks = smem + (i % STAGES) * STAGE_BYTES;
+      const u8* vs = ks + K_TILE;
       const int valid = end - (start + 16 * i);  // tokens of this tile inside the split
       // K: tokens g, g+8, words [t*KWORDS, ...) of the codes
       u32 h0[KSTEPS][2], h8[KSTEPS][2];
-      const u32* k0 = reinterpret_cast<const u32*>(ks + (g * HG + warp) * ROW_BYTES);
-      const u32* k8 = reinterpret_cast<const u32*>(ks + ((g + 8) * HG + warp) * ROW_BYTES);
+      const u32* k0 = reinterpret_cast<const u32*>(ks + (g * HG + warp) * K_ROW);
+      const u32* k8 = reinterpret_cast<const u32*>(ks + ((g + 8) * HG + warp) * K_ROW);
 #pragma unroll
-      for (int w = 0; w < KWORDS; w++) {  // e = 4w + s: fragments (2w, 0), (2w, 1), (2w + 1, 0), (2w + 1, 1)
-        nibbles(k0[t * KWORDS + w], &h0[2 * w][0]);
-        nibbles(k8[t * KWORDS + w], &h8[2 * w][0]);
+      for (int w = 0; w < KWORDS; w++) {  // fragment elements e = KPAIRS w + s
+        unpack<KBITS>(k0[t * KWORDS + w], &h0[0][0] + KPAIRS * w);
+        unpack<KBITS>(k8[t * KWORDS + w], &h8[0][0] + KPAIRS * w);
       }
-      const u32 ksd0 = k0[CODE_BYTES / 4], ksd8 = k8[CODE_BYTES / 4];
+      const u32 ksd0 = k0[K_CODE / 4], ksd8 = k8[K_CODE / 4];
       float s[NT][4];
       scores(s, h0, h8, qf);
       const float ka0 = lo_f(ksd0), kz0 = hi_f(ksd0), ka8 = lo_f(ksd8), kz8 = hi_f(ksd8);
@@ -322,29 +354,38 @@ extern "C" __global__ void BOUNDS kvpack_int4_decode(
           s[nt][i] = ok0 ? s[nt][i] * ka0 + kz0 * qs[nt][i] : NEG_INF;
           s[nt][2 + i] = ok8 ? s[nt][2 + i] * ka8 + kz8 * qs[nt][i] : NEG_INF;
         }
-      const u32 vsd0 = *reinterpret_cast<const u32*>(vs + (g * HG + warp) * ROW_BYTES + CODE_BYTES);
-      const u32 vsd8 = *reinterpret_cast<const u32*>(vs + ((g + 8) * HG + warp) * ROW_BYTES + CODE_BYTES);
+      const u32 vsd0 = *reinterpret_cast<const u32*>(vs + (g * HG + warp) * V_ROW + V_CODE);
+      const u32 vsd8 = *reinterpret_cast<const u32*>(vs + ((g + 8) * HG + warp) * V_ROW + V_CODE);
       const float va0 = ok0 ? lo_f(vsd0) : 0.f, vz0 = ok0 ? hi_f(vsd0) : 0.f;
       const float va8 = ok8 ? lo_f(vsd8) : 0.f, vz8 = ok8 ? hi_f(vsd8) : 0.f;
-      // V: tokens (2t, 2t+8) and (2t+1, 2t+9), dims [g*D/8, (g+1)*D/8): local dim L = 8w + 4half + s
+      // V: tokens (2t, 2t+8) and (2t+1, 2t+9), dims [g*D/8, (g+1)*D/8): the low halves of a word of each token
+      // (prmt) make local dims L = 2 VPAIRS w + s, the high halves L = 2 VPAIRS w + VPAIRS + s
       u32 va[KSTEPS][4];
 #pragma unroll
       for (int pr = 0; pr < 2; pr++) {
-        const u32* ra = reinterpret_cast<const u32*>(vs + ((2 * t + pr) * HG + warp) * ROW_BYTES) + g * VWORDS;
-        const u32* rb = reinterpret_cast<const u32*>(vs + ((2 * t + 8 + pr) * HG + warp) * ROW_BYTES) + g * VWORDS;
+        const u8* ra = vs + ((2 * t + pr) * HG + warp) * V_ROW;
+        const u8* rb = vs + ((2 * t + 8 + pr) * HG + warp) * V_ROW;
+#if VWORDS == 0  // 2-bit codes at head_dim 64: 8 codes (2 bytes) per thread and token
+        u32 h[VPAIRS];
+        unpack<VBITS>(reinterpret_cast<const u16*>(ra)[g] | (u32(reinterpret_cast<const u16*>(rb)[g]) << 16), h);
+#pragma unroll
+        for (int L = 0; L < VPAIRS; L++) va[L >> 1][2 * pr + (L & 1)] = h[L];
+#else
 #pragma unroll
         for (int w = 0; w < VWORDS; w++) {
-          const u32 a = ra[w], bb = rb[w];
-          u32 lo[4], hi[4];
-          nibbles(prmt(a, bb, 0x5410), lo);
-          nibbles(prmt(a, bb, 0x7632), hi);
+          const u32 a = reinterpret_cast<const u32*>(ra)[g * VWORDS + w];
+          const u32 bb = reinterpret_cast<const u32*>(rb)[g * VWORDS + w];
+          u32 lo[VPAIRS], hi[VPAIRS];
+          unpack<VBITS>(prmt(a, bb, 0x5410), lo);
+          unpack<VBITS>(prmt(a, bb, 0x7632), hi);
 #pragma unroll
-          for (int sft = 0; sft < 4; sft++) {
-            const int l0 = 8 * w + sft, l1 = 8 * w + 4 + sft;
+          for (int sft = 0; sft < VPAIRS; sft++) {
+            const int l0 = 2 * VPAIRS * w + sft, l1 = l0 + VPAIRS;
             va[l0 >> 1][2 * pr + (l0 & 1)] = lo[sft];
             va[l1 >> 1][2 * pr + (l1 & 1)] = hi[sft];
           }
         }
+#endif
       }
       softmax_pv(acc, s, va0, va8, vz0, vz8, va, lane);
     }
@@ -362,9 +403,8 @@ extern "C" __global__ void BOUNDS kvpack_int4_decode(
       const u32* r8 = reinterpret_cast<const u32*>(wk + (((long long)b * window + t0 + g + 8) * HKV + h) * D + t * (D / 4));
 #pragma unroll
       for (int e = 0; e < 2 * KSTEPS; e++) {
-        const int w = e >> 2, sft = e & 3, i0 = 4 * w + (sft >> 1), sel = (sft & 1) ? 0x7632 : 0x5410;
-        h0[e >> 1][e & 1] = ok0 ? prmt(r0[i0], r0[i0 + 2], sel) : 0u;
-        h8[e >> 1][e & 1] = ok8 ? prmt(r8[i0], r8[i0 + 2], sel) : 0u;
+        h0[e >> 1][e & 1] = ok0 ? q_pair(r0, e) : 0u;
+        h8[e >> 1][e & 1] = ok8 ? q_pair(r8, e) : 0u;
       }
       float s[NT][4];
       scores(s, h0, h8, qf);
@@ -426,7 +466,7 @@ extern "C" __global__ void BOUNDS kvpack_int4_decode(
 
 // Merge the splits of one (query head, sequence): D threads. ROTATED: the packed part and the window part
 // are written apart in float32 (the packed part is rotated back outside, one GEMM); else their sum.
-extern "C" __global__ void kvpack_int4_reduce(const float* __restrict__ part_m, const float* __restrict__ part_l,
+extern "C" __global__ void kvpack_int_reduce(const float* __restrict__ part_m, const float* __restrict__ part_l,
                                               const float* __restrict__ part_acc, float* __restrict__ packed_out,
                                               float* __restrict__ window_out, u16* __restrict__ out, int hq,
                                               int num_splits, int rotated) {

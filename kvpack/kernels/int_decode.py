@@ -1,16 +1,17 @@
-"""CUDA decode attention over ``int:4`` paged KV (token axis, per-token scale/zero), compiled at first use by NVRTC.
+"""CUDA decode attention over ``int:2``/``int:4`` paged KV (token axis, per-token scale/zero), compiled by NVRTC.
 
 The kernel source is ``int_decode.cu`` beside this file (it says how the tensor-core fragments are laid out).
-`paged_int4_decode` has the contract of `kvpack.kernels.decode_attention.paged_decode_attention`: query
-``(B, Hq, D)`` fp16/bf16, uint8 paged caches ``(num_blocks, block_size, Hkv, D / 2 + 4)``, int32 block tables
+`paged_int_decode` has the contract of `kvpack.kernels.decode_attention.paged_decode_attention`: query
+``(B, Hq, D)`` fp16/bf16, uint8 paged caches ``(num_blocks, block_size, Hkv, D * bits / 8 + 4)`` (K and V each of 2
+or 4 bits, compiled at first use of a pair), int32 block tables
 ``(B, max_blocks)`` and lengths ``(B,)``, a 16-bit window ``(B, W, Hkv, D)`` -> ``(B, Hq, D)`` in the query's
-dtype. It is the ``torch.library`` op ``kvpack::int4_paged_decode`` (with a fake implementation, so
+dtype. It is the ``torch.library`` op ``kvpack::int_paged_decode`` (with a fake implementation, so
 ``torch.compile`` traces through it); no host synchronisation, so a step can be captured in a CUDA graph.
 
 Compilation: ``cuda.core`` (pip ``cuda-core``, ``cuda-bindings``, ``nvidia-cuda-nvrtc``; no CUDA toolkit) turns
-the source plus one set of macros (head_dim, GQA, KV heads, heads per CTA, page size, pipeline depth) into a
+the source plus one set of macros (head_dim, code bits, GQA, KV heads, heads per CTA, page size, pipeline depth) into a
 cubin for the device's architecture, cached on disk under ``$KVPACK_CACHE`` (default ``~/.cache/kvpack``).
-Bytes per decode step: ``B * Hkv * seq_len * 2 * (D / 2 + 4)`` packed plus the window, read once.
+Bytes per decode step: ``B * Hkv * seq_len * (D * (key_bits + value_bits) / 8 + 8)`` packed plus the window, read once.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import torch
 
 from kvpack.kernels.paged import PagedCodec
 
-__all__ = ["Variant", "compile_variant", "int4_supported", "paged_int4_decode", "launch_shape", "uses_int4_kernel", "variant_for"]
+__all__ = ["Variant", "compile_variant", "cuda_int_supported", "paged_int_decode", "launch_shape", "uses_cuda_int_kernel", "variant_for"]
 
 LOG2E = 1.4426950408889634
 SOURCE = Path(__file__).with_name("int_decode.cu")
 HEAD_DIMS = (64, 128, 256)
+BITS = (2, 4)  # code bits of K and V, each
 MAX_GQA = 16
 
 
@@ -46,6 +48,8 @@ class Variant:
     stages: int
     out_bf16: bool
     min_blocks: int = 0  # > 0: registers capped so that this many CTAs fit on an SM (may spill)
+    key_bits: int = 4
+    value_bits: int = 4
 
     def __post_init__(self) -> None:
         if self.head_dim not in HEAD_DIMS:
@@ -58,44 +62,50 @@ class Variant:
             raise ValueError(f"block_size must be a multiple of 16, got {self.block_size}")
         if not 2 <= self.stages <= 8:
             raise ValueError(f"stages must be in [2, 8], got {self.stages}")
+        for name in ("key_bits", "value_bits"):
+            if getattr(self, name) not in BITS:
+                raise ValueError(f"{name} must be one of {BITS}, got {getattr(self, name)!r}")
 
     @property
-    def row_bytes(self) -> int:
-        return self.head_dim // 2 + 4
+    def rows(self) -> tuple[int, int]:
+        """Bytes of one token of one KV head, K and V: the codes, then 4 bytes of scale and zero."""
+        return self.head_dim * self.key_bits // 8 + 4, self.head_dim * self.value_bits // 8 + 4
 
     @property
     def chunk(self) -> int:
         """cp.async width: 16 bytes when every copied run of ``heads_per_cta`` rows starts 16-byte aligned, else 4."""
-        aligned = (self.heads_per_cta * self.row_bytes) % 16 == 0 and (self.kv_heads * self.row_bytes) % 16 == 0
+        aligned = all((h * r) % 16 == 0 for h in (self.heads_per_cta, self.kv_heads) for r in self.rows)
         return 16 if aligned else 4
 
     @property
     def smem_bytes(self) -> int:
-        return self.stages * 2 * 16 * self.heads_per_cta * self.row_bytes
+        return self.stages * 16 * self.heads_per_cta * sum(self.rows)
 
     def defines(self) -> list[tuple[str, str]]:
         values = {"D": self.head_dim, "GQA": self.gqa, "HKV": self.kv_heads, "HG": self.heads_per_cta,
                   "BLOCK_SIZE": self.block_size, "STAGES": self.stages, "CHUNK": self.chunk,
-                  "OUT_BF16": int(self.out_bf16), "MINB": self.min_blocks}  # fmt: skip
+                  "OUT_BF16": int(self.out_bf16), "MINB": self.min_blocks, "KBITS": self.key_bits,
+                  "VBITS": self.value_bits}  # fmt: skip
         return [(k, str(v)) for k, v in values.items()]
 
 
-def int4_supported(key_kind: str, key_bits: int, value_kind: str, value_bits: int, head_dim: int, block_size: int,
-                   gqa: int) -> bool:  # fmt: skip
-    """Whether this kernel takes the streams: ``int`` 4-bit K and V (any rotation), pages of 16k tokens."""
+def cuda_int_supported(key_kind: str, key_bits: int, value_kind: str, value_bits: int, head_dim: int,
+                       block_size: int, gqa: int) -> bool:  # fmt: skip
+    """Whether this kernel takes the streams: ``int`` K and V of 2 or 4 bits each (token axis, any rotation), pages
+    of 16k tokens."""
     return (
-        key_kind == "int" and value_kind == "int" and key_bits == 4 and value_bits == 4 and head_dim in HEAD_DIMS
-        and block_size % 16 == 0 and 1 <= gqa <= MAX_GQA
+        key_kind == "int" and value_kind == "int" and key_bits in BITS and value_bits in BITS
+        and head_dim in HEAD_DIMS and block_size % 16 == 0 and 1 <= gqa <= MAX_GQA
     )  # fmt: skip
 
 
-# Below this batch the Triton kernel is faster (H200, graph replay, batch 1 / 32K: 58 vs 89 us at best); from
-# batch 8 this one (8 / 32K: 131 vs 257 us; 16 / 32K: 223 vs 525; 32 / 128K: 1577 vs 3921), eager too (179 vs 259).
+# Below this batch the Triton kernel is faster (H200, graph replay, batch 1 / 32K, int:4: 58 vs 96 us); from batch 8
+# this one (int:4, 8 / 32K: 118 vs 259 us; 16 / 32K: 213 vs 521; 32 / 128K: 1622 vs 3888), eager too (120 vs 260).
 MIN_BATCH = 8
 
 
-def uses_int4_kernel(query: torch.Tensor, key_cache: torch.Tensor, key_kind: str, key_bits: int, value_kind: str,
-                     value_bits: int) -> bool:  # fmt: skip
+def uses_cuda_int_kernel(query: torch.Tensor, key_cache: torch.Tensor, key_kind: str, key_bits: int,
+                         value_kind: str, value_bits: int) -> bool:  # fmt: skip
     """The dispatch rule of every CUDA decode (`kvpack.kernels.attention.decode`, the ``kvpack::paged_decode`` op
     of the caches): this kernel where it takes the codecs and the batch is at least `MIN_BATCH`, else Triton.
     Shapes only: a compiled step makes the same choice when traced and when replayed."""
@@ -103,23 +113,27 @@ def uses_int4_kernel(query: torch.Tensor, key_cache: torch.Tensor, key_kind: str
     _, block_size, hkv, _ = key_cache.shape
     return (
         query.is_cuda and batch >= MIN_BATCH
-        and int4_supported(key_kind, key_bits, value_kind, value_bits, d, block_size, hq // hkv)
+        and cuda_int_supported(key_kind, key_bits, value_kind, value_bits, d, block_size, hq // hkv)
     )  # fmt: skip
 
 
 def variant_for(query: torch.Tensor, key_cache: torch.Tensor, heads_per_cta: int | None = None,
-                stages: int | None = None, min_blocks: int = 0) -> Variant:  # fmt: skip
-    """The kernel variant of these shapes; default: up to 8 KV heads per CTA and a pipeline in 48 KB of shared memory."""
+                stages: int | None = None, min_blocks: int = 0, value_cache: torch.Tensor | None = None) -> Variant:  # fmt: skip
+    """The kernel variant of these shapes (code bits from the pools' row bytes; ``value_cache`` ``None``: as the keys);
+    default: up to 8 KV heads per CTA and a pipeline in 48 KB of shared memory."""
     _, hq, d = query.shape
     _, block_size, hkv, _ = key_cache.shape
+    key_bits = (key_cache.shape[-1] - 4) * 8 // d
+    value_bits = key_bits if value_cache is None else (value_cache.shape[-1] - 4) * 8 // d
+    tile = 16 * (d * (key_bits + value_bits) // 8 + 8)  # one stage of one KV head
     if heads_per_cta is None:
         heads_per_cta = max(x for x in (1, 2, 4, 8) if hkv % x == 0 and x <= hkv)
-        while heads_per_cta > 1 and 2 * 2 * 16 * heads_per_cta * (d // 2 + 4) > (48 << 10):
+        while heads_per_cta > 1 and 2 * tile * heads_per_cta > (48 << 10):
             heads_per_cta //= 2  # two stages must fit the 48 KB launch limit (head_dim 256: measured INVALID_VALUE)
-    tile = 2 * 16 * heads_per_cta * (d // 2 + 4)
     if stages is None:
-        stages = max(2, min(4, (48 << 10) // tile))
-    return Variant(d, hq // hkv, hkv, heads_per_cta, block_size, stages, query.dtype == torch.bfloat16, min_blocks)
+        stages = max(2, min(4, (48 << 10) // (tile * heads_per_cta)))
+    return Variant(d, hq // hkv, hkv, heads_per_cta, block_size, stages, query.dtype == torch.bfloat16, min_blocks,
+                   key_bits, value_bits)  # fmt: skip
 
 
 def _cache_dir() -> Path:
@@ -132,7 +146,7 @@ def compile_variant(variant: Variant, arch: str) -> bytes:
 
     source = SOURCE.read_text()
     key = hashlib.sha256(f"{source}\n{variant.defines()}\n{arch}".encode()).hexdigest()[:24]
-    path = _cache_dir() / f"int4_decode_{key}.cubin"
+    path = _cache_dir() / f"int_decode_{key}.cubin"
     if path.exists():
         return path.read_bytes()
     options = ProgramOptions(arch=arch, std="c++17", define_macro=variant.defines())
@@ -155,7 +169,7 @@ def _kernels(variant: Variant, device_index: int):
     dev.set_current()
     major, minor = dev.compute_capability
     code = ObjectCode.from_cubin(compile_variant(variant, f"sm_{major}{minor}"))
-    return code.get_kernel("kvpack_int4_decode"), code.get_kernel("kvpack_int4_reduce")
+    return code.get_kernel("kvpack_int_decode"), code.get_kernel("kvpack_int_reduce")
 
 
 class _TorchStream:
@@ -181,8 +195,8 @@ def _ptr(t: torch.Tensor):
     return np.uint64(t.data_ptr())
 
 
-@torch.library.custom_op("kvpack::int4_paged_decode", mutates_args=())
-def int4_paged_decode(
+@torch.library.custom_op("kvpack::int_paged_decode", mutates_args=())
+def int_paged_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -204,7 +218,7 @@ def int4_paged_decode(
 
     batch, hq, d = query.shape
     num_blocks, _, hkv, _ = key_cache.shape
-    variant = variant_for(query, key_cache, heads_per_cta or None, stages or None, min_blocks)
+    variant = variant_for(query, key_cache, heads_per_cta or None, stages or None, min_blocks, value_cache)
     dev = query.device.index if query.device.index is not None else torch.cuda.current_device()
     decode_kernel, reduce_kernel = _kernels(variant, dev)
     stream = _stream(torch.cuda.current_stream(query.device).cuda_stream, dev)
@@ -244,7 +258,7 @@ def int4_paged_decode(
     return out
 
 
-@int4_paged_decode.register_fake
+@int_paged_decode.register_fake
 def _(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens, key_rotation,
       value_unrotation, scale, num_splits, heads_per_cta, stages, min_blocks=0):  # fmt: skip
     return torch.empty_like(query)
@@ -269,17 +283,17 @@ def default_splits(variant: Variant, batch: int, capacity: int, device: torch.de
     return max(1, min(waves * resident // ctas - 1, math.ceil(capacity / 64)))
 
 
-def launch_shape(query: torch.Tensor, key_cache: torch.Tensor, block_tables: torch.Tensor,
+def launch_shape(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
                  num_splits: int | None = None, heads_per_cta: int | None = None, stages: int | None = None,
                  min_blocks: int = 0) -> tuple[int, int, int, int]:  # fmt: skip
     """``(num_splits, heads_per_cta, stages, min_blocks)`` of the op for these shapes (``None``: the defaults)."""
-    variant = variant_for(query, key_cache, heads_per_cta, stages, min_blocks)
+    variant = variant_for(query, key_cache, heads_per_cta, stages, min_blocks, value_cache)
     if num_splits is None:
         num_splits = default_splits(variant, query.shape[0], block_tables.shape[1] * key_cache.shape[1], query.device)
     return int(num_splits), variant.heads_per_cta, variant.stages, min_blocks
 
 
-def paged_int4_decode(
+def paged_int_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -300,9 +314,9 @@ def paged_int4_decode(
     """Launch the op (inputs checked by `kvpack.kernels.attention.decode`); ``num_splits`` depends on shapes only.
     ``key_codec``/``value_codec``: `PagedCodec` or anything with its ``rotation``/``unrotation``."""
     key_rotation = None if key_codec.rotation is None else key_codec.rotation.float()
-    result = torch.ops.kvpack.int4_paged_decode(
+    result = torch.ops.kvpack.int_paged_decode(
         query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens, key_rotation,
         value_codec.unrotation, float(scale),
-        *launch_shape(query, key_cache, block_tables, num_splits, heads_per_cta, stages, min_blocks),
+        *launch_shape(query, key_cache, value_cache, block_tables, num_splits, heads_per_cta, stages, min_blocks),
     )  # fmt: skip
     return result if out is None else out.copy_(result)

@@ -1,4 +1,4 @@
-"""The NVRTC int:4 decode kernel vs `decode_ref`: tolerance 2x the error of fp16 SDPA against the same reference.
+"""The NVRTC int:2/int:4 decode kernel vs `decode_ref`: tolerance 2x the error of fp16 SDPA against the same reference.
 
 GPU tests skip without CUDA; the compile test needs only ``cuda.core`` and NVRTC (no GPU) and skips without them.
 """
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from cases import make_case, rel_err
 
 from kvpack.kernels.attention import decode, decode_ref, gather_tokens
-from kvpack.kernels.int_decode import HEAD_DIMS, Variant, compile_variant, int4_supported
+from kvpack.kernels.int_decode import HEAD_DIMS, Variant, compile_variant, cuda_int_supported
 from kvpack.kernels.paged import dequantize_rows
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -52,7 +52,20 @@ def test_int4_kernel_matches_reference(head_dim, kv_heads, gqa):
     case, kf, vf, _ = make_case("int:4", "int:4", batch=3, kv_heads=kv_heads, gqa=gqa, head_dim=head_dim,
                                 block_size=16, seq_lens=[1000, 17, 333], window_lens=[40, 0, 16], device="cuda",
                                 seed=head_dim + 7 * gqa + kv_heads)  # fmt: skip
-    assert int4_supported(kf.kind, kf.bits, vf.kind, vf.bits, head_dim, 16, gqa)
+    assert cuda_int_supported(kf.kind, kf.bits, vf.kind, vf.bits, head_dim, 16, gqa)
+    check(case, kf, vf)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("key,value", [("int:2", "int:2"), ("int:4", "int:2"), ("int:2", "int:4")])
+@pytest.mark.parametrize("kv_heads,gqa", [(8, 4), (2, 16), (1, 3)])
+def test_int2_and_mixed_bits_match_reference(head_dim, key, value, kv_heads, gqa):
+    case, kf, vf, _ = make_case(key, value, batch=3, kv_heads=kv_heads, gqa=gqa, head_dim=head_dim, block_size=16,
+                                seq_lens=[1000, 17, 333], window_lens=[40, 0, 16], device="cuda",
+                                seed=head_dim + 7 * gqa + kv_heads + len(key + value))  # fmt: skip
+    assert cuda_int_supported(kf.kind, kf.bits, vf.kind, vf.bits, head_dim, 16, gqa)
     check(case, kf, vf)
 
 
@@ -111,7 +124,7 @@ def test_fake_implementation_traces_shapes():
         pages = torch.empty(5, 16, 2, 68, dtype=torch.uint8)
         bt, lens = torch.empty(2, 3, dtype=torch.int32), torch.empty(2, dtype=torch.int32)
         w = torch.empty(2, 4, 2, 128, dtype=torch.float16)
-        out = torch.ops.kvpack.int4_paged_decode(q, pages, pages, bt, lens, w, w, lens, None, None, 0.1, 4, 2, 2)
+        out = torch.ops.kvpack.int_paged_decode(q, pages, pages, bt, lens, w, w, lens, None, None, 0.1, 4, 2, 2)
     assert out.shape == q.shape and out.dtype == q.dtype
 
 
@@ -132,8 +145,8 @@ def _nvrtc_available() -> bool:
 @pytest.mark.parametrize("gqa,kv_heads,heads_per_cta", [(4, 8, 8), (4, 8, 4), (1, 4, 4), (16, 2, 2), (3, 1, 1)])
 def test_every_variant_compiles_for_sm90(head_dim, gqa, kv_heads, heads_per_cta, tmp_path, monkeypatch):
     monkeypatch.setenv("KVPACK_CACHE", str(tmp_path))
-    for bf16 in (False, True):
-        v = Variant(head_dim, gqa, kv_heads, heads_per_cta, 16, 2, bf16)
+    for bf16, key_bits, value_bits in ((False, 4, 4), (True, 4, 4), (False, 2, 2), (True, 4, 2), (False, 2, 4)):
+        v = Variant(head_dim, gqa, kv_heads, heads_per_cta, 16, 2, bf16, key_bits=key_bits, value_bits=value_bits)
         cubin = compile_variant(v, "sm_90")
         assert cubin[:4] == b"\x7fELF"
         assert compile_variant(v, "sm_90") == cubin  # the disk cache returns the same bytes
