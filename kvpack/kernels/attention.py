@@ -200,8 +200,8 @@ def decode(
     int32 (B, max_blocks); ``seq_lens`` int32 (B,) packed tokens per sequence; the window (optional)
     ``(B, W, Hkv, D)`` with ``window_lens`` int32 (B,). Every sequence must hold at least one token.
     ``scale`` defaults to ``1/sqrt(D)``. ``use_kernel``: ``None`` = a GPU kernel iff on CUDA. ``kernel``: which
-    (``"cuda"``: the NVRTC int:2/int:4 kernel, `kvpack.kernels.int_decode`; ``"triton"``; ``None``: the CUDA one at batch
-    >= 8 where it takes the codecs, else Triton: `kvpack.kernels.int_decode.uses_cuda_int_kernel`). ``out``: a
+    (``"cuda"``: the NVRTC int:2/int:4 kernel, `kvpack.kernels.int_decode`; ``"triton"``; ``None``: the CUDA one at
+    batch >= 8 where it takes the codecs, else Triton: `kvpack.kernels.int_decode.uses_cuda_int_kernel`). ``out``: a
     ``(B, Hq, D)`` tensor of the query's dtype to write into (the kernel path; for CUDA graphs).
     """
     window_keys, window_values, window_lens = _checked(query, key_cache, value_cache, block_tables, seq_lens,
@@ -238,7 +238,8 @@ def decode(
         )
     if kernel == "cuda" or (kernel is None and uses_cuda_int_kernel(query, key_cache, *streams)):
         result = paged_int_decode(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values,
-                                   window_lens, key_codec, value_codec, scale, num_splits=num_splits, out=out)  # fmt: skip
+                                  window_lens, key_codec, value_codec, scale, num_splits=num_splits,
+                                  out=out)  # fmt: skip
     else:
         from kvpack.kernels.decode_attention import paged_decode_attention
 

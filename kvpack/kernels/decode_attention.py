@@ -590,9 +590,10 @@ def paged_decode(
 
     if uses_cuda_int_kernel(query, key_cache, key_kind, key_bits, value_kind, value_bits):  # the fast path of int 2/4
         rotation = None if key_rotation16 is None else key_rotation16.float()
+        shape = launch_shape(query, key_cache, value_cache, block_tables)
         return torch.ops.kvpack.int_paged_decode(query, key_cache, value_cache, block_tables, seq_lens, window_keys,
-                                                  window_values, window_lens, rotation, value_unrotation, scale,
-                                                  *launch_shape(query, key_cache, value_cache, block_tables))  # fmt: skip
+                                                 window_values, window_lens, rotation, value_unrotation, scale,
+                                                 *shape)  # fmt: skip
     keys = _KernelTables(key_kind, key_bits, key_codebook16, key_rotation16, None, key_sketch)
     values = _KernelTables(value_kind, value_bits, value_codebook16, None, value_unrotation, value_sketch)
     return _launch(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,

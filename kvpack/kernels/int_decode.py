@@ -27,7 +27,10 @@ import torch
 
 from kvpack.kernels.paged import PagedCodec
 
-__all__ = ["Variant", "compile_variant", "cuda_int_supported", "paged_int_decode", "launch_shape", "uses_cuda_int_kernel", "variant_for"]
+__all__ = [
+    "Variant", "compile_variant", "cuda_int_supported", "launch_shape", "paged_int_decode", "uses_cuda_int_kernel",
+    "variant_for",
+]  # fmt: skip
 
 LOG2E = 1.4426950408889634
 SOURCE = Path(__file__).with_name("int_decode.cu")
@@ -118,7 +121,8 @@ def uses_cuda_int_kernel(query: torch.Tensor, key_cache: torch.Tensor, key_kind:
 
 
 def variant_for(query: torch.Tensor, key_cache: torch.Tensor, heads_per_cta: int | None = None,
-                stages: int | None = None, min_blocks: int = 0, value_cache: torch.Tensor | None = None) -> Variant:  # fmt: skip
+                stages: int | None = None, min_blocks: int = 0,
+                value_cache: torch.Tensor | None = None) -> Variant:  # fmt: skip
     """The kernel variant of these shapes (code bits from the pools' row bytes; ``value_cache`` ``None``: as the keys);
     default: up to 8 KV heads per CTA and a pipeline in 48 KB of shared memory."""
     _, hq, d = query.shape
