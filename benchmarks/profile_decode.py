@@ -2,7 +2,7 @@
 
 Usage (CUDA machine, repository root): ``ncu --clock-control none -k regex:_split_kernel -c 1 --section
 WarpStateStats python benchmarks/profile_decode.py int:4 [batch=8] [context=32768] [kernel=triton|cuda]
-[key=value tuning...]`` (``kernel=cuda``: the NVRTC int:4 kernel, ``-k regex:kvpack_int_decode``).
+[key=value tuning...]`` (``kernel=cuda``: the NVRTC kernel, ``-k regex:kvpack_cuda_decode``).
 Inputs as ``kvpack bench attention`` builds them (Llama-3-8B heads, random codes, 16-token pages, 132-token
 window). Prints the median time of the calls (``triton.testing.do_bench``).
 """
@@ -16,14 +16,14 @@ import triton.testing
 
 from kvpack.bench import kernels as bench
 from kvpack.kernels.decode_attention import paged_decode_attention
-from kvpack.kernels.int_decode import paged_int_decode
+from kvpack.kernels.cuda_decode import paged_cuda_decode
 
 
 def main() -> int:
     spec = sys.argv[1]
     opts = dict(a.split("=") for a in sys.argv[2:])
     batch, ctx = int(opts.pop("batch", 8)), int(opts.pop("context", 32768))
-    launch = {"triton": paged_decode_attention, "cuda": paged_int_decode}[opts.pop("kernel", "triton")]
+    launch = {"triton": paged_decode_attention, "cuda": paged_cuda_decode}[opts.pop("kernel", "triton")]
     tuning = {k: (float(v) if k == "waves" else int(v)) for k, v in opts.items()}
     hq, hkv, d, bs, window = 32, 8, 128, 16, 132
     fmt = bench._fmt(spec, d)

@@ -200,8 +200,9 @@ def decode(
     int32 (B, max_blocks); ``seq_lens`` int32 (B,) packed tokens per sequence; the window (optional)
     ``(B, W, Hkv, D)`` with ``window_lens`` int32 (B,). Every sequence must hold at least one token.
     ``scale`` defaults to ``1/sqrt(D)``. ``use_kernel``: ``None`` = a GPU kernel iff on CUDA. ``kernel``: which
-    (``"cuda"``: the NVRTC int:2/int:4 kernel, `kvpack.kernels.int_decode`; ``"triton"``; ``None``: the CUDA one at
-    batch >= 8 where it takes the codecs, else Triton: `kvpack.kernels.int_decode.uses_cuda_int_kernel`). ``out``: a
+    (``"cuda"``: the NVRTC kernel of ``int`` and ``turbo_mse`` streams, `kvpack.kernels.cuda_decode`; ``"triton"``;
+    ``None``: the CUDA one at batch >= 8 where it takes the codecs, else Triton:
+    `kvpack.kernels.cuda_decode.uses_cuda_kernel`). ``out``: a
     ``(B, Hq, D)`` tensor of the query's dtype to write into (the kernel path; for CUDA graphs).
     """
     window_keys, window_values, window_lens = _checked(query, key_cache, value_cache, block_tables, seq_lens,
@@ -227,17 +228,19 @@ def decode(
         if not bool(torch.isfinite(ref).all()):
             raise ValueError("decode: the packed tokens decode to NaN/inf (corrupted side bytes in the pools?)")
         return ref.to(query.dtype) if out is None else out.copy_(ref)
-    from kvpack.kernels.int_decode import cuda_int_supported, paged_int_decode, uses_cuda_int_kernel
+    from kvpack.kernels.cuda_decode import cuda_supported, paged_cuda_decode, uses_cuda_kernel
 
     streams = (key_codec.kind, key_codec.bits, value_codec.kind, value_codec.bits)
-    cuda_ok = query.is_cuda and cuda_int_supported(*streams, query.shape[-1], key_cache.shape[1],
-                                               query.shape[1] // key_cache.shape[2])  # fmt: skip
+    cuda_ok = query.is_cuda and cuda_supported(*streams, query.shape[-1], key_cache.shape[1],
+                                           query.shape[1] // key_cache.shape[2])  # fmt: skip
     if kernel == "cuda" and not cuda_ok:
         raise ValueError(
-            "kernel='cuda' takes int:2 or int:4 keys and values (token axis) on CUDA; use kernel=None or 'triton'"
+            f"kernel='cuda' takes int (2-4, 8 bits, token axis) and turbo_mse (1-4 bits) keys and values on CUDA "
+            f"(not 1-bit keys at head_dim 64), got {key_codec.kind}:{key_codec.bits} / "
+            f"{value_codec.kind}:{value_codec.bits}; use kernel=None or 'triton'"
         )
-    if kernel == "cuda" or (kernel is None and uses_cuda_int_kernel(query, key_cache, *streams)):
-        result = paged_int_decode(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values,
+    if kernel == "cuda" or (kernel is None and uses_cuda_kernel(query, key_cache, *streams)):
+        result = paged_cuda_decode(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values,
                                   window_lens, key_codec, value_codec, scale, num_splits=num_splits,
                                   out=out)  # fmt: skip
     else:

@@ -1,4 +1,5 @@
-"""The NVRTC int:2/int:4 decode kernel vs `decode_ref`: tolerance 2x the error of fp16 SDPA against the same reference.
+"""The NVRTC decode kernel (int, turbo_mse) vs `decode_ref`: tolerance 2x the error of fp16 SDPA against the same
+reference.
 
 GPU tests skip without CUDA; the compile test needs only ``cuda.core`` and NVRTC (no GPU) and skips without them.
 """
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from cases import make_case, rel_err
 
 from kvpack.kernels.attention import decode, decode_ref, gather_tokens
-from kvpack.kernels.int_decode import HEAD_DIMS, Variant, compile_variant, cuda_int_supported
+from kvpack.kernels.cuda_decode import BITS, HEAD_DIMS, Variant, compile_variant, cuda_supported
 from kvpack.kernels.paged import dequantize_rows
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -52,7 +53,7 @@ def test_int4_kernel_matches_reference(head_dim, kv_heads, gqa):
     case, kf, vf, _ = make_case("int:4", "int:4", batch=3, kv_heads=kv_heads, gqa=gqa, head_dim=head_dim,
                                 block_size=16, seq_lens=[1000, 17, 333], window_lens=[40, 0, 16], device="cuda",
                                 seed=head_dim + 7 * gqa + kv_heads)  # fmt: skip
-    assert cuda_int_supported(kf.kind, kf.bits, vf.kind, vf.bits, head_dim, 16, gqa)
+    assert cuda_supported(kf.kind, kf.bits, vf.kind, vf.bits, head_dim, 16, gqa)
     check(case, kf, vf)
 
 
@@ -65,7 +66,7 @@ def test_int2_and_mixed_bits_match_reference(head_dim, key, value, kv_heads, gqa
     case, kf, vf, _ = make_case(key, value, batch=3, kv_heads=kv_heads, gqa=gqa, head_dim=head_dim, block_size=16,
                                 seq_lens=[1000, 17, 333], window_lens=[40, 0, 16], device="cuda",
                                 seed=head_dim + 7 * gqa + kv_heads + len(key + value))  # fmt: skip
-    assert cuda_int_supported(kf.kind, kf.bits, vf.kind, vf.bits, head_dim, 16, gqa)
+    assert cuda_supported(kf.kind, kf.bits, vf.kind, vf.bits, head_dim, 16, gqa)
     check(case, kf, vf)
 
 
@@ -98,6 +99,50 @@ def test_int4_kernel_empty_window_and_no_window():
     assert rel_err(decode(**case, key_codec=kf, value_codec=vf, kernel="cuda"), ref) <= 1e-2
 
 
+# every kind and bit width of the kernel, K and V: turbo_mse through its shared-memory tables, int:3/8 through the
+# magic-number unpack (3 bits: two planes), mixed kinds in one launch
+CODEC_PAIRS = [
+    ("turbo_mse:4", "turbo_mse:4"), ("turbo_mse:3", "turbo_mse:3"), ("turbo_mse:2", "turbo_mse:2"),
+    ("turbo_mse:4", "turbo_mse:1"), ("turbo_mse:1", "turbo_mse:3"), ("int:8", "turbo_mse:2"), ("int:3", "int:3"),
+    ("int:8", "int:8"), ("turbo_mse:1", "turbo_mse:1"), ("turbo_mse:3", "int:4"),
+    ("int:3:rotation=hadamard", "turbo_mse:4:rotation=hadamard"),
+]  # fmt: skip
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("key,value", CODEC_PAIRS)
+@pytest.mark.parametrize("kv_heads,gqa", [(8, 4), (2, 16), (1, 3)])
+def test_every_codec_matches_reference(head_dim, key, value, kv_heads, gqa):
+    case, kf, vf, _ = make_case(key, value, batch=3, kv_heads=kv_heads, gqa=gqa, head_dim=head_dim, block_size=16,
+                                seq_lens=[1000, 17, 333], window_lens=[40, 0, 16], device="cuda",
+                                seed=head_dim + 7 * gqa + kv_heads + len(key + value))  # fmt: skip
+    if not cuda_supported(kf.kind, kf.bits, vf.kind, vf.bits, head_dim, 16, gqa):
+        assert kf.bits == 1 and head_dim == 64  # the one gap: 1-bit keys at head_dim 64 (16 bits per thread)
+        with pytest.raises(ValueError, match="kernel='cuda'"):
+            decode(**case, key_codec=kf, value_codec=vf, kernel="cuda")
+        return
+    check(case, kf, vf)
+
+
+def test_supported_streams():
+    for kind, bits in BITS.items():
+        for b in bits:
+            for d in HEAD_DIMS:
+                assert cuda_supported(kind, b, kind, b, d, 16, 4) == (not (b == 1 and d == 64))
+                assert cuda_supported("int", 4, kind, b, d, 16, 4)
+    assert not cuda_supported("turbo_prod", 3, "int", 4, 128, 16, 4)
+    assert not cuda_supported("int", 4, "int", 5, 128, 16, 4)
+    assert not cuda_supported("int", 4, "int", 4, 128, 8, 4)
+    assert not cuda_supported("int", 4, "int", 4, 96, 16, 4)
+    assert not cuda_supported("int", 4, "int", 4, 128, 16, 17)
+    with pytest.raises(ValueError, match="key_kind/key_bits"):
+        Variant(64, 4, 8, 8, 16, 2, False, key_bits=1, value_bits=4)
+    with pytest.raises(ValueError, match="value_kind/value_bits"):
+        Variant(128, 4, 8, 8, 16, 2, False, value_bits=5, value_kind="turbo_mse")
+
+
 def test_bad_inputs_are_refused_before_launch(device):
     case, kf, vf, _ = make_case("int:4", "int:4", batch=2, kv_heads=2, gqa=2, head_dim=64, block_size=16,
                                 seq_lens=[40, 17], window_lens=[3, 0], device=device, seed=1)  # fmt: skip
@@ -117,14 +162,16 @@ def test_bad_inputs_are_refused_before_launch(device):
 def test_fake_implementation_traces_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import kvpack.kernels.int_decode  # noqa: F401 - registers the op
+    import kvpack.kernels.cuda_decode  # noqa: F401 - registers the op
 
     with FakeTensorMode():
         q = torch.empty(2, 8, 128, dtype=torch.float16)
         pages = torch.empty(5, 16, 2, 68, dtype=torch.uint8)
         bt, lens = torch.empty(2, 3, dtype=torch.int32), torch.empty(2, dtype=torch.int32)
         w = torch.empty(2, 4, 2, 128, dtype=torch.float16)
-        out = torch.ops.kvpack.int_paged_decode(q, pages, pages, bt, lens, w, w, lens, None, None, 0.1, 4, 2, 2)
+        cb = torch.empty(16, dtype=torch.float16)
+        out = torch.ops.kvpack.cuda_paged_decode(q, pages, pages, bt, lens, w, w, lens, None, None, None, cb, 0.1, 4,
+                                                 2, 2)  # fmt: skip
     assert out.shape == q.shape and out.dtype == q.dtype
 
 
@@ -145,8 +192,13 @@ def _nvrtc_available() -> bool:
 @pytest.mark.parametrize("gqa,kv_heads,heads_per_cta", [(4, 8, 8), (4, 8, 4), (1, 4, 4), (16, 2, 2), (3, 1, 1)])
 def test_every_variant_compiles_for_sm90(head_dim, gqa, kv_heads, heads_per_cta, tmp_path, monkeypatch):
     monkeypatch.setenv("KVPACK_CACHE", str(tmp_path))
-    for bf16, key_bits, value_bits in ((False, 4, 4), (True, 4, 4), (False, 2, 2), (True, 4, 2), (False, 2, 4)):
-        v = Variant(head_dim, gqa, kv_heads, heads_per_cta, 16, 2, bf16, key_bits=key_bits, value_bits=value_bits)
+    streams = [(False, "int", 4, "int", 4), (True, "int", 4, "int", 4), (False, "int", 2, "int", 2),
+               (True, "int", 4, "int", 2), (False, "int", 8, "int", 3), (False, "turbo_mse", 4, "turbo_mse", 4),
+               (True, "turbo_mse", 3, "turbo_mse", 2), (False, "turbo_mse", 2, "turbo_mse", 1),
+               (False, "int", 8, "turbo_mse", 3)]  # fmt: skip
+    for bf16, key_kind, key_bits, value_kind, value_bits in streams:
+        v = Variant(head_dim, gqa, kv_heads, heads_per_cta, 16, 2, bf16, key_bits=key_bits, value_bits=value_bits,
+                    key_kind=key_kind, value_kind=value_kind)  # fmt: skip
         cubin = compile_variant(v, "sm_90")
         assert cubin[:4] == b"\x7fELF"
         assert compile_variant(v, "sm_90") == cubin  # the disk cache returns the same bytes

@@ -1,11 +1,14 @@
-"""int:2 and int:4 decode attention: the NVRTC CUDA kernel (kvpack.kernels.int_decode) vs Triton, fp16 SDPA and a copy.
+"""Decode attention: the NVRTC CUDA kernel (kvpack.kernels.cuda_decode) vs Triton, fp16 SDPA and a copy, per codec.
 
 Llama-3-8B heads (32 q / 8 kv, head_dim 128), 132-token 16-bit window, 16-token pages in a random permutation.
 Reported per case: median do_bench time (L2 flushed) and CUDA-graph replay time, x SDPA, and % of copy on the bytes
 the kernel reads (``B * Hkv * (packed * 2 * row_bytes + window * D * 2 * 2)``; copy bandwidth counts read + write).
 Also a sweep of splits / KV heads per CTA / pipeline stages at each shape (``--sweep``).
 
-    PYTHONPATH=$PWD python benchmarks/int4_decode.py --json out.json [--sweep] [--shapes 8x32768,1x32768,32x131072]
+    PYTHONPATH=$PWD python benchmarks/cuda_decode.py --json out.json [--sweep] [--shapes 8x32768,1x32768,32x131072]
+        [--specs int:4,int:2,turbo_mse:4,turbo_mse:4/turbo_mse:3]   (K/V: a key and a value codec)
+        [--policy 4bit,3bit,2.5bit]   (a shipped preset's per-layer K/V codecs, each distinct pair timed once: the
+                                       mean time per layer of the policy as a whole, vs the uniform int codecs)
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import triton.testing
 from kvpack import get_codec
 from kvpack.bench.kernels import _graph_ms, copy_bandwidth, paged_decode_inputs, random_paged_cache
 from kvpack.kernels.decode_attention import paged_decode_attention
-from kvpack.kernels.int_decode import default_splits, paged_int_decode, variant_for
+from kvpack.kernels.cuda_decode import default_splits, paged_cuda_decode, variant_for
 from kvpack.kernels.paged import paged_codec
 
 
@@ -29,13 +32,54 @@ def bench(fn) -> tuple[float, float]:
     return ms * 1e3, _graph_ms(fn) * 1e3
 
 
+def preset_pairs(name: str) -> list[str]:
+    """The ``K/V`` spec of each layer of a shipped preset (its cached SmolLM2 policy: the per-layer codecs)."""
+    from importlib import resources
+
+    from kvpack.policy import policy_from_dict
+
+    files = [f for f in resources.files("kvpack.presets").iterdir() if f.name.endswith(f"-{name}.json")]
+    if not files:
+        raise SystemExit(f"--policy: no shipped preset named {name!r}")
+    policy = policy_from_dict(json.loads(files[0].read_text())["policy"])
+    return [f"{k}/{v}" for k, v in zip(policy.layer_keys, policy.layer_values, strict=True)]
+
+
+def policy_times(row: dict, weights: dict) -> dict:
+    """Mean graph-replay time per layer of each preset: its pairs' fastest kernel (CUDA where it takes them)."""
+    best = {}
+    for case in row["cases"]:
+        if case["kernel"] in ("cuda", "triton"):
+            best[case["spec"]] = min(best.get(case["spec"], float("inf")), case["graph_us"])
+    out = {}
+    for pair, uses in weights.items():
+        for name, n in uses.items():
+            p = out.setdefault(name, {"layers": 0, "graph_us": 0.0, "bits": 0.0})
+            p["layers"] += n
+            p["graph_us"] += n * best[pair]
+            k, v = pair.split("/")
+            p["bits"] += n * (int(k.split(":")[1]) + int(v.split(":")[1])) / 2
+    for p in out.values():
+        p["graph_us"] /= p["layers"]
+        p["bits"] /= p["layers"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="8x32768,1x32768,32x131072")
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--specs", default="int:4,int:2", help="int:2/int:4 K and V: the CUDA kernel and Triton")
+    ap.add_argument("--specs", default="int:4,int:2", help="codecs of K and V (or K/V): the CUDA kernel and Triton")
+    ap.add_argument("--policy", default="", help="presets whose (K, V) codec pairs are timed, weighted by layers")
     args = ap.parse_args()
+    weights = {}  # spec -> {preset: layers using it}
+    for name in [p for p in args.policy.split(",") if p]:
+        pairs = preset_pairs(name)
+        for pair in pairs:
+            weights.setdefault(pair, {}).setdefault(name, 0)
+            weights[pair][name] += 1
+    specs = [s for s in args.specs.split(",") if s] + [p for p in weights if p not in args.specs.split(",")]
     hq, hkv, d, bs, window = 32, 8, 128, 16, 132
     copy_bps = copy_bandwidth()
     print(f"copy {copy_bps / 1e12:.2f} TB/s", flush=True)
@@ -54,15 +98,17 @@ def main() -> None:
         tables, seq_lens, wk, wv, wl = paged_decode_inputs(batch, packed, window, hkv, d, bs, g)
         query = q.reshape(batch, hq, d)
         row = {"batch": batch, "context": ctx, "sdpa_us": sdpa_us, "sdpa_graph_us": sdpa_graph_us, "cases": []}
-        for spec in [s for s in args.specs.split(",") if s]:
-            fmt = paged_codec(get_codec(spec, head_dim=d), "cuda")
-            kc = random_paged_cache(tables.numel(), bs, hkv, fmt)
-            vc = random_paged_cache(tables.numel(), bs, hkv, fmt)
-            nbytes = batch * hkv * (packed * 2 * fmt.row_bytes + window * d * 2 * 2)
-            common = (query, kc, vc, tables, seq_lens, wk, wv, wl, fmt, fmt, d**-0.5)
-            variants = [("cuda", {}, paged_int_decode), ("triton", {}, paged_decode_attention)]
+        for spec in specs:
+            key_spec, _, value_spec = spec.partition("/")
+            kf = paged_codec(get_codec(key_spec, head_dim=d), "cuda")
+            vf = paged_codec(get_codec(value_spec or key_spec, head_dim=d), "cuda")
+            kc = random_paged_cache(tables.numel(), bs, hkv, kf)
+            vc = random_paged_cache(tables.numel(), bs, hkv, vf)
+            nbytes = batch * hkv * (packed * (kf.row_bytes + vf.row_bytes) + window * d * 2 * 2)
+            common = (query, kc, vc, tables, seq_lens, wk, wv, wl, kf, vf, d**-0.5)
+            variants = [("cuda", {}, paged_cuda_decode), ("triton", {}, paged_decode_attention)]
             if spec == "int:4":
-                variants = [("cuda", {}, paged_int_decode)]
+                variants = [("cuda", {}, paged_cuda_decode)]
                 if args.sweep:  # KV heads per CTA, stages, register cap; splits filling 1 or 2 waves, or given
                     for hpc, stages, minb in ((8, 2, 0), (4, 4, 0), (4, 2, 0), (2, 4, 0), (8, 2, 3), (4, 4, 5)):
                         variant = variant_for(query, kc, hpc, stages, minb)
@@ -70,8 +116,10 @@ def main() -> None:
                             splits = default_splits(variant, batch, tables.shape[1] * bs, query.device, waves)
                             variants.append((f"cuda s{splits} h{hpc} st{stages} mb{minb}",
                                              {"num_splits": splits, "heads_per_cta": hpc, "stages": stages,
-                                              "min_blocks": minb}, paged_int_decode))  # fmt: skip
+                                              "min_blocks": minb}, paged_cuda_decode))  # fmt: skip
                 variants.append(("triton", {}, paged_decode_attention))
+            if args.sweep and "turbo_mse:4" in spec:  # copies of the 4-bit table (bank conflicts vs shared memory)
+                variants[1:1] = [(f"cuda copies{c}", {"table_copies": c}, paged_cuda_decode) for c in (1, 4, 8, 16)]
             for name, kw, fn in variants:
                 step = functools.partial(fn, *common, out=torch.empty_like(query), **kw)
                 try:
@@ -84,12 +132,16 @@ def main() -> None:
                         "pct_copy": 100 * nbytes / (us * 1e-6) / copy_bps,
                         "pct_copy_graph": 100 * nbytes / (graph_us * 1e-6) / copy_bps}  # fmt: skip
                 row["cases"].append(case)
-                print(f"  b{batch} ctx{ctx} {spec:6s} {name:24s} {us:8.1f} us (graph {graph_us:8.1f}) "
+                print(f"  b{batch} ctx{ctx} {spec:12s} {name:24s} {us:8.1f} us (graph {graph_us:8.1f}) "
                       f"x{case['x_sdpa']:.2f} (graph x{case['x_sdpa_graph']:.2f}) {case['pct_copy']:.0f}% "
                       f"(graph {case['pct_copy_graph']:.0f}%) of copy", flush=True)  # fmt: skip
             del kc, vc
             torch.cuda.empty_cache()
         print(f"b{batch} ctx{ctx}: sdpa {sdpa_us:.1f} us (graph {sdpa_graph_us:.1f})", flush=True)
+        row["policies"] = policy_times(row, weights)
+        for name, p in row["policies"].items():
+            print(f"b{batch} ctx{ctx} preset {name}: {p['graph_us']:.1f} us per layer (graph replay, mean over "
+                  f"{p['layers']} layers) = x{sdpa_graph_us / p['graph_us']:.2f} SDPA, {p['bits']:.2f} bits", flush=True)
         rows.append(row)
     result = {"device": torch.cuda.get_device_name(), "copy_tbps": copy_bps / 1e12, "rows": rows}
     if args.json:

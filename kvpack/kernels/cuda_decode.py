@@ -1,11 +1,12 @@
-"""CUDA decode attention over ``int:2``/``int:4`` paged KV (token axis, per-token scale/zero), compiled by NVRTC.
+"""CUDA decode attention over paged packed KV, compiled by NVRTC: ``int`` (token axis, per-token scale/zero, 2-4 or
+8 bits, any rotation) and ``turbo_mse`` (1-4 bits) keys and values, each stream its own codec and bits.
 
-The kernel source is ``int_decode.cu`` beside this file (it says how the tensor-core fragments are laid out).
-`paged_int_decode` has the contract of `kvpack.kernels.decode_attention.paged_decode_attention`: query
-``(B, Hq, D)`` fp16/bf16, uint8 paged caches ``(num_blocks, block_size, Hkv, D * bits / 8 + 4)`` (K and V each of 2
-or 4 bits, compiled at first use of a pair), int32 block tables
+The kernel source is ``cuda_decode.cu`` beside this file (it says how the tensor-core fragments are laid out and
+how each codec's codes become fp16). `paged_cuda_decode` has the contract of
+`kvpack.kernels.decode_attention.paged_decode_attention`: query ``(B, Hq, D)`` fp16/bf16, uint8 paged caches
+``(num_blocks, block_size, Hkv, D * bits / 8 + 4)`` (compiled at first use of a pair of codecs), int32 block tables
 ``(B, max_blocks)`` and lengths ``(B,)``, a 16-bit window ``(B, W, Hkv, D)`` -> ``(B, Hq, D)`` in the query's
-dtype. It is the ``torch.library`` op ``kvpack::int_paged_decode`` (with a fake implementation, so
+dtype. It is the ``torch.library`` op ``kvpack::cuda_paged_decode`` (with a fake implementation, so
 ``torch.compile`` traces through it); no host synchronisation, so a step can be captured in a CUDA graph.
 
 Compilation: ``cuda.core`` (pip ``cuda-core``, ``cuda-bindings``, ``nvidia-cuda-nvrtc``; no CUDA toolkit) turns
@@ -28,20 +29,29 @@ import torch
 from kvpack.kernels.paged import PagedCodec
 
 __all__ = [
-    "Variant", "compile_variant", "cuda_int_supported", "launch_shape", "paged_int_decode", "uses_cuda_int_kernel",
+    "Variant", "compile_variant", "cuda_supported", "launch_shape", "paged_cuda_decode", "uses_cuda_kernel",
     "variant_for",
 ]  # fmt: skip
 
 LOG2E = 1.4426950408889634
-SOURCE = Path(__file__).with_name("int_decode.cu")
+SOURCE = Path(__file__).with_name("cuda_decode.cu")
 HEAD_DIMS = (64, 128, 256)
-BITS = (2, 4)  # code bits of K and V, each
+KIND_IDS = {"int": 0, "turbo_mse": 1}  # the kernel's KKIND / VKIND
+BITS = {"int": (2, 3, 4, 8), "turbo_mse": (1, 2, 3, 4)}  # code bits of each kind, K and V each
 MAX_GQA = 16
+
+
+def _stream_supported(kind: str, bits: int, head_dim: int, key: bool) -> bool:
+    """A thread reads whole 32-bit words of a key's main plane (D/4 dims: no 1-bit keys at head_dim 64)."""
+    if kind not in BITS or bits not in BITS[kind]:
+        return False
+    plane = 2 if bits == 3 else bits
+    return not key or head_dim // 4 * plane >= 32
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One compiled kernel: the macros of ``int_decode.cu``."""
+    """One compiled kernel: the macros of ``cuda_decode.cu``."""
 
     head_dim: int
     gqa: int
@@ -53,6 +63,9 @@ class Variant:
     min_blocks: int = 0  # > 0: registers capped so that this many CTAs fit on an SM (may spill)
     key_bits: int = 4
     value_bits: int = 4
+    key_kind: str = "int"
+    value_kind: str = "int"
+    table_copies: int = 1  # copies of a 4-bit turbo_mse table in shared memory (fewer bank conflicts; 32: none)
 
     def __post_init__(self) -> None:
         if self.head_dim not in HEAD_DIMS:
@@ -63,11 +76,15 @@ class Variant:
             raise ValueError(f"heads_per_cta ({self.heads_per_cta}) must divide kv_heads ({self.kv_heads}), <= 16")
         if self.block_size % 16 or self.block_size < 16:
             raise ValueError(f"block_size must be a multiple of 16, got {self.block_size}")
+        if self.table_copies not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"table_copies must be 1, 2, 4, 8, 16 or 32, got {self.table_copies!r}")
         if not 2 <= self.stages <= 8:
             raise ValueError(f"stages must be in [2, 8], got {self.stages}")
-        for name in ("key_bits", "value_bits"):
-            if getattr(self, name) not in BITS:
-                raise ValueError(f"{name} must be one of {BITS}, got {getattr(self, name)!r}")
+        for stream in ("key", "value"):
+            kind, bits = getattr(self, f"{stream}_kind"), getattr(self, f"{stream}_bits")
+            if not _stream_supported(kind, bits, self.head_dim, stream == "key"):
+                raise ValueError(f"{stream}_kind/{stream}_bits: {kind}:{bits} at head_dim {self.head_dim} is not "
+                                 f"in this kernel (kinds and bits {BITS}; keys read >= 32 bits per thread)")
 
     @property
     def rows(self) -> tuple[int, int]:
@@ -81,34 +98,46 @@ class Variant:
         return 16 if aligned else 4
 
     @property
+    def table_words(self) -> int:
+        """32-bit words of the turbo_mse tables in shared memory (4 bits: 256, 3 bits: 32, 2 bits: 16; else 0)."""
+        words = {4: 256 * self.table_copies, 3: 32, 2: 16}
+        return sum(words.get(b, 0) for k, b in ((self.key_kind, self.key_bits), (self.value_kind, self.value_bits))
+                   if k == "turbo_mse")  # fmt: skip
+
+    @property
     def smem_bytes(self) -> int:
-        return self.stages * 16 * self.heads_per_cta * sum(self.rows)
+        stages = self.stages * 16 * self.heads_per_cta * sum(self.rows)
+        return (stages + 15) // 16 * 16 + 4 * self.table_words
 
     def defines(self) -> list[tuple[str, str]]:
         values = {"D": self.head_dim, "GQA": self.gqa, "HKV": self.kv_heads, "HG": self.heads_per_cta,
                   "BLOCK_SIZE": self.block_size, "STAGES": self.stages, "CHUNK": self.chunk,
                   "OUT_BF16": int(self.out_bf16), "MINB": self.min_blocks, "KBITS": self.key_bits,
-                  "VBITS": self.value_bits}  # fmt: skip
+                  "VBITS": self.value_bits, "KKIND": KIND_IDS[self.key_kind],
+                  "VKIND": KIND_IDS[self.value_kind], "TREP": self.table_copies}  # fmt: skip
         return [(k, str(v)) for k, v in values.items()]
 
 
-def cuda_int_supported(key_kind: str, key_bits: int, value_kind: str, value_bits: int, head_dim: int,
-                       block_size: int, gqa: int) -> bool:  # fmt: skip
-    """Whether this kernel takes the streams: ``int`` K and V of 2 or 4 bits each (token axis, any rotation), pages
-    of 16k tokens."""
+def cuda_supported(key_kind: str, key_bits: int, value_kind: str, value_bits: int, head_dim: int,
+                   block_size: int, gqa: int) -> bool:  # fmt: skip
+    """Whether this kernel takes the streams: ``int`` (token axis, any rotation) or ``turbo_mse`` K and V at the bits
+    of `BITS` each (no 1-bit keys at head_dim 64), head_dim 64/128/256, GQA 1-16, pages of 16k tokens."""
     return (
-        key_kind == "int" and value_kind == "int" and key_bits in BITS and value_bits in BITS
-        and head_dim in HEAD_DIMS and block_size % 16 == 0 and 1 <= gqa <= MAX_GQA
+        head_dim in HEAD_DIMS and block_size % 16 == 0 and 1 <= gqa <= MAX_GQA
+        and _stream_supported(key_kind, key_bits, head_dim, True)
+        and _stream_supported(value_kind, value_bits, head_dim, False)
     )  # fmt: skip
 
+
+TABLE_COPIES = 32  # of a 4-bit turbo_mse table: 32 KB each, on top of the pipeline (opted in above 48 KB)
 
 # Below this batch the Triton kernel is faster (H200, graph replay, batch 1 / 32K, int:4: 58 vs 96 us); from batch 8
 # this one (int:4, 8 / 32K: 118 vs 259 us; 16 / 32K: 213 vs 521; 32 / 128K: 1622 vs 3888), eager too (120 vs 260).
 MIN_BATCH = 8
 
 
-def uses_cuda_int_kernel(query: torch.Tensor, key_cache: torch.Tensor, key_kind: str, key_bits: int,
-                         value_kind: str, value_bits: int) -> bool:  # fmt: skip
+def uses_cuda_kernel(query: torch.Tensor, key_cache: torch.Tensor, key_kind: str, key_bits: int,
+                     value_kind: str, value_bits: int) -> bool:  # fmt: skip
     """The dispatch rule of every CUDA decode (`kvpack.kernels.attention.decode`, the ``kvpack::paged_decode`` op
     of the caches): this kernel where it takes the codecs and the batch is at least `MIN_BATCH`, else Triton.
     Shapes only: a compiled step makes the same choice when traced and when replayed."""
@@ -116,15 +145,15 @@ def uses_cuda_int_kernel(query: torch.Tensor, key_cache: torch.Tensor, key_kind:
     _, block_size, hkv, _ = key_cache.shape
     return (
         query.is_cuda and batch >= MIN_BATCH
-        and cuda_int_supported(key_kind, key_bits, value_kind, value_bits, d, block_size, hq // hkv)
+        and cuda_supported(key_kind, key_bits, value_kind, value_bits, d, block_size, hq // hkv)
     )  # fmt: skip
 
 
 def variant_for(query: torch.Tensor, key_cache: torch.Tensor, heads_per_cta: int | None = None,
-                stages: int | None = None, min_blocks: int = 0,
-                value_cache: torch.Tensor | None = None) -> Variant:  # fmt: skip
+                stages: int | None = None, min_blocks: int = 0, value_cache: torch.Tensor | None = None,
+                key_kind: str = "int", value_kind: str = "int", table_copies: int | None = None) -> Variant:  # fmt: skip
     """The kernel variant of these shapes (code bits from the pools' row bytes; ``value_cache`` ``None``: as the keys);
-    default: up to 8 KV heads per CTA and a pipeline in 48 KB of shared memory."""
+    default: up to 8 KV heads per CTA, a pipeline in 48 KB of shared memory, `TABLE_COPIES` of a 4-bit table."""
     _, hq, d = query.shape
     _, block_size, hkv, _ = key_cache.shape
     key_bits = (key_cache.shape[-1] - 4) * 8 // d
@@ -137,7 +166,7 @@ def variant_for(query: torch.Tensor, key_cache: torch.Tensor, heads_per_cta: int
     if stages is None:
         stages = max(2, min(4, (48 << 10) // (tile * heads_per_cta)))
     return Variant(d, hq // hkv, hkv, heads_per_cta, block_size, stages, query.dtype == torch.bfloat16, min_blocks,
-                   key_bits, value_bits)  # fmt: skip
+                   key_bits, value_bits, key_kind, value_kind, table_copies or TABLE_COPIES)  # fmt: skip
 
 
 def _cache_dir() -> Path:
@@ -150,7 +179,7 @@ def compile_variant(variant: Variant, arch: str) -> bytes:
 
     source = SOURCE.read_text()
     key = hashlib.sha256(f"{source}\n{variant.defines()}\n{arch}".encode()).hexdigest()[:24]
-    path = _cache_dir() / f"int_decode_{key}.cubin"
+    path = _cache_dir() / f"cuda_decode_{key}.cubin"
     if path.exists():
         return path.read_bytes()
     options = ProgramOptions(arch=arch, std="c++17", define_macro=variant.defines())
@@ -173,7 +202,23 @@ def _kernels(variant: Variant, device_index: int):
     dev.set_current()
     major, minor = dev.compute_capability
     code = ObjectCode.from_cubin(compile_variant(variant, f"sm_{major}{minor}"))
-    return code.get_kernel("kvpack_int_decode"), code.get_kernel("kvpack_int_reduce")
+    decode_kernel = code.get_kernel("kvpack_cuda_decode")
+    if variant.smem_bytes > (48 << 10):  # dynamic shared memory beyond 48 KB needs an opt-in per kernel
+        _allow_shared_memory(decode_kernel, variant.smem_bytes, device_index)
+    return decode_kernel, code.get_kernel("kvpack_cuda_reduce")
+
+
+def _allow_shared_memory(kernel, nbytes: int, device_index: int) -> None:
+    from cuda.bindings import driver
+
+    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    handle = kernel.handle
+    if isinstance(handle, driver.CUkernel):
+        (err,) = driver.cuKernelSetAttribute(attr, nbytes, handle, driver.CUdevice(device_index))
+    else:
+        (err,) = driver.cuFuncSetAttribute(handle, attr, nbytes)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cannot allow {nbytes} bytes of shared memory for the decode kernel: {err}")
 
 
 class _TorchStream:
@@ -199,8 +244,8 @@ def _ptr(t: torch.Tensor):
     return np.uint64(t.data_ptr())
 
 
-@torch.library.custom_op("kvpack::int_paged_decode", mutates_args=())
-def int_paged_decode(
+@torch.library.custom_op("kvpack::cuda_paged_decode", mutates_args=())
+def cuda_paged_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -211,30 +256,33 @@ def int_paged_decode(
     window_lens: torch.Tensor,
     key_rotation: torch.Tensor | None,
     value_unrotation: torch.Tensor | None,
+    key_codebook16: torch.Tensor | None,
+    value_codebook16: torch.Tensor | None,
     scale: float,
     num_splits: int,
     heads_per_cta: int,
     stages: int,
     min_blocks: int = 0,
+    table_copies: int = 0,
 ) -> torch.Tensor:
+    """``key_codebook16``/``value_codebook16``: the fp16 codebook of a ``turbo_mse`` stream, ``None`` for ``int``;
+    ``key_rotation``: ``M`` of rotated keys (``q @ M`` goes to the kernel); 0 for a tuning knob: its default."""
     import numpy as np
     from cuda.core import LaunchConfig, launch
 
     batch, hq, d = query.shape
     num_blocks, _, hkv, _ = key_cache.shape
-    variant = variant_for(query, key_cache, heads_per_cta or None, stages or None, min_blocks, value_cache)
+    key_kind = "int" if key_codebook16 is None else "turbo_mse"
+    value_kind = "int" if value_codebook16 is None else "turbo_mse"
+    variant = variant_for(query, key_cache, heads_per_cta or None, stages or None, min_blocks, value_cache, key_kind,
+                          value_kind, table_copies or None)  # fmt: skip
     dev = query.device.index if query.device.index is not None else torch.cuda.current_device()
     decode_kernel, reduce_kernel = _kernels(variant, dev)
     stream = _stream(torch.cuda.current_stream(query.device).cuda_stream, dev)
-    qscale = scale * LOG2E  # the softmax scale and log2(e) go into the query once
-    if key_rotation is None:  # the kernel scales and sums the query itself: no extra launches
-        q_keys = q_window = query.contiguous()
-        q_sum = torch.empty(1, device=query.device, dtype=torch.float32)
-    else:
-        q = query.float() * qscale
-        q_keys = (q @ key_rotation).to(torch.float16).contiguous()
-        q_window = q.to(torch.float16).contiguous()
-        q_sum = q_keys.float().sum(-1).contiguous()
+    qscale = scale * LOG2E  # the softmax scale and log2(e) go into the query in the kernel, which also sums it
+    q_window = query.contiguous()
+    # rotated keys: q @ M in float32 (two launches), rounded to fp16 once in the kernel after scaling
+    q_keys = q_window if key_rotation is None else q_window.float() @ key_rotation.float()
     wk = window_keys.to(torch.float16).contiguous()
     wv = window_values.to(torch.float16).contiguous()
     capacity = block_tables.shape[1] * key_cache.shape[1]
@@ -246,10 +294,11 @@ def int_paged_decode(
     grid = (num_splits + 1, hkv // variant.heads_per_cta, batch)
     config = LaunchConfig(grid=grid, block=32 * variant.heads_per_cta, shmem_size=variant.smem_bytes)
     i32 = np.int32
-    launch(stream, config, decode_kernel, _ptr(q_keys), _ptr(q_window), _ptr(q_sum), _ptr(key_cache),
+    launch(stream, config, decode_kernel, _ptr(q_keys), _ptr(q_window), _ptr(key_cache),
            _ptr(value_cache), _ptr(block_tables), _ptr(seq_lens), _ptr(wk), _ptr(wv), _ptr(window_lens),
-           _ptr(part_m), _ptr(part_l), _ptr(part_acc), i32(num_blocks), i32(block_tables.shape[1]),
-           i32(wk.shape[1]), i32(tokens_per_split), i32(num_splits), i32(key_rotation is None),
+           _ptr(part_m), _ptr(part_l), _ptr(part_acc), _ptr(part_m if key_codebook16 is None else key_codebook16),
+           _ptr(part_m if value_codebook16 is None else value_codebook16), i32(num_blocks), i32(block_tables.shape[1]),
+           i32(wk.shape[1]), i32(tokens_per_split), i32(num_splits), i32(key_rotation is not None),
            np.float32(qscale))  # fmt: skip
     out = torch.empty_like(query)
     rotated = value_unrotation is not None
@@ -262,9 +311,10 @@ def int_paged_decode(
     return out
 
 
-@int_paged_decode.register_fake
+@cuda_paged_decode.register_fake
 def _(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens, key_rotation,
-      value_unrotation, scale, num_splits, heads_per_cta, stages, min_blocks=0):  # fmt: skip
+      value_unrotation, key_codebook16, value_codebook16, scale, num_splits, heads_per_cta, stages, min_blocks=0,
+      table_copies=0):  # fmt: skip
     return torch.empty_like(query)
 
 
@@ -289,15 +339,22 @@ def default_splits(variant: Variant, batch: int, capacity: int, device: torch.de
 
 def launch_shape(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
                  num_splits: int | None = None, heads_per_cta: int | None = None, stages: int | None = None,
-                 min_blocks: int = 0) -> tuple[int, int, int, int]:  # fmt: skip
-    """``(num_splits, heads_per_cta, stages, min_blocks)`` of the op for these shapes (``None``: the defaults)."""
-    variant = variant_for(query, key_cache, heads_per_cta, stages, min_blocks, value_cache)
+                 min_blocks: int = 0, key_kind: str = "int", value_kind: str = "int",
+                 table_copies: int | None = None) -> tuple[int, int, int, int, int]:  # fmt: skip
+    """``(num_splits, heads_per_cta, stages, min_blocks, table_copies)`` of the op for these shapes (``None``: the
+    defaults)."""
+    variant = variant_for(query, key_cache, heads_per_cta, stages, min_blocks, value_cache, key_kind, value_kind,
+                          table_copies)  # fmt: skip
     if num_splits is None:
         num_splits = default_splits(variant, query.shape[0], block_tables.shape[1] * key_cache.shape[1], query.device)
-    return int(num_splits), variant.heads_per_cta, variant.stages, min_blocks
+    return int(num_splits), variant.heads_per_cta, variant.stages, min_blocks, variant.table_copies
 
 
-def paged_int_decode(
+def _codebook(codec) -> torch.Tensor | None:
+    return codec.codebook16 if codec.kind == "turbo_mse" else None
+
+
+def paged_cuda_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -314,13 +371,16 @@ def paged_int_decode(
     stages: int | None = None,
     out: torch.Tensor | None = None,
     min_blocks: int = 0,
+    table_copies: int | None = None,
 ) -> torch.Tensor:
     """Launch the op (inputs checked by `kvpack.kernels.attention.decode`); ``num_splits`` depends on shapes only.
-    ``key_codec``/``value_codec``: `PagedCodec` or anything with its ``rotation``/``unrotation``."""
-    key_rotation = None if key_codec.rotation is None else key_codec.rotation.float()
-    result = torch.ops.kvpack.int_paged_decode(
-        query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens, key_rotation,
-        value_codec.unrotation, float(scale),
-        *launch_shape(query, key_cache, value_cache, block_tables, num_splits, heads_per_cta, stages, min_blocks),
+    ``key_codec``/``value_codec``: `PagedCodec` (or anything with its ``kind``, ``rotation``, ``unrotation``,
+    ``codebook16``)."""
+    shape = launch_shape(query, key_cache, value_cache, block_tables, num_splits, heads_per_cta, stages, min_blocks,
+                         key_codec.kind, value_codec.kind, table_copies)  # fmt: skip
+    result = torch.ops.kvpack.cuda_paged_decode(
+        query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
+        key_codec.rotation,
+        value_codec.unrotation, _codebook(key_codec), _codebook(value_codec), float(scale), *shape,
     )  # fmt: skip
     return result if out is None else out.copy_(result)

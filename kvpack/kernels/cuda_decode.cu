@@ -1,10 +1,11 @@
-// Decode attention over int:2/int:4 paged KV (token axis, per-token fp16 scale/zero), mma.sync tensor cores.
-// Compiled at first use by NVRTC (kvpack/kernels/int_decode.py), one variant per set of macros:
-//   D (head_dim), KBITS / VBITS (2 or 4: code bits of K and V), GQA (query heads per KV head), HKV (KV heads),
-//   HG (KV heads per CTA = warps),
+// Decode attention over paged packed KV, mma.sync tensor cores: `int` (token axis, per-token fp16 scale/zero; 2, 3,
+// 4 or 8 bits) and `turbo_mse` (rotated, per-token fp16 norm, a Lloyd-Max codebook; 1-4 bits) for K and V, each.
+// Compiled at first use by NVRTC (kvpack/kernels/cuda_decode.py), one variant per set of macros:
+//   D (head_dim), KKIND / VKIND (0 int, 1 turbo_mse), KBITS / VBITS (code bits of K and V), GQA (query heads per KV
+//   head), HKV (KV heads), HG (KV heads per CTA = warps),
 //   BLOCK_SIZE (tokens per page, a multiple of 16), STAGES (cp.async pipeline depth),
 //   CHUNK (16 or 4: cp.async width; 16 needs 16-byte aligned rows of HG heads), OUT_BF16, MINB (0 or the CTAs per
-//   SM that the register allocation must allow).
+//   SM that the register allocation must allow), TREP (copies of a 4-bit turbo_mse table: 1, 2, 4, 8, 16 or 32).
 // No headers: every conversion is inline PTX, so NVRTC needs no CUDA include path.
 //
 // Grid (splits + 1, HKV / HG, batch). Split s < splits: packed tokens [s * TPS, min((s+1) * TPS, seq_len)),
@@ -14,17 +15,29 @@
 // m16n8k16; int codes become fp16 with the 0x6400 magic number (one shift per 32-bit word, no per-value shift
 // and convert: a code at bit 2^j of a half is taken in place as 1024 + 2^j c and scaled back by one fma), and the
 // per-token scale and zero are applied to the 16x8 scores (s = scale <q,c> + zero sum q), not to values.
+// turbo_mse codes become fp16 centroids through a table in shared memory built from the codebook at the start:
+// one 32-bit load gives the half2 of two codes (4 bits: 256 entries; 2 bits: 16), 3 bits (planes 2 + 1) load the
+// two candidates of the low 2 bits at once (16 x 8 bytes) and the third bit selects (prmt sign replication + lop3);
+// 1 bit is affine (c0 + c (c1 - c0)) and takes the int path. The norm is the token's scale, its zero 0.
 // Values: O^T (dims on M) += V^T (tokens on K) . (p * v_scale)^T, plus sum p * v_zero per head.
 // Dims are permuted freely inside a thread's fragment (a dot product does not care); Q is loaded with the
 // same permutation, and the output store undoes the value permutation.
+// Code planes: a row holds the codes' planes (3 bits: the 2-bit plane, then the 1-bit plane), then 4 side bytes.
+// The "main" plane (KPLANE / VPLANE bits: 2 for 3-bit codes) sets the pairing of a word's codes into half2s.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
+struct __align__(8) pair32 {
+  u32 x, y;
+};
+
 #define MAGIC 0x64006400u
 #define NT ((GQA + 7) / 8)           // n-tiles of 8 query heads
 #define KSTEPS (D / 16)
+#define KPLANE (KBITS == 3 ? 2 : KBITS)  // bits of the main plane's codes (3: the 2-bit plane; its 1-bit plane follows)
+#define VPLANE (VBITS == 3 ? 2 : VBITS)
 #define K_CODE (D * KBITS / 8)       // code bytes of one token of one KV head, then 4 bytes of scale and zero
 #define V_CODE (D * VBITS / 8)
 #define K_ROW (K_CODE + 4)
@@ -32,10 +45,18 @@ typedef unsigned char u8;
 #define K_TILE (16 * HG * K_ROW)     // one stage: the K tile, then the V tile
 #define V_TILE (16 * HG * V_ROW)
 #define STAGE_BYTES (K_TILE + V_TILE)
-#define KWORDS (D / 4 * KBITS / 32)  // code words of one token a thread reads for K (D/4 dims)
-#define KPAIRS (16 / KBITS)          // half2 pairs a word of K codes makes: codes (s, s + KPAIRS), s < KPAIRS
-#define VWORDS (D / 8 * VBITS / 32)  // code words of one token a thread reads for V (D/8 dims; 0: half a word)
-#define VPAIRS (16 / VBITS)
+#define KWORDS (D / 4 * KPLANE / 32)  // main-plane words of one token a thread reads for K (D/4 dims)
+#define KPAIRS (16 / KPLANE)          // half2 pairs a word of K codes makes: codes (s, s + KPAIRS), s < KPAIRS
+#define VTB (D / 8 * VPLANE)          // main-plane bits of one token a thread reads for V (D/8 dims)
+#define VWORDS (VTB / 32)             // as words (0: 8 or 16 bits)
+#define VPAIRS (16 / VPLANE)
+// 4-bit tables are held TREP times, entry e of copy j at word e TREP + j, copy lane % TREP: lanes of different copies
+// never share a bank (the 256 entries of one copy spread over 32 / TREP banks; 32 copies: no bank conflicts at all)
+#define KREP (KKIND == 1 && KBITS == 4 ? TREP : 1)
+#define VREP (VKIND == 1 && VBITS == 4 ? TREP : 1)
+#define KTAB (KKIND == 1 ? (KBITS == 4 ? 256 * TREP : KBITS == 3 ? 32 : KBITS == 2 ? 16 : 0) : 0)  // table words
+#define VTAB (VKIND == 1 ? (VBITS == 4 ? 256 * TREP : VBITS == 3 ? 32 : VBITS == 2 ? 16 : 0) : 0)
+#define TAB_OFFSET ((STAGES * STAGE_BYTES + 15) / 16 * 16)  // the turbo_mse tables after the pipeline's stages
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 __device__ __forceinline__ u32 lop_or(u32 x, u32 mask, u32 magic) {  // (x & mask) | magic
@@ -101,6 +122,112 @@ __device__ __forceinline__ void unpack<2>(u32 w, u32* h) {
     h[4 * half + 2] = hfma2(lop_or(x, 0x00300030u, MAGIC), 0x2C002C00u, 0xD400D400u);  // x 1/16 - 64
     h[4 * half + 3] = hfma2(lop_or(x, 0x00C000C0u, MAGIC), 0x24002400u, 0xCC00CC00u);  // x 1/64 - 16
   }
+}
+// A code at bits [j, j + width) of each half of x (mask = 2^width - 1), as the half2 of its two values (exact).
+__device__ __forceinline__ u32 magic_code(u32 x, int j, u32 mask) {
+  const u32 m = lop_or(x, (mask << j) * 0x10001u, MAGIC);
+  if (j == 0) return hsub2(m, MAGIC);
+  return hfma2(m, (u32(15 - j) << 10) * 0x10001u, (0x8000u | (u32(25 - j) << 10)) * 0x10001u);  // x 2^-j - 2^(10-j)
+}
+template <>
+__device__ __forceinline__ void unpack<1>(u32 w, u32* h) {  // pairs (s, s + 16)
+#pragma unroll
+  for (int half = 0; half < 2; half++)
+#pragma unroll
+    for (int j = 0; j < 8; j++) h[8 * half + j] = magic_code(half ? w >> 8 : w, j, 1u);
+}
+template <>
+__device__ __forceinline__ void unpack<8>(u32 w, u32* h) {  // pairs (s, s + 2): bytes under the 0x64 exponent byte
+  h[0] = hsub2(prmt(w, 0x64646464u, 0x4240), MAGIC);
+  h[1] = hsub2(prmt(w, 0x64646464u, 0x4341), MAGIC);
+}
+// The nibble (code s, code s + 8) of 2-bit pair s of w: pairs 2k in nibble k of c, 2k + 1 in nibble k of d.
+__device__ __forceinline__ void pair_nibbles(u32 w, u32& c, u32& d) {
+  const u32 u = w & 0x33333333u, v = (w >> 2) & 0x33333333u;
+  c = u | (u >> 14);
+  d = v | (v >> 14);
+}
+// Codes of one main-plane word as the half2 pairs of `unpack` (pairs (s, s + 16 / plane bits)), as values:
+// int: the codes (3 bits: low 2 bits from w, the third from bits (s, s + 16) of y); turbo_mse: the centroids
+// through the shared-memory table (1 bit: the codes; the launch folds c0 + c (c1 - c0) into scale and zero).
+template <int KIND, int BITS, int REP>
+__device__ __forceinline__ void decode_codes(u32 w, u32 y, u32* h, const u32* tab) {
+  if constexpr (BITS == 3 && KIND == 0) {
+    unpack<2>(w, h);
+#pragma unroll
+    for (int s = 0; s < 8; s++) h[s] = hfma2(magic_code(y, s, 1u), 0x44004400u, h[s]);  // c2 + 4 c1
+  } else if constexpr (BITS == 3) {
+    u32 c, d;
+    pair_nibbles(w, c, d);
+#pragma unroll
+    for (int s = 0; s < 8; s++) {
+      const u32 nib = (((s & 1) ? d : c) >> (4 * (s >> 1))) & 0xFu;
+      const pair32 cand = reinterpret_cast<const pair32*>(tab)[nib];  // centroids of third bit 0 and 1
+      const u32 sh = y << (7 - s);                                  // bits s, s + 16 -> the byte signs 7, 23
+      const u32 m = prmt(sh, sh, 0xAA88);                            // 0xFFFF in each half whose bit is set
+      u32 r;
+      asm("lop3.b32 %0, %1, %2, %3, 0xD8;" : "=r"(r) : "r"(cand.x), "r"(cand.y), "r"(m));  // m ? y : x
+      h[s] = r;
+    }
+  } else if constexpr (KIND == 1 && BITS == 4) {
+    const u32 u = w & 0x0F0F0F0Fu, v = (w >> 4) & 0x0F0F0F0Fu;
+    const u32 c = u | (u >> 12), d = v | (v >> 12);  // bytes (code s, code s + 4): s = 0, 2 in c; 1, 3 in d
+    h[0] = tab[(c & 0xFFu) * REP];  // tab: this lane's copy
+    h[1] = tab[(d & 0xFFu) * REP];
+    h[2] = tab[((c >> 8) & 0xFFu) * REP];
+    h[3] = tab[((d >> 8) & 0xFFu) * REP];
+  } else if constexpr (KIND == 1 && BITS == 2) {
+    u32 c, d;
+    pair_nibbles(w, c, d);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      h[2 * k] = tab[(c >> (4 * k)) & 0xFu];
+      h[2 * k + 1] = tab[(d >> (4 * k)) & 0xFu];
+    }
+  } else {
+    unpack<BITS>(w, h);
+  }
+}
+// Entry i of a turbo_mse table from the fp16 codebook: half2 {cb[low code], cb[high code]} of index i; 3 bits: the
+// 16 (low 2 bits) pairs, each followed by the pair of third bit 1.
+template <int BITS>
+__device__ __forceinline__ u32 table_entry(const u16* cb, int i) {
+  if constexpr (BITS == 4) {
+    i /= TREP;  // copies side by side
+    return u32(cb[i & 15]) | (u32(cb[i >> 4]) << 16);
+  }
+  if constexpr (BITS == 2) return u32(cb[i & 3]) | (u32(cb[i >> 2]) << 16);
+  const int e = i >> 1, hi = (i & 1) * 4;  // BITS == 3
+  return u32(cb[hi + (e & 3)]) | (u32(cb[hi + (e >> 2)]) << 16);
+}
+// Per-token scale and zero from the 4 side bytes: int (scale, zero); turbo_mse (norm * sa, norm * sz).
+template <int KIND>
+__device__ __forceinline__ void side(u32 sd, float sa, float sz, float& a, float& z) {
+  if constexpr (KIND == 0) {
+    a = lo_f(sd), z = hi_f(sd);
+  } else {
+    const float n = lo_f(sd);
+    a = n * sa, z = n * sz;
+  }
+}
+// 3-bit K: the third bits of main-plane word w of thread t's dims, bits (s, s + 16) for pair s (dims 16w + s,
+// 16w + s + 8): bytes 2w, 2w + 1 of the thread's D/4 bits, which start at byte D/4 + t D/32 of the row.
+__device__ __forceinline__ u32 k_third(const u32* row, int t, int w) {
+  const u8* p = reinterpret_cast<const u8*>(row) + D / 4 + t * (D / 32);
+  const u32 word = D == 64 ? u32(*reinterpret_cast<const u16*>(p)) : reinterpret_cast<const u32*>(p)[(2 * w) >> 2];
+  const int k = (2 * w) & 3;
+  return prmt(word, 0u, k | (k << 4) | ((k + 1) << 8) | ((k + 1) << 12));
+}
+// 3-bit V: thread g's D/8 third bits of a token (at byte D/4 + g D/64 of the row), zero-extended.
+__device__ __forceinline__ u32 v_third(const u8* row, int g) {
+  const u8* p = row + D / 4 + g * (D / 64);
+  if (D == 64) return *p;
+  if (D == 128) return *reinterpret_cast<const u16*>(p);
+  return *reinterpret_cast<const u32*>(p);
+}
+// Byte k of a and of b into bytes 0 and 2 (bits (s, s + 16) of the result: bit s of each byte).
+__device__ __forceinline__ u32 byte_pair(u32 a, u32 b, int k) {
+  return prmt(a, b, k | (k << 4) | ((4 + k) << 8) | ((4 + k) << 12));
 }
 __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
   asm volatile(
@@ -185,31 +312,34 @@ __device__ __forceinline__ u32 q_pair(const u32* words, int e) {
 
 // Q B fragments of head n (nt*8 + g), its dims [t*D/4, (t+1)*D/4) paired as K's codes are: dims (a, a + KPAIRS),
 // a = 2 KPAIRS w + s, are fragment element e = KPAIRS w + s (`q_pair`).
-// raw: q is the model's query (fp16, or bf16 with OUT_BF16), scaled here by qscale (the softmax scale times
-// log2(e)) and rounded to fp16; sums[nt] then gets the sum of head n's rounded values (for the zero points).
-// Else q is already scaled fp16 (rotated keys: the launcher multiplies by the rotation).
-__device__ __forceinline__ void load_q(u32 (*qf)[KSTEPS][2], const u16* q, int lane, bool raw, float qscale,
+// q (fp16, or bf16 with OUT_BF16; f32: float32) is scaled here by qscale (the softmax scale times log2(e)) and
+// rounded to fp16 once; sums[nt] gets the sum of head n's rounded values (for the zero points).
+__device__ __forceinline__ void load_q(u32 (*qf)[KSTEPS][2], const void* q, bool f32, int lane, float qscale,
                                        float* sums) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < NT; nt++) {
     const int n = nt * 8 + g;
-    const u32* row = reinterpret_cast<const u32*>(q + n * D + t * (D / 4));
+    const u32* row = reinterpret_cast<const u32*>(q) + (n * D + t * (D / 4)) / 2;
+    const float2* row32 = reinterpret_cast<const float2*>(q) + (n * D + t * (D / 4)) / 2;
     u32 words[D / 8];
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < D / 8; j++) {
-      u32 v = n < GQA ? row[j] : 0u;
-      if (raw) {
+      float lo = 0.f, hi = 0.f;
+      if (n < GQA && f32) {
+        const float2 v = row32[j];
+        lo = v.x, hi = v.y;
+      } else if (n < GQA) {
+        const u32 v = row[j];
 #if OUT_BF16
-        const float lo = __uint_as_float(v << 16), hi = __uint_as_float(v & 0xFFFF0000u);
+        lo = __uint_as_float(v << 16), hi = __uint_as_float(v & 0xFFFF0000u);
 #else
-        const float lo = lo_f(v), hi = hi_f(v);
+        lo = lo_f(v), hi = hi_f(v);
 #endif
-        v = pack2(lo * qscale, hi * qscale);
-        sum += lo_f(v) + hi_f(v);
       }
-      words[j] = v;
+      words[j] = pack2(lo * qscale, hi * qscale);
+      sum += lo_f(words[j]) + hi_f(words[j]);
     }
 #pragma unroll
     for (int e = 0; e < 2 * KSTEPS; e++) qf[nt][e >> 1][e & 1] = q_pair(words, e);
@@ -240,16 +370,16 @@ __device__ __forceinline__ void scores(float (*s)[4], const u32 (*h0)[2], const 
 #define BOUNDS __launch_bounds__(32 * HG)
 #endif
 
-extern "C" __global__ void BOUNDS kvpack_int_decode(
-    const u16* __restrict__ q_keys,     // q_raw: the query (B, HQ, D); else fp16, rotated, times scale * log2(e)
-    const u16* __restrict__ q_window,   // q_raw: unused; else (B, HQ, D) fp16, as given, times scale * log2(e)
-    const float* __restrict__ q_sum,    // q_raw: unused; else (B, HQ) float32: sum of q_keys (the zero points)
+extern "C" __global__ void BOUNDS kvpack_cuda_decode(
+    const void* __restrict__ q_keys,    // (B, HQ, D): the query in the keys' basis (float32 if rotated, else as given)
+    const u16* __restrict__ q_window,   // (B, HQ, D) query dtype: the query as given (the 16-bit window's keys)
     const u8* __restrict__ k_cache, const u8* __restrict__ v_cache,  // (num_blocks, BLOCK_SIZE, HKV, K_ROW / V_ROW)
     const int* __restrict__ block_tables, const int* __restrict__ seq_lens, const u16* __restrict__ wk,
     const u16* __restrict__ wv,         // (B, W, HKV, D) fp16
     const int* __restrict__ window_lens, float* __restrict__ part_m, float* __restrict__ part_l,
     float* __restrict__ part_acc,       // (B, HQ, S + 1) and (B, HQ, S + 1, D)
-    int num_blocks, int max_blocks, int window, int tokens_per_split, int num_splits, int q_raw, float qscale) {
+    const u16* __restrict__ k_codebook, const u16* __restrict__ v_codebook,  // turbo_mse: fp16 (2^bits,); else unused
+    int num_blocks, int max_blocks, int window, int tokens_per_split, int num_splits, int q_keys_f32, float qscale) {
   extern __shared__ __align__(16) u8 smem[];
   const int split = blockIdx.x, hg = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -267,15 +397,35 @@ extern "C" __global__ void BOUNDS kvpack_int_decode(
   float qs[NT][2];
   const int qbase = (b * HQ + h * GQA);
   if (split < num_splits) {
+    // turbo_mse tables, built from the codebooks once per CTA (the first tile's barrier publishes them)
+    u32* ktab = reinterpret_cast<u32*>(smem + TAB_OFFSET);
+    u32* vtab = ktab + KTAB;
+    const u32* ktab_lane = ktab + (lane & (KREP - 1));
+    const u32* vtab_lane = vtab + (lane & (VREP - 1));
+#if KTAB > 0
+    for (int i = threadIdx.x; i < KTAB; i += 32 * HG) ktab[i] = table_entry<KBITS>(k_codebook, i);
+#endif
+#if VTAB > 0
+    for (int i = threadIdx.x; i < VTAB; i += 32 * HG) vtab[i] = table_entry<VBITS>(v_codebook, i);
+#endif
+    // scale and zero factors of the norm (turbo_mse 1 bit: c0 + c (c1 - c0); more bits: the table's values)
+    float ksa = 1.f, ksz = 0.f, vsa = 1.f, vsz = 0.f;
+#if KKIND == 1 && KBITS == 1
+    ksz = lo_f(k_codebook[0]), ksa = lo_f(k_codebook[1]) - ksz;
+#endif
+#if VKIND == 1 && VBITS == 1
+    vsz = lo_f(v_codebook[0]), vsa = lo_f(v_codebook[1]) - vsz;
+#endif
     float sums[NT];
-    load_q(qf, q_keys + qbase * D, lane, q_raw, qscale, sums);
+    load_q(qf, reinterpret_cast<const u8*>(q_keys) + (long long)qbase * D * (q_keys_f32 ? 4 : 2), q_keys_f32, lane,
+           qscale, sums);
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
       for (int i = 0; i < 2; i++) {
         const int n = nt * 8 + 2 * t + i;  // the C layout's head of this lane: its sum sits in lanes 4n..4n+3
         const float raw_sum = __shfl_sync(0xffffffffu, sums[nt], 4 * (2 * t + i));
-        qs[nt][i] = n >= GQA ? 0.f : q_raw ? raw_sum : q_sum[qbase + n];
+        qs[nt][i] = n >= GQA ? 0.f : raw_sum;
       }
     // device-side clamp: the launcher validates outside graph capture; a bad length never reads past the table
     const int seq_len = min(max(seq_lens[b], 0), max_blocks * BLOCK_SIZE);
@@ -339,13 +489,19 @@ extern "C" __global__ void BOUNDS kvpack_int_decode(
       const u32* k8 = reinterpret_cast<const u32*>(ks + ((g + 8) * HG + warp) * K_ROW);
 #pragma unroll
       for (int w = 0; w < KWORDS; w++) {  // fragment elements e = KPAIRS w + s
-        unpack<KBITS>(k0[t * KWORDS + w], &h0[0][0] + KPAIRS * w);
-        unpack<KBITS>(k8[t * KWORDS + w], &h8[0][0] + KPAIRS * w);
+        u32 y0 = 0u, y8 = 0u;
+#if KBITS == 3
+        y0 = k_third(k0, t, w), y8 = k_third(k8, t, w);
+#endif
+        decode_codes<KKIND, KBITS, KREP>(k0[t * KWORDS + w], y0, &h0[0][0] + KPAIRS * w, ktab_lane);
+        decode_codes<KKIND, KBITS, KREP>(k8[t * KWORDS + w], y8, &h8[0][0] + KPAIRS * w, ktab_lane);
       }
       const u32 ksd0 = k0[K_CODE / 4], ksd8 = k8[K_CODE / 4];
       float s[NT][4];
       scores(s, h0, h8, qf);
-      const float ka0 = lo_f(ksd0), kz0 = hi_f(ksd0), ka8 = lo_f(ksd8), kz8 = hi_f(ksd8);
+      float ka0, kz0, ka8, kz8;
+      side<KKIND>(ksd0, ksa, ksz, ka0, kz0);
+      side<KKIND>(ksd8, ksa, ksz, ka8, kz8);
       const bool ok0 = g < valid, ok8 = g + 8 < valid;
 #pragma unroll
       for (int nt = 0; nt < NT; nt++)
@@ -356,8 +512,11 @@ extern "C" __global__ void BOUNDS kvpack_int_decode(
         }
       const u32 vsd0 = *reinterpret_cast<const u32*>(vs + (g * HG + warp) * V_ROW + V_CODE);
       const u32 vsd8 = *reinterpret_cast<const u32*>(vs + ((g + 8) * HG + warp) * V_ROW + V_CODE);
-      const float va0 = ok0 ? lo_f(vsd0) : 0.f, vz0 = ok0 ? hi_f(vsd0) : 0.f;
-      const float va8 = ok8 ? lo_f(vsd8) : 0.f, vz8 = ok8 ? hi_f(vsd8) : 0.f;
+      float va0, vz0, va8, vz8;
+      side<VKIND>(vsd0, vsa, vsz, va0, vz0);
+      side<VKIND>(vsd8, vsa, vsz, va8, vz8);
+      if (!ok0) va0 = vz0 = 0.f;
+      if (!ok8) va8 = vz8 = 0.f;
       // V: tokens (2t, 2t+8) and (2t+1, 2t+9), dims [g*D/8, (g+1)*D/8): the low halves of a word of each token
       // (prmt) make local dims L = 2 VPAIRS w + s, the high halves L = 2 VPAIRS w + VPAIRS + s
       u32 va[KSTEPS][4];
@@ -365,19 +524,26 @@ extern "C" __global__ void BOUNDS kvpack_int_decode(
       for (int pr = 0; pr < 2; pr++) {
         const u8* ra = vs + ((2 * t + pr) * HG + warp) * V_ROW;
         const u8* rb = vs + ((2 * t + 8 + pr) * HG + warp) * V_ROW;
-#if VWORDS == 0  // 2-bit codes at head_dim 64: 8 codes (2 bytes) per thread and token
+#if VBITS == 3
+        const u32 ta = v_third(ra, g), tb = v_third(rb, g);
+#else
+        const u32 ta = 0u, tb = 0u;
+#endif
+#if VWORDS == 0  // 8 or 16 main-plane bits per thread and token (head_dim 64 at 1 or 2 bits): one merged word
         u32 h[VPAIRS];
-        unpack<VBITS>(reinterpret_cast<const u16*>(ra)[g] | (u32(reinterpret_cast<const u16*>(rb)[g]) << 16), h);
+        const u32 a = VTB == 16 ? u32(reinterpret_cast<const u16*>(ra)[g]) : u32(ra[g]);
+        const u32 bb = VTB == 16 ? u32(reinterpret_cast<const u16*>(rb)[g]) : u32(rb[g]);
+        decode_codes<VKIND, VBITS, VREP>(a | (bb << 16), byte_pair(ta, tb, 0), h, vtab_lane);
 #pragma unroll
-        for (int L = 0; L < VPAIRS; L++) va[L >> 1][2 * pr + (L & 1)] = h[L];
+        for (int L = 0; L < (VPAIRS < D / 8 ? VPAIRS : D / 8); L++) va[L >> 1][2 * pr + (L & 1)] = h[L];
 #else
 #pragma unroll
         for (int w = 0; w < VWORDS; w++) {
           const u32 a = reinterpret_cast<const u32*>(ra)[g * VWORDS + w];
           const u32 bb = reinterpret_cast<const u32*>(rb)[g * VWORDS + w];
           u32 lo[VPAIRS], hi[VPAIRS];
-          unpack<VBITS>(prmt(a, bb, 0x5410), lo);
-          unpack<VBITS>(prmt(a, bb, 0x7632), hi);
+          decode_codes<VKIND, VBITS, VREP>(prmt(a, bb, 0x5410), byte_pair(ta, tb, 2 * w), lo, vtab_lane);
+          decode_codes<VKIND, VBITS, VREP>(prmt(a, bb, 0x7632), byte_pair(ta, tb, 2 * w + 1), hi, vtab_lane);
 #pragma unroll
           for (int sft = 0; sft < VPAIRS; sft++) {
             const int l0 = 2 * VPAIRS * w + sft, l1 = l0 + VPAIRS;
@@ -392,7 +558,7 @@ extern "C" __global__ void BOUNDS kvpack_int_decode(
     cp_wait<0>();
   } else {
     float sums[NT];
-    load_q(qf, (q_raw ? q_keys : q_window) + qbase * D, lane, q_raw, qscale, sums);
+    load_q(qf, q_window + qbase * D, false, lane, qscale, sums);
     const int wl = min(max(window_lens[b], 0), window);
     for (int t0 = 0; t0 < wl; t0 += 16) {
       const int valid = wl - t0;
@@ -466,7 +632,7 @@ extern "C" __global__ void BOUNDS kvpack_int_decode(
 
 // Merge the splits of one (query head, sequence): D threads. ROTATED: the packed part and the window part
 // are written apart in float32 (the packed part is rotated back outside, one GEMM); else their sum.
-extern "C" __global__ void kvpack_int_reduce(const float* __restrict__ part_m, const float* __restrict__ part_l,
+extern "C" __global__ void kvpack_cuda_reduce(const float* __restrict__ part_m, const float* __restrict__ part_l,
                                               const float* __restrict__ part_acc, float* __restrict__ packed_out,
                                               float* __restrict__ window_out, u16* __restrict__ out, int hq,
                                               int num_splits, int rotated) {
