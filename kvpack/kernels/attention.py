@@ -98,7 +98,7 @@ def check_decode_inputs(
     (NaN, garbage, or a crash). It reads one flag on the host, so on CUDA it synchronizes the stream once
     per call (more only to name what is wrong); while a CUDA graph is being captured (``torch.cuda.is_current_stream_capturing()``) it is
     skipped, since capture forbids a sync: the inputs of a captured graph are the caller's to keep in range (the CUDA
-    int:2/int:4 kernel also clamps lengths and block ids on the device).
+    kernel (`cuda_decode`) also clamps lengths and block ids on the device).
     ``query`` and ``window_values``, when given, must be finite (as must the window keys), the window in its
     first ``window_lens[b]`` rows: a NaN/inf there would make the output NaN. The bytes of the pools are not
     read here (that would cost a pass over the whole cache): `decode` refuses a NaN/inf output instead.

@@ -129,6 +129,11 @@ __device__ __forceinline__ u32 magic_code(u32 x, int j, u32 mask) {
   if (j == 0) return hsub2(m, MAGIC);
   return hfma2(m, (u32(15 - j) << 10) * 0x10001u, (0x8000u | (u32(25 - j) << 10)) * 0x10001u);  // x 2^-j - 2^(10-j)
 }
+// fp16 bits of -(2^a + 2^b), a, b in [0, 15] (exact: two powers of two at most 10 binades apart)
+__host__ __device__ constexpr u32 neg_pow2_sum(int a, int b) {
+  return a == b ? 0x8000u | (u32(a + 16) << 10)
+                : 0x8000u | (u32((a > b ? a : b) + 15) << 10) | (1u << (10 - ((a > b ? a - b : b - a))));
+}
 template <>
 __device__ __forceinline__ void unpack<1>(u32 w, u32* h) {  // pairs (s, s + 16)
 #pragma unroll
@@ -153,9 +158,23 @@ __device__ __forceinline__ void pair_nibbles(u32 w, u32& c, u32& d) {
 template <int KIND, int BITS, int REP>
 __device__ __forceinline__ void decode_codes(u32 w, u32 y, u32* h, const u32* tab) {
   if constexpr (BITS == 3 && KIND == 0) {
-    unpack<2>(w, h);
+    // pair s = 4 half + jj: c2 at bit j = 2 jj of its half (magic m2 = 1024 + 2^j c2), c1 at bit s of y (m1 = 1024 +
+    // 2^s c1). Two fmas, each exact: c2' = m2 2^-j - (2^(10-j) + 2^(12-s)) = c2 - 2^(12-s), then m1 2^(2-s) + c2' =
+    // c2 + 4 c1 (s = 0: c2 - 4096 is not an fp16 integer, so that pair takes c1 itself, then c2 + 4 c1)
 #pragma unroll
-    for (int s = 0; s < 8; s++) h[s] = hfma2(magic_code(y, s, 1u), 0x44004400u, h[s]);  // c2 + 4 c1
+    for (int half = 0; half < 2; half++)
+#pragma unroll
+      for (int jj = 0; jj < 4; jj++) {
+        const int s = 4 * half + jj;
+        const u32 m2 = lop_or(half ? w >> 8 : w, (3u << (2 * jj)) * 0x10001u, MAGIC);
+        const u32 m1 = lop_or(y, (1u << s) * 0x10001u, MAGIC);
+        if (s == 0) {
+          h[0] = hfma2(hsub2(m1, MAGIC), 0x44004400u, hsub2(m2, MAGIC));
+        } else {
+          const u32 c2p = hfma2(m2, (u32(15 - 2 * jj) << 10) * 0x10001u, neg_pow2_sum(10 - 2 * jj, 12 - s) * 0x10001u);
+          h[s] = hfma2(m1, (u32(17 - s) << 10) * 0x10001u, c2p);
+        }
+      }
   } else if constexpr (BITS == 3) {
     u32 c, d;
     pair_nibbles(w, c, d);
