@@ -4,7 +4,8 @@ A recipe is a budget (``BUDGETS``: average bits per value of K and V as a `KVPac
 prefill of ``BUDGET_CTX`` tokens, everything counted: 16-bit sinks and residual window, packed codes, scales
 and norms) and a fixed cache shape (``SINKS`` attention sinks, a ``RESIDUAL``-token 16-bit window of the newest
 tokens packed in blocks of ``BLOCK``). What varies per model is the codec of each (layer, stream), chosen from
-``CANDIDATES`` (codecs the paged decode kernels read: ``turbo_mse`` 1-4 bits, ``int:8``) by the exact
+``CANDIDATES`` (codecs the paged decode kernels read: ``turbo_mse`` 1-4 bits, ``int`` 2-4 bits with a Hadamard
+rotation, ``int:8``; keys from ``KEY_CANDIDATES``, values from ``VALUE_CANDIDATES``) by the exact
 multiple-choice knapsack of `kvpack.tuning.allocate` over a sensitivity table ``D[layer, stream, codec]``:
 
 - ``calibration=True`` (default): ``D`` measured on the model (:func:`measure_sensitivity`): on
@@ -37,8 +38,14 @@ decoding through `KVPackCache` to 1e-5 on a tiny model), WikiText-2 test, 2 wind
   cannot see.
 - On Gaussian vectors ``turbo_mse`` has a lower MSE than ``int`` with a Hadamard rotation at fewer bits per
   value (head_dim 64: ``turbo_mse:3`` 0.033 at 3.25 bits against ``int:3:rotation=hadamard`` 0.037 at 3.5; at
-  4 bits 0.0091 at 4.25 against 0.0080 at 4.5) because ``int`` stores a scale and a zero per vector, so the
-  candidates are ``turbo_mse`` 1-4 (read by the paged kernels) and ``int:8`` for the few keys that need it.
+  4 bits 0.0091 at 4.25 against 0.0080 at 4.5) because ``int`` stores a scale and a zero per vector. On the
+  model it is closer (pydoc text, decode, residual 16, one stream compressed, the other 16-bit; KL vs exact):
+  K ``turbo_mse:4`` 0.0099 / ``int:4:rotation=hadamard`` 0.0074 (unrotated ``int:4`` 0.0163), ``turbo_mse:3``
+  0.033 / ``int:3`` rotated 0.041, ``turbo_mse:2`` 0.176 / ``int:2`` rotated 0.609; V ``turbo_mse`` 4/3/2
+  0.00077 / 0.0038 / 0.0247 against rotated ``int`` 0.00048 / 0.0024 / 0.0153. Rotated ``int`` also decodes
+  about 1.6x faster than ``turbo_mse`` in the GPU kernel, so (``RECIPE_VERSION`` 2) the candidates are
+  ``turbo_mse`` 1-4, rotated ``int`` 2-4 for values and 4 for keys (rotated int:2/int:3 lose to turbo_mse on K),
+  and ``int:8`` for the few keys that need it; at 0.25 more bits per value the knapsack decides where int pays.
 - The 16-bit window: K ``turbo_mse:4`` alone (V exact), decode: residual 0 +4.57% / top-1 90.0% / KL 0.041;
   residual 16 (block 16) +1.58% / 94.5% / KL 0.014. The old SmolLM2 ``4bit`` table (residual 0, block 1, e8 per
   head, 4.246 bits): +4.95% / 89.5% / KL 0.037 on the same windows.
@@ -88,15 +95,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1  # part of the cache key: a new recipe never reads an old recipe's cached policy
+RECIPE_VERSION = 2  # part of the cache key: a new recipe never reads an old recipe's cached policy
 BUDGETS = {"4bit": 4.25, "3bit": 3.25, "2.5bit": 2.5}
 BUDGET_CTX = 1024
 SINKS = 1
 RESIDUAL = 16
 BLOCK = 16
-CANDIDATES = ("turbo_mse:1", "turbo_mse:2", "turbo_mse:3", "turbo_mse:4", "int:8")
-KEY_CANDIDATES = CANDIDATES[1:]  # keys never at 1 bit (K carries almost all of the loss)
-VALUE_CANDIDATES = CANDIDATES[:4]  # no 8-bit values: fewer items keep the calibration short
+_INT_ROTATED = tuple(f"int:{b}:rotation=hadamard" for b in (2, 3, 4))
+CANDIDATES = ("turbo_mse:1", "turbo_mse:2", "turbo_mse:3", "turbo_mse:4", *_INT_ROTATED, "int:8")
+# keys never at 1 bit (K carries almost all of the loss); rotated int only at 4 bits (int:2/3 lose to turbo_mse)
+KEY_CANDIDATES = ("turbo_mse:2", "turbo_mse:3", "turbo_mse:4", "int:4:rotation=hadamard", "int:8")
+# no 8-bit values: fewer items keep the calibration short
+VALUE_CANDIDATES = ("turbo_mse:1", "turbo_mse:2", "turbo_mse:3", "turbo_mse:4", *_INT_ROTATED)
 STREAM_WEIGHT = (11.0, 1.0)  # rule: K's KL per unit of codec MSE over V's (measured 7.6-15.6x, 11x at 3 bits)
 CALIB_WINDOWS, CALIB_CTX, CALIB_TOKENS = 2, 512, 32
 HASH_VALUES = 4096  # leading values of each hashed weight tensor
