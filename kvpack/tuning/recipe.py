@@ -54,6 +54,12 @@ decoding through `KVPackCache` to 1e-5 on a tiny model), WikiText-2 test, 2 wind
   ``2.5bit`` (2.486) +33.6% / 79.7% / 0.223. Rule ``4bit`` +2.59% / 94.7% / 0.0196; ``3bit`` +14.2% / 86.7% /
   0.109 (with weight 16 and 1-bit values allowed: +39%, V at 1 bit in 25 layers, hence the 1-bit exclusion);
   ``2.5bit`` (2.486, 1-bit values in every layer: the budget needs them) +119% / 65.6% / 0.684.
+  Those are ``RECIPE_VERSION`` 1 (``turbo_mse`` and ``int:8`` only). Version 2 against version 1 on the
+  shipped WikiText-2 excerpt (``--text wikitext2-excerpt``, other windows than the above), same protocol:
+  ``4bit`` +2.73% / 94.7% / KL 0.0119 against +2.55% / 94.9% / 0.0139; ``3bit`` +6.47% / 89.7% / 0.052
+  against +6.35% / 87.9% / 0.056; ``2.5bit`` +32.1% / 80.7% / 0.208 against +35.5% / 79.5% / 0.231; the
+  embedded text, ``4bit``: +0.73% / 94.9% / 0.0077 against +1.23% / 95.1% / 0.0090 (KL lower in all four,
+  delta-ppl and top-1 within the 2-window spread).
   All miss the SmolLM2 targets (4bit <= +0.5% / >= 97%, 3bit <= +1.5% / >= 94%, 2.5bit <= +5%): at head_dim
   64 the window, sink and block slack (32 16-bit tokens at 1024) cost 0.38-0.44 bits of the budget, leaving
   3.87 / 2.84 / 2.06 codec bits per value.
