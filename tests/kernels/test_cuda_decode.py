@@ -192,14 +192,26 @@ def _nvrtc_available() -> bool:
 @pytest.mark.parametrize("gqa,kv_heads,heads_per_cta", [(4, 8, 8), (4, 8, 4), (1, 4, 4), (16, 2, 2), (3, 1, 1)])
 def test_every_variant_compiles_for_sm90(head_dim, gqa, kv_heads, heads_per_cta, tmp_path, monkeypatch):
     monkeypatch.setenv("KVPACK_CACHE", str(tmp_path))
-    streams = [(False, "int", 4, "int", 4), (True, "int", 4, "int", 4), (False, "int", 2, "int", 2),
-               (True, "int", 4, "int", 2), (False, "int", 8, "int", 3), (False, "turbo_mse", 4, "turbo_mse", 4),
-               (True, "turbo_mse", 3, "turbo_mse", 2), (False, "turbo_mse", 2, "turbo_mse", 1),
-               (False, "int", 8, "turbo_mse", 3)]  # fmt: skip
-    for bf16, key_kind, key_bits, value_kind, value_bits in streams:
+    # every launch shape with int:4 (fp16, bf16); every other kind and bit pair at one shape per head_dim below
+    for bf16, key_kind, key_bits, value_kind, value_bits in ((False, "int", 4, "int", 4), (True, "int", 4, "int", 4)):
         v = Variant(head_dim, gqa, kv_heads, heads_per_cta, 16, 2, bf16, key_bits=key_bits, value_bits=value_bits,
                     key_kind=key_kind, value_kind=value_kind)  # fmt: skip
         cubin = compile_variant(v, "sm_90")
         assert cubin[:4] == b"\x7fELF"
         assert compile_variant(v, "sm_90") == cubin  # the disk cache returns the same bytes
     assert math.prod(p.stat().st_size > 0 for p in tmp_path.rglob("*.cubin"))
+
+
+@pytest.mark.skipif(
+    not _nvrtc_available(), reason="needs cuda.core and NVRTC (pip install cuda-core nvidia-cuda-nvrtc)"
+)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_every_codec_pair_compiles_for_sm90(head_dim, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVPACK_CACHE", str(tmp_path))
+    streams = [(False, "int", 2, "int", 2), (True, "int", 4, "int", 2), (False, "int", 8, "int", 3),
+               (False, "turbo_mse", 4, "turbo_mse", 4), (True, "turbo_mse", 3, "turbo_mse", 2),
+               (False, "turbo_mse", 2, "turbo_mse", 1), (False, "int", 8, "turbo_mse", 3)]  # fmt: skip
+    for bf16, key_kind, key_bits, value_kind, value_bits in streams:
+        v = Variant(head_dim, 4, 8, 8 if head_dim < 256 else 4, 16, 2, bf16, key_bits=key_bits,
+                    value_bits=value_bits, key_kind=key_kind, value_kind=value_kind)  # fmt: skip
+        assert compile_variant(v, "sm_90")[:4] == b"\x7fELF"
