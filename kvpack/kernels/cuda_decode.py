@@ -39,6 +39,9 @@ HEAD_DIMS = (64, 128, 256)
 KIND_IDS = {"int": 0, "turbo_mse": 1}  # the kernel's KKIND / VKIND
 BITS = {"int": (2, 3, 4, 8), "turbo_mse": (1, 2, 3, 4)}  # code bits of each kind, K and V each
 MAX_GQA = 16
+# copies of a 4-bit turbo_mse table: 32 KB each, on top of the pipeline (opted in above 48 KB); H200, 8 / 32K and
+# 32 / 128K: 1 copy 218 / 3251 us, 8: 221 / 3331, 16: 193 / 2791, 32: 183 / 2578 (no bank conflicts)
+TABLE_COPIES = 32
 
 
 def _stream_supported(kind: str, bits: int, head_dim: int, key: bool) -> bool:
@@ -65,7 +68,7 @@ class Variant:
     value_bits: int = 4
     key_kind: str = "int"
     value_kind: str = "int"
-    table_copies: int = 1  # copies of a 4-bit turbo_mse table in shared memory (fewer bank conflicts; 32: none)
+    table_copies: int = TABLE_COPIES  # of a 4-bit turbo_mse table in shared memory (fewer bank conflicts; 32: none)
 
     def __post_init__(self) -> None:
         if self.head_dim not in HEAD_DIMS:
@@ -88,7 +91,7 @@ class Variant:
 
     @property
     def rows(self) -> tuple[int, int]:
-        """Bytes of one token of one KV head, K and V: the codes, then 4 bytes of scale and zero."""
+        """Bytes of one token of one KV head, K and V: the codes, then 4 side bytes (scale and zero, or the norm)."""
         return self.head_dim * self.key_bits // 8 + 4, self.head_dim * self.value_bits // 8 + 4
 
     @property
@@ -129,10 +132,9 @@ def cuda_supported(key_kind: str, key_bits: int, value_kind: str, value_bits: in
     )  # fmt: skip
 
 
-TABLE_COPIES = 32  # of a 4-bit turbo_mse table: 32 KB each, on top of the pipeline (opted in above 48 KB)
-
 # Below this batch the Triton kernel is faster (H200, graph replay, batch 1 / 32K, int:4: 58 vs 96 us); from batch 8
-# this one (int:4, 8 / 32K: 118 vs 259 us; 16 / 32K: 213 vs 521; 32 / 128K: 1622 vs 3888), eager too (120 vs 260).
+# this one (int:4, 8 / 32K: 118 vs 259 us; 16 / 32K: 213 vs 521; 32 / 128K: 1622 vs 3888), eager too (120 vs 260);
+# turbo_mse:4 batch 1: 119.8 vs 76.5 us, batch 8: 193 vs 390.
 MIN_BATCH = 8
 
 
@@ -151,7 +153,8 @@ def uses_cuda_kernel(query: torch.Tensor, key_cache: torch.Tensor, key_kind: str
 
 def variant_for(query: torch.Tensor, key_cache: torch.Tensor, heads_per_cta: int | None = None,
                 stages: int | None = None, min_blocks: int = 0, value_cache: torch.Tensor | None = None,
-                key_kind: str = "int", value_kind: str = "int", table_copies: int | None = None) -> Variant:  # fmt: skip
+                key_kind: str = "int", value_kind: str = "int",
+                table_copies: int | None = None) -> Variant:  # fmt: skip
     """The kernel variant of these shapes (code bits from the pools' row bytes; ``value_cache`` ``None``: as the keys);
     default: up to 8 KV heads per CTA, a pipeline in 48 KB of shared memory, `TABLE_COPIES` of a 4-bit table."""
     _, hq, d = query.shape
