@@ -241,8 +241,8 @@ def decode(
         )
     if kernel == "cuda" or (kernel is None and uses_cuda_kernel(query, key_cache, *streams)):
         result = paged_cuda_decode(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values,
-                                  window_lens, key_codec, value_codec, scale, num_splits=num_splits,
-                                  out=out)  # fmt: skip
+                                   window_lens, key_codec, value_codec, scale, num_splits=num_splits,
+                                   out=out)  # fmt: skip
     else:
         from kvpack.kernels.decode_attention import paged_decode_attention
 

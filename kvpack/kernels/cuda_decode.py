@@ -102,7 +102,7 @@ class Variant:
 
     @property
     def table_words(self) -> int:
-        """32-bit words of the turbo_mse tables in shared memory (4 bits: 256, 3 bits: 32, 2 bits: 16; else 0)."""
+        """32-bit words of the turbo_mse tables in shared memory (4 bits: 256 per copy, 3 bits: 32, 2 bits: 16; else 0)."""
         words = {4: 256 * self.table_copies, 3: 32, 2: 16}
         return sum(words.get(b, 0) for k, b in ((self.key_kind, self.key_bits), (self.value_kind, self.value_bits))
                    if k == "turbo_mse")  # fmt: skip
@@ -353,10 +353,6 @@ def launch_shape(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     return int(num_splits), variant.heads_per_cta, variant.stages, min_blocks, variant.table_copies
 
 
-def _codebook(codec) -> torch.Tensor | None:
-    return codec.codebook16 if codec.kind == "turbo_mse" else None
-
-
 def paged_cuda_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -384,6 +380,6 @@ def paged_cuda_decode(
     result = torch.ops.kvpack.cuda_paged_decode(
         query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
         key_codec.rotation,
-        value_codec.unrotation, _codebook(key_codec), _codebook(value_codec), float(scale), *shape,
+        value_codec.unrotation, key_codec.codebook16, value_codec.codebook16, float(scale), *shape,
     )  # fmt: skip
     return result if out is None else out.copy_(result)

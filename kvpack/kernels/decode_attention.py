@@ -590,11 +590,9 @@ def paged_decode(
 
     if uses_cuda_kernel(query, key_cache, key_kind, key_bits, value_kind, value_bits):  # int and turbo_mse
         shape = launch_shape(query, key_cache, value_cache, block_tables, key_kind=key_kind, value_kind=value_kind)
-        key_cb = key_codebook16 if key_kind == "turbo_mse" else None
-        value_cb = value_codebook16 if value_kind == "turbo_mse" else None
         return torch.ops.kvpack.cuda_paged_decode(query, key_cache, value_cache, block_tables, seq_lens, window_keys,
-                                                  window_values, window_lens, key_rotation16, value_unrotation, key_cb,
-                                                  value_cb, scale, *shape)  # fmt: skip
+                                                  window_values, window_lens, key_rotation16, value_unrotation,
+                                                  key_codebook16, value_codebook16, scale, *shape)  # fmt: skip
     keys = _KernelTables(key_kind, key_bits, key_codebook16, key_rotation16, None, key_sketch)
     values = _KernelTables(value_kind, value_bits, value_codebook16, None, value_unrotation, value_sketch)
     return _launch(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
