@@ -7,6 +7,7 @@ Also a sweep of splits / KV heads per CTA / pipeline stages at each shape (``--s
 
     PYTHONPATH=$PWD python benchmarks/cuda_decode.py --json out.json [--sweep] [--shapes 8x32768,1x32768,32x131072]
         [--specs int:4,int:2,turbo_mse:4,turbo_mse:4/turbo_mse:3]   (K/V: a key and a value codec)
+        [--profile]   (each kernel's GPU time, torch.profiler, the default CUDA and Triton cases)
         [--policy 4bit,3bit,2.5bit]   (a shipped preset's per-layer K/V codecs, each distinct pair timed once: the
                                        mean time per layer of the policy as a whole, vs the uniform int codecs)
 """
@@ -45,6 +46,22 @@ def preset_pairs(name: str) -> list[str]:
     return [f"{k}/{v}" for k, v in zip(policy.layer_keys, policy.layer_values, strict=True)]
 
 
+def kernel_times(fn, label: str, steps: int = 20) -> None:
+    """Print the GPU time per call of each kernel ``fn`` launches (torch.profiler over ``steps`` calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total):
+        if e.self_device_time_total > 0:  # kernels (operators' device time is their kernels')
+            print(f"  profile {label}: {e.key[:60]:60s} {e.self_device_time_total / steps:8.1f} us/call "
+                  f"({e.count // steps} per call)", flush=True)
+
+
 def policy_times(row: dict, weights: dict) -> dict:
     """Mean graph-replay time per layer of each preset: its pairs' fastest kernel (CUDA where it takes them)."""
     best = {}
@@ -70,6 +87,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="8x32768,1x32768,32x131072")
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="GPU time of each kernel of the CUDA and Triton cases")
     ap.add_argument("--specs", default="int:4,int:2", help="codecs of K and V (or K/V): the CUDA kernel and Triton")
     ap.add_argument("--policy", default="", help="presets whose (K, V) codec pairs are timed, weighted by layers")
     args = ap.parse_args()
@@ -109,17 +127,24 @@ def main() -> None:
             variants = [("cuda", {}, paged_cuda_decode), ("triton", {}, paged_decode_attention)]
             if spec == "int:4":
                 variants = [("cuda", {}, paged_cuda_decode)]
-                if args.sweep:  # KV heads per CTA, stages, register cap; splits filling 1 or 2 waves, or given
+                if args.sweep and batch >= 8:  # KV heads per CTA, stages, register cap; splits filling 1 or 2 waves
                     for hpc, stages, minb in ((8, 2, 0), (4, 4, 0), (4, 2, 0), (2, 4, 0), (8, 2, 3), (4, 4, 5)):
                         variant = variant_for(query, kc, hpc, stages, minb)
                         for waves in (1, 2):
-                            splits = default_splits(variant, batch, tables.shape[1] * bs, query.device, waves)
+                            splits = default_splits(variant, batch, tables.shape[1] * bs, query.device, waves, window)
                             variants.append((f"cuda s{splits} h{hpc} st{stages} mb{minb}",
                                              {"num_splits": splits, "heads_per_cta": hpc, "stages": stages,
                                               "min_blocks": minb}, paged_cuda_decode))  # fmt: skip
                 variants.append(("triton", {}, paged_decode_attention))
+            if args.sweep and batch < 8:  # few sequences: the splits and KV heads per CTA given explicitly
+                variants += [(f"cuda s{splits} h{hpc}", {"num_splits": splits, "heads_per_cta": hpc}, paged_cuda_decode)
+                             for hpc in (8, 4, 2) for splits in (16, 32, 64, 128, 256)]  # fmt: skip
             if args.sweep and "turbo_mse:4" in spec:  # copies of the 4-bit table (bank conflicts vs shared memory)
                 variants[1:1] = [(f"cuda copies{c}", {"table_copies": c}, paged_cuda_decode) for c in (1, 4, 8, 16)]
+            if args.profile:
+                for name, kw, fn in [v for v in variants if v[0] in ("cuda", "triton")]:
+                    kernel_times(functools.partial(fn, *common, out=torch.empty_like(query), **kw),
+                                 f"b{batch} ctx{ctx} {spec} {name}")
             for name, kw, fn in variants:
                 step = functools.partial(fn, *common, out=torch.empty_like(query), **kw)
                 try:

@@ -201,7 +201,7 @@ def decode(
     ``(B, W, Hkv, D)`` with ``window_lens`` int32 (B,). Every sequence must hold at least one token.
     ``scale`` defaults to ``1/sqrt(D)``. ``use_kernel``: ``None`` = a GPU kernel iff on CUDA. ``kernel``: which
     (``"cuda"``: the NVRTC kernel of ``int`` and ``turbo_mse`` streams, `kvpack.kernels.cuda_decode`; ``"triton"``;
-    ``None``: the CUDA one at batch >= 8 where it takes the codecs, else Triton:
+    ``None``: the CUDA one where it takes the codecs, else Triton:
     `kvpack.kernels.cuda_decode.uses_cuda_kernel`). ``out``: a
     ``(B, Hq, D)`` tensor of the query's dtype to write into (the kernel path; for CUDA graphs).
     """

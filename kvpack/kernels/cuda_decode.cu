@@ -10,7 +10,9 @@
 //
 // Grid (splits + 1, HKV / HG, batch). Split s < splits: packed tokens [s * TPS, min((s+1) * TPS, seq_len)),
 // 16-token tiles of all HG heads copied page -> shared memory with cp.async (STAGES deep); warp w scores
-// KV head hg*HG + w. Split == splits: the 16-bit window (sinks + residual), read straight from global.
+// KV head hg*HG + w. Splits >= splits: the 16-bit window (sinks + residual), window_per_split tokens each (at small
+// batch a few CTAs: one CTA for a 132-token window was the tail of a batch-1 launch, its loads not pipelined), read
+// straight from global. Parts (B, HQ, num_parts): the splits', then the window's.
 // Scores: S^T (16 tokens x 8 query heads) = K (tokens on M) . Q^T (query heads on N, padded to 8) with
 // m16n8k16; int codes become fp16 with the 0x6400 magic number (one shift per 32-bit word, no per-value shift
 // and convert: a code at bit 2^j of a half is taken in place as 1024 + 2^j c and scaled back by one fma), and the
@@ -398,7 +400,8 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
     const int* __restrict__ window_lens, float* __restrict__ part_m, float* __restrict__ part_l,
     float* __restrict__ part_acc,       // (B, HQ, S + 1) and (B, HQ, S + 1, D)
     const u16* __restrict__ k_codebook, const u16* __restrict__ v_codebook,  // turbo_mse: fp16 (2^bits,); else unused
-    int num_blocks, int max_blocks, int window, int tokens_per_split, int num_splits, int q_keys_f32, float qscale) {
+    int num_blocks, int max_blocks, int window, int tokens_per_split, int num_splits, int window_per_split,
+    int num_parts, int q_keys_f32, float qscale) {
   extern __shared__ __align__(16) u8 smem[];
   const int split = blockIdx.x, hg = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -578,8 +581,9 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
   } else {
     float sums[NT];
     load_q(qf, q_window + qbase * D, false, lane, qscale, sums);
-    const int wl = min(max(window_lens[b], 0), window);
-    for (int t0 = 0; t0 < wl; t0 += 16) {
+    const int w_begin = (split - num_splits) * window_per_split;
+    const int wl = min(min(max(window_lens[b], 0), window), w_begin + window_per_split);
+    for (int t0 = w_begin; t0 < wl; t0 += 16) {
       const int valid = wl - t0;
       const bool ok0 = g < valid, ok8 = g + 8 < valid;
       // K rows g, g+8: dims [t*D/4, ...) as D/8 words; pairs (8w+s, 8w+s+4)
@@ -628,7 +632,7 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
         acc.z[nt][i] += __shfl_xor_sync(0xffffffffu, acc.z[nt][i], x);
       }
     }
-  const int S1 = num_splits + 1;
+  const int S1 = num_parts;
 #pragma unroll
   for (int nt = 0; nt < NT; nt++)
 #pragma unroll
@@ -649,37 +653,75 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
     }
 }
 
-// Merge the splits of one (query head, sequence): D threads. ROTATED: the packed part and the window part
-// are written apart in float32 (the packed part is rotated back outside, one GEMM); else their sum.
-extern "C" __global__ void kvpack_cuda_reduce(const float* __restrict__ part_m, const float* __restrict__ part_l,
-                                              const float* __restrict__ part_acc, float* __restrict__ packed_out,
-                                              float* __restrict__ window_out, u16* __restrict__ out, int hq,
-                                              int num_splits, int rotated) {
-  const int qh = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
-  const long long base = ((long long)b * hq + qh) * (num_splits + 1);
-  float m_all = NEG_INF;
-  for (int s = 0; s <= num_splits; s++) m_all = fmaxf(m_all, part_m[base + s]);
-  float l = 0.f, a = 0.f;
-  for (int s = 0; s < num_splits; s++) {
+// Merge the splits of one (query head, sequence): RW warps, warp w taking parts w, w + RW, ... (lane: D / 32
+// consecutive dims, one vector load per part), then a sum over the warps in shared memory. Parts [0, num_splits) are
+// the packed tokens', the rest the window's. ROTATED: the packed sum and the window sum are written apart in float32
+// (the packed one is rotated back outside, one GEMM); else their sum. (One thread per dim looping over every split
+// was latency-bound at batch 1: ~130 splits in a row.)
+#define RW 8
+#define DL (D / 32)
+extern "C" __global__ void __launch_bounds__(32 * RW) kvpack_cuda_reduce(
+    const float* __restrict__ part_m, const float* __restrict__ part_l, const float* __restrict__ part_acc,
+    float* __restrict__ packed_out, float* __restrict__ window_out, u16* __restrict__ out, int hq, int num_splits,
+    int parts, int rotated) {
+  __shared__ float s_acc[2][RW][D];
+  __shared__ float s_l[RW], s_m[RW];
+  const int qh = blockIdx.x, b = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const long long base = ((long long)b * hq + qh) * parts;
+  float m = NEG_INF;
+  for (int s = threadIdx.x; s < parts; s += 32 * RW) m = fmaxf(m, part_m[base + s]);
+#pragma unroll
+  for (int x = 16; x; x >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
+  if (lane == 0) s_m[warp] = m;
+  __syncthreads();
+  float m_all = s_m[0];
+#pragma unroll
+  for (int w = 1; w < RW; w++) m_all = fmaxf(m_all, s_m[w]);
+  float l = 0.f, a[2][DL];
+#pragma unroll
+  for (int i = 0; i < DL; i++) a[0][i] = a[1][i] = 0.f;
+#pragma unroll 4
+  for (int s = warp; s < parts; s += RW) {
     const float w = ex2(part_m[base + s] - m_all);
     l += w * part_l[base + s];
-    a += w * part_acc[(base + s) * D + d];
+    const float* src = part_acc + (base + s) * D + lane * DL;
+    float v[DL];
+#pragma unroll
+    for (int i = 0; i < DL; i += 2) {
+      const float2 x = *reinterpret_cast<const float2*>(src + i);
+      v[i] = w * x.x, v[i + 1] = w * x.y;
+    }
+    const bool win = s >= num_splits;
+#pragma unroll
+    for (int i = 0; i < DL; i++) {
+      a[0][i] += win ? 0.f : v[i];
+      a[1][i] += win ? v[i] : 0.f;
+    }
   }
-  const float ww = ex2(part_m[base + num_splits] - m_all);
-  l += ww * part_l[base + num_splits];
-  const float aw = ww * part_acc[(base + num_splits) * D + d];
-  const long long o = ((long long)b * hq + qh) * D + d;
-  if (rotated) {
-    packed_out[o] = a / l;
-    window_out[o] = aw / l;
-  } else {
-    const float v = (a + aw) / l;
-    u16 r;
+#pragma unroll
+  for (int i = 0; i < DL; i++) s_acc[0][warp][lane * DL + i] = a[0][i], s_acc[1][warp][lane * DL + i] = a[1][i];
+  if (lane == 0) s_l[warp] = l;
+  __syncthreads();
+  float l_all = 0.f;
+#pragma unroll
+  for (int w = 0; w < RW; w++) l_all += s_l[w];
+  for (int d = threadIdx.x; d < D; d += 32 * RW) {
+    float sa = 0.f, sw = 0.f;
+#pragma unroll
+    for (int w = 0; w < RW; w++) sa += s_acc[0][w][d], sw += s_acc[1][w][d];
+    const long long o = ((long long)b * hq + qh) * D + d;
+    if (rotated) {
+      packed_out[o] = sa / l_all;
+      window_out[o] = sw / l_all;
+    } else {
+      const float v = (sa + sw) / l_all;
+      u16 r;
 #if OUT_BF16
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
+      asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
 #else
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(v));
+      asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(v));
 #endif
-    out[o] = r;
+      out[o] = r;
+    }
   }
 }

@@ -30,7 +30,7 @@ from kvpack.kernels.paged import PagedCodec
 
 __all__ = [
     "Variant", "compile_variant", "cuda_supported", "launch_shape", "paged_cuda_decode", "uses_cuda_kernel",
-    "variant_for",
+    "variant_for", "window_per_split", "window_splits",
 ]  # fmt: skip
 
 LOG2E = 1.4426950408889634
@@ -42,6 +42,23 @@ MAX_GQA = 16
 # copies of a 4-bit turbo_mse table: 32 KB each, on top of the pipeline (opted in above 48 KB); H200, 8 / 32K and
 # 32 / 128K: 1 copy 218 / 3251 us, 8: 221 / 3331, 16: 193 / 2791, 32: 183 / 2578 (no bank conflicts)
 TABLE_COPIES = 32
+REDUCE_WARPS = 8  # RW of cuda_decode.cu: warps of the split-merging kernel
+# Below this many sequences a CTA takes at most 4 KV heads and the window is split over CTAs (H200, batch 1 / 32K,
+# int:4: 4 heads per CTA 35.7-40.8 us at 64-256 splits, 8 heads 39.4-48.6; BENCHMARKS.md)
+SMALL_BATCH = 8
+WINDOW_PER_SPLIT = 32  # 16-bit window tokens per CTA below SMALL_BATCH (else one CTA takes the whole window)
+
+
+def window_per_split(batch: int, window: int) -> int:
+    """Window tokens per CTA (``window``: the window's capacity, a static shape): `WINDOW_PER_SPLIT` at small batch,
+    where one CTA's 132 window tokens were the launch's tail; else all of them (at batch 32 / 128K five window CTAs
+    per sequence took slots from the packed splits: 3561 us, one CTA 1643 us)."""
+    return WINDOW_PER_SPLIT if batch < SMALL_BATCH else max(16, math.ceil(window / 16) * 16)
+
+
+def window_splits(batch: int, window: int) -> int:
+    """CTAs of the 16-bit window per KV-head group and sequence."""
+    return max(1, math.ceil(window / window_per_split(batch, window)))
 
 
 def _stream_supported(kind: str, bits: int, head_dim: int, key: bool) -> bool:
@@ -132,16 +149,17 @@ def cuda_supported(key_kind: str, key_bits: int, value_kind: str, value_bits: in
     )  # fmt: skip
 
 
-# Below this batch the Triton kernel is faster (H200, graph replay, batch 1 / 32K, int:4: 58 vs 96 us); from batch 8
-# this one (int:4, 8 / 32K: 118 vs 259 us; 16 / 32K: 213 vs 521; 32 / 128K: 1622 vs 3888), eager too (120 vs 260);
-# turbo_mse:4 batch 1: 119.8 vs 76.5 us, batch 8: 193 vs 390.
-MIN_BATCH = 8
+# This kernel at every batch where it takes the codecs, Triton for the rest (H200, graph replay, Llama-3-8B heads,
+# 132-token window; with the window split over CTAs at small batch): int:4 1 / 32K 38.6 vs 58.7 us, 4 / 32K 75.8 vs
+# 190, 1 / 128K 78.2 vs 178.9; turbo_mse:4 1 / 32K 63.1 vs 76.9, 4 / 32K 140.6 vs 224.8; batch 8 / 32K int:4 118 vs
+# 259, turbo_mse:4 193 vs 390.
+MIN_BATCH = 1
 
 
 def uses_cuda_kernel(query: torch.Tensor, key_cache: torch.Tensor, key_kind: str, key_bits: int,
                      value_kind: str, value_bits: int) -> bool:  # fmt: skip
     """The dispatch rule of every CUDA decode (`kvpack.kernels.attention.decode`, the ``kvpack::paged_decode`` op
-    of the caches): this kernel where it takes the codecs and the batch is at least `MIN_BATCH`, else Triton.
+    of the caches): this kernel where it takes the codecs (and the batch is at least `MIN_BATCH`), else Triton.
     Shapes only: a compiled step makes the same choice when traced and when replayed."""
     batch, hq, d = query.shape
     _, block_size, hkv, _ = key_cache.shape
@@ -156,14 +174,16 @@ def variant_for(query: torch.Tensor, key_cache: torch.Tensor, heads_per_cta: int
                 key_kind: str = "int", value_kind: str = "int",
                 table_copies: int | None = None) -> Variant:  # fmt: skip
     """The kernel variant of these shapes (code bits from the pools' row bytes; ``value_cache`` ``None``: as the keys);
-    default: up to 8 KV heads per CTA, a pipeline in 48 KB of shared memory, `TABLE_COPIES` of a 4-bit table."""
-    _, hq, d = query.shape
+    default: up to 8 KV heads per CTA (4 below `SMALL_BATCH` sequences: more, smaller CTAs), a pipeline in 48 KB of
+    shared memory, `TABLE_COPIES` of a 4-bit table."""
+    batch, hq, d = query.shape
     _, block_size, hkv, _ = key_cache.shape
     key_bits = (key_cache.shape[-1] - 4) * 8 // d
     value_bits = key_bits if value_cache is None else (value_cache.shape[-1] - 4) * 8 // d
     tile = 16 * (d * (key_bits + value_bits) // 8 + 8)  # one stage of one KV head
     if heads_per_cta is None:
-        heads_per_cta = max(x for x in (1, 2, 4, 8) if hkv % x == 0 and x <= hkv)
+        widest = 4 if batch < SMALL_BATCH else 8
+        heads_per_cta = max(x for x in (1, 2, 4, 8) if hkv % x == 0 and x <= widest)
         while heads_per_cta > 1 and 2 * tile * heads_per_cta > (48 << 10):
             heads_per_cta //= 2  # two stages must fit the 48 KB launch limit (head_dim 256: measured INVALID_VALUE)
     if stages is None:
@@ -291,24 +311,26 @@ def cuda_paged_decode(
     capacity = block_tables.shape[1] * key_cache.shape[1]
     tokens_per_split = math.ceil(capacity / num_splits / 16) * 16
     num_splits = max(1, math.ceil(capacity / tokens_per_split))
-    part_m = torch.empty(batch, hq, num_splits + 1, device=query.device, dtype=torch.float32)
+    parts = num_splits + window_splits(batch, wk.shape[1])
+    part_m = torch.empty(batch, hq, parts, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(batch, hq, num_splits + 1, d, device=query.device, dtype=torch.float32)
-    grid = (num_splits + 1, hkv // variant.heads_per_cta, batch)
+    part_acc = torch.empty(batch, hq, parts, d, device=query.device, dtype=torch.float32)
+    grid = (parts, hkv // variant.heads_per_cta, batch)
     config = LaunchConfig(grid=grid, block=32 * variant.heads_per_cta, shmem_size=variant.smem_bytes)
     i32 = np.int32
     launch(stream, config, decode_kernel, _ptr(q_keys), _ptr(q_window), _ptr(key_cache),
            _ptr(value_cache), _ptr(block_tables), _ptr(seq_lens), _ptr(wk), _ptr(wv), _ptr(window_lens),
            _ptr(part_m), _ptr(part_l), _ptr(part_acc), _ptr(part_m if key_codebook16 is None else key_codebook16),
            _ptr(part_m if value_codebook16 is None else value_codebook16), i32(num_blocks), i32(block_tables.shape[1]),
-           i32(wk.shape[1]), i32(tokens_per_split), i32(num_splits), i32(key_rotation is not None),
-           np.float32(qscale))  # fmt: skip
+           i32(wk.shape[1]), i32(tokens_per_split), i32(num_splits), i32(window_per_split(batch, wk.shape[1])),
+           i32(parts), i32(key_rotation is not None), np.float32(qscale))  # fmt: skip
     out = torch.empty_like(query)
     rotated = value_unrotation is not None
     packed = torch.empty(batch, hq, d, device=query.device, dtype=torch.float32) if rotated else part_m
     window = torch.empty_like(packed) if rotated else part_m
-    launch(stream, LaunchConfig(grid=(hq, batch), block=d), reduce_kernel, _ptr(part_m), _ptr(part_l),
-           _ptr(part_acc), _ptr(packed), _ptr(window), _ptr(out), i32(hq), i32(num_splits), i32(int(rotated)))  # fmt: skip
+    launch(stream, LaunchConfig(grid=(hq, batch), block=32 * REDUCE_WARPS), reduce_kernel, _ptr(part_m),
+           _ptr(part_l), _ptr(part_acc), _ptr(packed), _ptr(window), _ptr(out), i32(hq), i32(num_splits),
+           i32(parts), i32(int(rotated)))  # fmt: skip
     if rotated:  # the packed values' part goes back to the unrotated basis once: out = packed @ M_v.T + window
         out.copy_(torch.addmm(window.view(-1, d), packed.view(-1, d), value_unrotation).view(batch, hq, d))
     return out
@@ -330,26 +352,28 @@ def _resident_ctas(variant: Variant, device_index: int) -> int:
     return max(1, per_sm) * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_splits(variant: Variant, batch: int, capacity: int, device: torch.device, waves: int = 1) -> int:
-    """Splits of the packed tokens such that the grid (``splits + 1`` CTAs, the last for the window, per KV-head
+def default_splits(variant: Variant, batch: int, capacity: int, device: torch.device, waves: int = 1,
+                   window: int = 0) -> int:  # fmt: skip
+    """Splits of the packed tokens such that the grid (``splits + window_splits(batch, window)`` CTAs per KV-head
     group and sequence) fills ``waves`` whole waves of the CTAs that fit on the GPU at once (a partial last wave
     leaves SMs idle while it runs), each split at least 4 tiles of 16 tokens."""
     dev = device.index if device.index is not None else torch.cuda.current_device()
     resident = _resident_ctas(variant, dev)
     ctas = batch * (variant.kv_heads // variant.heads_per_cta)
-    return max(1, min(waves * resident // ctas - 1, math.ceil(capacity / 64)))
+    return max(1, min(waves * resident // ctas - window_splits(batch, window), math.ceil(capacity / 64)))
 
 
 def launch_shape(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
                  num_splits: int | None = None, heads_per_cta: int | None = None, stages: int | None = None,
                  min_blocks: int = 0, key_kind: str = "int", value_kind: str = "int",
-                 table_copies: int | None = None) -> tuple[int, int, int, int, int]:  # fmt: skip
+                 table_copies: int | None = None, window: int = 0) -> tuple[int, int, int, int, int]:  # fmt: skip
     """``(num_splits, heads_per_cta, stages, min_blocks, table_copies)`` of the op for these shapes (``None``: the
-    defaults)."""
+    defaults; ``window``: the 16-bit window's capacity)."""
     variant = variant_for(query, key_cache, heads_per_cta, stages, min_blocks, value_cache, key_kind, value_kind,
                           table_copies)  # fmt: skip
     if num_splits is None:
-        num_splits = default_splits(variant, query.shape[0], block_tables.shape[1] * key_cache.shape[1], query.device)
+        num_splits = default_splits(variant, query.shape[0], block_tables.shape[1] * key_cache.shape[1], query.device,
+                                    window=window)  # fmt: skip
     return int(num_splits), variant.heads_per_cta, variant.stages, min_blocks, variant.table_copies
 
 
@@ -376,7 +400,7 @@ def paged_cuda_decode(
     ``key_codec``/``value_codec``: `PagedCodec` (or anything with its ``kind``, ``rotation``, ``unrotation``,
     ``codebook16``)."""
     shape = launch_shape(query, key_cache, value_cache, block_tables, num_splits, heads_per_cta, stages, min_blocks,
-                         key_codec.kind, value_codec.kind, table_copies)  # fmt: skip
+                         key_codec.kind, value_codec.kind, table_copies, window_keys.shape[1])  # fmt: skip
     result = torch.ops.kvpack.cuda_paged_decode(
         query, key_cache, value_cache, block_tables, seq_lens, window_keys, window_values, window_lens,
         key_codec.rotation,

@@ -589,7 +589,8 @@ def paged_decode(
     from kvpack.kernels.cuda_decode import launch_shape, uses_cuda_kernel
 
     if uses_cuda_kernel(query, key_cache, key_kind, key_bits, value_kind, value_bits):  # int and turbo_mse
-        shape = launch_shape(query, key_cache, value_cache, block_tables, key_kind=key_kind, value_kind=value_kind)
+        shape = launch_shape(query, key_cache, value_cache, block_tables, key_kind=key_kind, value_kind=value_kind,
+                             window=window_keys.shape[1])  # fmt: skip
         return torch.ops.kvpack.cuda_paged_decode(query, key_cache, value_cache, block_tables, seq_lens, window_keys,
                                                   window_values, window_lens, key_rotation16, value_unrotation,
                                                   key_codebook16, value_codebook16, scale, *shape)  # fmt: skip

@@ -10,11 +10,15 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from cases import make_case, rel_err
 
 from kvpack.kernels.attention import decode, decode_ref, gather_tokens
-from kvpack.kernels.cuda_decode import BITS, HEAD_DIMS, Variant, compile_variant, cuda_supported
+from kvpack.kernels.cuda_decode import (
+    BITS, HEAD_DIMS, SMALL_BATCH, Variant, compile_variant, cuda_supported, window_per_split, window_splits,
+)  # fmt: skip
 from kvpack.kernels.paged import dequantize_rows
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -84,6 +88,20 @@ def test_int4_kernel_rotation_pages_and_bf16(key, value, block_size, dtype):
     case, kf, vf, _ = make_case(key, value, batch=4, kv_heads=8, gqa=4, head_dim=128, block_size=block_size,
                                 seq_lens=[2500, 1, 700, 4096], window_lens=[132, 3, 0, 0], device="cuda", seed=5,
                                 dtype=dtype)  # fmt: skip
+    check(case, kf, vf)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 9])
+@pytest.mark.parametrize("key,value", [("int:4", "int:4"), ("turbo_mse:4", "turbo_mse:3")])
+def test_window_splits_and_batch_shapes(batch, key, value):
+    """A window of several 32-token CTAs (full, partial, one token, empty), at batch 1 (4 KV heads per CTA, many
+    splits) and 9 (8 per CTA)."""
+    lens = [3000, 40, 1, 2600, 16, 0, 777, 5, 4096][:batch]
+    windows = [132, 97, 1, 0, 33, 64, 32, 131, 120][:batch]
+    case, kf, vf, _ = make_case(key, value, batch=batch, kv_heads=8, gqa=4, head_dim=128, block_size=16,
+                                seq_lens=lens, window_lens=windows, device="cuda", seed=batch)  # fmt: skip
     check(case, kf, vf)
 
 
@@ -215,3 +233,14 @@ def test_every_codec_pair_compiles_for_sm90(head_dim, tmp_path, monkeypatch):
         v = Variant(head_dim, 4, 8, 8 if head_dim < 256 else 4, 16, 2, bf16, key_bits=key_bits,
                     value_bits=value_bits, key_kind=key_kind, value_kind=value_kind)  # fmt: skip
         assert compile_variant(v, "sm_90")[:4] == b"\x7fELF"
+
+
+@given(batch=st.integers(1, 64), window=st.integers(0, 4096))
+def test_window_splits_cover_the_window_once(batch, window):
+    """The window CTAs tile ``[0, window)`` exactly: every token in one CTA, no CTA empty (but the one of an empty
+    window), whole 16-token tiles per CTA, one CTA from `SMALL_BATCH` sequences."""
+    per, n = window_per_split(batch, window), window_splits(batch, window)
+    assert per % 16 == 0 and per > 0
+    assert n * per >= window and (n - 1) * per < max(window, 1)
+    if batch >= SMALL_BATCH:
+        assert n == 1
