@@ -4,7 +4,8 @@ The command and the policy files; the steps live in their own modules:
 
 1. Sensitivity (measured, not assumed; `kvpack.tuning.sensitivity`): ``D[layer, stream, codec]`` is
    the mean KL when only that layer's K (or V) goes through that candidate codec. The candidates default to
-   the presets' (`DEFAULT_CANDIDATES`, codecs the paged decode kernels read); others are logged as such.
+   the presets' (`DEFAULT_CANDIDATES`, codecs the paged decode kernels read; keys and values each from their own
+   list, `stream_candidates`); others are logged as such.
 2. Allocation (`kvpack.tuning.knapsack`): one candidate per (layer, stream) minimizing ``sum D``
    under ``mean bits_per_value <= budget``, an exact multiple-choice knapsack.
 3. The result is a `CachePolicy` with per-layer specs (``layer_keys``/``layer_values``), written by
@@ -38,17 +39,30 @@ from kvpack.codec import get_codec
 from kvpack.kernels.paged import paged_codec
 from kvpack.policy import CachePolicy, policy_bits, save_policy
 from kvpack.tuning.knapsack import allocate_bits, choose_outlier_heads, head_policy_for, policy_for, uniform_pairs
-from kvpack.tuning.recipe import CANDIDATES
+from kvpack.tuning.recipe import CANDIDATES, KEY_CANDIDATES, VALUE_CANDIDATES
 from kvpack.tuning.sensitivity import head_sensitivity, measure_head_sensitivity, measure_sensitivity
 
-__all__ = ["DEFAULT_CANDIDATES", "add_arguments", "compare_policies", "log_unpaged", "run", "unpaged_specs"]
+__all__ = [
+    "DEFAULT_CANDIDATES", "add_arguments", "compare_policies", "log_unpaged", "run", "stream_candidates",
+    "unpaged_specs",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-# The presets' candidates: codecs the paged decode kernels read (turbo_mse 1-4 bits, int:8), so that a policy
-# allocated with the defaults runs on them (PagedKVPackCache, StaticKVPackCache). Others (e8, int:*:axis=channel)
-# can still be given with --candidates; `log_unpaged` then says that a policy choosing them will not.
+# The presets' candidates: codecs the paged decode kernels read (turbo_mse 1-4 bits, Hadamard-rotated int 2-4,
+# int:8), so that a policy allocated with the defaults runs on them (PagedKVPackCache, StaticKVPackCache); keys
+# from KEY_CANDIDATES and values from VALUE_CANDIDATES as the presets do (12 measured per layer instead of 16).
+# Others (e8, int:*:axis=channel) can still be given with --candidates; `log_unpaged` then says that a policy
+# choosing them will not.
 DEFAULT_CANDIDATES = CANDIDATES
+
+
+def stream_candidates(candidates, value_candidates) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(keys, values)`` to measure: the presets' split by default; ``--candidates`` alone: both streams;
+    ``--value-candidates``: the values'."""
+    if candidates is None:
+        return KEY_CANDIDATES, tuple(value_candidates or VALUE_CANDIDATES)
+    return tuple(candidates), tuple(value_candidates or candidates)
 
 
 def unpaged_specs(specs, head_dim: int) -> dict[str, str]:
@@ -94,9 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--key", default="e8:2", help="with --outlier-heads: the K codec of every layer")
     parser.add_argument("--value", default="e8:2", help="with --outlier-heads: the V codec of every layer")
-    parser.add_argument("--candidates", nargs="+", default=list(DEFAULT_CANDIDATES),
-                        help=f"codec specs to choose from (default: {' '.join(DEFAULT_CANDIDATES)}, the presets' "
-                        "candidates, which the paged decode kernels read)")  # fmt: skip
+    parser.add_argument("--candidates", nargs="+", default=None,
+                        help=f"codec specs to choose from (default: the presets' candidates, which the paged decode "
+                        f"kernels read: K {' '.join(KEY_CANDIDATES)}; V {' '.join(VALUE_CANDIDATES)})")  # fmt: skip
     parser.add_argument("--calib-windows", type=int, default=2, help="calibration windows")
     parser.add_argument("--calib-ctx", type=int, default=512, help="context tokens per calibration window")
     parser.add_argument("--calib-n", type=int, default=64, help="continuation tokens scored per calibration window")
@@ -104,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --budget: choose a candidate per (layer, KV head, stream) (head_keys/head_values) "
                         "from one-head sensitivities instead of one per (layer, stream)")  # fmt: skip
     parser.add_argument("--value-candidates", nargs="+", default=None,
-                        help="with --per-head: the V candidates (default: --candidates)")  # fmt: skip
+                        help="the V candidates (default: --candidates, or the presets' V candidates)")  # fmt: skip
     parser.add_argument("--held-ctx", type=int, default=None, metavar="N",
                         help="with --per-head: --budget is the bits HELD at N tokens (16-bit sinks and residual "
                         "window included), as the presets' budgets are")  # fmt: skip
@@ -138,15 +152,16 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.budget is None) == (args.outlier_heads is None):
         raise ValueError("give --budget (per-layer allocation) or --outlier-heads N (16-bit outlier heads), not both")
-    if not args.per_head and (args.value_candidates is not None or args.held_ctx is not None):
-        raise ValueError("--value-candidates and --held-ctx go with --per-head")
+    if not args.per_head and args.held_ctx is not None:
+        raise ValueError("--held-ctx goes with --per-head")
     if args.held_ctx is not None and args.held_ctx <= args.sinks + args.residual:
         raise ValueError(f"--held-ctx must exceed --sinks + --residual ({args.sinks + args.residual})")
-    candidates = tuple(args.candidates)
+    keys, values = stream_candidates(args.candidates, args.value_candidates)
+    candidates = tuple(dict.fromkeys(keys + values))
     model, tokenizer = load(args.model, device=args.device)
     if args.outlier_heads is not None:
         return _run_outlier_heads(model, tokenizer, args)
-    log_unpaged(candidates + tuple(args.value_candidates or ()), _head_dim(model.config))
+    log_unpaged(candidates, _head_dim(model.config))
     if args.per_head:
         return _run_per_head(model, tokenizer, args)
     config = model.config
@@ -155,17 +170,23 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.sensitivity) if args.sensitivity else None
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())
-        if saved["candidates"] != list(candidates):
-            raise ValueError(f"{path} holds sensitivities of {saved['candidates']}, not {list(candidates)}")
-        kl = torch.tensor(saved["kl"], dtype=torch.float64)
+        streams = [saved.get("key_candidates", saved["candidates"]), saved.get("value_candidates", saved["candidates"])]
+        if saved["candidates"] != list(candidates) or streams != [list(keys), list(values)]:
+            raise ValueError(f"{path} holds sensitivities of {saved['candidates']} (K {streams[0]}, V {streams[1]}), "
+                             f"not {list(candidates)} (K {list(keys)}, V {list(values)})")  # fmt: skip
+        kl = torch.tensor([[[math.nan if x is None else x for x in st] for st in layer] for layer in saved["kl"]],
+                          dtype=torch.float64)  # fmt: skip
         print(f"sensitivities from {path}")
     else:
         ids = tokenize(tokenizer, load_text(args.text))
         windows = calibration_ids(ids, args.calib_ctx + args.calib_n, args.calib_windows)
         kl = measure_sensitivity(model, windows, args.calib_ctx, candidates, args.residual, args.sinks,
-                                 progress=not args.no_progress)  # fmt: skip
+                                 progress=not args.no_progress, key_candidates=keys,
+                                 value_candidates=values)  # fmt: skip
         if path is not None:
-            path.write_text(json.dumps({"candidates": list(candidates), "kl": kl.tolist(), "text": str(args.text),
+            rows = [[[None if math.isnan(x) else x for x in st] for st in layer] for layer in kl.tolist()]
+            path.write_text(json.dumps({"candidates": list(candidates), "key_candidates": list(keys),
+                                        "value_candidates": list(values), "kl": rows, "text": str(args.text),
                                         "calib_windows": args.calib_windows, "calib_ctx": args.calib_ctx,
                                         "calib_n": args.calib_n}))  # fmt: skip
     policies: dict[float, CachePolicy] = {}
@@ -223,7 +244,7 @@ def compare_policies(
                      "mean_bits": policy_bits(policy, head_dim, num_layers, config.num_key_value_heads),
                      **_metrics(result)})  # fmt: skip
         if args.uniform:
-            pairs = uniform_pairs(candidates, head_dim, budget)
+            pairs = [p for p in uniform_pairs(candidates, head_dim, budget) if math.isfinite(predicted(p[0], p[1]))]
             for k, v, mean_bits in sorted(pairs, key=lambda p: predicted(p[0], p[1]))[: args.uniform]:
                 if (k, v) not in done:
                     done[(k, v)] = _metrics(evaluate(**common, windows=args.evaluate_windows, key=k, value=v))
@@ -270,7 +291,7 @@ def _run_per_head(model, tokenizer, args: argparse.Namespace) -> int:
 
     config = model.config
     head_dim, num_layers, num_heads = _head_dim(config), config.num_hidden_layers, config.num_key_value_heads
-    keys, values = tuple(args.candidates), tuple(args.value_candidates or args.candidates)
+    keys, values = stream_candidates(args.candidates, args.value_candidates)
     union = tuple(dict.fromkeys(keys + values))
     path = Path(args.sensitivity) if args.sensitivity else None
     if path is not None and path.is_file():

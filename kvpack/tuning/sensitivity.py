@@ -45,9 +45,11 @@ def _kl_of_policies(model, windows, ctx: int, policies: list[CachePolicy], desc:
             ids = w[None].to(next(model.parameters()).device)
             start = time.perf_counter()
             prefill = clean_prefill(model, ids[:, :ctx])
+            after_prefill = time.perf_counter()
             ref = _continue(model, prefill, ids[:, ctx:], exact)
-            if i == 0 and progress:  # one prefill + one continuation measured: what the whole run will take
-                seconds = (time.perf_counter() - start) * len(windows) * (len(policies) + 1)
+            if i == 0 and progress:  # one prefill and one continuation measured: what the whole run will take
+                per_window = after_prefill - start + (time.perf_counter() - after_prefill) * (len(policies) + 1)
+                seconds = per_window * len(windows)
                 print(f"{desc}: {len(policies)} candidates x {len(windows)} windows, about {_duration(seconds)} "
                       "on this machine (measured on the first window)", file=sys.stderr, flush=True)  # fmt: skip
             for j, policy in enumerate(tqdm(policies, desc=desc, disable=not progress)):
@@ -74,29 +76,38 @@ def _other_heads(layer: int, head: int, num_heads: int) -> tuple[tuple[int, int]
 
 def measure_sensitivity(
     model, windows: list[torch.Tensor], ctx: int, candidates: tuple[str, ...], residual: int = 128, sinks: int = 4,
-    progress: bool = True,
+    progress: bool = True, key_candidates: tuple[str, ...] | None = None,
+    value_candidates: tuple[str, ...] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """``D`` float64 ``(layers, 2, len(candidates))``: mean KL per continuation token when only that
     layer's K (stream 0) or V (stream 1) is stored with that candidate codec. ``windows``: 1-D token
     id tensors of ``ctx + n`` tokens each. Sinks and window stay in the model dtype here, so that
-    ``D`` is the codec's effect alone."""
+    ``D`` is the codec's effect alone. ``key_candidates``/``value_candidates`` (default: all of ``candidates``):
+    the ones measured for that stream; the others are NaN (not allowed to the knapsack) and cost no run."""
     num_layers = model.config.num_hidden_layers
     dtype = next(model.parameters()).dtype
+    allowed = (key_candidates or candidates, value_candidates or candidates)
+    for stream, name in enumerate(("key_candidates", "value_candidates")):
+        if not set(allowed[stream]) <= set(candidates):
+            raise ValueError(f"{name} must be among candidates {list(candidates)}, got {list(allowed[stream])}")
+    items = [(layer, stream, j) for layer in range(num_layers) for stream in range(2)
+             for j, spec in enumerate(candidates) if spec in allowed[stream]]  # fmt: skip
     policies = [
         _only_layer(
             layer,
             num_layers,
-            *((spec, None) if stream == 0 else (None, spec)),
+            *((candidates[j], None) if stream == 0 else (None, candidates[j])),
             residual=residual,
             sinks=sinks,
             window_dtype=dtype,
         )
-        for layer in range(num_layers)
-        for stream in range(2)
-        for spec in candidates
+        for layer, stream, j in items
     ]
-    kl = _kl_of_policies(model, windows, ctx, policies, "sensitivity", progress)
-    return kl.reshape(num_layers, 2, len(candidates))
+    measured = _kl_of_policies(model, windows, ctx, policies, "sensitivity", progress)
+    kl = torch.full((num_layers, 2, len(candidates)), float("nan"), dtype=torch.float64)
+    for (layer, stream, j), value in zip(items, measured.tolist(), strict=True):
+        kl[layer, stream, j] = value
+    return kl
 
 
 def head_sensitivity(

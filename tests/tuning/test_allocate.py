@@ -207,7 +207,7 @@ def test_allocate_cli_per_head_from_a_saved_table(tmp_path, monkeypatch, tiny_ll
     bad = [*argv[: argv.index("--value-candidates") + 1], "turbo_mse:1", *argv[argv.index("--sensitivity") :]]
     with pytest.raises(ValueError, match="no sensitivities for \\['turbo_mse:1'\\]"):
         allocate.run(parser.parse_args(bad))
-    with pytest.raises(ValueError, match="go with --per-head"):
+    with pytest.raises(ValueError, match="goes with --per-head"):
         allocate.run(parser.parse_args(["--budget", "3", "--held-ctx", "64"]))
     with pytest.raises(ValueError, match="--held-ctx must exceed"):
         allocate.run(parser.parse_args(["--per-head", "--budget", "3", "--held-ctx", "4", "--sinks", "4"]))
@@ -221,7 +221,12 @@ def test_default_candidates_are_codecs_the_paged_kernels_read():
 
     parser = argparse.ArgumentParser()
     allocate.add_arguments(parser)
-    assert parser.parse_args([]).candidates == list(allocate.DEFAULT_CANDIDATES) == list(recipe.CANDIDATES)
+    args = parser.parse_args([])
+    keys, values = allocate.stream_candidates(args.candidates, args.value_candidates)
+    assert (keys, values) == (recipe.KEY_CANDIDATES, recipe.VALUE_CANDIDATES)
+    assert set(keys + values) == set(allocate.DEFAULT_CANDIDATES) == set(recipe.CANDIDATES)
+    assert allocate.stream_candidates(["int:8", "e8:2"], None) == (("int:8", "e8:2"), ("int:8", "e8:2"))
+    assert allocate.stream_candidates(["int:8"], ["e8:2"]) == (("int:8",), ("e8:2",))
     for head_dim in (64, 128):
         assert allocate.unpaged_specs(allocate.DEFAULT_CANDIDATES, head_dim) == {}
         for spec in allocate.DEFAULT_CANDIDATES:

@@ -40,6 +40,15 @@ def test_measure_sensitivity_orders_bits_and_drives_the_policy(tiny_llama, windo
     assert kl.shape == (3, 2, 3)
     assert (kl[..., 0] > kl[..., 1]).all()  # 2 bits hurt more than 4 bits in every layer and stream
     assert (kl[..., 2] < kl[..., 0] / 3).all()  # fp16 rounding costs much less
+    # per-stream candidates: the same numbers where measured, NaN (not allowed) where not, and an unknown one refused
+    part = measure_sensitivity(model, windows(1, 72), 56, cands, residual=8, sinks=2, progress=False,
+                               key_candidates=("int:4",), value_candidates=("int:2", "fp16"))  # fmt: skip
+    measured = torch.zeros_like(kl, dtype=torch.bool)
+    measured[:, 0, 1] = measured[:, 1, 0] = measured[:, 1, 2] = True
+    assert torch.isnan(part[~measured]).all()
+    assert part[measured].tolist() == pytest.approx(kl[measured].tolist(), rel=1e-9)
+    with pytest.raises(ValueError, match="key_candidates must be among"):
+        measure_sensitivity(model, windows(1, 72), 56, cands, key_candidates=("int:3",), progress=False)
     # the allocated policy (predicted best) beats uniform int:4/int:2 at the same budget when re-measured
     bits = [get_codec(c, head_dim=16).bits_per_value() for c in cands[:2]]
     choice = allocate_bits(kl[..., :2].reshape(6, 2), bits, (bits[0] + bits[1]) / 2)
