@@ -10,7 +10,9 @@ and from a config file (``--config FILE``, JSON or TOML; the format: `kvpack.eva
 configuration with only the plain fields (key, value, residual, sinks, skip_layers) goes to `kvpack.evaluate` as
 they are (the sweep's ``--seed`` seeds its codecs); any other policy goes through a `KVPackCache` ``cache_factory``.
 ``--peers`` adds transformers' `QuantizedCache` backends (`kvpack.evaluation.peers`; ``--peers`` alone: all of
-``PEERS``), measured with their true bits.
+``PEERS``), measured with their true bits, and llama.cpp's cache types (``llamacpp:q4_0``, ``llamacpp:q8_0/q4_0``,
+``llamacpp:f16:fa=off``: `kvpack.evaluation.llamacpp`, llama-cpp-python on the model's GGUF file; in-forward, as
+llama.cpp works, against its own f16 cache).
 
 Output (`kvpack.evaluation.sweep_report`): a table on stdout, ``--json``/``--csv``/``--markdown`` rows, and
 ``--plot`` a PNG with delta-ppl (symlog) and top-1 agreement against the average bits per value of K and V as held.
@@ -24,6 +26,9 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from kvpack.evaluation import llamacpp
 from kvpack.evaluation.sweep_config import (
     DEFAULT_RESIDUAL,
     DEFAULT_SINKS,
@@ -86,6 +91,7 @@ def run_sweep(
     progress: bool = True,
     protocol: str = "decode",
     calibration: bool = True,
+    gguf: str | Path | None = None,
 ) -> list[dict]:
     """Evaluate every configuration on the same windows under ``protocol``; one row (dict) per configuration.
 
@@ -93,7 +99,8 @@ def run_sweep(
     and every row records the protocol it ran (``protocol``).
 
     ``model``: a ``(model, tokenizer)`` pair or a name for `kvpack.evaluation.models.load` (loaded once). A row
-    holds the configuration, the `EvalResult` metrics and ``kind`` (``kvpack`` or ``peer``).
+    holds the configuration, the `EvalResult` metrics and ``kind`` (``kvpack`` or ``peer``). ``gguf``: the model's
+    GGUF file, for llama.cpp peers (which run ``inforward`` whatever ``protocol`` is).
     """
     from tqdm.auto import tqdm
 
@@ -103,6 +110,10 @@ def run_sweep(
         raise ValueError("configs must hold at least one SweepConfig")
     if not all(isinstance(c, SweepConfig) for c in configs):
         raise TypeError("configs must be a list of SweepConfig")
+    llama_peers = [c for c in configs if c.peer is not None and c.peer.startswith(llamacpp.PREFIX)]
+    if llama_peers and (gguf is None or not Path(gguf).is_file()):
+        raise ValueError(f"{llama_peers[0].name}: llama.cpp reads the model from a GGUF file; gguf must name one "
+                         f"(--model smollm2 or a .gguf path), got {gguf!r}")  # fmt: skip
     if isinstance(model, (str, Path)):
         from kvpack.evaluation.models import load
 
@@ -112,6 +123,10 @@ def run_sweep(
     bar = tqdm(configs, desc="sweep", unit="config", disable=not progress)
     for config in bar:
         bar.set_postfix_str(config.name[:60])
+        if config in llama_peers:
+            rows.append(_row(config, _llamacpp_result(model, gguf, config.peer, text, ctx, n_eval, windows, memo)
+                             .to_dict(), "inforward"))  # fmt: skip
+            continue
         ran = "snapshot" if protocol == "decode" and config.peer is not None else protocol
         result = evaluate(
             model, text=text, ctx=ctx, n_eval=n_eval, windows=windows, protocol=ran, seed=seed,
@@ -120,6 +135,17 @@ def run_sweep(
         )  # fmt: skip
         rows.append(_row(config, result.to_dict(), ran))
     return rows
+
+
+def _llamacpp_result(model, gguf, spec: str, text, ctx: int, n_eval: int, windows: int, memo: dict):
+    """`kvpack.evaluation.llamacpp.evaluate_llamacpp` on the token ids `kvpack.evaluate` scores."""
+    from kvpack.evaluation.text import load_text, text_label, tokenize
+
+    _, tokenizer = model
+    ids = text.long().flatten() if isinstance(text, torch.Tensor) else tokenize(tokenizer, load_text(text))
+    label = "token ids" if isinstance(text, torch.Tensor) else text_label(text)
+    return llamacpp.evaluate_llamacpp(gguf, ids, spec, ctx, n_eval, windows, model_name=Path(gguf).name,
+                                      text_label=label, reference_memo=memo)  # fmt: skip
 
 
 def _row(config: SweepConfig, metrics: dict, protocol: str) -> dict:
@@ -160,7 +186,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", action="extend", nargs="+", help=f"named presets (several): {preset_names()}")
     parser.add_argument("--no-calibration", action="store_true", help="presets from the model's config alone")
     parser.add_argument("--peers", nargs="*", default=None, metavar="SPEC",
-                        help="transformers QuantizedCache peers, e.g. quanto:4 hqq:2 fp8 (alone: all)")  # fmt: skip
+                        help="peers: transformers QuantizedCache backends, e.g. quanto:4 hqq:2 fp8 (alone: all of "
+                        "those), and llama.cpp cache types, e.g. llamacpp:q4_0 llamacpp:q8_0/q4_0 llamacpp:f16:fa=off "
+                        "(llama-cpp-python, in-forward)")  # fmt: skip
     parser.add_argument("--ctx", type=int, default=1024, help="context tokens per window")
     parser.add_argument("--n-eval", type=int, default=256, help="continuation tokens scored per window")
     parser.add_argument("--windows", type=int, default=8, help="non-overlapping windows evenly spread over the text")
@@ -175,6 +203,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _gguf_of(model: str) -> Path | None:
+    """The GGUF file behind ``--model`` (``smollm2`` or a ``.gguf`` path), else None."""
+    from kvpack.evaluation.models import MODELS, smollm2_gguf
+
+    if str(model).lower() in MODELS:
+        return smollm2_gguf()
+    return Path(model).expanduser() if str(model).lower().endswith(".gguf") else None
+
+
 def run(args: argparse.Namespace) -> int:
     from kvpack.evaluation.evaluate import VERDICT
 
@@ -184,11 +221,15 @@ def run(args: argparse.Namespace) -> int:
     load_text(args.text)  # a bad path fails before the model loads
     from kvpack.evaluation.models import load
 
+    gguf = _gguf_of(args.model)
+    if gguf is None and any(c.peer and c.peer.startswith(llamacpp.PREFIX) for c in configs):
+        raise ValueError(f"llama.cpp peers read a GGUF file: --model must be 'smollm2' or a .gguf path, "
+                         f"got {args.model!r}")  # fmt: skip
     model = load(args.model, device=args.device)
     started = datetime.datetime.now(datetime.UTC)
     rows = run_sweep(model, configs, text=args.text, ctx=args.ctx, n_eval=args.n_eval, windows=args.windows,
                      seed=args.seed, progress=not args.no_progress, protocol=args.protocol,
-                     calibration=not args.no_calibration)  # fmt: skip
+                     calibration=not args.no_calibration, gguf=gguf)  # fmt: skip
     from kvpack.evaluation.text import describe_text
 
     print(f"kvpack sweep  model={args.model}  ctx={args.ctx}  n_eval={args.n_eval}  windows={args.windows}  "

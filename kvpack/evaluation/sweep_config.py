@@ -275,8 +275,14 @@ def _preset_config(preset, name, what: str) -> SweepConfig:
 
 
 def _peer_config(spec: str) -> SweepConfig:
+    from kvpack.evaluation import llamacpp
     from kvpack.evaluation.peers import available, parse_peer
 
+    if isinstance(spec, str) and spec.startswith(llamacpp.PREFIX):  # llama.cpp's own cache types, in-forward
+        name = llamacpp.parse_llamacpp(spec).name
+        if not llamacpp.available():
+            raise ImportError(f"peer {name!r} needs llama-cpp-python: pip install llama-cpp-python")
+        return SweepConfig(f"peer {name}", peer=name)
     peer = parse_peer(spec)  # fails on a bad spec, or a missing backend package, before the model loads
     missing = available(peer.backend)
     if missing:
