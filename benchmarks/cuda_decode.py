@@ -128,7 +128,8 @@ def main() -> None:
             if spec == "int:4":
                 variants = [("cuda", {}, paged_cuda_decode)]
                 if args.sweep and batch >= 8:  # KV heads per CTA, stages, register cap; splits filling 1 or 2 waves
-                    for hpc, stages, minb in ((8, 2, 0), (4, 4, 0), (4, 2, 0), (2, 4, 0), (8, 2, 3), (4, 4, 5)):
+                    shapes = ((8, 2, 0), (8, 3, 0), (8, 4, 0), (4, 4, 0), (4, 2, 0), (2, 4, 0), (8, 2, 3))
+                    for hpc, stages, minb in shapes:
                         variant = variant_for(query, kc, hpc, stages, minb)
                         for waves in (1, 2):
                             splits = default_splits(variant, batch, tables.shape[1] * bs, query.device, waves, window)

@@ -60,6 +60,23 @@ struct __align__(8) pair32 {
 #define VTAB (VKIND == 1 ? (VBITS == 4 ? 256 * TREP : VBITS == 3 ? 32 : VBITS == 2 ? 16 : 0) : 0)
 #define TAB_OFFSET ((STAGES * STAGE_BYTES + 15) / 16 * 16)  // the turbo_mse tables after the pipeline's stages
 #define NEG_INF (-__int_as_float(0x7f800000))
+// "Raw" streams: int codes at 2, 4 or 8 bits (and 1-bit turbo_mse values, affine) go to the mma as the magic number's
+// 1024 + 2^j c, without the subtraction or fma that brings them to c, for the pairs whose codes sit high enough in the
+// mantissa (`raw_pair`: the cancelled 1024 at most ~2^6 times the mean code 2^j c; with every pair raw, 2-bit codes at
+// j = 0 lost 2x SDPA's accuracy at head_dim 256). K: the query element that meets a raw pair is scaled by 2^-j once,
+// and the per-head constant 1024 sum(q') leaves the scores before the token's scale (one fadd per score). V: the output
+// row of a raw pair collects 1024 R + 2^j sum(r c) (r = p v_scale as rounded to fp16, R = sum r); the finish takes
+// 1024 R out and divides by 2^j once.
+#define KRAW (KKIND == 0 && (KBITS == 2 || KBITS == 4 || KBITS == 8))
+#define VRAW ((VKIND == 0 && (VBITS == 2 || VBITS == 4 || VBITS == 8)) || (VKIND == 1 && VBITS == 1))
+// j of pair s of `unpack_raw<bits>`: the code's bit offset in its 16-bit half
+__host__ __device__ constexpr int raw_shift(int bits, int s) { return bits * (s % (8 / bits)); }
+// Whether pair s stays raw: 8-bit codes (mean 2^7), else codes at j >= 4 (1 bit: j >= 5)
+__host__ __device__ constexpr bool raw_pair(int bits, int s) {
+  return bits == 8 || raw_shift(bits, s) >= (bits == 1 ? 5 : 4);
+}
+// fp16 bits of 2^-j, both halves
+__host__ __device__ constexpr u32 pow2_neg(int j) { return (u32(15 - j) << 10) * 0x10001u; }
 
 __device__ __forceinline__ u32 lop_or(u32 x, u32 mask, u32 magic) {  // (x & mask) | magic
   u32 r;
@@ -148,6 +165,19 @@ __device__ __forceinline__ void unpack<8>(u32 w, u32* h) {  // pairs (s, s + 2):
   h[0] = hsub2(prmt(w, 0x64646464u, 0x4240), MAGIC);
   h[1] = hsub2(prmt(w, 0x64646464u, 0x4341), MAGIC);
 }
+// `unpack` (BITS 1, 2, 4, 8) where the raw pairs (`raw_pair`) keep 1024 + 2^j c: pair s = (8 / BITS) half + k holds
+// the code at bits [BITS k, BITS (k + 1)) of each 16-bit half of w >> (8 half), j = BITS k (`raw_shift`).
+template <int BITS>
+__device__ __forceinline__ void unpack_raw(u32 w, u32* h) {
+  constexpr int PER = 8 / BITS;
+  constexpr u32 MASK = (1u << BITS) - 1u;
+#pragma unroll
+  for (int half = 0; half < 2; half++)
+#pragma unroll
+    for (int k = 0; k < PER; k++)
+      h[PER * half + k] = raw_pair(BITS, k) ? lop_or(half ? w >> 8 : w, (MASK << (BITS * k)) * 0x10001u, MAGIC)
+                                            : magic_code(half ? w >> 8 : w, BITS * k, MASK);
+}
 // The nibble (code s, code s + 8) of 2-bit pair s of w: pairs 2k in nibble k of c, 2k + 1 in nibble k of d.
 __device__ __forceinline__ void pair_nibbles(u32 w, u32& c, u32& d) {
   const u32 u = w & 0x33333333u, v = (w >> 2) & 0x33333333u;
@@ -157,9 +187,12 @@ __device__ __forceinline__ void pair_nibbles(u32 w, u32& c, u32& d) {
 // Codes of one main-plane word as the half2 pairs of `unpack` (pairs (s, s + 16 / plane bits)), as values:
 // int: the codes (3 bits: low 2 bits from w, the third from bits (s, s + 16) of y); turbo_mse: the centroids
 // through the shared-memory table (1 bit: the codes; the launch folds c0 + c (c1 - c0) into scale and zero).
-template <int KIND, int BITS, int REP>
-__device__ __forceinline__ void decode_codes(u32 w, u32 y, u32* h, const u32* tab) {
-  if constexpr (BITS == 3 && KIND == 0) {
+// RAW: `unpack_raw` (KRAW / VRAW streams). tab: the table (copy 0); lane_off: the byte offset of this lane's copy.
+template <int KIND, int BITS, int REP, bool RAW>
+__device__ __forceinline__ void decode_codes(u32 w, u32 y, u32* h, const u32* tab, u32 lane_off) {
+  if constexpr (RAW) {
+    unpack_raw<BITS>(w, h);
+  } else if constexpr (BITS == 3 && KIND == 0) {
     // pair s = 4 half + jj: c2 at bit j = 2 jj of its half (magic m2 = 1024 + 2^j c2), c1 at bit s of y (m1 = 1024 +
     // 2^s c1). Two fmas, each exact: c2' = m2 2^-j - (2^(10-j) + 2^(12-s)) = c2 - 2^(12-s), then m1 2^(2-s) + c2' =
     // c2 + 4 c1 (s = 0: c2 - 4096 is not an fp16 integer, so that pair takes c1 itself, then c2 + 4 c1)
@@ -182,8 +215,9 @@ __device__ __forceinline__ void decode_codes(u32 w, u32 y, u32* h, const u32* ta
     pair_nibbles(w, c, d);
 #pragma unroll
     for (int s = 0; s < 8; s++) {
-      const u32 nib = (((s & 1) ? d : c) >> (4 * (s >> 1))) & 0xFu;
-      const pair32 cand = reinterpret_cast<const pair32*>(tab)[nib];  // centroids of third bit 0 and 1
+      // byte offset 8 nib of the pair of nibble nib (one lop3 after the shifts, as for the 4-bit table)
+      const u32 off = ((((s & 1) ? d : c) << 3) >> (4 * (s >> 1))) & 0x78u;
+      const pair32 cand = *reinterpret_cast<const pair32*>(reinterpret_cast<const u8*>(tab) + off);  // bit 0 and 1
       const u32 sh = y << (7 - s);                                  // bits s, s + 16 -> the byte signs 7, 23
       const u32 m = prmt(sh, sh, 0xAA88);                            // 0xFFFF in each half whose bit is set
       u32 r;
@@ -193,10 +227,16 @@ __device__ __forceinline__ void decode_codes(u32 w, u32 y, u32* h, const u32* ta
   } else if constexpr (KIND == 1 && BITS == 4) {
     const u32 u = w & 0x0F0F0F0Fu, v = (w >> 4) & 0x0F0F0F0Fu;
     const u32 c = u | (u >> 12), d = v | (v >> 12);  // bytes (code s, code s + 4): s = 0, 2 in c; 1, 3 in d
-    h[0] = tab[(c & 0xFFu) * REP];  // tab: this lane's copy
-    h[1] = tab[(d & 0xFFu) * REP];
-    h[2] = tab[((c >> 8) & 0xFFu) * REP];
-    h[3] = tab[((d >> 8) & 0xFFu) * REP];
+    // entry e of this lane's copy at byte 4 REP e + lane_off: one lop3 ((e << S) & M | lane_off) per entry, the
+    // table's base left to the load's uniform register (a word index cost a shift, a lop3 and a lea per entry)
+    constexpr int S = 2 + (REP == 1 ? 0 : REP == 2 ? 1 : REP == 4 ? 2 : REP == 8 ? 3 : REP == 16 ? 4 : 5);
+    constexpr u32 M = 0xFFu << S;
+    const u8* tb = reinterpret_cast<const u8*>(tab);
+    const u32 xc = c << S, xd = d << S;
+    h[0] = *reinterpret_cast<const u32*>(tb + ((xc & M) | lane_off));
+    h[1] = *reinterpret_cast<const u32*>(tb + ((xd & M) | lane_off));
+    h[2] = *reinterpret_cast<const u32*>(tb + (((xc >> 8) & M) | lane_off));
+    h[3] = *reinterpret_cast<const u32*>(tb + (((xd >> 8) & M) | lane_off));
   } else if constexpr (KIND == 1 && BITS == 2) {
     u32 c, d;
     pair_nibbles(w, c, d);
@@ -276,11 +316,13 @@ __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0
 struct Acc {
   float o[KSTEPS][NT][4];  // O^T fragments: (dim 2mt / 2mt+1 of the thread's D/8, heads 2t, 2t+1)
   float m[NT][2], l[NT][2], z[NT][2];  // running max (log2), partial sum, partial sum p * v_zero
+  float r[NT][2];                      // VRAW: partial sum of p * v_scale as rounded to fp16 (R)
 };
 
 // Scores in the C layout -> online softmax update, p * v_scale transposed to the B layout, V mma.
 // s[nt][4]: (token g, heads 2t, 2t+1), (token g+8, ...); vs/vz: v scale and zero of tokens g, g+8.
-// va[KSTEPS][4]: V^T A fragments of this tile.
+// va[KSTEPS][4]: V^T A fragments of this tile. RAW: va holds raw codes (VRAW), R is kept.
+template <bool RAW>
 __device__ __forceinline__ void softmax_pv(Acc& acc, float (*s)[4], float vs0, float vs8, float vz0, float vz8,
                                            const u32 (*va)[4], int lane) {
   const int g = lane >> 2, t = lane & 3;
@@ -304,6 +346,7 @@ __device__ __forceinline__ void softmax_pv(Acc& acc, float (*s)[4], float vs0, f
       acc.l[nt][i] = acc.l[nt][i] * alpha[i] + p0 + p8;
       acc.z[nt][i] = acc.z[nt][i] * alpha[i] + p0 * vz0 + p8 * vz8;
       x[i] = pack2(p0 * vs0, p8 * vs8);  // head 2t+i: tokens (g, g+8)
+      if constexpr (RAW) acc.r[nt][i] = acc.r[nt][i] * alpha[i] + lo_f(x[i]) + hi_f(x[i]);
     }
     // the output is rescaled only when some head's running max grew (rare after the first tiles: alpha is 1 else)
     if (__any_sync(0xffffffffu, grew)) {
@@ -334,9 +377,11 @@ __device__ __forceinline__ u32 q_pair(const u32* words, int e) {
 // Q B fragments of head n (nt*8 + g), its dims [t*D/4, (t+1)*D/4) paired as K's codes are: dims (a, a + KPAIRS),
 // a = 2 KPAIRS w + s, are fragment element e = KPAIRS w + s (`q_pair`).
 // q (fp16, or bf16 with OUT_BF16; f32: float32) is scaled here by qscale (the softmax scale times log2(e)) and
-// rounded to fp16 once; sums[nt] gets the sum of head n's rounded values (for the zero points).
+// rounded to fp16 once; sums[nt] gets the sum of head n's rounded values (for the zero points). RAW (KRAW): element e
+// meets a raw pair (`raw_pair(KBITS, e % KPAIRS)`: codes at 2^j) is scaled by 2^-j; offs[nt] gets 1024 sum(scaled).
+template <bool RAW>
 __device__ __forceinline__ void load_q(u32 (*qf)[KSTEPS][2], const void* q, bool f32, int lane, float qscale,
-                                       float* sums) {
+                                       float* sums, float* offs) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < NT; nt++) {
@@ -362,10 +407,24 @@ __device__ __forceinline__ void load_q(u32 (*qf)[KSTEPS][2], const void* q, bool
       words[j] = pack2(lo * qscale, hi * qscale);
       sum += lo_f(words[j]) + hi_f(words[j]);
     }
+    float off = 0.f;
 #pragma unroll
-    for (int e = 0; e < 2 * KSTEPS; e++) qf[nt][e >> 1][e & 1] = q_pair(words, e);
+    for (int e = 0; e < 2 * KSTEPS; e++) {
+      u32 x = q_pair(words, e);
+      if constexpr (RAW) {
+        if (raw_pair(KBITS, e % KPAIRS)) {
+          x = hfma2(x, pow2_neg(raw_shift(KBITS, e % KPAIRS)), 0x80008000u);  // x 2^-j (+ -0: exact)
+          off += 1024.f * (lo_f(x) + hi_f(x));
+        }
+      }
+      qf[nt][e >> 1][e & 1] = x;
+    }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sums[nt] = sum + __shfl_xor_sync(0xffffffffu, sum, 2);  // head n's sum, in every lane of group g
+    if constexpr (RAW) {
+      off += __shfl_xor_sync(0xffffffffu, off, 1);
+      offs[nt] = off + __shfl_xor_sync(0xffffffffu, off, 2);
+    }
   }
 }
 
@@ -411,19 +470,18 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
 #pragma unroll
   for (int nt = 0; nt < NT; nt++) {
 #pragma unroll
-    for (int i = 0; i < 2; i++) acc.m[nt][i] = NEG_INF, acc.l[nt][i] = 0.f, acc.z[nt][i] = 0.f;
+    for (int i = 0; i < 2; i++) acc.m[nt][i] = NEG_INF, acc.l[nt][i] = 0.f, acc.z[nt][i] = 0.f, acc.r[nt][i] = 0.f;
 #pragma unroll
     for (int mt = 0; mt < KSTEPS; mt++) acc.o[mt][nt][0] = acc.o[mt][nt][1] = acc.o[mt][nt][2] = acc.o[mt][nt][3] = 0.f;
   }
   u32 qf[NT][KSTEPS][2];
-  float qs[NT][2];
+  float qs[NT][2], qc[NT][2];  // per C-layout head: sum of q (zero points), 1024 sum(q') (KRAW)
   const int qbase = (b * HQ + h * GQA);
   if (split < num_splits) {
     // turbo_mse tables, built from the codebooks once per CTA (the first tile's barrier publishes them)
     u32* ktab = reinterpret_cast<u32*>(smem + TAB_OFFSET);
     u32* vtab = ktab + KTAB;
-    const u32* ktab_lane = ktab + (lane & (KREP - 1));
-    const u32* vtab_lane = vtab + (lane & (VREP - 1));
+    const u32 klane_off = 4u * (lane & (KREP - 1)), vlane_off = 4u * (lane & (VREP - 1));  // this lane's copy
 #if KTAB > 0
     for (int i = threadIdx.x; i < KTAB; i += 32 * HG) ktab[i] = table_entry<KBITS>(k_codebook, i);
 #endif
@@ -438,9 +496,9 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
 #if VKIND == 1 && VBITS == 1
     vsz = lo_f(v_codebook[0]), vsa = lo_f(v_codebook[1]) - vsz;
 #endif
-    float sums[NT];
-    load_q(qf, reinterpret_cast<const u8*>(q_keys) + (long long)qbase * D * (q_keys_f32 ? 4 : 2), q_keys_f32, lane,
-           qscale, sums);
+    float sums[NT], offs[NT];
+    load_q<KRAW>(qf, reinterpret_cast<const u8*>(q_keys) + (long long)qbase * D * (q_keys_f32 ? 4 : 2), q_keys_f32,
+                 lane, qscale, sums, offs);
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
@@ -448,6 +506,11 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
         const int n = nt * 8 + 2 * t + i;  // the C layout's head of this lane: its sum sits in lanes 4n..4n+3
         const float raw_sum = __shfl_sync(0xffffffffu, sums[nt], 4 * (2 * t + i));
         qs[nt][i] = n >= GQA ? 0.f : raw_sum;
+#if KRAW
+        qc[nt][i] = __shfl_sync(0xffffffffu, offs[nt], 4 * (2 * t + i));
+#else
+        qc[nt][i] = 0.f;
+#endif
       }
     // device-side clamp: the launcher validates outside graph capture; a bad length never reads past the table
     const int seq_len = min(max(seq_lens[b], 0), max_blocks * BLOCK_SIZE);
@@ -462,6 +525,7 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
     constexpr int V_PER_TOKEN = HG * V_ROW / CHUNK, V_CHUNKS = 16 * V_PER_TOKEN;
     constexpr int K_PER_THREAD = (K_CHUNKS + 32 * HG - 1) / (32 * HG);
     constexpr int V_PER_THREAD = (V_CHUNKS + 32 * HG - 1) / (32 * HG);
+    // k_src[j] = -1: no chunk for this thread (only in the last j, where the chunks do not fill every thread)
     int k_src[K_PER_THREAD], k_dst[K_PER_THREAD], v_src[V_PER_THREAD], v_dst[V_PER_THREAD];
 #pragma unroll
     for (int j = 0; j < K_PER_THREAD; j++) {
@@ -486,13 +550,16 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
         const long long row = ((long long)blk * BLOCK_SIZE + pos % BLOCK_SIZE) * HKV + hg * HG;
         const u8* kp = k_cache + row * K_ROW;
         const u8* vp = v_cache + row * V_ROW;
+        // opaque to the compiler: each chunk's address is then one 64-bit add to kp / vp, not a wide product of the
+        // row re-derived per chunk (sm_90 SASS: ~90 -> ~40 instructions to issue a tile)
+        asm("" : "+l"(kp), "+l"(vp));
         const u32 dst = sbase + (i % STAGES) * STAGE_BYTES;
 #pragma unroll
         for (int j = 0; j < K_PER_THREAD; j++)
-          if (k_src[j] >= 0) cp_async(dst + k_dst[j], kp + k_src[j]);
+          if ((j + 1) * 32 * HG <= K_CHUNKS || k_src[j] >= 0) cp_async(dst + k_dst[j], kp + u32(k_src[j]));
 #pragma unroll
         for (int j = 0; j < V_PER_THREAD; j++)
-          if (v_src[j] >= 0) cp_async(dst + v_dst[j], vp + v_src[j]);
+          if ((j + 1) * 32 * HG <= V_CHUNKS || v_src[j] >= 0) cp_async(dst + v_dst[j], vp + u32(v_src[j]));
       }
       cp_commit();
     };
@@ -515,8 +582,8 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
 #if KBITS == 3
         y0 = k_third(k0, t, w), y8 = k_third(k8, t, w);
 #endif
-        decode_codes<KKIND, KBITS, KREP>(k0[t * KWORDS + w], y0, &h0[0][0] + KPAIRS * w, ktab_lane);
-        decode_codes<KKIND, KBITS, KREP>(k8[t * KWORDS + w], y8, &h8[0][0] + KPAIRS * w, ktab_lane);
+        decode_codes<KKIND, KBITS, KREP, KRAW>(k0[t * KWORDS + w], y0, &h0[0][0] + KPAIRS * w, ktab, klane_off);
+        decode_codes<KKIND, KBITS, KREP, KRAW>(k8[t * KWORDS + w], y8, &h8[0][0] + KPAIRS * w, ktab, klane_off);
       }
       const u32 ksd0 = k0[K_CODE / 4], ksd8 = k8[K_CODE / 4];
       float s[NT][4];
@@ -529,8 +596,8 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
       for (int nt = 0; nt < NT; nt++)
 #pragma unroll
         for (int i = 0; i < 2; i++) {
-          s[nt][i] = ok0 ? s[nt][i] * ka0 + kz0 * qs[nt][i] : NEG_INF;
-          s[nt][2 + i] = ok8 ? s[nt][2 + i] * ka8 + kz8 * qs[nt][i] : NEG_INF;
+          s[nt][i] = ok0 ? (s[nt][i] - qc[nt][i]) * ka0 + kz0 * qs[nt][i] : NEG_INF;
+          s[nt][2 + i] = ok8 ? (s[nt][2 + i] - qc[nt][i]) * ka8 + kz8 * qs[nt][i] : NEG_INF;
         }
       const u32 vsd0 = *reinterpret_cast<const u32*>(vs + (g * HG + warp) * V_ROW + V_CODE);
       const u32 vsd8 = *reinterpret_cast<const u32*>(vs + ((g + 8) * HG + warp) * V_ROW + V_CODE);
@@ -555,7 +622,7 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
         u32 h[VPAIRS];
         const u32 a = VTB == 16 ? u32(reinterpret_cast<const u16*>(ra)[g]) : u32(ra[g]);
         const u32 bb = VTB == 16 ? u32(reinterpret_cast<const u16*>(rb)[g]) : u32(rb[g]);
-        decode_codes<VKIND, VBITS, VREP>(a | (bb << 16), byte_pair(ta, tb, 0), h, vtab_lane);
+        decode_codes<VKIND, VBITS, VREP, VRAW>(a | (bb << 16), byte_pair(ta, tb, 0), h, vtab, vlane_off);
 #pragma unroll
         for (int L = 0; L < (VPAIRS < D / 8 ? VPAIRS : D / 8); L++) va[L >> 1][2 * pr + (L & 1)] = h[L];
 #else
@@ -564,8 +631,8 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
           const u32 a = reinterpret_cast<const u32*>(ra)[g * VWORDS + w];
           const u32 bb = reinterpret_cast<const u32*>(rb)[g * VWORDS + w];
           u32 lo[VPAIRS], hi[VPAIRS];
-          decode_codes<VKIND, VBITS, VREP>(prmt(a, bb, 0x5410), byte_pair(ta, tb, 2 * w), lo, vtab_lane);
-          decode_codes<VKIND, VBITS, VREP>(prmt(a, bb, 0x7632), byte_pair(ta, tb, 2 * w + 1), hi, vtab_lane);
+          decode_codes<VKIND, VBITS, VREP, VRAW>(prmt(a, bb, 0x5410), byte_pair(ta, tb, 2 * w), lo, vtab, vlane_off);
+          decode_codes<VKIND, VBITS, VREP, VRAW>(prmt(a, bb, 0x7632), byte_pair(ta, tb, 2 * w + 1), hi, vtab, vlane_off);
 #pragma unroll
           for (int sft = 0; sft < VPAIRS; sft++) {
             const int l0 = 2 * VPAIRS * w + sft, l1 = l0 + VPAIRS;
@@ -575,12 +642,12 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
         }
 #endif
       }
-      softmax_pv(acc, s, va0, va8, vz0, vz8, va, lane);
+      softmax_pv<VRAW>(acc, s, va0, va8, vz0, vz8, va, lane);
     }
     cp_wait<0>();
   } else {
     float sums[NT];
-    load_q(qf, q_window + qbase * D, false, lane, qscale, sums);
+    load_q<false>(qf, q_window + qbase * D, false, lane, qscale, sums, nullptr);
     const int w_begin = (split - num_splits) * window_per_split;
     const int wl = min(min(max(window_lens[b], 0), window), w_begin + window_per_split);
     for (int t0 = w_begin; t0 < wl; t0 += 16) {
@@ -618,7 +685,7 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
           va[L >> 1][2 * pr + 1] = prmt(a, bb, 0x7632);
         }
       }
-      softmax_pv(acc, s, ok0 ? 1.f : 0.f, ok8 ? 1.f : 0.f, 0.f, 0.f, va, lane);
+      softmax_pv<false>(acc, s, ok0 ? 1.f : 0.f, ok8 ? 1.f : 0.f, 0.f, 0.f, va, lane);
     }
   }
   // finish: sums over the 8 token lanes, then the zero term into every dim, then store the partials
@@ -630,6 +697,9 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
       for (int x = 4; x < 32; x <<= 1) {
         acc.l[nt][i] += __shfl_xor_sync(0xffffffffu, acc.l[nt][i], x);
         acc.z[nt][i] += __shfl_xor_sync(0xffffffffu, acc.z[nt][i], x);
+#if VRAW
+        acc.r[nt][i] += __shfl_xor_sync(0xffffffffu, acc.r[nt][i], x);
+#endif
       }
     }
   const int S1 = num_parts;
@@ -645,11 +715,25 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
         part_l[part] = acc.l[nt][i];
       }
       float* dst = part_acc + part * D + g * (D / 8);
+#if VRAW
+      const bool raw = split < num_splits;  // the window's CTAs hold fp16 values
+      const float r1024 = raw ? 1024.f * acc.r[nt][i] : 0.f;
+#pragma unroll
+      for (int mt = 0; mt < KSTEPS; mt++) {  // local dims 2 mt, 2 mt + 1: raw pairs' codes at 2^j
+        const int s0 = (2 * mt) % VPAIRS, s1 = (2 * mt + 1) % VPAIRS;
+        const bool raw0 = raw && raw_pair(VBITS, s0), raw1 = raw && raw_pair(VBITS, s1);
+        const float f0 = raw0 ? __uint_as_float(u32(127 - raw_shift(VBITS, s0)) << 23) : 1.f;
+        const float f1 = raw1 ? __uint_as_float(u32(127 - raw_shift(VBITS, s1)) << 23) : 1.f;
+        dst[2 * mt] = (acc.o[mt][nt][i] - (raw0 ? r1024 : 0.f)) * f0 + acc.z[nt][i];
+        dst[2 * mt + 1] = (acc.o[mt][nt][2 + i] - (raw1 ? r1024 : 0.f)) * f1 + acc.z[nt][i];
+      }
+#else
 #pragma unroll
       for (int mt = 0; mt < KSTEPS; mt++) {
         dst[2 * mt] = acc.o[mt][nt][i] + acc.z[nt][i];
         dst[2 * mt + 1] = acc.o[mt][nt][2 + i] + acc.z[nt][i];
       }
+#endif
     }
 }
 
