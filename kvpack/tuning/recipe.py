@@ -73,6 +73,7 @@ import logging
 import os
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -344,13 +345,13 @@ def calibrated_policy(name: str, model, tokenizer=None, text=None, seed: int = 0
         if path is not None and path.is_file():
             logger.info("preset %s: cached calibration %s", name, path)
             return _with_seed(load_policy(path), seed)
-    path, table = cache_dir() / f"{key}-{name}.json", cache_dir() / f"{key}-sensitivity.pt"
+    path, table = cache_dir() / f"{key}-{name}.json", cache_dir() / f"{key}-sensitivity.safetensors"
     if table.is_file():
-        d = torch.load(table)
+        d = safetensors.torch.load_file(table)["sensitivity"]
     else:
         d = measure_sensitivity(model, windows, CALIB_CTX, progress)
         table.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(d, table)
+        safetensors.torch.save_file({"sensitivity": d.contiguous()}, table)
     policy = solve_budget(d, model.config, budget, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_policy(policy, path, preset=name, budget=budget, budget_ctx=BUDGET_CTX, recipe_version=RECIPE_VERSION,

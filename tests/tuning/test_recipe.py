@@ -102,7 +102,7 @@ def test_calibration_is_cached_by_model_hash_and_reused(monkeypatch, tmp_path):
     assert len(calls) == 1
     assert held_after_prefill(model.config, first) <= BUDGETS["4bit"]
     files = sorted(p.name for p in recipe.cache_dir().iterdir())
-    assert any(f.endswith("-4bit.json") for f in files) and any(f.endswith("-sensitivity.pt") for f in files)
+    assert any(f.endswith("-4bit.json") for f in files) and any(f.endswith("-sensitivity.safetensors") for f in files)
     again = CachePolicy.preset("4bit", model, text=ids, progress=False)
     other = CachePolicy.preset("2.5bit", model, text=ids, progress=False, seed=5)  # reuses the measured table
     assert len(calls) == 1 and again == first
