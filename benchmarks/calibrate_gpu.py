@@ -21,6 +21,7 @@ import time
 import torch
 
 from kvpack.bench.generate import build_model
+from kvpack.codec import get_codec
 from kvpack.tuning import recipe
 from kvpack.tuning.allocate import stream_candidates
 from kvpack.tuning.knapsack import allocate_bits
@@ -66,8 +67,6 @@ def main() -> None:
     windows = _windows(vocab, 2, 512 + 64, seed=1)
     kl, seconds = _timed(lambda: measure_sensitivity(model, windows, 512, candidates, 128, 4, progress=False,
                                                      key_candidates=keys, value_candidates=values))  # fmt: skip
-    from kvpack.codec import get_codec
-
     bits = [get_codec(c, head_dim=config.head_dim).bits_per_value() for c in candidates]
     start = time.perf_counter()
     allocate_bits(kl.reshape(args.layers * 2, -1), bits, 4.0)

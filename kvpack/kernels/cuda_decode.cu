@@ -69,7 +69,7 @@ struct __align__(8) pair32 {
 // 1024 R out and divides by 2^j once.
 #define KRAW (KKIND == 0 && (KBITS == 2 || KBITS == 4 || KBITS == 8))
 #define VRAW ((VKIND == 0 && (VBITS == 2 || VBITS == 4 || VBITS == 8)) || (VKIND == 1 && VBITS == 1))
-// j of pair s of `unpack_raw<bits>`: the code's bit offset in its 16-bit half
+// j of pair s of `unpack<bits, RAW>`: the code's bit offset in its 16-bit half
 __host__ __device__ constexpr int raw_shift(int bits, int s) { return bits * (s % (8 / bits)); }
 // Whether pair s stays raw: 8-bit codes (mean 2^7), else codes at j >= 4 (1 bit: j >= 5)
 __host__ __device__ constexpr bool raw_pair(int bits, int s) {
@@ -118,30 +118,6 @@ __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
   asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
   return r;
 }
-// The codes of a 32-bit word as half2 pairs h[s] = {code s, code s + 16 / BITS}. A code at bit 2^j of its half is
-// taken in place as 1024 + 2^j c with the magic number, then brought to c by one fma (x 2^-j, - 2^(10-j)) or,
-// for j = 0, one subtraction of 1024 (exact in fp16): one shift per word instead of one per pair.
-template <int BITS>
-__device__ __forceinline__ void unpack(u32 w, u32* h);
-template <>
-__device__ __forceinline__ void unpack<4>(u32 w, u32* h) {
-  const u32 w8 = w >> 8;
-  h[0] = hsub2(lop_or(w, 0x000F000Fu, MAGIC), MAGIC);
-  h[1] = hfma2(lop_or(w, 0x00F000F0u, MAGIC), 0x2C002C00u, 0xD400D400u);  // x 1/16 - 64
-  h[2] = hsub2(lop_or(w8, 0x000F000Fu, MAGIC), MAGIC);
-  h[3] = hfma2(lop_or(w8, 0x00F000F0u, MAGIC), 0x2C002C00u, 0xD400D400u);
-}
-template <>
-__device__ __forceinline__ void unpack<2>(u32 w, u32* h) {
-#pragma unroll
-  for (int half = 0; half < 2; half++) {
-    const u32 x = half ? w >> 8 : w;
-    h[4 * half + 0] = hsub2(lop_or(x, 0x00030003u, MAGIC), MAGIC);
-    h[4 * half + 1] = hfma2(lop_or(x, 0x000C000Cu, MAGIC), 0x34003400u, 0xDC00DC00u);  // x 1/4 - 256
-    h[4 * half + 2] = hfma2(lop_or(x, 0x00300030u, MAGIC), 0x2C002C00u, 0xD400D400u);  // x 1/16 - 64
-    h[4 * half + 3] = hfma2(lop_or(x, 0x00C000C0u, MAGIC), 0x24002400u, 0xCC00CC00u);  // x 1/64 - 16
-  }
-}
 // A code at bits [j, j + width) of each half of x (mask = 2^width - 1), as the half2 of its two values (exact).
 __device__ __forceinline__ u32 magic_code(u32 x, int j, u32 mask) {
   const u32 m = lop_or(x, (mask << j) * 0x10001u, MAGIC);
@@ -153,30 +129,20 @@ __host__ __device__ constexpr u32 neg_pow2_sum(int a, int b) {
   return a == b ? 0x8000u | (u32(a + 16) << 10)
                 : 0x8000u | (u32((a > b ? a : b) + 15) << 10) | (1u << (10 - ((a > b ? a - b : b - a))));
 }
-template <>
-__device__ __forceinline__ void unpack<1>(u32 w, u32* h) {  // pairs (s, s + 16)
-#pragma unroll
-  for (int half = 0; half < 2; half++)
-#pragma unroll
-    for (int j = 0; j < 8; j++) h[8 * half + j] = magic_code(half ? w >> 8 : w, j, 1u);
-}
-template <>
-__device__ __forceinline__ void unpack<8>(u32 w, u32* h) {  // pairs (s, s + 2): bytes under the 0x64 exponent byte
-  h[0] = hsub2(prmt(w, 0x64646464u, 0x4240), MAGIC);
-  h[1] = hsub2(prmt(w, 0x64646464u, 0x4341), MAGIC);
-}
-// `unpack` (BITS 1, 2, 4, 8) where the raw pairs (`raw_pair`) keep 1024 + 2^j c: pair s = (8 / BITS) half + k holds
-// the code at bits [BITS k, BITS (k + 1)) of each 16-bit half of w >> (8 half), j = BITS k (`raw_shift`).
-template <int BITS>
-__device__ __forceinline__ void unpack_raw(u32 w, u32* h) {
+// The codes of a 32-bit word (BITS 1, 2, 4, 8) as half2 pairs h[s] = {code s, code s + 16 / BITS}: pair
+// s = (8 / BITS) half + k holds the code at bits [BITS k, BITS (k + 1)) of each 16-bit half of w >> (8 half), taken in
+// place as 1024 + 2^j c with the magic number (j = BITS k, `raw_shift`: one shift per word instead of one per pair),
+// then brought to c by `magic_code`'s one fma or subtraction; RAW: the raw pairs (`raw_pair`) keep 1024 + 2^j c.
+template <int BITS, bool RAW>
+__device__ __forceinline__ void unpack(u32 w, u32* h) {
   constexpr int PER = 8 / BITS;
   constexpr u32 MASK = (1u << BITS) - 1u;
 #pragma unroll
   for (int half = 0; half < 2; half++)
 #pragma unroll
     for (int k = 0; k < PER; k++)
-      h[PER * half + k] = raw_pair(BITS, k) ? lop_or(half ? w >> 8 : w, (MASK << (BITS * k)) * 0x10001u, MAGIC)
-                                            : magic_code(half ? w >> 8 : w, BITS * k, MASK);
+      h[PER * half + k] = RAW && raw_pair(BITS, k) ? lop_or(half ? w >> 8 : w, (MASK << (BITS * k)) * 0x10001u, MAGIC)
+                                                   : magic_code(half ? w >> 8 : w, BITS * k, MASK);
 }
 // The nibble (code s, code s + 8) of 2-bit pair s of w: pairs 2k in nibble k of c, 2k + 1 in nibble k of d.
 __device__ __forceinline__ void pair_nibbles(u32 w, u32& c, u32& d) {
@@ -187,11 +153,12 @@ __device__ __forceinline__ void pair_nibbles(u32 w, u32& c, u32& d) {
 // Codes of one main-plane word as the half2 pairs of `unpack` (pairs (s, s + 16 / plane bits)), as values:
 // int: the codes (3 bits: low 2 bits from w, the third from bits (s, s + 16) of y); turbo_mse: the centroids
 // through the shared-memory table (1 bit: the codes; the launch folds c0 + c (c1 - c0) into scale and zero).
-// RAW: `unpack_raw` (KRAW / VRAW streams). tab: the table (copy 0); lane_off: the byte offset of this lane's copy.
+// RAW: `unpack<BITS, true>` (KRAW / VRAW streams). tab: the table (copy 0); lane_off: the byte offset of this
+// lane's copy.
 template <int KIND, int BITS, int REP, bool RAW>
 __device__ __forceinline__ void decode_codes(u32 w, u32 y, u32* h, const u32* tab, u32 lane_off) {
   if constexpr (RAW) {
-    unpack_raw<BITS>(w, h);
+    unpack<BITS, true>(w, h);
   } else if constexpr (BITS == 3 && KIND == 0) {
     // pair s = 4 half + jj: c2 at bit j = 2 jj of its half (magic m2 = 1024 + 2^j c2), c1 at bit s of y (m1 = 1024 +
     // 2^s c1). Two fmas, each exact: c2' = m2 2^-j - (2^(10-j) + 2^(12-s)) = c2 - 2^(12-s), then m1 2^(2-s) + c2' =
@@ -246,7 +213,7 @@ __device__ __forceinline__ void decode_codes(u32 w, u32 y, u32* h, const u32* ta
       h[2 * k + 1] = tab[(d >> (4 * k)) & 0xFu];
     }
   } else {
-    unpack<BITS>(w, h);
+    unpack<BITS, false>(w, h);
   }
 }
 // Entry i of a turbo_mse table from the fp16 codebook: half2 {cb[low code], cb[high code]} of index i; 3 bits: the
@@ -632,7 +599,8 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
           const u32 bb = reinterpret_cast<const u32*>(rb)[g * VWORDS + w];
           u32 lo[VPAIRS], hi[VPAIRS];
           decode_codes<VKIND, VBITS, VREP, VRAW>(prmt(a, bb, 0x5410), byte_pair(ta, tb, 2 * w), lo, vtab, vlane_off);
-          decode_codes<VKIND, VBITS, VREP, VRAW>(prmt(a, bb, 0x7632), byte_pair(ta, tb, 2 * w + 1), hi, vtab, vlane_off);
+          decode_codes<VKIND, VBITS, VREP, VRAW>(prmt(a, bb, 0x7632), byte_pair(ta, tb, 2 * w + 1), hi, vtab,
+                                                 vlane_off);
 #pragma unroll
           for (int sft = 0; sft < VPAIRS; sft++) {
             const int l0 = 2 * VPAIRS * w + sft, l1 = l0 + VPAIRS;
