@@ -25,6 +25,7 @@ from kvpack.policy import CachePolicy
 __all__ = [
     "DEFAULT_FILLER",
     "REFERENCE",
+    "Answer",
     "Filler",
     "accuracy_heatmaps",
     "add_config_arguments",
@@ -125,13 +126,25 @@ def filled_cache(model, policy: CachePolicy | None, prefill: Prefill):
     return store_prefill(cache, prefill)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One configuration's answer: the greedy ``text``, the ``bits`` held after the prefill (NaN for the
+    reference) and ``nll``: the mean negative log-likelihood (nats per token) of the expected answer's tokens,
+    teacher-forced after the question through a cache holding the same prefill (NaN when none was given)."""
+
+    text: str
+    bits: float
+    nll: float = float("nan")
+
+
 def answer_through(
     model, tokenizer, configs: dict[str, CachePolicy | None], context: torch.Tensor, question: torch.Tensor,
-    answer_tokens: int,
-) -> dict[str, tuple[str, float]]:  # fmt: skip
-    """``{name: (answer, bits held)}``: ``answer_tokens`` greedy tokens after ``context`` and ``question`` (1-D
-    LongTensors on the model's device), decoded through each configuration's cache holding the clean prefill
-    of ``context``; bits: ``cache.bits_per_value()`` after the prefill is stored (NaN for the reference)."""
+    answer_tokens: int, expected: torch.Tensor | None = None,
+) -> dict[str, Answer]:  # fmt: skip
+    """``{name: Answer}``: ``answer_tokens`` greedy tokens after ``context`` and ``question`` (1-D LongTensors on
+    the model's device), decoded through each configuration's cache holding the clean prefill of ``context``;
+    bits: ``cache.bits_per_value()`` after the prefill is stored (NaN for the reference). ``expected`` (1-D ids):
+    also its NLL after the question, a margin that moves before the greedy answer flips."""
     prefill = clean_prefill(model, context[None])
     full = torch.cat([context, question])[None]
     out = {}
@@ -142,7 +155,12 @@ def answer_through(
             full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=answer_tokens,
             do_sample=False, pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
-        out[name] = (tokenizer.decode(ids[0, full.shape[1] :], skip_special_tokens=True), bits)
+        nll = float("nan")
+        if expected is not None and expected.numel():
+            forced = torch.cat([question, expected[:-1]])[None]
+            logits = model(forced, past_key_values=filled_cache(model, policy, prefill)).logits[0, -expected.numel() :]
+            nll = float(torch.nn.functional.cross_entropy(logits.float(), expected))
+        out[name] = Answer(tokenizer.decode(ids[0, full.shape[1] :], skip_special_tokens=True), bits, nll)
     return out
 
 
@@ -150,7 +168,8 @@ def answer_through(
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--key/--value/--residual/--block/--sinks`` (repeatable), ``--skip-layers``, ``--preset``, ``--no-calibration``."""
+    """``--key/--value/--residual/--block/--sinks`` (repeatable), ``--skip-layers``, ``--preset``, ``--no-calibration``,
+    ``--policy`` (repeatable)."""
     from kvpack.evaluation.eval_cli import preset_names
 
     parser.add_argument("--key", action="append", default=None, help="K codec spec; repeat for several configs")
@@ -171,6 +190,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset", action="append", default=None, help=f"a named policy; repeat for several: {preset_names()}"
     )
     parser.add_argument("--no-calibration", action="store_true", help="presets from the model's config alone")
+    parser.add_argument("--policy", action="append", default=None, metavar="PATH",
+                        help="a policy JSON file (kvpack allocate, a preset's cached file); repeat for several")
 
 
 def configs_from_args(args: argparse.Namespace) -> dict[str, CachePolicy | None]:
@@ -199,6 +220,10 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, CachePolicy | None]
         from kvpack.evaluation.presets import check_preset
 
         check_preset(preset)
+    for path in getattr(args, "policy", None) or ():  # read now: a missing or malformed file fails before any work
+        from kvpack.policy import load_policy
+
+        configs[f"policy {Path(path).stem}"] = load_policy(path)
     others = bool(args.preset or getattr(args, "policy", None))
     if len(configs) == (0 if args.no_reference else 1) and not others:  # nothing asked: the eval default
         configs["k={key} v={value} r={residual} s={sinks}".format(**DEFAULTS)] = CachePolicy(

@@ -138,6 +138,8 @@ class NeedleResult:
     configs: dict[str, dict]  # name -> policy fields (None for the reference)
     accuracy: dict[str, list[list[float]]]  # name -> [length][depth]
     bits_per_value: dict[str, list[float]]  # name -> [length], measured after the context is stored
+    # name -> [length][depth]: mean NLL (nats per token) of the passkey's tokens, teacher-forced after the question
+    answer_nll: dict[str, list[list[float]]] = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -180,6 +182,7 @@ def run_needle(
     check_lengths(model, lengths)
     device = next(model.parameters()).device
     correct = {name: torch.zeros(len(lengths), len(depths)) for name in configs}
+    nll = {name: torch.zeros(len(lengths), len(depths), dtype=torch.float64) for name in configs}
     bits = {name: [float("nan")] * len(lengths) for name in configs}
     samples, t0 = [], time.perf_counter()
     grid = [(i, j, t) for i in range(len(lengths)) for j in range(len(depths)) for t in range(trials)]
@@ -189,21 +192,24 @@ def run_needle(
             key = passkey_for(seed, length, depth, t)
             context, question = build_prompt(tokenizer, length, depth, key, filler_text, answer_tokens, offset=997 * t)
             context, question = context.to(device), question.to(device)
-            answers = answer_through(model, tokenizer, configs, context, question, answer_tokens)
-            for name, (answer, held) in answers.items():
+            expected = torch.tensor(token_ids(tokenizer, f" {key}"), dtype=torch.long, device=device)
+            answers = answer_through(model, tokenizer, configs, context, question, answer_tokens, expected)
+            for name, got in answers.items():
                 if configs[name] is not None and math.isnan(bits[name][i]):
-                    bits[name][i] = held
-                ok = score_answer(answer, key)
+                    bits[name][i] = got.bits
+                ok = score_answer(got.text, key)
                 correct[name][i, j] += ok
+                nll[name][i, j] += got.nll / trials
                 samples.append(
                     {"config": name, "length": length, "depth": depth, "trial": t, "passkey": key,
-                     "answer": answer, "correct": ok, "prompt_tokens": context.numel() + question.numel()}
+                     "answer": got.text, "correct": ok, "answer_nll": got.nll,
+                     "prompt_tokens": context.numel() + question.numel()}
                 )  # fmt: skip
     return NeedleResult(
         model=model_name, filler=filler_label, lengths=lengths, depths=depths, trials=trials,
         configs={n: None if p is None else policy_to_dict(p) for n, p in configs.items()},
         accuracy={n: (c / trials).tolist() for n, c in correct.items()}, bits_per_value=bits,
-        samples=samples, seconds=time.perf_counter() - t0,
+        answer_nll={n: v.tolist() for n, v in nll.items()}, samples=samples, seconds=time.perf_counter() - t0,
     )  # fmt: skip
 
 
@@ -223,6 +229,13 @@ def format_table(result: NeedleResult) -> str:
             row = "".join(f"{100 * a:6.0f}%" for a in acc[i])
             mean = 100 * sum(acc[i]) / len(acc[i])
             lines.append(f"{name:{width}}{length:7d}{'16*' if math.isnan(b) else f'{b:.2f}':>7}{row}{mean:6.0f}%")
+    if result.answer_nll:
+        lines += ["", "passkey NLL (nats per token, teacher-forced after the question; mean over trials):", ""]
+        lines.append(f"{'config':{width}}{'length':>7}{'':>7}{depth_cols}{'mean':>7}")
+        for name, nll in result.answer_nll.items():
+            for i, length in enumerate(result.lengths):
+                row = "".join(f"{v:7.3f}" for v in nll[i])
+                lines.append(f"{name:{width}}{length:7d}{'':>7}{row}{sum(nll[i]) / len(nll[i]):7.3f}")
     lines += ["", "bits: measured average bits per K/V value held after the context is stored (* model dtype)."]
     return "\n".join(lines)
 

@@ -268,8 +268,8 @@ def run_ruler(
             sample = make_sample(tokenizer, tasks[i], lengths[j], seed, t, filler_text)
             context, question = sample.context.to(device), sample.question.to(device)
             answers = answer_through(model, tokenizer, configs, context, question, sample.answer_tokens)
-            for name, (answer, held) in answers.items():
-                bits[name][j] = held
+            for name, got in answers.items():
+                bits[name][j], answer = got.bits, got.text
                 s = recall(answer, sample.expected)
                 score[name][i, j] += s
                 samples.append(
@@ -346,9 +346,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--text", default=None, help="filler text (a file, 'wikitext2', 'pydoc', ...); default: repeated sentences"
     )
     add_config_arguments(parser)
-    parser.add_argument(
-        "--policy", action="append", default=None, metavar="PATH", help="a policy JSON file; repeat for several"
-    )
     parser.add_argument("--context", default="4096", help="prompt lengths in tokens, answer included")
     parser.add_argument("--tasks", default="all", help=f"comma-separated tasks of {', '.join(TASKS)}, or all")
     parser.add_argument("--trials", type=int, default=2, help="prompts per (task, length) cell")
@@ -363,13 +360,10 @@ def run(args: argparse.Namespace) -> int:
     from kvpack.evaluation.models import load
     from kvpack.evaluation.presets import resolve_preset
     from kvpack.evaluation.text import load_text
-    from kvpack.policy import load_policy
 
     lengths, tasks = parse_context(args.context), parse_tasks(args.tasks)
     _check_grid(tasks, lengths, args.trials)
     configs = configs_from_args(args)
-    for path in args.policy or ():
-        configs[f"policy {path}"] = load_policy(path)
     filler = None if args.text is None else load_text(args.text)
     model, tokenizer = load(args.model)
     for preset in args.preset or ():

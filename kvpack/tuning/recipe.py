@@ -63,6 +63,18 @@ decoding through `KVPackCache` to 1e-5 on a tiny model), WikiText-2 test, 2 wind
   All miss the SmolLM2 targets (4bit <= +0.5% / >= 97%, 3bit <= +1.5% / >= 94%, 2.5bit <= +5%): at head_dim
   64 the window, sink and block slack (32 16-bit tokens at 1024) cost 0.38-0.44 bits of the budget, leaving
   3.87 / 2.84 / 2.06 codec bits per value.
+- Values (``RECIPE_VERSION`` 3): rotated ``int`` only, and ``turbo_mse:1``. The next-token KL after 512 tokens
+  ranks ``turbo_mse`` and rotated ``int`` values alike (summed over layers, ``turbo_mse:3`` 0.0022, ``int:3``
+  0.0017), but at 4K tokens far-token content goes through V and ``turbo_mse`` values lose it: passkey at 4096
+  tokens (``kvpack needle``, depths 0/25/50/75%, 3 trials, K exact, residual 16, sinks 1, block 16), accuracy and
+  the passkey's NLL (nats per token; uncompressed 100%, 0.333): V ``turbo_mse:2`` 33% / 0.584, ``:3`` 50% /
+  0.414, ``:4`` 92% / 0.341; V rotated ``int:2`` 58% / 0.379, ``int:3`` 100% / 0.331, ``int:4`` 100% / 0.324.
+  Rotated ``int`` at b bits keeps as much as ``turbo_mse`` at b + 1. Not the norm shrinkage alone: ``turbo_mse``
+  decodes to ``(1 - mse) x`` on average (``<x^, x> / |x|^2`` 0.64 / 0.88 / 0.97 / 0.99 at 1-4 bits, rotated
+  ``int`` 1.00), but storing the unbiased norm ``|x| / <y^, y>`` moved V ``turbo_mse:3`` only from 0/50/50% to
+  0/50/100% at depths 0/25/50 (2 trials). On 8 windows of WikiText-2 (decode) the version-3 presets against
+  version 2: ``4bit`` +1.54% / 93.95% / KL 0.0095 against +1.74% / 94.97% / 0.0088; ``3bit`` +3.87% / 87.99% /
+  0.0424 against +4.79% / 88.77% / 0.0421; ``2.5bit`` +23.1% / 79.0% / 0.184 against +21.6% / 78.8% / 0.179.
 """
 
 from __future__ import annotations
@@ -75,8 +87,6 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from kvpack.codec import get_codec
 from kvpack.hf.cache import layer_kinds
@@ -102,7 +112,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RECIPE_VERSION = 2  # part of the cache key: a new recipe never reads an old recipe's cached policy
+RECIPE_VERSION = 3  # part of the cache key: a new recipe never reads an old recipe's cached policy
 BUDGETS = {"4bit": 4.25, "3bit": 3.25, "2.5bit": 2.5}
 BUDGET_CTX = 1024
 SINKS = 1
@@ -112,8 +122,9 @@ _INT_ROTATED = tuple(f"int:{b}:rotation=hadamard" for b in (2, 3, 4))
 CANDIDATES = ("turbo_mse:1", "turbo_mse:2", "turbo_mse:3", "turbo_mse:4", *_INT_ROTATED, "int:8")
 # keys never at 1 bit (K carries almost all of the loss); rotated int only at 4 bits (int:2/3 lose to turbo_mse)
 KEY_CANDIDATES = ("turbo_mse:2", "turbo_mse:3", "turbo_mse:4", "int:4:rotation=hadamard", "int:8")
-# no 8-bit values: fewer items keep the calibration short
-VALUE_CANDIDATES = ("turbo_mse:1", "turbo_mse:2", "turbo_mse:3", "turbo_mse:4", *_INT_ROTATED)
+# values: rotated int (far-token content survives it; turbo_mse 2-4 values lose passkeys at 4K, see the docstring),
+# turbo_mse:1 where a budget needs 1 bit; no 8-bit values: fewer items keep the calibration short
+VALUE_CANDIDATES = ("turbo_mse:1", *_INT_ROTATED)
 STREAM_WEIGHT = (11.0, 1.0)  # rule: K's KL per unit of codec MSE over V's (measured 7.6-15.6x, 11x at 3 bits)
 CALIB_WINDOWS, CALIB_CTX, CALIB_TOKENS = 2, 512, 32
 HASH_VALUES = 4096  # leading values of each hashed weight tensor
@@ -234,74 +245,17 @@ def rule_policy(name: str, config, seed: int = 0) -> CachePolicy:
 # ---- calibration ------------------------------------------------------------------------------------------
 
 
-def _packed_range(tokens: int, sliding: bool) -> tuple[int, int]:
-    """``[lo, hi)``: the tokens of a layer holding ``tokens`` after a prefill that the recipe's cache packs."""
-    sinks = 0 if sliding else min(SINKS, tokens)
-    return sinks, sinks + max(tokens - sinks - RESIDUAL, 0) // BLOCK * BLOCK
-
-
-def _batched_cache(model, prefill, rows: list[tuple[int, int, torch.Tensor]]):
-    """A DynamicCache of ``len(rows)`` rows: the exact ``prefill`` K/V, except that row ``r`` holds
-    ``rows[r] = (layer, stream, replacement)`` in place of that layer's K (0) or V (1)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    for i, (k, v) in enumerate(prefill):
-        kv = [k.expand(len(rows), *k.shape[1:]), v.expand(len(rows), *v.shape[1:])]
-        for r, (layer, stream, x) in enumerate(rows):
-            if layer == i:
-                kv[stream] = kv[stream].clone() if kv[stream].stride(0) == 0 else kv[stream]
-                kv[stream][r] = x[0]
-        cache.update(kv[0], kv[1], i)
-    return cache
-
-
 def measure_sensitivity(
     model, windows: list[torch.Tensor], ctx: int, progress: bool = True, batch: int = 8
 ) -> torch.Tensor:
-    """``D`` float64 ``(layers, 2, len(CANDIDATES))``: mean KL(exact || compressed) per continuation token with
-    only that layer's K (0) or V (1) stored through that candidate, as the recipe's cache holds it after a clean
-    prefill of ``ctx`` tokens (sinks and the last ``RESIDUAL``.. tokens exact, the packed blocks decoded), the
-    rest of each window teacher-forced in one forward; NaN where a candidate is not one for that stream.
-    ``batch`` such caches go through one forward (rows of a DynamicCache: the same attention as `KVPackCache`
-    for per-token codecs, whose blocks decode token by token)."""
-    from transformers import DynamicCache
+    """``D`` float64 ``(layers, 2, len(CANDIDATES))``: `kvpack.tuning.sensitivity.measure_sensitivity` with the
+    recipe's cache shape (``SINKS``, ``RESIDUAL``, ``BLOCK``) and candidates (keys from ``KEY_CANDIDATES``, values
+    from ``VALUE_CANDIDATES``; NaN elsewhere): mean KL(exact || compressed) per continuation token with only that
+    layer's K (0) or V (1) through that candidate, after a clean prefill of ``ctx`` tokens."""
+    from kvpack.tuning.sensitivity import measure_sensitivity as measure
 
-    num_layers = text_config(model.config).num_hidden_layers
-    _, head_dim = model_heads(model.config)
-    codecs = [get_codec(c, head_dim=head_dim) for c in CANDIDATES]
-    sliding = [w is not None for w in layer_kinds(model.config)]
-    items = [(i, s, j) for i in range(num_layers) for s in range(2) for j, c in enumerate(CANDIDATES)
-             if c in (KEY_CANDIDATES, VALUE_CANDIDATES)[s]]  # fmt: skip
-    d = torch.full((num_layers, 2, len(CANDIDATES)), float("nan"), dtype=torch.float64)
-    d[[i for i, _, _ in items], [s for _, s, _ in items], [j for _, _, j in items]] = 0.0
-    bar = tqdm(total=len(items) * len(windows), desc="kvpack preset calibration", unit="item", disable=not progress)
-    with torch.inference_mode():
-        for w in windows:
-            ids = w[None].to(next(model.parameters()).device)
-            recorder = DynamicCache(config=model.config)
-            model(ids[:, :ctx], past_key_values=recorder, logits_to_keep=1)
-            prefill = [(layer.keys, layer.values) for layer in recorder.layers]
-            ref = F.log_softmax(model(ids[:, ctx:], past_key_values=_batched_cache(model, prefill, [(-1, 0, None)]))
-                                .logits[0].float(), -1)  # fmt: skip
-            for chunk in range(0, len(items), batch):
-                rows = []
-                for i, s, j in items[chunk : chunk + batch]:
-                    x = prefill[i][s]
-                    lo, hi = _packed_range(x.shape[-2], sliding[i])
-                    y = x.clone()
-                    y[..., lo:hi, :] = codecs[j].decode(codecs[j].encode(x[..., lo:hi, :].contiguous())).to(x.dtype)
-                    rows.append((i, s, y))
-                cont = ids[:, ctx:].expand(len(rows), -1)
-                out = F.log_softmax(
-                    model(cont, past_key_values=_batched_cache(model, prefill, rows)).logits.float(), -1
-                )
-                kl = (ref.exp() * (ref - out)).sum(-1).clamp_min(0).mean(-1)
-                for (i, s, j), value in zip(items[chunk : chunk + batch], kl.tolist()):
-                    d[i, s, j] += value / len(windows)
-                bar.update(len(rows))
-    bar.close()
-    return d
+    return measure(model, windows, ctx, CANDIDATES, RESIDUAL, SINKS, progress, KEY_CANDIDATES, VALUE_CANDIDATES,
+                   BLOCK, batch)  # fmt: skip
 
 
 def model_hash(model) -> str:

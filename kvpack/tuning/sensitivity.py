@@ -1,172 +1,222 @@
-"""Sensitivities for `kvpack allocate`: the KL a codec causes at one layer, KV head and stream, measured.
+"""Sensitivities for `kvpack allocate` and the preset recipes: the KL a codec causes at one layer (or one KV head
+of it) and stream, measured.
 
-On calibration windows disjoint from the evaluation windows (`kvpack.tuning.calibrate.calibration_ids`),
-the clean prefill's K/V are stored in a `KVPackCache` where ONE layer's K (or V), or one KV head of
-it, goes through one candidate codec and everything else stays exact; the continuation is
-teacher-forced through it (the snapshot protocol of `kvpack.evaluation.protocol`, on shorter
-windows), and the sensitivity is the mean KL(reference || compressed) of the next-token
-distributions. One clean prefill and one exact continuation per window serve every candidate.
+On calibration windows disjoint from the evaluation windows (`kvpack.tuning.calibrate.calibration_ids`), a clean
+prefill of ``ctx`` tokens is stored as a `KVPackCache` would hold it with ONE layer's K (or V), or one KV head of
+it, through one candidate codec and everything else exact: the sinks and the newest ``residual``.. tokens in the
+model dtype, the packed blocks between them decoded. The rest of the window is teacher-forced through it in one
+forward (the snapshot protocol of `kvpack.evaluation.protocol`), and the sensitivity is the mean KL(exact ||
+compressed) of the next-token distributions per continuation token.
+
+One implementation serves every table (per layer, per KV head, one head's K and V together): each candidate is a
+row of a batched `DynamicCache` (``batch`` rows per forward) whose one (layer, stream[, head]) holds the decoded
+blocks, the same attention a `KVPackCache` under the one-layer policy gives, since its packed blocks decode to
+exactly those values (tests check it against one `KVPackCache` per candidate, for per-token and block codecs). One
+clean prefill and one exact continuation per window serve every candidate.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kvpack.evaluation.protocol import Prefill, clean_prefill, continue_logits, store_prefill
-from kvpack.hf.cache import KVPackCache
+from kvpack.evaluation.protocol import Prefill, clean_prefill
+from kvpack.hf.cache import layer_kinds
+from kvpack.hf.config import model_heads, text_config
 from kvpack.policy import CachePolicy
 
 __all__ = ["head_sensitivity", "measure_head_sensitivity", "measure_sensitivity"]
 
 
-def _continue(model, prefill: Prefill, cont: torch.Tensor, policy: CachePolicy) -> torch.Tensor:
-    """Log-probs ``(n, vocab)`` of ``cont`` teacher-forced after ``prefill`` stored under ``policy`` (snapshot)."""
-    cache = store_prefill(KVPackCache(config=model.config, policy=policy), prefill)
-    return F.log_softmax(continue_logits(model, cache, cont).float(), -1)
+@dataclass(frozen=True)
+class _Item:
+    """One measured cache: ``layer``'s K (``key``) and/or V (``value``) through those specs, only KV head ``head``
+    of it (``None``: all heads)."""
+
+    layer: int
+    key: str | None
+    value: str | None
+    head: int | None = None
 
 
-def _kl_of_policies(model, windows, ctx: int, policies: list[CachePolicy], desc: str, progress: bool) -> torch.Tensor:
-    """Mean KL(exact || policy) per continuation token, float64 ``(len(policies),)``, averaged over windows."""
-    if not windows:
-        raise ValueError("windows must hold at least one window of token ids")
-    for w in windows:
-        if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.numel() <= ctx:
-            raise ValueError(f"each window must be 1-D token ids longer than ctx={ctx}")
-    dtype = next(model.parameters()).dtype
-    exact = CachePolicy(None, None, policies[0].residual, policies[0].sinks, window_dtype=dtype)
-    kl = torch.zeros(len(policies), dtype=torch.float64)
-    with torch.inference_mode():
-        for i, w in enumerate(windows):
-            ids = w[None].to(next(model.parameters()).device)
-            start = time.perf_counter()
-            prefill = clean_prefill(model, ids[:, :ctx])
-            after_prefill = time.perf_counter()
-            ref = _continue(model, prefill, ids[:, ctx:], exact)
-            if i == 0 and progress:  # one prefill and one continuation measured: what the whole run will take
-                per_window = after_prefill - start + (time.perf_counter() - after_prefill) * (len(policies) + 1)
-                seconds = per_window * len(windows)
-                print(f"{desc}: {len(policies)} candidates x {len(windows)} windows, about {_duration(seconds)} "
-                      "on this machine (measured on the first window)", file=sys.stderr, flush=True)  # fmt: skip
-            for j, policy in enumerate(tqdm(policies, desc=desc, disable=not progress)):
-                out = _continue(model, prefill, ids[:, ctx:], policy)
-                kl[j] += (ref.exp() * (ref - out)).sum(-1).clamp_min(0).mean().item() / len(windows)
-    return kl
+def _packed_range(tokens: int, sinks: int, residual: int, block: int) -> tuple[int, int]:
+    """``[lo, hi)``: the tokens of a layer holding ``tokens`` after a prefill that `KVPackCache` packs."""
+    sinks = min(sinks, tokens)
+    return sinks, sinks + max(tokens - sinks - residual, 0) // block * block
+
+
+def _through(codec, x: torch.Tensor, lo: int, hi: int, block: int) -> torch.Tensor:
+    """``x`` ``(1, kv_heads, T, D)`` with tokens ``[lo, hi)`` encoded and decoded block by block, as packed."""
+    y = x.clone()
+    step = hi - lo if codec.block_tokens == 1 else block  # per-token codecs: blocks or not, the same values
+    for at in range(lo, hi, step):
+        part = x[..., at : at + step, :].contiguous()
+        y[..., at : at + step, :] = codec.decode(codec.encode(part)).to(x.dtype)
+    return y
+
+
+def _layer_shape(model, item: _Item, residual: int, sinks: int, block: int | None, seed: int):
+    """``(key codec, value codec, block)`` that `KVPackCache` uses at ``item.layer`` (``None``: exact)."""
+    config = text_config(model.config)
+    num_layers, (num_kv_heads, head_dim) = config.num_hidden_layers, model_heads(model.config)
+    keys = tuple(item.key if i == item.layer else None for i in range(num_layers))
+    values = tuple(item.value if i == item.layer else None for i in range(num_layers))
+    policy = CachePolicy(None, None, layer_keys=keys, layer_values=values, residual=residual, sinks=sinks,
+                         block=block, seed=seed)  # fmt: skip
+    kc, vc = policy.codecs(head_dim, item.layer, num_kv_heads)
+    return (None if item.key is None else kc), (None if item.value is None else vc), policy.block_for(kc, vc)
+
+
+def _batched_cache(model, prefill: Prefill, rows: list[dict[tuple[int, int], torch.Tensor]]):
+    """A DynamicCache of ``len(rows)`` rows: the exact ``prefill`` K/V, except row ``r``'s replacements
+    ``{(layer, stream): tensor (1, kv_heads, T, D)}`` (stream 0: K, 1: V)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for i in sorted(prefill.kv):
+        k, v = prefill.kv[i]
+        kv = [k.expand(len(rows), *k.shape[1:]), v.expand(len(rows), *v.shape[1:])]
+        for r, replaced in enumerate(rows):
+            for (layer, stream), x in replaced.items():
+                if layer == i:
+                    kv[stream] = kv[stream].clone() if kv[stream].stride(0) == 0 else kv[stream]
+                    kv[stream][r] = x[0]
+        cache.update(kv[0], kv[1], i)
+    return cache
+
+
+def _replacements(item: _Item, shape, prefill, layer_windows: list[int | None], residual: int, sinks: int) -> dict:
+    """``{(layer, stream): K or V as the one-layer cache holds it}`` for one row of the batched cache. A sliding
+    layer keeps its last ``window - 1`` tokens (no sinks) and packs those; the older ones are dropped by the
+    `DynamicCache` layer anyway, which sees the whole prefill, so that positions stay right."""
+    replaced = {}
+    *codecs, block = shape
+    for stream, codec in enumerate(codecs):
+        if codec is None:
+            continue
+        x = prefill.kv[item.layer][stream]
+        window = layer_windows[item.layer]
+        kept = x.shape[-2] if window is None else min(x.shape[-2], window - 1)
+        lo, hi = _packed_range(kept, sinks if window is None else 0, residual, block)
+        offset = x.shape[-2] - kept
+        y = _through(codec, x, lo + offset, hi + offset, block)
+        if item.head is not None:  # the layer's other heads stay exact
+            y, one = x.clone(), y
+            y[:, item.head] = one[:, item.head]
+        replaced[(item.layer, stream)] = y
+    return replaced
 
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def _only_layer(layer: int, num_layers: int, key: str | None, value: str | None, **fields) -> CachePolicy:
-    """A policy compressing only layer ``layer``: its K with ``key``, its V with ``value`` (``None``: exact)."""
-    keys = tuple(key if i == layer else None for i in range(num_layers))
-    values = tuple(value if i == layer else None for i in range(num_layers))
-    return CachePolicy(None, None, layer_keys=keys, layer_values=values, **fields)
-
-
-def _other_heads(layer: int, head: int, num_heads: int) -> tuple[tuple[int, int], ...]:
-    """``fp_heads`` that keep every KV head of ``layer`` but ``head`` exact."""
-    return tuple((layer, h) for h in range(num_heads) if h != head)
+def _kl_of_items(model, windows, ctx: int, items: list[_Item], residual: int, sinks: int, block: int | None,
+                 desc: str, progress: bool, batch: int = 8, seed: int = 0) -> torch.Tensor:  # fmt: skip
+    """Mean KL(exact || item) per continuation token, float64 ``(len(items),)``, averaged over ``windows``."""
+    if not windows:
+        raise ValueError("windows must hold at least one window of token ids")
+    for w in windows:
+        if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.numel() <= ctx:
+            raise ValueError(f"each window must be 1-D token ids longer than ctx={ctx}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    shapes = [_layer_shape(model, item, residual, sinks, block, seed) for item in items]
+    layer_windows = layer_kinds(model.config)
+    kl = torch.zeros(len(items), dtype=torch.float64)
+    bar = None
+    with torch.inference_mode():
+        for w in windows:
+            ids = w[None].to(next(model.parameters()).device)
+            start = time.perf_counter()
+            prefill = clean_prefill(model, ids[:, :ctx])
+            cont, prefilled = ids[:, ctx:], time.perf_counter()
+            ref = F.log_softmax(model(cont, past_key_values=_batched_cache(model, prefill, [{}])).logits[0].float(), -1)
+            if bar is None:  # one prefill and one continuation measured (rows cost at most their number of them)
+                if progress:
+                    seconds = (prefilled - start + (time.perf_counter() - prefilled) * (len(items) + 1)) * len(windows)
+                    print(f"{desc}: {len(items)} candidates x {len(windows)} windows, about {_duration(seconds)} on "
+                          "this machine (measured on the first window)", file=sys.stderr, flush=True)  # fmt: skip
+                bar = tqdm(total=len(items) * len(windows), desc=desc, unit="item", disable=not progress)
+            for at in range(0, len(items), batch):
+                rows = [_replacements(item, shape, prefill, layer_windows, residual, sinks)
+                        for item, shape in zip(items[at : at + batch], shapes[at : at + batch])]  # fmt: skip
+                cache = _batched_cache(model, prefill, rows)
+                out = F.log_softmax(model(cont.expand(len(rows), -1), past_key_values=cache).logits.float(), -1)
+                kl_rows = (ref.exp() * (ref - out)).sum(-1).clamp_min(0).mean(-1)
+                kl[at : at + len(rows)] += kl_rows.double() / len(windows)
+                bar.update(len(rows))
+    bar.close()
+    return kl
 
 
 def measure_sensitivity(
     model, windows: list[torch.Tensor], ctx: int, candidates: tuple[str, ...], residual: int = 128, sinks: int = 4,
     progress: bool = True, key_candidates: tuple[str, ...] | None = None,
-    value_candidates: tuple[str, ...] | None = None,
+    value_candidates: tuple[str, ...] | None = None, block: int | None = None, batch: int = 8,
 ) -> torch.Tensor:  # fmt: skip
     """``D`` float64 ``(layers, 2, len(candidates))``: mean KL per continuation token when only that
     layer's K (stream 0) or V (stream 1) is stored with that candidate codec. ``windows``: 1-D token
     id tensors of ``ctx + n`` tokens each. Sinks and window stay in the model dtype here, so that
     ``D`` is the codec's effect alone. ``key_candidates``/``value_candidates`` (default: all of ``candidates``):
-    the ones measured for that stream; the others are NaN (not allowed to the knapsack) and cost no run."""
-    num_layers = model.config.num_hidden_layers
-    dtype = next(model.parameters()).dtype
+    the ones measured for that stream; the others are NaN (not allowed to the knapsack) and cost no run.
+    ``block``: tokens per packed block (``None``: `CachePolicy`'s default); ``batch``: caches per forward."""
+    num_layers = text_config(model.config).num_hidden_layers
     allowed = (key_candidates or candidates, value_candidates or candidates)
     for stream, name in enumerate(("key_candidates", "value_candidates")):
         if not set(allowed[stream]) <= set(candidates):
             raise ValueError(f"{name} must be among candidates {list(candidates)}, got {list(allowed[stream])}")
-    items = [(layer, stream, j) for layer in range(num_layers) for stream in range(2)
+    slots = [(layer, stream, j) for layer in range(num_layers) for stream in range(2)
              for j, spec in enumerate(candidates) if spec in allowed[stream]]  # fmt: skip
-    policies = [
-        _only_layer(
-            layer,
-            num_layers,
-            *((candidates[j], None) if stream == 0 else (None, candidates[j])),
-            residual=residual,
-            sinks=sinks,
-            window_dtype=dtype,
-        )
-        for layer, stream, j in items
-    ]
-    measured = _kl_of_policies(model, windows, ctx, policies, "sensitivity", progress)
+    items = [_Item(layer, *((candidates[j], None) if stream == 0 else (None, candidates[j])))
+             for layer, stream, j in slots]  # fmt: skip
+    measured = _kl_of_items(model, windows, ctx, items, residual, sinks, block, "sensitivity", progress, batch)
     kl = torch.full((num_layers, 2, len(candidates)), float("nan"), dtype=torch.float64)
-    for (layer, stream, j), value in zip(items, measured.tolist(), strict=True):
+    for (layer, stream, j), value in zip(slots, measured.tolist(), strict=True):
         kl[layer, stream, j] = value
     return kl
 
 
 def head_sensitivity(
     model, windows: list[torch.Tensor], ctx: int, key: str | None, value: str | None, residual: int = 128,
-    sinks: int = 4, progress: bool = True,
+    sinks: int = 4, progress: bool = True, block: int | None = None, batch: int = 8,
 ) -> torch.Tensor:  # fmt: skip
     """float64 ``(layers, kv_heads)``: mean KL per continuation token when only that KV head of that
-    layer is stored with ``key``/``value`` (the other heads of the layer through ``fp_heads``, the
-    other layers uncompressed)."""
+    layer is stored with ``key``/``value`` (the layer's other heads and the other layers exact)."""
     if key is None and value is None:
         raise ValueError("head_sensitivity needs a key or a value codec spec")
-    config = model.config
-    num_layers, num_heads = config.num_hidden_layers, config.num_key_value_heads
-    dtype = next(model.parameters()).dtype
-    policies = [
-        _only_layer(
-            layer,
-            num_layers,
-            key,
-            value,
-            residual=residual,
-            sinks=sinks,
-            window_dtype=dtype,
-            fp_heads=_other_heads(layer, head, num_heads),
-        )
-        for layer in range(num_layers)
-        for head in range(num_heads)
-    ]
-    return _kl_of_policies(model, windows, ctx, policies, "head sensitivity", progress).reshape(num_layers, num_heads)
+    num_layers, (num_heads, _) = text_config(model.config).num_hidden_layers, model_heads(model.config)
+    items = [_Item(layer, key, value, head) for layer in range(num_layers) for head in range(num_heads)]
+    kl = _kl_of_items(model, windows, ctx, items, residual, sinks, block, "head sensitivity", progress, batch)
+    return kl.reshape(num_layers, num_heads)
 
 
 def measure_head_sensitivity(
     model, windows: list[torch.Tensor], ctx: int, key_candidates: tuple[str, ...], value_candidates: tuple[str, ...],
-    residual: int = 0, sinks: int = 1, block: int | None = 1, progress: bool = True,
+    residual: int = 0, sinks: int = 1, block: int | None = 1, progress: bool = True, batch: int = 8,
 ) -> torch.Tensor:  # fmt: skip
     """float64 ``(layers, kv_heads, 2, max(len(key_candidates), len(value_candidates)))``: mean KL per
     continuation token when only that KV head's K (stream 0, ``key_candidates``) or V (stream 1,
-    ``value_candidates``) of that layer goes through that codec and everything else stays exact (the
-    layer's other heads through ``fp_heads``, 16-bit). Slots past a stream's candidates are NaN.
-
-    One clean prefill and one exact continuation per window serve every candidate (`_kl_of_policies`),
-    so the cost is one teacher-forced continuation per (layer, head, stream, candidate) and window.
-    ``residual``/``sinks``/``block`` should be those of the policy the numbers will allocate."""
+    ``value_candidates``) of that layer goes through that codec and everything else stays exact. Slots past a
+    stream's candidates are NaN. ``residual``/``sinks``/``block`` should be those of the policy the numbers will
+    allocate."""
     if not key_candidates and not value_candidates:
         raise ValueError("measure_head_sensitivity needs key_candidates or value_candidates")
-    config = model.config
-    num_layers, num_heads = config.num_hidden_layers, config.num_key_value_heads
-    dtype = next(model.parameters()).dtype
+    num_layers, (num_heads, _) = text_config(model.config).num_hidden_layers, model_heads(model.config)
     width = max(len(key_candidates), len(value_candidates))
-    policies, slots = [], []
+    items, slots = [], []
     for layer in range(num_layers):
         for head in range(num_heads):
             for stream, candidates in enumerate((key_candidates, value_candidates)):
                 for j, spec in enumerate(candidates):
-                    kv = (spec, None) if stream == 0 else (None, spec)
-                    policies.append(_only_layer(layer, num_layers, *kv, residual=residual, sinks=sinks, block=block,
-                                                window_dtype=dtype, fp_heads=_other_heads(layer, head, num_heads)))  # fmt: skip
+                    items.append(_Item(layer, *((spec, None) if stream == 0 else (None, spec)), head))
                     slots.append(((layer * num_heads + head) * 2 + stream) * width + j)
-    kl = _kl_of_policies(model, windows, ctx, policies, "head sensitivity", progress)
+    kl = _kl_of_items(model, windows, ctx, items, residual, sinks, block, "head sensitivity", progress, batch)
     out = torch.full((num_layers * num_heads * 2 * width,), float("nan"), dtype=torch.float64)
     out[torch.tensor(slots)] = kl
     return out.reshape(num_layers, num_heads, 2, width)

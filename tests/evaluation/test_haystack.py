@@ -51,7 +51,8 @@ def test_answer_through_is_what_generate_after_a_prefill_through_the_cache_gives
     context = torch.randint(1, 128, (70,), generator=torch.Generator().manual_seed(0))
     question = torch.randint(1, 128, (9,), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        ((answer, bits),) = answer_through(model, char_tokenizer, {"c": policy}, context, question, 12).values()
+        (got,) = answer_through(model, char_tokenizer, {"c": policy}, context, question, 12).values()
+        answer, bits = got.text, got.bits
         cache = KVPackCache(model.config, policy=policy) if policy else None
         if cache is not None:
             model(context[None], past_key_values=cache)
@@ -70,3 +71,19 @@ def test_checks_name_what_is_wrong():
     check_configs({REFERENCE: None})
     with pytest.raises(ValueError, match="max_position_embeddings=2048"):
         check_lengths(tiny_model("llama"), [4096])
+
+
+def test_answer_nll_is_the_teacher_forced_loss_of_the_expected_tokens(char_tokenizer):
+    model = tiny_model("llama")
+    context = torch.randint(1, 128, (40,), generator=torch.Generator().manual_seed(2))
+    question = torch.randint(1, 128, (6,), generator=torch.Generator().manual_seed(3))
+    expected = torch.randint(1, 128, (4,), generator=torch.Generator().manual_seed(4))
+    lossy = CachePolicy("int:2", "int:2", residual=0, sinks=0, block=1)
+    with torch.inference_mode():
+        got = answer_through(model, char_tokenizer, {"ref": None, "int2": lossy}, context, question, 3, expected)
+        full = torch.cat([context, question, expected])[None]
+        logits = model(full).logits[0, -expected.numel() - 1 : -1].float()
+    want = float(torch.nn.functional.cross_entropy(logits, expected))
+    assert got["ref"].nll == pytest.approx(want, rel=1e-4)
+    assert got["int2"].nll != pytest.approx(want, rel=1e-4)  # the lossy cache moves it
+    assert math.isnan(answer_through(model, char_tokenizer, {"ref": None}, context, question, 3)["ref"].nll)

@@ -75,6 +75,20 @@ def test_configs_from_args():
     assert len(default) == 1 and isinstance(next(iter(default.values())), CachePolicy)
 
 
+def test_policy_files_are_configs(tmp_path, capsys):
+    from kvpack.policy import save_policy
+
+    policy = CachePolicy(None, None, 16, 1, layer_keys=("int:4", "turbo_mse:3"), layer_values=("int:2", None))
+    save_policy(policy, tmp_path / "mine.json")
+    configs = configs_from_args(_args("--no-reference", "--policy", str(tmp_path / "mine.json")))
+    assert configs == {"policy mine": policy}
+    assert main(["needle", "--policy", str(tmp_path / "missing.json")]) == 2
+    assert "no policy file" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{")
+    assert main(["needle", "--policy", str(tmp_path / "bad.json")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
 def test_cli_errors_come_before_the_model_loads(capsys):
     assert main(["needle", "--lengths", "abc"]) == 2
     assert "--lengths" in capsys.readouterr().err
