@@ -149,7 +149,7 @@ def _kl_of_items(model, windows, ctx: int, items: list[_Item], residual: int, si
                 cache = _batched_cache(model, prefill, rows)
                 out = F.log_softmax(model(cont.expand(len(rows), -1), past_key_values=cache).logits.float(), -1)
                 kl_rows = (ref.exp() * (ref - out)).sum(-1).clamp_min(0).mean(-1)
-                kl[at : at + len(rows)] += kl_rows.double() / len(windows)
+                kl[at : at + len(rows)] += kl_rows.double().cpu() / len(windows)
                 bar.update(len(rows))
     bar.close()
     return kl

@@ -151,3 +151,12 @@ def test_each_entry_is_the_kl_through_one_kvpackcache(family, ctx, residual, sin
     want = kl_through_kvpackcache(model, [w], ctx, policies)
     assert kl[..., 0].flatten().tolist() == pytest.approx(want.tolist(), rel=1e-4, abs=1e-9)
     assert (want > 0).any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_measurement_on_the_gpu_equals_the_cpu_one(tiny_llama, windows):
+    # the KL rows come back from the device (a CPU accumulator met CUDA rows once: calibrate_gpu.py found it)
+    model, ws = sharpened(tiny_llama(layers=2)), windows(1, 72)
+    cpu = measure_sensitivity(model, ws, 56, ("int:2", "int:4"), 8, 2, progress=False)
+    gpu = measure_sensitivity(model.cuda(), [w.cuda() for w in ws], 56, ("int:2", "int:4"), 8, 2, progress=False)
+    assert gpu.device.type == "cpu" and gpu.flatten().tolist() == pytest.approx(cpu.flatten().tolist(), rel=1e-2)
