@@ -159,4 +159,6 @@ def test_measurement_on_the_gpu_equals_the_cpu_one(tiny_llama, windows):
     model, ws = sharpened(tiny_llama(layers=2)), windows(1, 72)
     cpu = measure_sensitivity(model, ws, 56, ("int:2", "int:4"), 8, 2, progress=False)
     gpu = measure_sensitivity(model.cuda(), [w.cuda() for w in ws], 56, ("int:2", "int:4"), 8, 2, progress=False)
-    assert gpu.device.type == "cpu" and gpu.flatten().tolist() == pytest.approx(cpu.flatten().tolist(), rel=1e-2)
+    assert gpu.device.type == "cpu"
+    # float32 on two devices: 1% where the KL is large (int:2), its ~1e-7 noise floor where it is not (int:4)
+    torch.testing.assert_close(gpu, cpu, rtol=1e-2, atol=1e-7)
