@@ -13,6 +13,7 @@ packed past as in generation. The prefill is shared by all configurations (the c
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,14 +152,15 @@ def answer_through(
     for name, policy in configs.items():
         cache = filled_cache(model, policy, prefill)
         bits = float("nan") if policy is None else cache.bits_per_value()
+        scoring = copy.deepcopy(cache) if expected is not None and expected.numel() else None  # generate advances it
         ids = model.generate(
             full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=answer_tokens,
             do_sample=False, pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
         nll = float("nan")
-        if expected is not None and expected.numel():
+        if scoring is not None:
             forced = torch.cat([question, expected[:-1]])[None]
-            logits = model(forced, past_key_values=filled_cache(model, policy, prefill)).logits[0, -expected.numel() :]
+            logits = model(forced, past_key_values=scoring).logits[0, -expected.numel() :]
             nll = float(torch.nn.functional.cross_entropy(logits.float(), expected))
         out[name] = Answer(tokenizer.decode(ids[0, full.shape[1] :], skip_special_tokens=True), bits, nll)
     return out
@@ -220,10 +222,14 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, CachePolicy | None]
         from kvpack.evaluation.presets import check_preset
 
         check_preset(preset)
-    for path in getattr(args, "policy", None) or ():  # read now: a missing or malformed file fails before any work
+    paths = getattr(args, "policy", None) or []
+    for i, path in enumerate(paths):  # read now: a missing or malformed file fails before any work
         from kvpack.policy import load_policy
 
-        configs[f"policy {Path(path).stem}"] = load_policy(path)
+        if Path(path).resolve() in {Path(p).resolve() for p in paths[:i]}:
+            raise ValueError(f"--policy {path!r} given twice")
+        name = f"policy {Path(path).stem}"
+        configs[f"policy {path}" if name in configs else name] = load_policy(path)  # one stem twice: the paths
     others = bool(args.preset or getattr(args, "policy", None))
     if len(configs) == (0 if args.no_reference else 1) and not others:  # nothing asked: the eval default
         configs["k={key} v={value} r={residual} s={sinks}".format(**DEFAULTS)] = CachePolicy(

@@ -92,6 +92,7 @@ from kvpack.codec import get_codec
 from kvpack.hf.cache import layer_kinds
 from kvpack.hf.config import model_heads, text_config
 from kvpack.policy import FP16_BITS, CachePolicy, layer_bits, load_policy, save_policy
+from kvpack.tuning import sensitivity
 from kvpack.tuning.knapsack import BudgetTooSmall, allocate_bits, policy_for
 
 __all__ = [
@@ -252,10 +253,8 @@ def measure_sensitivity(
     recipe's cache shape (``SINKS``, ``RESIDUAL``, ``BLOCK``) and candidates (keys from ``KEY_CANDIDATES``, values
     from ``VALUE_CANDIDATES``; NaN elsewhere): mean KL(exact || compressed) per continuation token with only that
     layer's K (0) or V (1) through that candidate, after a clean prefill of ``ctx`` tokens."""
-    from kvpack.tuning.sensitivity import measure_sensitivity as measure
-
-    return measure(model, windows, ctx, CANDIDATES, RESIDUAL, SINKS, progress, KEY_CANDIDATES, VALUE_CANDIDATES,
-                   BLOCK, batch)  # fmt: skip
+    return sensitivity.measure_sensitivity(model, windows, ctx, CANDIDATES, RESIDUAL, SINKS, progress, KEY_CANDIDATES,
+                                           VALUE_CANDIDATES, BLOCK, batch)  # fmt: skip
 
 
 def model_hash(model) -> str:

@@ -104,6 +104,7 @@ def _replacements(item: _Item, shape, prefill, layer_windows: list[int | None], 
         kept = x.shape[-2] if window is None else min(x.shape[-2], window - 1)
         lo, hi = _packed_range(kept, sinks if window is None else 0, residual, block)
         offset = x.shape[-2] - kept
+        # all heads go through the codec (a calibrated codec's basis is per head: it needs the cache's layout)
         y = _through(codec, x, lo + offset, hi + offset, block)
         if item.head is not None:  # the layer's other heads stay exact
             y, one = x.clone(), y

@@ -82,6 +82,15 @@ def test_policy_files_are_configs(tmp_path, capsys):
     save_policy(policy, tmp_path / "mine.json")
     configs = configs_from_args(_args("--no-reference", "--policy", str(tmp_path / "mine.json")))
     assert configs == {"policy mine": policy}
+    (tmp_path / "b").mkdir()
+    other = CachePolicy("int:4", "int:4", 16, 1)
+    save_policy(other, tmp_path / "b" / "mine.json")
+    both = configs_from_args(_args("--no-reference", "--policy", str(tmp_path / "mine.json"),
+                                   "--policy", str(tmp_path / "b" / "mine.json")))  # fmt: skip
+    assert both == {"policy mine": policy, f"policy {tmp_path / 'b' / 'mine.json'}": other}  # none lost
+    with pytest.raises(ValueError, match="given twice"):
+        same = str(tmp_path / "b" / ".." / "mine.json")
+        configs_from_args(_args("--policy", str(tmp_path / "mine.json"), "--policy", same))
     assert main(["needle", "--policy", str(tmp_path / "missing.json")]) == 2
     assert "no policy file" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{")
