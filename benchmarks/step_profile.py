@@ -20,6 +20,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kvpack.bench.generate import _make_cache, build_model
+from kvpack.hf.config import cache_kwargs
+from kvpack.hf.graph_generate import GraphDecoder
 
 
 def profile_cache(model, name: str, batch: int, context: int, tokens: int) -> dict:
@@ -29,14 +31,20 @@ def profile_cache(model, name: str, batch: int, context: int, tokens: int) -> di
     with torch.inference_mode():
         for at in range(0, context - 1, 4096):
             end = min(at + 4096, context - 1)
-            model(ids[:, at:end], attention_mask=mask[:, :end], past_key_values=cache, logits_to_keep=1)
-        kw = {"past_key_values": cache, "do_sample": False}
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, **kw)
+            model(ids[:, at:end], attention_mask=mask[:, :end], logits_to_keep=1, **cache_kwargs(model, cache))
+        kw = {**cache_kwargs(model, cache), "do_sample": False}
+        if name.startswith("graph:"):  # kvpack.graph_generate: the compiled step replayed from one CUDA graph
+            decoder = GraphDecoder(model, cache)
+            run = lambda ids_, n: decoder.generate(ids_, n)  # noqa: E731
+        else:
+            def run(ids_, n):
+                return model.generate(ids_, attention_mask=torch.ones_like(ids_), max_new_tokens=n, min_new_tokens=n,
+                                      **kw)  # fmt: skip
+        out = run(ids, 8)
         torch.cuda.synchronize()
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            model.generate(out, attention_mask=torch.ones_like(out), max_new_tokens=tokens, min_new_tokens=tokens,
-                           **kw)  # fmt: skip
+            run(out, tokens)
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -44,7 +52,7 @@ def profile_cache(model, name: str, batch: int, context: int, tokens: int) -> di
     for e in kernels:
         by_name[e.name].append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
     total_us = sum(sum(v) for v in by_name.values())
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:40]
     row = {
         "cache": name, "batch": batch, "context": context, "tokens": tokens,
         "wall_ms_per_token_profiled": 1e3 * wall / tokens,

@@ -12,7 +12,10 @@ untimed generate (``--warmup-tokens``: Triton compilation, allocator warm-up) pr
 Caches: a kvpack codec spec (``turbo_mse:4``, ``int:4``: `PagedKVPackCache`, same codec for K and V,
 decode through the paged kernel), ``dynamic`` (transformers' DynamicCache, float16), ``quanto:N`` / ``hqq:N``
 (transformers' QuantizedCache with the optimum-quanto / HQQ backend at N = 2 or 4 bits, skipped with a note
-when the package is absent; quanto builds its CUDA extension at first use, which can take minutes).
+when the package is absent; quanto builds its CUDA extension at first use, which can take minutes),
+``static:SPEC`` / ``hf-static`` (kvpack's `StaticKVPackCache` / transformers' StaticCache: generate compiles the
+step), and ``graph:SPEC`` / ``graph:hf-static``: the same static caches decoded by `kvpack.graph_generate` instead
+of ``model.generate`` (the compiled step replayed from one CUDA graph per token, no host loop between tokens).
 
 Memory (``torch.cuda.max_memory_allocated``, reset before each cache's prefill): ``peak_gib`` over prefill
 and decode, ``prefill_peak_gib`` over prefill and warm-up, ``decode_peak_gib`` over the timed decode only, ``held_gib`` allocated after the decode minus
@@ -29,6 +32,8 @@ import time
 import torch
 
 from kvpack.hf.cache import KVPackCache
+from kvpack.hf.config import cache_kwargs
+from kvpack.hf.graph_generate import GraphDecoder
 from kvpack.hf.paged_cache import PagedLayer
 from kvpack.hf.static_cache import StaticKVPackCache
 from kvpack.tuning.recipe import BUDGETS
@@ -63,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--caches",
         default=",".join(DEFAULT_CACHES),
         help="generate: kvpack codec specs (PagedKVPackCache), 'static:SPEC' (StaticKVPackCache, generate compiles "
-        "it), 'static-eager:SPEC', 'dynamic', 'hf-static' (transformers' StaticCache, compiled), 'quanto:N', 'hqq:N'",
+        "it), 'static-eager:SPEC', 'dynamic', 'hf-static' (transformers' StaticCache, compiled), 'quanto:N', 'hqq:N'; "
+        "'graph:SPEC' / 'graph:hf-static': that static cache decoded by kvpack.graph_generate (one CUDA graph a "
+        "step)",
     )
     group.add_argument("--fit", action="store_true",
                        help="generate: instead of timing, find by allocation the largest batch at --context and the "
@@ -82,6 +89,11 @@ def parse_caches(text: str, head_dim: int = 128) -> list[str]:
     if not names:
         raise ValueError(f"--caches must name at least one cache, got {text!r}")
     for name in names:
+        if name.startswith("graph:"):  # graph_generate over a static cache: graph:hf-static, graph:SPEC
+            name = name.removeprefix("graph:")
+            if name == "hf-static":
+                continue
+            name = f"static:{name}"
         if name in ("dynamic", "hf-static"):
             continue
         static = name.startswith(("static:", "static-eager:"))
@@ -140,6 +152,9 @@ def _make_cache(name: str, model, residual: int, sinks: int, max_cache_len: int)
     Peers are built by `kvpack.evaluation.peers.peer_factory` (transformers' `QuantizedCache`, which also
     counts its bytes); it raises ImportError naming the install when the backend package is missing.
     """
+    if name.startswith("graph:"):  # the static cache that graph_generate replays
+        spec = name.removeprefix("graph:")
+        return _make_cache(spec if spec == "hf-static" else f"static:{spec}", model, residual, sinks, max_cache_len)
     if name == "hf-static":  # transformers' StaticCache: generate compiles the decode step by itself on CUDA
         from transformers import StaticCache
 
@@ -206,22 +221,27 @@ def measure(model, name: str, ids: torch.Tensor, *, new_tokens: int, warmup_toke
         start = time.perf_counter()
         for at in range(0, context - 1, prefill_chunk):
             end = min(at + prefill_chunk, context - 1)
-            model(ids[:, at:end], attention_mask=mask[:, :end], past_key_values=cache, logits_to_keep=1)
+            model(ids[:, at:end], attention_mask=mask[:, :end], logits_to_keep=1, **cache_kwargs(model, cache))
         _sync(device)
         row["prefill_s"] = time.perf_counter() - start
-        generate = {"attention_mask": mask, "past_key_values": cache, "do_sample": False}
+        generate = {"attention_mask": mask, **cache_kwargs(model, cache), "do_sample": False}
         if name.startswith("static-eager:"):
             generate["disable_compile"] = True
+        if name.startswith("graph:"):  # one captured step, replayed per token (kvpack.graph_generate)
+            decoder = GraphDecoder(model, cache)
+            run = lambda ids_, n: decoder.generate(ids_, n)  # noqa: E731
+        else:
+            run = lambda ids_, n: model.generate(ids_, max_new_tokens=n, min_new_tokens=n, **generate)  # noqa: E731
         out = ids
         if warmup_tokens:
-            out = model.generate(out, max_new_tokens=warmup_tokens, min_new_tokens=warmup_tokens, **generate)
+            out = run(out, warmup_tokens)
             generate["attention_mask"] = torch.ones_like(out)
         if cuda:  # the prefill's (and warm-up's) peak, then the timed decode's alone
             row["prefill_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
         start = time.perf_counter()
-        final = model.generate(out, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **generate)
+        final = run(out, new_tokens)
         _sync(device)
         seconds = time.perf_counter() - start
     made = final.shape[1] - out.shape[1]
@@ -244,7 +264,7 @@ def measure(model, name: str, ids: torch.Tensor, *, new_tokens: int, warmup_toke
         row["bits_per_value"] = cache.bits_per_value()
         row["nbytes"] = cache.nbytes()
         row["paged_layers"] = sum(isinstance(layer, PagedLayer) for layer in cache.layers)
-    elif name in ("dynamic", "hf-static"):
+    elif name in ("dynamic", "hf-static", "graph:hf-static"):
         row["nbytes"] = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     if cuda:
         row["decode_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -275,8 +295,8 @@ def fits(model, name: str, batch: int, max_cache_len: int, residual: int = 128, 
         cache = _make_cache(name, model, residual, sinks, max_cache_len)
         ids = torch.randint(3, 1000, (batch, 16), device=device)
         with torch.inference_mode():
-            model(ids, past_key_values=cache, logits_to_keep=1)
-            model(ids[:, :1], past_key_values=cache, logits_to_keep=1)
+            model(ids, logits_to_keep=1, **cache_kwargs(model, cache))
+            model(ids[:, :1], logits_to_keep=1, **cache_kwargs(model, cache))
         torch.cuda.synchronize(device)
         return True
     except torch.cuda.OutOfMemoryError:
@@ -377,6 +397,7 @@ def _kv_bytes_read(name: str, config, batch: int, context: int) -> int:
     """Bytes of K and V that one decode step reads at ``context`` tokens: packed rows for kvpack specs, else 16 bits."""
     from kvpack.kernels.paged import paged_codec
 
+    name = name.removeprefix("graph:")
     tokens = batch * context * config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if name in ("dynamic", "hf-static") or name.startswith(("quanto:", "hqq:")):  # 16-bit K/V

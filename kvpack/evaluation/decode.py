@@ -22,6 +22,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvpack.hf.cache import KVPackCache, KVPackLayer
+from kvpack.hf.config import cache_kwargs
 
 __all__ = ["decode_logits", "decode_stepwise_logits"]
 
@@ -31,7 +32,7 @@ NEVER = 1 << 62  # lifetime end of a version no query outgrows
 
 def decode_stepwise_logits(model, cache: KVPackCache, cont: torch.Tensor) -> torch.Tensor:
     """Logits ``(n, vocab)`` of ``cont`` ``(1, n)`` fed one token per forward through ``cache`` (as ``generate``)."""
-    return torch.cat([model(cont[:, i : i + 1], past_key_values=cache).logits[0] for i in range(cont.shape[1])])
+    return torch.cat([model(cont[:, i : i + 1], **cache_kwargs(model, cache)).logits[0] for i in range(cont.shape[1])])
 
 
 def _views(layer: KVPackLayer, keys: torch.Tensor, values: torch.Tensor):
@@ -114,6 +115,6 @@ def decode_logits(model, cache: KVPackCache, cont: torch.Tensor) -> torch.Tensor
     AttentionInterface.register(ATTENTION_NAME, masked_attention)
     try:
         model.set_attn_implementation(ATTENTION_NAME)
-        return model(cont, past_key_values=view).logits[0]
+        return model(cont, **cache_kwargs(model, view)).logits[0]
     finally:
         model.set_attn_implementation(original)

@@ -22,6 +22,7 @@ import torch
 
 from kvpack.evaluation.protocol import Prefill, clean_prefill, store_prefill
 from kvpack.policy import CachePolicy
+from kvpack.hf.config import cache_kwargs
 
 __all__ = [
     "DEFAULT_FILLER",
@@ -154,13 +155,13 @@ def answer_through(
         bits = float("nan") if policy is None else cache.bits_per_value()
         scoring = copy.deepcopy(cache) if expected is not None and expected.numel() else None  # generate advances it
         ids = model.generate(
-            full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=answer_tokens,
+            full, attention_mask=torch.ones_like(full), **cache_kwargs(model, cache), max_new_tokens=answer_tokens,
             do_sample=False, pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
         nll = float("nan")
         if scoring is not None:
             forced = torch.cat([question, expected[:-1]])[None]
-            logits = model(forced, past_key_values=scoring).logits[0, -expected.numel() :]
+            logits = model(forced, **cache_kwargs(model, scoring)).logits[0, -expected.numel() :]
             nll = float(torch.nn.functional.cross_entropy(logits.float(), expected))
         out[name] = Answer(tokenizer.decode(ids[0, full.shape[1] :], skip_special_tokens=True), bits, nll)
     return out

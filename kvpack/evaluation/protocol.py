@@ -28,6 +28,7 @@ from transformers import DynamicCache
 
 from kvpack.codec import Codec
 from kvpack.policy import CachePolicy
+from kvpack.hf.config import cache_kwargs
 
 __all__ = [
     "PROTOCOLS",
@@ -86,7 +87,7 @@ class _RecordingCache(DynamicCache):
 def clean_prefill(model, context: torch.Tensor) -> Prefill:
     """One exact forward over ``context`` ``(1, ctx)``, recording every layer's K/V."""
     recorder = _RecordingCache(model.config)
-    logits = model(context, past_key_values=recorder, logits_to_keep=1).logits[0, -1:]
+    logits = model(context, **cache_kwargs(model, recorder), logits_to_keep=1).logits[0, -1:]
     return Prefill(recorder.prefill, logits)
 
 
@@ -99,7 +100,7 @@ def store_prefill(cache, prefill: Prefill):
 
 def continue_logits(model, cache, cont: torch.Tensor) -> torch.Tensor:
     """Logits ``(n, vocab)`` of ``cont`` ``(1, n)`` teacher-forced in one forward through ``cache``."""
-    return model(cont, past_key_values=cache).logits[0]
+    return model(cont, **cache_kwargs(model, cache)).logits[0]
 
 
 def decode_logits(model, cache, cont: torch.Tensor) -> torch.Tensor:
@@ -172,7 +173,7 @@ def inforward_logits(model, ids: torch.Tensor, n_eval: int, policy: CachePolicy 
     """Logits ``(n_eval, vocab)`` predicting the last ``n_eval`` tokens of ``ids`` ``(1, T)`` in one forward over
     ``ids[:, :-1]``: clean (``policy=None``, cache ``None``) or through a :class:`RoundTripCache` under ``policy``."""
     cache = None if policy is None else RoundTripCache(model.config, policy)
-    return model(ids[:, :-1], past_key_values=cache, logits_to_keep=n_eval).logits[0], cache
+    return model(ids[:, :-1], **cache_kwargs(model, cache), logits_to_keep=n_eval).logits[0], cache
 
 
 # ---- capture -------------------------------------------------------------------------------------

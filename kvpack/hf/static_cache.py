@@ -124,7 +124,7 @@ class StaticPagedLayer(CacheLayerMixin):
         self.cumulative_length = self.cumulative_length.to(self.device)
         self.rows = torch.arange(batch, device=self.device)
         self.ring_steps = torch.arange(self.ring_size, device=self.device)
-        self.host_tokens = 0  # eager updates only (a compiled step cannot read or keep a host count)
+        self.host_tokens = 0  # eager updates (a compiled step cannot keep a host count: a prefill re-reads the device's)
         _static(self.key_pages, self.value_pages, self.block_tables, self.window_k, self.window_v, self.lengths,
                 self.cumulative_length)  # fmt: skip
         self.is_initialized = True
@@ -161,6 +161,8 @@ class StaticPagedLayer(CacheLayerMixin):
                 f"key_states {tuple(key_states.shape)} {key_states.dtype} do not match the cache's (batch, kv_heads, "
                 f"_, head_dim) = {shape} {self.dtype}"
             )
+        if n > 1 and self.is_initialized:  # a prefill syncs anyway: take the device's count (steps replayed from a
+            self.host_tokens = int(self.cumulative_length)  # graph or run compiled moved it, not the host's)
         if self.host_tokens + n > self.max_cache_len:
             raise ValueError(
                 f"layer {self.layer_idx} would hold {self.host_tokens + n} tokens; max_cache_len={self.max_cache_len}"

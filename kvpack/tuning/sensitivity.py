@@ -29,6 +29,7 @@ from kvpack.evaluation.protocol import Prefill, clean_prefill
 from kvpack.hf.cache import layer_kinds
 from kvpack.hf.config import model_heads, text_config
 from kvpack.policy import CachePolicy
+from kvpack.hf.config import cache_kwargs
 
 __all__ = ["head_sensitivity", "measure_head_sensitivity", "measure_sensitivity"]
 
@@ -137,7 +138,8 @@ def _kl_of_items(model, windows, ctx: int, items: list[_Item], residual: int, si
             start = time.perf_counter()
             prefill = clean_prefill(model, ids[:, :ctx])
             cont, prefilled = ids[:, ctx:], time.perf_counter()
-            ref = F.log_softmax(model(cont, past_key_values=_batched_cache(model, prefill, [{}])).logits[0].float(), -1)
+            clean = _batched_cache(model, prefill, [{}])
+            ref = F.log_softmax(model(cont, **cache_kwargs(model, clean)).logits[0].float(), -1)
             if bar is None:  # one prefill and one continuation measured (rows cost at most their number of them)
                 if progress:
                     seconds = (prefilled - start + (time.perf_counter() - prefilled) * (len(items) + 1)) * len(windows)
@@ -148,7 +150,7 @@ def _kl_of_items(model, windows, ctx: int, items: list[_Item], residual: int, si
                 rows = [_replacements(item, shape, prefill, layer_windows, residual, sinks)
                         for item, shape in zip(items[at : at + batch], shapes[at : at + batch])]  # fmt: skip
                 cache = _batched_cache(model, prefill, rows)
-                out = F.log_softmax(model(cont.expand(len(rows), -1), past_key_values=cache).logits.float(), -1)
+                out = F.log_softmax(model(cont.expand(len(rows), -1), **cache_kwargs(model, cache)).logits.float(), -1)
                 kl_rows = (ref.exp() * (ref - out)).sum(-1).clamp_min(0).mean(-1)
                 kl[at : at + len(rows)] += kl_rows.double().cpu() / len(windows)
                 bar.update(len(rows))

@@ -44,9 +44,13 @@ def test_refuses_without_cuda(capsys):
 
 def test_parse_caches_defaults():
     assert parse_caches("turbo_mse:4, int:4,dynamic,quanto:4") == ["turbo_mse:4", "int:4", "dynamic", "quanto:4"]
+    assert parse_caches("graph:int:4,graph:hf-static,graph:3bit") == ["graph:int:4", "graph:hf-static", "graph:3bit"]
+    with pytest.raises(ValueError, match="--caches"):
+        parse_caches("graph:dynamic")
 
 
-@pytest.mark.parametrize("name", ["int:4", "turbo_mse:2", "dynamic", "quanto:4", "hqq:4"])
+@pytest.mark.parametrize("name", ["int:4", "turbo_mse:2", "dynamic", "quanto:4", "hqq:4", "graph:int:4",
+                                  "graph:hf-static", "graph:4bit"])
 def test_measure_prefills_once_then_decodes_one_token_per_forward(name, monkeypatch):
     model = build_model(2, "cpu", torch.float16, **TINY)
     ids = torch.randint(3, 256, (2, 80), generator=torch.Generator().manual_seed(0))
@@ -70,8 +74,10 @@ def test_measure_prefills_once_then_decodes_one_token_per_forward(name, monkeypa
         assert 0 < row["bits_per_value"] < 16 and row["paged_layers"] == 2
     if name == "dynamic":  # float16 K and V of every held token, 2 layers, 2 KV heads of 64
         assert row["nbytes"] == 2 * 2 * 2 * 86 * 2 * 64 * 2
-    # masks of the chunked prefill: at most chunk x context booleans per sequence, never context^2
-    assert max(n for n, _ in masks) <= 2 * 32 * 80 < 2 * 80 * 80 and {dtype for _, dtype in masks} == {torch.bool}
+    # masks of the chunked prefill: at most chunk x context booleans per sequence (the static caches' masks span
+    # their max_cache_len, 80 + 2 + 5), never context^2
+    keys = 80 + 2 + 5 if name.startswith("graph:") else 80
+    assert max(n for n, _ in masks) <= 2 * 32 * keys < 2 * 80 * 80 and {dtype for _, dtype in masks} == {torch.bool}
 
 
 def test_run_caches_reports_every_row_and_survives_a_failing_cache(monkeypatch, capsys):
