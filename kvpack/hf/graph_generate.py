@@ -139,9 +139,16 @@ class GraphDecoder:
 
     def _capture(self) -> None:
         """Record one `_step` (nothing runs: the cache does not move); warm-up steps ran on the side stream before."""
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._step()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._step()
+        except Exception as exc:
+            raise RuntimeError(
+                f"capturing the decode step in a CUDA graph failed ({type(exc).__name__}: {exc}); something in the "
+                "model's step synchronizes with the host: graph_generate(..., graph=False) runs it without a graph"
+            ) from exc
+        self._graph = graph
 
     # ---- generate -------------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,

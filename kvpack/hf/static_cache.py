@@ -59,6 +59,11 @@ def _static(*tensors: torch.Tensor) -> None:
             torch._dynamo.mark_static_address(t)
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``x``'s device (a host sync there would invalidate the capture)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class StaticPagedLayer(CacheLayerMixin):
     """One layer of `StaticKVPackCache` (see the module docstring): pages, sinks and ring, or a 16-bit ring only."""
 
@@ -141,7 +146,8 @@ class StaticPagedLayer(CacheLayerMixin):
         n = key_states.shape[-2]
         if not torch.compiler.is_compiling():
             self._check_update(key_states, n)
-            if self.held_dtype != key_states.dtype:  # a float32 model's 1e5 would be inf in the 16-bit window
+            # a float32 model's 1e5 would be inf in the 16-bit window (a host check: not inside a graph capture)
+            if self.held_dtype != key_states.dtype and not _capturing(key_states):
                 _check_range(key_states, value_states, self.held_dtype)
         self.cumulative_length.add_(n)
         if n == 1:
