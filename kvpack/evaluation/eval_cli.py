@@ -98,35 +98,22 @@ def _policy_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _block_kwargs(args: argparse.Namespace, out: dict, block: int) -> dict:
-    """``--block``: the policy goes through a `KVPackCache` factory (evaluate() takes the plain fields only)."""
+    """``--block``: a whole policy for evaluate() (its plain fields have no block)."""
     from kvpack.policy import CachePolicy
 
     if args.protocol == "inforward" or args.pre_rope_keys:
         raise ValueError("--block applies to the snapshot and decode protocols' cache (without --pre-rope-keys)")
     key = None if args.only == "v" else out["key"]
     value = None if args.only == "k" else out["value"]
-    policy = CachePolicy(key, value, out["residual"], out["sinks"], out.get("skip_layers", ()), block, args.seed)
-    return _cache_kwargs(policy, f"KVPackCache block={block}")
+    return {"policy": CachePolicy(key, value, out["residual"], out["sinks"], out.get("skip_layers", ()), block,
+                                  args.seed)}  # fmt: skip
 
 
 def _policy_file_kwargs(path: str) -> dict:
-    """evaluate() arguments for a policy file: a KVPackCache under it (its per-layer specs, fp heads...)."""
+    """evaluate() arguments for a policy file: the whole policy (its per-layer specs, fp heads...)."""
     from kvpack.policy import load_policy
 
-    return _cache_kwargs(load_policy(path), f"policy file {path}")
-
-
-def _cache_kwargs(policy, label: str) -> dict:
-    """evaluate() arguments that run ``policy`` through a `KVPackCache` (the factory carries the policy)."""
-    from kvpack.hf.cache import KVPackCache
-
-    def cache_factory(config):
-        return KVPackCache(config, policy=policy)
-
-    cache_factory.__name__ = label
-    cache_factory.policy = policy
-    return {"key": policy.key, "value": policy.value, "residual": policy.residual, "sinks": policy.sinks,
-            "skip_layers": policy.skip_layers, "cache_factory": cache_factory}  # fmt: skip
+    return {"policy": load_policy(path)}
 
 
 def policy_summary(record: dict, num_layers: int, num_kv_heads: int) -> str:
@@ -245,7 +232,7 @@ def _preflight(args: argparse.Namespace, kwargs: dict) -> None:
         from kvpack.evaluation.presets import check_preset
 
         check_preset(kwargs["preset"])
-    elif "cache_factory" not in kwargs:
+    elif "policy" not in kwargs:
         CachePolicy(kwargs["key"], kwargs["value"], kwargs["residual"], kwargs["sinks"], kwargs.get("skip_layers", ()))
     load_text(args.text)
 
@@ -255,20 +242,16 @@ def run(args: argparse.Namespace) -> int:
 
     from kvpack.evaluation import models
     from kvpack.evaluation.evaluate import evaluate  # heavy: only when the command runs
-    from kvpack.policy import policy_to_dict
 
     kwargs = _policy_kwargs(args)
     _preflight(args, kwargs)  # a bad policy or text fails before the model loads
     lm, tokenizer = models.load(args.model)
-    factory = kwargs.get("cache_factory")
     result = evaluate(
         model=(lm, tokenizer), text=args.text, ctx=args.ctx, n_eval=args.n_eval, windows=args.windows,
         protocol=args.protocol, only=None if args.block is not None else args.only, progress=not args.no_progress,
         seed=args.seed, pre_rope_keys=args.pre_rope_keys, **kwargs,
     )  # fmt: skip
     result = replace(result, model=str(args.model))
-    if factory is not None:  # the policy went through a cache_factory: record all of it
-        result.policy.update(policy_to_dict(factory.policy), only=args.only)
     print(format_result(result, model_shape(lm.config)))
     if args.json:
         out = Path(args.json)

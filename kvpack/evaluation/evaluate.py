@@ -179,9 +179,16 @@ def _bits_of(cache) -> tuple[float, float] | None:
 
 
 def _resolve_policy(
-    preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys=False, model=None, calibration=True
+    preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys=False, model=None, calibration=True,
+    policy=None,
 ) -> CachePolicy:
-    if preset is not None:
+    if policy is not None:
+        if not isinstance(policy, CachePolicy):
+            raise TypeError(f"policy must be a CachePolicy (e.g. load_policy(file)), got {type(policy).__name__}")
+        if preset is not None:
+            raise ValueError(f"give a policy or a preset, not both (preset={preset!r})")
+        policy = replace(policy, pre_rope_keys=True) if pre_rope_keys else policy
+    elif preset is not None:
         from kvpack.evaluation.presets import check_preset, resolve_preset
 
         check_preset(preset)
@@ -226,13 +233,15 @@ def evaluate(
     reference_memo: dict | None = None,
     pre_rope_keys: bool = False,
     calibration: bool = True,
+    policy: CachePolicy | None = None,
 ) -> EvalResult:
     """Evaluate a cache policy on ``windows`` windows of ``ctx`` + ``n_eval`` tokens of ``text``.
 
     ``model``: a name/path for `kvpack.evaluation.models.load` or a ``(model, tokenizer)`` pair. ``text``: a path,
     ``"wikitext2"``, ``None`` (the embedded default) or a 1-D LongTensor of token ids. ``preset``
     replaces key/value/residual/sinks/skip_layers by a named policy from `kvpack.evaluation.presets`, derived for
-    the model (calibrated unless ``calibration=False``).
+    the model (calibrated unless ``calibration=False``); ``policy`` (a `CachePolicy`, e.g. ``load_policy(file)``)
+    replaces them by that whole policy, on every protocol.
     ``only="k"``/``"v"`` compresses one stream. ``pre_rope_keys``: keys packed with RoPE undone (KVQuant;
     snapshot and decode). ``cache_factory(config) -> Cache`` evaluates another
     cache (snapshot, or decode for a `KVPackCache`; ``bits`` gives its bits when it cannot report them). ``reference_memo``: a
@@ -241,13 +250,16 @@ def evaluate(
     faster for snapshot at ctx 1024 / n_eval 256; it holds ~100 MB per window for SmolLM2 in float32).
     """
     _check_arguments(protocol, ctx, n_eval, windows)
-    policy = _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys)
+    given = policy
+    policy = _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys, policy=given)
     if policy.pre_rope_keys and protocol == "inforward":
         raise ValueError(
             "pre_rope_keys works with protocol='snapshot' or 'decode' (the inforward round trip sees post-RoPE keys)"
         )
     if cache_factory is not None and (protocol == "inforward" or only is not None or pre_rope_keys):
         raise ValueError("cache_factory works with protocol='snapshot' or 'decode', only=None and pre_rope_keys=False")
+    if cache_factory is not None and given is not None:
+        raise ValueError("give a cache_factory or a policy, not both")
     raw_text = None if isinstance(text, torch.Tensor) else load_text(text)  # a bad path fails before the model loads
     model_name, (lm, tokenizer) = _model_pair(model)
     if preset is not None:

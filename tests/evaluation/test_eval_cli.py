@@ -100,6 +100,11 @@ def test_eval_policy_file_records_its_per_head_specs(loaded, wikitext_path, tmp_
     assert (recorded["residual"], recorded["sinks"], recorded["block"]) == (0, 1, 1)
     assert CachePolicy(**{k: recorded[k] for k in ("key", "value", "residual", "sinks", "block", "head_keys",
                                                   "head_values")}) == policy  # fmt: skip
+    inforward = tmp_path / "i.json"  # a policy file runs in-forward too (llama.cpp's protocol)
+    assert main(short(wikitext_path, "--policy", str(tmp_path / "p.json"), "--json", str(inforward), "--protocol",
+                      "inforward")) == 0  # fmt: skip
+    data = json.loads(inforward.read_text())
+    assert data["protocol"] == "inforward" and data["policy"]["head_keys"] == heads
 
 
 @pytest.mark.parametrize(

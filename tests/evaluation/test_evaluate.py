@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from kvpack import KVPackCache, evaluate, get_codec
+from kvpack import CachePolicy, KVPackCache, evaluate, get_codec
 from kvpack.evaluation import presets
 from kvpack.evaluation.evaluate import VERDICT, verdict
 from kvpack.evaluation.protocol import window_starts
@@ -81,6 +81,27 @@ def test_inforward_bits_count_every_position_but_sinks(smollm2, wikitext_path):
         codec_bits = get_codec(spec, head_dim=64).bits_per_value()
         assert bits == pytest.approx((4 * 32 + (n - 4) * codec_bits) / n)
     assert result.delta_ppl_pct > 0.5
+
+
+@pytest.mark.parametrize("protocol", ["inforward", "decode"])
+def test_a_whole_policy_equals_its_plain_fields(smollm2, wikitext_path, protocol):
+    """``policy=`` (a policy file's CachePolicy) runs on every protocol, in-forward included, and equals the same
+    policy given field by field; with per-layer specs it is the policy that runs, not its plain fields."""
+    plain = run(smollm2, wikitext_path, key="int:2", value="int:4", residual=8, sinks=4, protocol=protocol)
+    whole = run(smollm2, wikitext_path, policy=CachePolicy("int:2", "int:4", 8, 4), protocol=protocol)
+    assert whole.windows == plain.windows and whole.bits_k == plain.bits_k
+    layered = CachePolicy("int:2", "int:4", 8, 4, layer_keys=("int:8",) * 30)
+    per_layer = run(smollm2, wikitext_path, policy=layered, protocol=protocol)
+    assert per_layer.bits_k > plain.bits_k and per_layer.policy["layer_keys"] == ["int:8"] * 30
+
+
+def test_policy_argument_errors(smollm2, wikitext_path):
+    with pytest.raises(TypeError, match="policy must be a CachePolicy"):
+        run(smollm2, wikitext_path, policy={"key": "int:4"})
+    with pytest.raises(ValueError, match="not both"):
+        run(smollm2, wikitext_path, policy=CachePolicy("int:4", "int:4"), preset="4bit")
+    with pytest.raises(ValueError, match="not both"):
+        run(smollm2, wikitext_path, policy=CachePolicy("int:4", "int:4"), cache_factory=lambda c: DynamicCache())
 
 
 def test_only_k_keeps_values_exact(smollm2, wikitext_path, int2):
