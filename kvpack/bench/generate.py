@@ -91,11 +91,8 @@ def parse_caches(text: str, head_dim: int = 128) -> list[str]:
     if not names:
         raise ValueError(f"--caches must name at least one cache, got {text!r}")
     for name in names:
-        if name.startswith("graph:"):  # graph_generate over a static cache: graph:hf-static, graph:SPEC
-            name = name.removeprefix("graph:")
-            if name == "hf-static":
-                continue
-            name = f"static:{name}"
+        if name.startswith("graph:"):  # graph_generate over a static cache: checked as that cache
+            name = _graph_target(name)
         if name in ("dynamic", "hf-static"):
             continue
         static = name.startswith(("static:", "static-eager:"))
@@ -155,8 +152,7 @@ def _make_cache(name: str, model, residual: int, sinks: int, max_cache_len: int)
     counts its bytes); it raises ImportError naming the install when the backend package is missing.
     """
     if name.startswith("graph:"):  # the static cache that graph_generate replays
-        spec = name.removeprefix("graph:")
-        return _make_cache(spec if spec == "hf-static" else f"static:{spec}", model, residual, sinks, max_cache_len)
+        return _make_cache(_graph_target(name), model, residual, sinks, max_cache_len)
     if name == "hf-static":  # transformers' StaticCache: generate compiles the decode step by itself on CUDA
         from transformers import StaticCache
 
@@ -183,6 +179,13 @@ def _make_cache(name: str, model, residual: int, sinks: int, max_cache_len: int)
 
     use_paged_attention(model)
     return PagedKVPackCache(model.config, key=name, value=name, residual=residual, sinks=sinks)
+
+
+def _graph_target(name: str) -> str:
+    """The static cache that ``graph:NAME`` decodes: ``graph:hf-static`` -> ``hf-static``, ``graph:SPEC`` ->
+    ``static:SPEC``."""
+    spec = name.removeprefix("graph:")
+    return spec if spec == "hf-static" else f"static:{spec}"
 
 
 def _static_policy(name: str, config, residual: int, sinks: int):
@@ -399,7 +402,7 @@ def _kv_bytes_read(name: str, config, batch: int, context: int) -> int:
     """Bytes of K and V that one decode step reads at ``context`` tokens: packed rows for kvpack specs, else 16 bits."""
     from kvpack.kernels.paged import paged_codec
 
-    name = name.removeprefix("graph:")
+    name = _graph_target(name) if name.startswith("graph:") else name
     tokens = batch * context * config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if name in ("dynamic", "hf-static") or name.startswith(("quanto:", "hqq:")):  # 16-bit K/V
