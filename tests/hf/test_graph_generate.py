@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_paged_cache import generate, prompt, tiny_llama
 from test_static_cache import SMALL, static_cache
 from tiny_models import TINY_FAMILIES
@@ -142,6 +144,31 @@ def test_bad_inputs_refused():
     for call, error, words in bad_calls(model, ids):
         with pytest.raises(error, match=words):
             call()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 2), min_size=6, max_size=6), min_size=2, max_size=2))
+def test_any_mask_is_taken_or_refused_by_name(rows):
+    """Structured masks (values 0-2, zeros anywhere): taken when every value is 0 or 1 and each row's last token is
+    real (zeros are padding, never stored), and then a left-padded row decodes as that row alone; otherwise a
+    ValueError naming attention_mask; never another error."""
+    model = _TINY
+    ids = torch.arange(3, 15).view(2, 6)
+    mask = torch.tensor(rows)
+    make = lambda: static_cache(model, 32, key="int:4", value="int:4", use_kernel=False, **SMALL)  # noqa: E731
+    ok = bool(((mask == 0) | (mask == 1)).all()) and bool((mask[:, -1] == 1).all())
+    if not ok:
+        with pytest.raises(ValueError, match="attention_mask"):
+            graph_generate(model, ids, make(), 3, attention_mask=mask)
+        return
+    out = graph_generate(model, ids, make(), 3, attention_mask=mask)
+    for b in range(2):
+        if mask[b].tolist() == sorted(mask[b].tolist()):  # left padding: the row alone gives the same tokens
+            kept = ids[b : b + 1, mask[b] == 1]
+            assert torch.equal(out[b, 6:], graph_generate(model, kept, make(), 3)[0, kept.shape[1] :])
+
+
+_TINY = tiny_llama(torch.float32, layers=2)
 
 
 def test_held_prompt_refused():
