@@ -1,4 +1,4 @@
-"""``kvpack bench generate``: end-to-end ``model.generate`` decode speed and peak memory at a long context (CUDA).
+"""``kvpack bench generate``: end-to-end decode speed (``model.generate``, `kvpack.graph_generate`) and peak memory.
 
 The model is a random-weight Llama with Llama-3-8B's shapes (hidden 4096, 32 q / 8 kv heads, head_dim
 128, intermediate 14336, vocab 128256, float16; ``--layers`` shrinks it): speed does not depend on the
