@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     lm, tokenizer = models.load(args.model)
     result = evaluate(
         model=(lm, tokenizer), text=args.text, ctx=args.ctx, n_eval=args.n_eval, windows=args.windows,
-        protocol=args.protocol, only=None if args.block is not None else args.only, progress=not args.no_progress,
+        protocol=args.protocol, only=args.only, progress=not args.no_progress,
         seed=args.seed, pre_rope_keys=args.pre_rope_keys, **kwargs,
     )  # fmt: skip
     result = replace(result, model=str(args.model))

@@ -133,6 +133,10 @@ def test_eval_block_packs_every_token_past_the_sinks(loaded, wikitext_path, tmp_
     assert main([*base, "--json", str(outs["default"])]) == 0
     one, default = (json.loads(outs[b].read_text()) for b in ("1", "default"))
     assert one["policy"]["block"] == 1 and default["policy"]["block"] is None and one["ppl_ref"] == default["ppl_ref"]
+    only_k = tmp_path / "k.json"  # --block with --only: the record says which stream was compressed
+    assert main([*base, "--block", "1", "--only", "k", "--json", str(only_k)]) == 0
+    recorded = json.loads(only_k.read_text())["policy"]
+    assert recorded["only"] == "k" and recorded["value"] is None and recorded["block"] == 1
     codec_bits = get_codec("e8:3", head_dim=64).bits_per_value()
     assert one["bits_per_value"] == pytest.approx((16 + 63 * codec_bits) / 64)  # 1 sink, 63 tokens packed
     assert default["bits_per_value"] == pytest.approx((32 * 16 + 32 * codec_bits) / 64)  # 31 + 1 tokens in 16 bits
