@@ -44,7 +44,8 @@ from kvpack.hf.attention import ATTENTION_NAME, key_validity, register_pending
 from kvpack.hf.cache import _check_range, _check_states, _check_stream, cache_policy, check_layer_idx, layer_kinds
 from kvpack.hf.config import model_heads, text_config
 from kvpack.hf.paged_cache import BLOCK_SIZE
-from kvpack.kernels.paged import PagedCodec, dequantize_rows, paged_codec, rows_from_packed, write_slots
+from kvpack.kernels.paged import (PagedCodec, dequantize_rows, graph_capturing, paged_codec, rows_from_packed,
+                                  write_slots)  # fmt: skip
 from kvpack.policy import CachePolicy
 
 __all__ = ["StaticKVPackCache", "StaticPagedLayer"]
@@ -57,11 +58,6 @@ def _static(*tensors: torch.Tensor) -> None:
     if not torch.compiler.is_compiling():
         for t in tensors:
             torch._dynamo.mark_static_address(t)
-
-
-def _capturing(x: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on ``x``'s device (a host sync there would invalidate the capture)."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class StaticPagedLayer(CacheLayerMixin):
@@ -147,7 +143,7 @@ class StaticPagedLayer(CacheLayerMixin):
         if not torch.compiler.is_compiling():
             self._check_update(key_states, n)
             # a float32 model's 1e5 would be inf in the 16-bit window (a host check: not inside a graph capture)
-            if self.held_dtype != key_states.dtype and not _capturing(key_states):
+            if self.held_dtype != key_states.dtype and not graph_capturing(key_states):
                 _check_range(key_states, value_states, self.held_dtype)
         self.cumulative_length.add_(n)
         if n == 1:
@@ -167,8 +163,8 @@ class StaticPagedLayer(CacheLayerMixin):
                 f"key_states {tuple(key_states.shape)} {key_states.dtype} do not match the cache's (batch, kv_heads, "
                 f"_, head_dim) = {shape} {self.dtype}"
             )
-        if n > 1 and self.is_initialized:  # a prefill syncs anyway: take the device's count (steps replayed from a
-            self.host_tokens = int(self.cumulative_length)  # graph or run compiled moved it, not the host's)
+        if n > 1:  # a prefill syncs anyway: take the device's count (steps replayed from a graph or run compiled
+            self.host_tokens = int(self.cumulative_length)  # moved it, not the host's)
         if self.host_tokens + n > self.max_cache_len:
             raise ValueError(
                 f"layer {self.layer_idx} would hold {self.host_tokens + n} tokens; max_cache_len={self.max_cache_len}"

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from kvpack.kernels.paged import PagedCodec, dequantize_rows
+from kvpack.kernels.paged import PagedCodec, dequantize_rows, graph_capturing
 
 __all__ = ["check_decode_inputs", "decode", "decode_ref"]
 
@@ -104,7 +104,7 @@ def check_decode_inputs(
     read here (that would cost a pass over the whole cache): `decode` refuses a NaN/inf output instead.
     Shapes and dtypes are assumed checked (`decode` checks them first).
     """
-    if seq_lens.is_cuda and torch.cuda.is_current_stream_capturing():
+    if graph_capturing(seq_lens):
         return
     num_blocks, block_size = key_cache.shape[0], key_cache.shape[1]
     capacity, window = block_tables.shape[1] * block_size, window_keys.shape[1]
@@ -251,7 +251,7 @@ def decode(
                                         num_splits=num_splits, out=out)  # fmt: skip
     # the inputs were checked finite, so a NaN/inf out means corrupted side bytes in the pools (as the reference
     # path refuses them); one more host sync, skipped inside a CUDA-graph capture (where no sync is allowed)
-    if not (result.is_cuda and torch.cuda.is_current_stream_capturing()) and not bool(torch.isfinite(result).all()):
+    if not graph_capturing(result) and not bool(torch.isfinite(result).all()):
         raise ValueError("decode: the packed tokens decode to NaN/inf (corrupted side bytes in the pools?)")
     return result
 

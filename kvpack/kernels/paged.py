@@ -39,6 +39,7 @@ __all__ = [
     "PagedCodec",
     "choose_splits",
     "dequantize_rows",
+    "graph_capturing",
     "pack_rows",
     "paged_codec",
     "rows_from_packed",
@@ -226,6 +227,12 @@ def write_slots(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Ten
     flat = cache.view(-1, *cache.shape[2:])
     keep = slot_mapping >= 0
     flat[slot_mapping[keep].long()] = rows[keep]
+
+
+def graph_capturing(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``x``'s device: host checks (syncs) must be skipped there, as a sync
+    invalidates the capture; a captured graph's inputs are the caller's to keep in range."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def choose_splits(
