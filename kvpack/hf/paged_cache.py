@@ -255,15 +255,16 @@ class PagedLayer(KVPackLayer):
             index = torch.where(keep, keep.long().cumsum(1) - 1 + self.seq_lens.long()[:, None], -1)
         self._reserve([t + c for t, c in zip(self.row_tokens, counts)])
         slots = torch.where(index >= 0, self._slots(index.clamp(min=0)), -1).reshape(-1)  # (B * n,) token order (b, t)
-        for pages, fmt, codec, x in (
-            (self.key_pages, self.key_fmt, self.key_codec, keys),
-            (self.value_pages, self.value_fmt, self.value_codec, values),
-        ):
-            if self.use_kernel:
-                from kvpack.kernels.encode import paged_encode
+        if self.use_kernel:  # K and V in one launch
+            from kvpack.kernels.encode import paged_encode_kv
 
-                paged_encode(x.reshape(batch * n, heads, -1), slots, pages, fmt)
-            else:  # the codec itself, called on the same (B, H, n, D) tensor as KVPackLayer: the same bits
+            paged_encode_kv(keys.reshape(batch * n, heads, -1), values.reshape(batch * n, heads, -1), slots,
+                            self.key_pages, self.value_pages, self.key_fmt, self.value_fmt)  # fmt: skip
+        else:
+            for pages, fmt, codec, x in (
+                (self.key_pages, self.key_fmt, self.key_codec, keys),
+                (self.value_pages, self.value_fmt, self.value_codec, values),
+            ):  # the codec itself, called on the same (B, H, n, D) tensor as KVPackLayer: the same bits
                 rows = rows_from_packed(codec.encode(x.transpose(1, 2).contiguous()), fmt)
                 write_slots(pages, rows.transpose(1, 2).reshape(batch * n, heads, -1), slots)
         self.row_tokens = [t + c for t, c in zip(self.row_tokens, counts)]

@@ -14,7 +14,7 @@ replays it. Per full-attention layer and stream (K, V):
 * ``sinks`` 16-bit tokens ``(B, sinks, H, D)``;
 * pages ``(B * blocks, BLOCK_SIZE, H, row_bytes)`` in the layout of `kvpack.kernels.paged` (row ``b`` owns
   blocks ``b * blocks ..``: the block table is fixed) that hold *every* token after the sinks, encoded when it
-  arrives (the fused encode kernel, ``kvpack::paged_encode``);
+  arrives (the fused encode kernel, K and V in one launch: ``kvpack::paged_encode_kv``);
 * a 16-bit ring of ``residual + block`` tokens, the newest ones.
 
 A query attends to the sinks, the first ``P`` page tokens and the ring's ``c - P`` newest tokens (``c``
@@ -84,7 +84,7 @@ class StaticPagedLayer(CacheLayerMixin):
         if self.held_dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"StaticKVPackCache holds 16-bit tokens; the policy's window dtype is {self.held_dtype}")
         self.use_kernel = self.device.type == "cuda" if self.use_kernel is None else self.use_kernel
-        if self.use_kernel:  # registers the ops kvpack::paged_encode and kvpack::paged_decode
+        if self.use_kernel:  # registers the ops kvpack::paged_encode_kv and kvpack::paged_decode
             import kvpack.kernels.decode_attention
             import kvpack.kernels.encode  # noqa: F401
         key_codec, value_codec = self.policy.codecs(d, self.layer_idx, heads)
@@ -196,15 +196,18 @@ class StaticPagedLayer(CacheLayerMixin):
         paged = (after >= 0) & (after < self.capacity)
         slots = torch.where(paged, rows * self.capacity + after, -1).reshape(-1)
         heads, d = keys.shape[2:]
+        keys, values = keys.reshape(batch * n, heads, d), values.reshape(batch * n, heads, d)
+        if self.use_kernel:  # K and V in one launch
+            k, v = self.key_fmt, self.value_fmt
+            torch.ops.kvpack.paged_encode_kv(keys, values, slots, self.key_pages, self.value_pages, k.kind, k.mse_bits,
+                                             k.rotation, k.boundaries, k.codebook, k.sketch, v.kind, v.mse_bits,
+                                             v.rotation, v.boundaries, v.codebook, v.sketch)  # fmt: skip
+            return
         for pages, fmt, codec, x in ((self.key_pages, self.key_fmt, self.key_codec, keys),
                                      (self.value_pages, self.value_fmt, self.value_codec, values)):  # fmt: skip
-            x = x.reshape(batch * n, heads, d)
-            if self.use_kernel:
-                torch.ops.kvpack.paged_encode(x, slots, pages, fmt.kind, fmt.mse_bits, fmt.rotation, fmt.boundaries,
-                                              fmt.codebook, fmt.sketch)  # fmt: skip
-            else:  # the codec itself, on the held 16-bit tokens (as KVPackLayer packs them): the same bits
-                rows_ = rows_from_packed(codec.encode(x.transpose(0, 1).contiguous()), fmt).transpose(0, 1)
-                write_slots(pages, rows_.contiguous(), slots)
+            # the codec itself, on the held 16-bit tokens (as KVPackLayer packs them): the same bits
+            rows_ = rows_from_packed(codec.encode(x.transpose(0, 1).contiguous()), fmt).transpose(0, 1)
+            write_slots(pages, rows_.contiguous(), slots)
 
     def _put(self, rows, index, keep, keys, values) -> None:
         """``window[rows, index] = token`` where ``keep``, else unchanged. One token per row (a decode step): a masked

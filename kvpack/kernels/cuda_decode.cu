@@ -707,15 +707,25 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
 
 // Merge the splits of one (query head, sequence): RW warps, warp w taking parts w, w + RW, ... (lane: D / 32
 // consecutive dims, one vector load per part), then a sum over the warps in shared memory. Parts [0, num_splits) are
-// the packed tokens', the rest the window's. ROTATED: the packed sum and the window sum are written apart in float32
-// (the packed one is rotated back outside, one GEMM); else their sum. (One thread per dim looping over every split
-// was latency-bound at batch 1: ~130 splits in a row.)
+// the packed tokens', the rest the window's. Rotated values (unrot: M_v.T, float32 (D, D); else null): the packed
+// sum p goes back to the values' basis here, out = p @ unrot + window sum, the 32 RW threads splitting the D x D
+// products (one GEMM and a copy after the kernel were 3 launches per layer). (One thread per dim looping over every
+// split was latency-bound at batch 1: ~130 splits in a row.)
 #define RW 8
 #define DL (D / 32)
+#define UPARTS ((32 * RW) / D)  // threads per output dim in the unrotation (4, 2, 1 at head_dim 64, 128, 256)
+__device__ __forceinline__ u16 to_out(float v) {
+  u16 r;
+#if OUT_BF16
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
+#else
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(v));
+#endif
+  return r;
+}
 extern "C" __global__ void __launch_bounds__(32 * RW) kvpack_cuda_reduce(
     const float* __restrict__ part_m, const float* __restrict__ part_l, const float* __restrict__ part_acc,
-    float* __restrict__ packed_out, float* __restrict__ window_out, u16* __restrict__ out, int hq, int num_splits,
-    int parts, int rotated) {
+    const float* __restrict__ unrot, u16* __restrict__ out, int hq, int num_splits, int parts) {
   __shared__ float s_acc[2][RW][D];
   __shared__ float s_l[RW], s_m[RW];
   const int qh = blockIdx.x, b = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -757,23 +767,111 @@ extern "C" __global__ void __launch_bounds__(32 * RW) kvpack_cuda_reduce(
   float l_all = 0.f;
 #pragma unroll
   for (int w = 0; w < RW; w++) l_all += s_l[w];
-  for (int d = threadIdx.x; d < D; d += 32 * RW) {
-    float sa = 0.f, sw = 0.f;
+  const long long o = ((long long)b * hq + qh) * D;
+  if (unrot == nullptr) {
+    for (int d = threadIdx.x; d < D; d += 32 * RW) {
+      float sa = 0.f, sw = 0.f;
+#pragma unroll
+      for (int w = 0; w < RW; w++) sa += s_acc[0][w][d], sw += s_acc[1][w][d];
+      out[o + d] = to_out((sa + sw) / l_all);
+    }
+    return;
+  }
+  float sa = 0.f, sw = 0.f;  // D <= 32 RW: one dim per thread of the first D
+  const int d = threadIdx.x;
+  if (d < D) {
 #pragma unroll
     for (int w = 0; w < RW; w++) sa += s_acc[0][w][d], sw += s_acc[1][w][d];
-    const long long o = ((long long)b * hq + qh) * D + d;
-    if (rotated) {
-      packed_out[o] = sa / l_all;
-      window_out[o] = sw / l_all;
-    } else {
-      const float v = (sa + sw) / l_all;
-      u16 r;
+  }
+  __syncthreads();  // s_acc is reused: row 0 of stream 0 the packed sum, stream 1 the unrotation's partial sums
+  float* packed = s_acc[0][0];
+  float(*partial)[D] = s_acc[1];
+  if (d < D) packed[d] = sa / l_all;
+  __syncthreads();
+  const int col = threadIdx.x % D, part = threadIdx.x / D;  // thread (col, part): rows part, part + UPARTS, ...
+  float u = 0.f;
+#pragma unroll 8
+  for (int j = part; j < D; j += UPARTS) u += packed[j] * unrot[j * D + col];
+  partial[part][col] = u;
+  __syncthreads();
+  if (d < D) {
+    float v = sw / l_all;
+#pragma unroll
+    for (int p = 0; p < UPARTS; p++) v += partial[p][d];
+    out[o + d] = to_out(v);
+  }
+}
+
+// The query in the keys' basis, q @ M (M the keys' rotation, (D, D) float32 or float16 by m_f32; q the query's
+// dtype), float32 out: RQ rows per CTA of 8 warps; warp w takes rows j in [w D / 8, (w + 1) D / 8) of M, lane l
+// the D / 32 columns from l D / 32 (one vector load per row j), then the 8 warps' partial sums meet in shared
+// memory (a cast, a GEMM and its split-K reduce were 3 launches per layer; one thread per column looping over all
+// of M was latency-bound: 16 us at batch 1).
+#define RQ 4
+#define QW 8            // warps of the rotation kernel
+#define QC (D / 32)     // columns per lane
+#define QJ (D / QW)     // rows of M per warp
+extern "C" __global__ void __launch_bounds__(32 * QW) kvpack_rotate_query(
+    const u16* __restrict__ q, const void* __restrict__ rot, float* __restrict__ q_out, int rows, int m_f32) {
+  __shared__ float s_q[RQ][D];
+  __shared__ float s_part[QW][RQ][D];
+  const int r0 = blockIdx.x * RQ, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int i = threadIdx.x; i < RQ * D; i += 32 * QW) {
+    const int r = r0 + i / D;
+    float x = 0.f;
+    if (r < rows) {
+      const u16 v = q[(long long)r * D + i % D];
 #if OUT_BF16
-      asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
+      x = __uint_as_float(u32(v) << 16);
 #else
-      asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(v));
+      x = lo_f(u32(v));
 #endif
-      out[o] = r;
     }
+    s_q[i / D][i % D] = x;
+  }
+  __syncthreads();
+  float acc[RQ][QC];
+#pragma unroll
+  for (int r = 0; r < RQ; r++)
+#pragma unroll
+    for (int c = 0; c < QC; c++) acc[r][c] = 0.f;
+  const int c0 = lane * QC;
+#pragma unroll 4
+  for (int jj = 0; jj < QJ; jj++) {
+    const int j = warp * QJ + jj;
+    float m[QC];
+    if (m_f32) {
+      const float* src = reinterpret_cast<const float*>(rot) + j * D + c0;
+#pragma unroll
+      for (int c = 0; c < QC; c += 2) {
+        const float2 x = *reinterpret_cast<const float2*>(src + c);
+        m[c] = x.x, m[c + 1] = x.y;
+      }
+    } else {
+      const u32* src = reinterpret_cast<const u32*>(reinterpret_cast<const u16*>(rot) + j * D + c0);
+#pragma unroll
+      for (int c = 0; c < QC; c += 2) {
+        const u32 x = src[c / 2];
+        m[c] = lo_f(x), m[c + 1] = hi_f(x);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RQ; r++) {
+      const float qv = s_q[r][j];
+#pragma unroll
+      for (int c = 0; c < QC; c++) acc[r][c] += qv * m[c];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < RQ; r++)
+#pragma unroll
+    for (int c = 0; c < QC; c++) s_part[warp][r][c0 + c] = acc[r][c];
+  __syncthreads();
+  for (int i = threadIdx.x; i < RQ * D; i += 32 * QW) {
+    const int r = i / D, col = i % D;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < QW; w++) v += s_part[w][r][col];
+    if (r0 + r < rows) q_out[(long long)(r0 + r) * D + col] = v;
   }
 }

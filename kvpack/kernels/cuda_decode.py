@@ -8,6 +8,9 @@ how each codec's codes become fp16). `paged_cuda_decode` has the contract of
 ``(B, max_blocks)`` and lengths ``(B,)``, a 16-bit window ``(B, W, Hkv, D)`` -> ``(B, Hq, D)`` in the query's
 dtype. It is the ``torch.library`` op ``kvpack::cuda_paged_decode`` (with a fake implementation, so
 ``torch.compile`` traces through it); no host synchronisation, so a step can be captured in a CUDA graph.
+Launches: the query rotated into the keys' basis (``kvpack_rotate_query``, rotated keys only), the split decode
+(``kvpack_cuda_decode``), the merge of its splits (``kvpack_cuda_reduce``), which also takes rotated values back to
+their basis: at most three kernels per layer for every codec pair.
 
 Compilation: ``cuda.core`` (pip ``cuda-core``, ``cuda-bindings``, ``nvidia-cuda-nvrtc``; no CUDA toolkit) turns
 the source plus one set of macros (head_dim, code bits, GQA, KV heads, heads per CTA, page size, pipeline depth) into a
@@ -43,6 +46,7 @@ MAX_GQA = 16
 # 32 / 128K: 1 copy 218 / 3251 us, 8: 221 / 3331, 16: 193 / 2791, 32: 183 / 2578 (no bank conflicts)
 TABLE_COPIES = 32
 REDUCE_WARPS = 8  # RW of cuda_decode.cu: warps of the split-merging kernel
+ROTATE_ROWS = 4  # RQ of cuda_decode.cu: query rows per CTA of the rotation kernel
 # Below this many sequences a CTA takes at most 4 KV heads and the window is split over CTAs (H200, batch 1 / 32K,
 # int:4: 4 heads per CTA 35.7-40.8 us at 64-256 splits, 8 heads 39.4-48.6; BENCHMARKS.md)
 SMALL_BATCH = 8
@@ -228,7 +232,7 @@ def _kernels(variant: Variant, device_index: int):
     decode_kernel = code.get_kernel("kvpack_cuda_decode")
     if variant.smem_bytes > (48 << 10):  # dynamic shared memory beyond 48 KB needs an opt-in per kernel
         _allow_shared_memory(decode_kernel, variant.smem_bytes, device_index)
-    return decode_kernel, code.get_kernel("kvpack_cuda_reduce")
+    return decode_kernel, code.get_kernel("kvpack_cuda_reduce"), code.get_kernel("kvpack_rotate_query")
 
 
 def _allow_shared_memory(kernel, nbytes: int, device_index: int) -> None:
@@ -300,12 +304,19 @@ def cuda_paged_decode(
     variant = variant_for(query, key_cache, heads_per_cta or None, stages or None, min_blocks, value_cache, key_kind,
                           value_kind, table_copies or None)  # fmt: skip
     dev = query.device.index if query.device.index is not None else torch.cuda.current_device()
-    decode_kernel, reduce_kernel = _kernels(variant, dev)
+    decode_kernel, reduce_kernel, rotate_kernel = _kernels(variant, dev)
     stream = _stream(torch.cuda.current_stream(query.device).cuda_stream, dev)
     qscale = scale * LOG2E  # the softmax scale and log2(e) go into the query in the kernel, which also sums it
     q_window = query.contiguous()
-    # rotated keys: q @ M in float32 (two launches), rounded to fp16 once in the kernel after scaling
-    q_keys = q_window if key_rotation is None else q_window.float() @ key_rotation.float()
+    i32 = np.int32
+    q_keys = q_window
+    if key_rotation is not None:  # rotated keys: q @ M in float32 (one launch), rounded to fp16 in the decode
+        rotation = key_rotation.contiguous() if key_rotation.dtype in (torch.float16, torch.float32) else (
+            key_rotation.float().contiguous())
+        q_keys = torch.empty(batch, hq, d, device=query.device, dtype=torch.float32)
+        launch(stream, LaunchConfig(grid=(math.ceil(batch * hq / ROTATE_ROWS),), block=256), rotate_kernel,
+               _ptr(q_window), _ptr(rotation), _ptr(q_keys), i32(batch * hq),
+               i32(rotation.dtype == torch.float32))  # fmt: skip
     wk = window_keys.to(torch.float16).contiguous()
     wv = window_values.to(torch.float16).contiguous()
     capacity = block_tables.shape[1] * key_cache.shape[1]
@@ -317,7 +328,6 @@ def cuda_paged_decode(
     part_acc = torch.empty(batch, hq, parts, d, device=query.device, dtype=torch.float32)
     grid = (parts, hkv // variant.heads_per_cta, batch)
     config = LaunchConfig(grid=grid, block=32 * variant.heads_per_cta, shmem_size=variant.smem_bytes)
-    i32 = np.int32
     launch(stream, config, decode_kernel, _ptr(q_keys), _ptr(q_window), _ptr(key_cache),
            _ptr(value_cache), _ptr(block_tables), _ptr(seq_lens), _ptr(wk), _ptr(wv), _ptr(window_lens),
            _ptr(part_m), _ptr(part_l), _ptr(part_acc), _ptr(part_m if key_codebook16 is None else key_codebook16),
@@ -325,14 +335,11 @@ def cuda_paged_decode(
            i32(wk.shape[1]), i32(tokens_per_split), i32(num_splits), i32(window_per_split(batch, wk.shape[1])),
            i32(parts), i32(key_rotation is not None), np.float32(qscale))  # fmt: skip
     out = torch.empty_like(query)
-    rotated = value_unrotation is not None
-    packed = torch.empty(batch, hq, d, device=query.device, dtype=torch.float32) if rotated else part_m
-    window = torch.empty_like(packed) if rotated else part_m
+    # rotated values: the merge takes the packed part back to the values' basis (out = packed @ M_v.T + window)
+    unrotation = None if value_unrotation is None else value_unrotation.float().contiguous()
     launch(stream, LaunchConfig(grid=(hq, batch), block=32 * REDUCE_WARPS), reduce_kernel, _ptr(part_m),
-           _ptr(part_l), _ptr(part_acc), _ptr(packed), _ptr(window), _ptr(out), i32(hq), i32(num_splits),
-           i32(parts), i32(int(rotated)))  # fmt: skip
-    if rotated:  # the packed values' part goes back to the unrotated basis once: out = packed @ M_v.T + window
-        out.copy_(torch.addmm(window.view(-1, d), packed.view(-1, d), value_unrotation).view(batch, hq, d))
+           _ptr(part_l), _ptr(part_acc), np.uint64(0) if unrotation is None else _ptr(unrotation), _ptr(out),
+           i32(hq), i32(num_splits), i32(parts))  # fmt: skip
     return out
 
 
@@ -346,7 +353,7 @@ def _(query, key_cache, value_cache, block_tables, seq_lens, window_keys, window
 @functools.cache
 def _resident_ctas(variant: Variant, device_index: int) -> int:
     """CTAs of ``variant`` that the whole GPU holds at once (registers and shared memory per SM)."""
-    decode_kernel, _ = _kernels(variant, device_index)
+    decode_kernel = _kernels(variant, device_index)[0]
     per_sm = decode_kernel.occupancy.max_active_blocks_per_multiprocessor(32 * variant.heads_per_cta,
                                                                           variant.smem_bytes)  # fmt: skip
     return max(1, per_sm) * torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -1,6 +1,7 @@
 """Triton fused encode: new K or V vectors -> packed rows of the paged cache, written through a slot mapping.
 
-One program takes ``BLOCK_T`` tokens of one KV head and does, in registers: ``turbo_mse`` (TurboQuant,
+One program takes ``BLOCK_T`` tokens of one KV head of one stream (`paged_encode_kv`: the keys and the values in
+one launch) and does, in registers: ``turbo_mse`` (TurboQuant,
 Zandieh et al., arXiv 2504.19874): norm, ``x / norm``, rotation by ``M`` (a tensor-core dot, 3xTF32 on
 the GPU so that it matches float32), bucketize against the Lloyd-Max boundaries (``idx = #{edges <
 y}``, as ``torch.bucketize``), packing into the int32 words of the code planes, float16 norm; ``turbo_prod``:
@@ -26,7 +27,7 @@ import triton.language as tl
 
 from kvpack.kernels.paged import KIND_IDS, PagedCodec
 
-__all__ = ["paged_encode", "paged_encode_op"]
+__all__ = ["paged_encode", "paged_encode_kv", "paged_encode_kv_op", "paged_encode_op"]
 
 
 @triton.jit
@@ -41,7 +42,7 @@ def _store_plane(cache_ptr, row, codes, tmask, START: tl.constexpr, W: tl.conste
 
 
 @triton.jit
-def _encode_kernel(
+def _encode_stream(
     x_ptr,  # (T, HKV, D) float
     slot_ptr,  # int64 (T,)
     cache_ptr,  # int32 view of the uint8 (num_blocks, block_size, HKV, row_bytes) cache
@@ -51,6 +52,8 @@ def _encode_kernel(
     sk_ptr,  # float32 (D, D): the QJL sketch S (turbo_prod)
     num_tokens,
     num_programs,
+    pid_t,
+    h,
     HKV: tl.constexpr,
     D: tl.constexpr,
     KIND: tl.constexpr,
@@ -59,8 +62,7 @@ def _encode_kernel(
     DOT_PRECISION: tl.constexpr,
     ROTATED: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    h = tl.program_id(1)
+    """Program ``pid_t`` of KV head ``h``: its tiles of ``BLOCK_T`` tokens of one stream (the module docstring)."""
     CODE_WORDS: tl.constexpr = D * BITS // 32  # turbo_prod: BITS is its mse stage's, the sign plane follows
     SIDE: tl.constexpr = CODE_WORDS + D // 32 if KIND == 2 else CODE_WORDS
     ROW: tl.constexpr = SIDE + 1  # int32 words: code planes, then the side word
@@ -119,6 +121,57 @@ def _encode_kernel(
         tl.store(cache_ptr + row + SIDE, lo, mask=tmask)  # turbo_mse: the norm and 2 zero bytes
 
 
+
+@triton.jit
+def _encode_kernel(
+    x0, cache0, rot0, edges0, cb0, sk0,  # stream 0 (program_id(2) == 0)
+    x1, cache1, rot1, edges1, cb1, sk1,  # stream 1: the values when K and V go in one launch (else unused)
+    slot_ptr,
+    num_tokens,
+    num_programs,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    KIND0: tl.constexpr,
+    BITS0: tl.constexpr,
+    ROTATED0: tl.constexpr,
+    KIND1: tl.constexpr,
+    BITS1: tl.constexpr,
+    ROTATED1: tl.constexpr,
+    STREAMS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    if STREAMS == 1:
+        _encode_stream(x0, slot_ptr, cache0, rot0, edges0, cb0, sk0, num_tokens, num_programs, pid_t, h, HKV, D,
+                       KIND0, BITS0, BLOCK_T, DOT_PRECISION, ROTATED0)  # fmt: skip
+    elif tl.program_id(2) == 0:
+        _encode_stream(x0, slot_ptr, cache0, rot0, edges0, cb0, sk0, num_tokens, num_programs, pid_t, h, HKV, D,
+                       KIND0, BITS0, BLOCK_T, DOT_PRECISION, ROTATED0)  # fmt: skip
+    else:
+        _encode_stream(x1, slot_ptr, cache1, rot1, edges1, cb1, sk1, num_tokens, num_programs, pid_t, h, HKV, D,
+                       KIND1, BITS1, BLOCK_T, DOT_PRECISION, ROTATED1)  # fmt: skip
+
+
+def _check_encode(x: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor, codec: PagedCodec,
+                  name: str = "x") -> None:  # fmt: skip
+    if not isinstance(codec, PagedCodec):
+        raise TypeError(f"codec must be a PagedCodec, got {type(codec).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a float tensor (tokens, kv_heads, head_dim), got {getattr(x, 'shape', x)!r}")
+    if cache.dtype != torch.uint8 or cache.dim() != 4 or cache.shape[2:] != (x.shape[1], codec.row_bytes):
+        raise ValueError(
+            f"cache must be uint8 (num_blocks, block_size, {x.shape[1]}, {codec.row_bytes}), got {tuple(cache.shape)}"
+        )
+    if x.shape[-1] != codec.head_dim:
+        raise ValueError(f"{name}'s last dim must be head_dim={codec.head_dim}, got {x.shape[-1]}")
+    if slot_mapping.dtype != torch.int64 or tuple(slot_mapping.shape) != (x.shape[0],):
+        raise TypeError(
+            f"slot_mapping must be int64 ({x.shape[0]},), got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
+        )
+
+
 def paged_encode(
     x: torch.Tensor,
     slot_mapping: torch.Tensor,
@@ -129,22 +182,53 @@ def paged_encode(
     programs_per_sm: int = 4,
 ) -> None:
     """Encode ``x`` (tokens, kv_heads, D) into ``cache`` (num_blocks, block_size, kv_heads, row_bytes) at ``slot_mapping``."""
-    if not isinstance(codec, PagedCodec):
-        raise TypeError(f"codec must be a PagedCodec, got {type(codec).__name__}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.dtype.is_floating_point:
-        raise TypeError(f"x must be a float tensor (tokens, kv_heads, head_dim), got {getattr(x, 'shape', x)!r}")
-    if cache.dtype != torch.uint8 or cache.dim() != 4 or cache.shape[2:] != (x.shape[1], codec.row_bytes):
-        raise ValueError(
-            f"cache must be uint8 (num_blocks, block_size, {x.shape[1]}, {codec.row_bytes}), got {tuple(cache.shape)}"
-        )
-    if x.shape[-1] != codec.head_dim:
-        raise ValueError(f"x's last dim must be head_dim={codec.head_dim}, got {x.shape[-1]}")
-    if slot_mapping.dtype != torch.int64 or tuple(slot_mapping.shape) != (x.shape[0],):
-        raise TypeError(
-            f"slot_mapping must be int64 ({x.shape[0]},), got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
-        )
+    _check_encode(x, slot_mapping, cache, codec)
     paged_encode_op(x, slot_mapping, cache, codec.kind, codec.mse_bits, codec.rotation, codec.boundaries,
                     codec.codebook, codec.sketch, block_t, num_warps, programs_per_sm)  # fmt: skip
+
+
+def paged_encode_kv(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, key_cache: torch.Tensor,
+                    value_cache: torch.Tensor, key_codec: PagedCodec, value_codec: PagedCodec) -> None:  # fmt: skip
+    """`paged_encode` of the keys and the values at the same slots in one launch (a decode step encodes one token
+    per row and stream: two launches of a few programs each ran one after the other)."""
+    _check_encode(keys, slot_mapping, key_cache, key_codec, "keys")
+    if isinstance(values, torch.Tensor) and values.shape[:2] != keys.shape[:2]:
+        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must have the same tokens and heads")
+    _check_encode(values, slot_mapping, value_cache, value_codec, "values")
+    k, v = key_codec, value_codec
+    paged_encode_kv_op(keys, values, slot_mapping, key_cache, value_cache, k.kind, k.mse_bits, k.rotation,
+                       k.boundaries, k.codebook, k.sketch, v.kind, v.mse_bits, v.rotation, v.boundaries, v.codebook,
+                       v.sketch)  # fmt: skip
+
+
+def _tables(x: torch.Tensor, slot_mapping, kind: str, rotation, boundaries, codebook, sketch) -> tuple:
+    """One stream's kernel arguments: x, then its float32 tables (the slot mapping where a table is not read)."""
+    turbo = kind != "int"
+    return (
+        x.contiguous(),
+        rotation.float().contiguous() if rotation is not None else slot_mapping,
+        boundaries.float().contiguous() if turbo else slot_mapping,
+        codebook.float().contiguous() if turbo else slot_mapping,
+        sketch.float().contiguous() if kind == "turbo_prod" else slot_mapping,
+    )
+
+
+def _launch(streams: list[tuple], slot_mapping: torch.Tensor, block_t: int, num_warps: int,
+            programs_per_sm: int) -> None:  # fmt: skip
+    """One launch over 1 or 2 streams, each ``(x, cache, kind, bits, rotation, boundaries, codebook, sketch)``."""
+    args, consts = [], []
+    for x, cache, kind, bits, rotation, boundaries, codebook, sketch in streams + streams[:1] * (2 - len(streams)):
+        x_, rot, edges, cb, sk = _tables(x, slot_mapping, kind, rotation, boundaries, codebook, sketch)
+        args += [x_, cache.view(torch.int32), rot, edges, cb, sk]
+        consts += [KIND_IDS[kind], bits, rotation is not None]
+    x = streams[0][0]
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    programs = max(1, min(triton.cdiv(x.shape[0], block_t), triton.cdiv(programs_per_sm * num_sms, x.shape[1])))
+    _encode_kernel[(programs, x.shape[1], len(streams))](
+        *args, slot_mapping, x.shape[0], programs, HKV=x.shape[1], D=x.shape[-1], KIND0=consts[0], BITS0=consts[1],
+        ROTATED0=consts[2], KIND1=consts[3], BITS1=consts[4], ROTATED1=consts[5], STREAMS=len(streams),
+        BLOCK_T=block_t, DOT_PRECISION="tf32x3" if x.is_cuda else "ieee", num_warps=num_warps,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("kvpack::paged_encode", mutates_args=("cache",))
@@ -165,23 +249,45 @@ def paged_encode_op(
     """The launch of `paged_encode` as the ``torch.library`` op ``kvpack::paged_encode`` (it writes ``cache`` in
     place; ``torch.compile`` traces through it and a CUDA graph captures it). ``bits``: the code bits
     (``PagedCodec.mse_bits``); tables as `PagedCodec` holds them. Inputs are not checked here (`paged_encode` does)."""
-    x = x.contiguous()
-    rotated = rotation is not None
-    rot = rotation.float().contiguous() if rotated else slot_mapping
-    turbo = kind != "int"
-    edges = boundaries.float().contiguous() if turbo else slot_mapping
-    codebook = codebook.float().contiguous() if turbo else slot_mapping
-    sketch = sketch.float().contiguous() if kind == "turbo_prod" else slot_mapping
-    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    programs = max(1, min(triton.cdiv(x.shape[0], block_t), triton.cdiv(programs_per_sm * num_sms, x.shape[1])))
-    _encode_kernel[(programs, x.shape[1])](
-        x, slot_mapping, cache.view(torch.int32), rot, edges, codebook, sketch, x.shape[0], programs, HKV=x.shape[1],
-        D=x.shape[-1], KIND=KIND_IDS[kind], BITS=bits, BLOCK_T=block_t,
-        DOT_PRECISION="tf32x3" if x.is_cuda else "ieee", ROTATED=rotated, num_warps=num_warps,
-    )  # fmt: skip
+    _launch([(x, cache, kind, bits, rotation, boundaries, codebook, sketch)], slot_mapping, block_t, num_warps,
+            programs_per_sm)  # fmt: skip
 
 
 @paged_encode_op.register_fake
 def _(x, slot_mapping, cache, kind, bits, rotation, boundaries, codebook, sketch, block_t=32, num_warps=8,
       programs_per_sm=4):  # fmt: skip
+    return None
+
+
+@torch.library.custom_op("kvpack::paged_encode_kv", mutates_args=("key_cache", "value_cache"))
+def paged_encode_kv_op(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_kind: str,
+    key_bits: int,
+    key_rotation: torch.Tensor | None,
+    key_boundaries: torch.Tensor | None,
+    key_codebook: torch.Tensor | None,
+    key_sketch: torch.Tensor | None,
+    value_kind: str,
+    value_bits: int,
+    value_rotation: torch.Tensor | None,
+    value_boundaries: torch.Tensor | None,
+    value_codebook: torch.Tensor | None,
+    value_sketch: torch.Tensor | None,
+) -> None:
+    """`paged_encode_kv` as the op ``kvpack::paged_encode_kv``: both caches written in place by one launch (the
+    default tiling of `paged_encode`). Inputs are not checked here."""
+    _launch([(keys, key_cache, key_kind, key_bits, key_rotation, key_boundaries, key_codebook, key_sketch),
+             (values, value_cache, value_kind, value_bits, value_rotation, value_boundaries, value_codebook,
+              value_sketch)], slot_mapping, 32, 8, 4)  # fmt: skip
+
+
+@paged_encode_kv_op.register_fake
+def _(keys, values, slot_mapping, key_cache, value_cache, key_kind, key_bits, key_rotation, key_boundaries,
+      key_codebook, key_sketch, value_kind, value_bits, value_rotation, value_boundaries, value_codebook,
+      value_sketch):  # fmt: skip
     return None

@@ -83,3 +83,39 @@ def test_encode_rejects_bad_input():
         paged_encode(torch.randn(3, 2, 32), torch.arange(3), cache, fmt)
     with pytest.raises(TypeError, match="codec"):
         paged_encode(torch.randn(3, 1, 32), torch.arange(3), cache, "int:4")
+
+
+@pytest.mark.parametrize("key,value", [("turbo_mse:4", "int:3:rotation=hadamard"), ("int:4", "turbo_prod:3")])
+def test_encode_kv_writes_what_two_launches_write(key, value, device):
+    """`paged_encode_kv` (K and V in one launch, different codecs) writes the bytes of one `paged_encode` per stream."""
+    from kvpack.kernels.encode import paged_encode, paged_encode_kv
+
+    d, hkv, tokens = 64, 2, 37
+    kf, vf = (paged_codec(get_codec(s, head_dim=d, seed=3), device) for s in (key, value))
+    g = torch.Generator().manual_seed(9)
+    keys, values = (torch.randn(tokens, hkv, d, generator=g).half().to(device) for _ in range(2))
+    slots = torch.randperm(6 * 8, generator=g)[:tokens]
+    slots[3] = -1
+    slots = slots.to(device)
+    pools = [torch.randint(0, 256, (6, 8, hkv, f.row_bytes), generator=g, dtype=torch.uint8).to(device)
+             for f in (kf, vf)]  # fmt: skip
+    expected = [p.clone() for p in pools]
+    paged_encode(keys, slots, expected[0], kf)
+    paged_encode(values, slots, expected[1], vf)
+    paged_encode_kv(keys, values, slots, pools[0], pools[1], kf, vf)
+    assert torch.equal(pools[0], expected[0]) and torch.equal(pools[1], expected[1])
+
+
+def test_encode_kv_rejects_bad_input():
+    from kvpack.kernels.encode import paged_encode_kv
+
+    fmt = PagedCodec("int", 32, 4)
+    cache = torch.zeros(2, 4, 1, fmt.row_bytes, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="same tokens"):
+        paged_encode_kv(torch.randn(3, 1, 32), torch.randn(2, 1, 32), torch.arange(3), cache, cache, fmt, fmt)
+    with pytest.raises(TypeError, match="values must be a float tensor"):
+        paged_encode_kv(torch.randn(3, 1, 32), torch.zeros(3, 1, 32, dtype=torch.int32), torch.arange(3), cache,
+                        cache, fmt, fmt)  # fmt: skip
+    with pytest.raises(ValueError, match="cache must be uint8"):
+        paged_encode_kv(torch.randn(3, 1, 32), torch.randn(3, 1, 32), torch.arange(3), cache,
+                        torch.zeros(2, 4, 1, 3, dtype=torch.uint8), fmt, fmt)  # fmt: skip
