@@ -17,6 +17,7 @@ when the package is absent; quanto builds its CUDA extension at first use, which
 step), and ``graph:SPEC`` / ``graph:hf-static``: the same static caches decoded by `kvpack.graph_generate` instead
 of ``model.generate`` (the compiled step replayed from one CUDA graph per token, no host loop between tokens).
 
+``prefill_chunk_s``: the seconds of each prefill chunk (the first pays the kernels' first-use compiles).
 Memory (``torch.cuda.max_memory_allocated``, reset before each cache's prefill): ``peak_gib`` over prefill
 and decode, ``prefill_peak_gib`` over prefill and warm-up, ``decode_peak_gib`` over the timed decode only, ``held_gib`` allocated after the decode minus
 before the prefill (the cache and anything it keeps alive), ``weights_gib`` the model.
@@ -224,11 +225,14 @@ def measure(model, name: str, ids: torch.Tensor, *, new_tokens: int, warmup_toke
     with torch.inference_mode():
         _sync(device)
         start = time.perf_counter()
+        chunks = []  # seconds per chunk: the first one pays the kernels' first-use compiles
         for at in range(0, context - 1, prefill_chunk):
             end = min(at + prefill_chunk, context - 1)
             model(ids[:, at:end], attention_mask=mask[:, :end], logits_to_keep=1, **cache_kwargs(model, cache))
-        _sync(device)
+            _sync(device)
+            chunks.append(time.perf_counter() - start - sum(chunks))
         row["prefill_s"] = time.perf_counter() - start
+        row["prefill_chunk_s"] = chunks
         generate = {"attention_mask": mask, **cache_kwargs(model, cache), "do_sample": False}
         if name.startswith("static-eager:"):
             generate["disable_compile"] = True
@@ -423,6 +427,8 @@ def _line(row: dict) -> str:
         f"{row['cache']:>12}: ctx {row['context']} batch {row['batch']}: {row['tokens_per_s']:8.1f} tok/s "
         f"{row['ms_per_token']:7.2f} ms/token, prefill {row['prefill_s']:.1f} s"
     )
+    if len(row.get("prefill_chunk_s", ())) > 1:
+        text += f" (first chunk {row['prefill_chunk_s'][0]:.1f} s)"
     if "x_floor" in row:
         text += f" ({row['x_floor']:.2f}x the byte floor)"
     if "peak_gib" in row:

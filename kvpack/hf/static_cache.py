@@ -118,16 +118,17 @@ class StaticPagedLayer(CacheLayerMixin):
         self.value_pages = torch.zeros(batch * blocks, BLOCK_SIZE, heads, self.value_fmt.row_bytes,
                                        dtype=torch.uint8, device=self.device)  # fmt: skip
         self.block_tables = torch.arange(batch * blocks, dtype=torch.int32, device=self.device).view(batch, blocks)
-        window = (batch, self.sinks + self.ring_size, heads, d)
-        self.window_k = torch.zeros(window, dtype=self.held_dtype, device=self.device)  # sinks, then the ring
-        self.window_v = torch.zeros(window, dtype=self.held_dtype, device=self.device)
+        # K and V windows in one buffer (sinks, then the ring): a decode step writes and gathers both at once
+        self.window = torch.zeros(2, batch, self.sinks + self.ring_size, heads, d, dtype=self.held_dtype,
+                                  device=self.device)  # fmt: skip
+        self.window_k, self.window_v = self.window[0], self.window[1]
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=self.device)  # tokens held per row
         self.cumulative_length = self.cumulative_length.to(self.device)
         self.rows = torch.arange(batch, device=self.device)
         self.ring_steps = torch.arange(self.ring_size, device=self.device)
         self.host_tokens = 0  # eager updates (a compiled step cannot keep a host count: a prefill re-reads the device's)
-        _static(self.key_pages, self.value_pages, self.block_tables, self.window_k, self.window_v, self.lengths,
-                self.cumulative_length)  # fmt: skip
+        _static(self.key_pages, self.value_pages, self.block_tables, self.window, self.window_k, self.window_v,
+                self.lengths, self.cumulative_length)  # fmt: skip
         self.is_initialized = True
 
     # ---- update ---------------------------------------------------------------------------------
@@ -172,12 +173,19 @@ class StaticPagedLayer(CacheLayerMixin):
         self.host_tokens += n
 
     def _write_token(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """One token per row ``(B, H, D)`` at each row's next position: sinks, ring and pages, in place."""
-        self._write(key[:, None], value[:, None], self.lengths[:, None])
+        """One token per row ``(B, H, D)`` at each row's next position, in place: its sink or ring slot (K and V in
+        one write; the token is always held there), and its page slot (K and V in one encode)."""
+        after = self.lengths - self.sinks  # position after the sinks
+        slot = torch.where(after < 0, self.lengths, self.sinks + after.remainder(self.ring_size))
+        held = torch.stack([key, value]).to(self.held_dtype)  # the pages encode the held 16-bit token
+        self.window[:, self.rows, slot] = held
+        if not self.dense:
+            paged = (after >= 0) & (after < self.capacity)
+            self._encode(held[0], held[1], torch.where(paged, self.rows * self.capacity + after, -1))
         self.lengths.add_(1)
 
     def _write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Tokens ``(B, n, H, D)`` at row positions ``(B, n)`` (negative: not stored); no host sync on the kernel path.
+        """Tokens ``(B, n, H, D)`` at row positions ``(B, n)`` (negative: not stored): an eager prefill.
 
         The ring keeps only positions within ``ring_size`` of the row's newest one (a long prefill writes each ring
         slot once: index_put with repeated indices has no defined order)."""
@@ -194,9 +202,12 @@ class StaticPagedLayer(CacheLayerMixin):
         if self.dense:
             return
         paged = (after >= 0) & (after < self.capacity)
-        slots = torch.where(paged, rows * self.capacity + after, -1).reshape(-1)
         heads, d = keys.shape[2:]
-        keys, values = keys.reshape(batch * n, heads, d), values.reshape(batch * n, heads, d)
+        self._encode(keys.reshape(batch * n, heads, d), values.reshape(batch * n, heads, d),
+                     torch.where(paged, rows * self.capacity + after, -1).reshape(-1))  # fmt: skip
+
+    def _encode(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+        """Tokens ``(T, H, D)`` into the pages at ``slots`` ``(T,)`` (negative: not stored)."""
         if self.use_kernel:  # K and V in one launch
             k, v = self.key_fmt, self.value_fmt
             torch.ops.kvpack.paged_encode_kv(keys, values, slots, self.key_pages, self.value_pages, k.kind, k.mse_bits,
@@ -210,14 +221,10 @@ class StaticPagedLayer(CacheLayerMixin):
             write_slots(pages, rows_.contiguous(), slots)
 
     def _put(self, rows, index, keep, keys, values) -> None:
-        """``window[rows, index] = token`` where ``keep``, else unchanged. One token per row (a decode step): a masked
-        write with no sync (the rows' indices are distinct); several (eager prefill): only the kept ones, whose indices
-        are distinct (index_put with repeated indices has no defined order)."""
+        """``window[rows, index] = token`` where ``keep`` (an eager prefill: only the kept tokens, whose indices are
+        distinct; index_put with repeated indices has no defined order)."""
         for window, x in ((self.window_k, keys), (self.window_v, values)):
-            if index.shape[1] == 1:
-                window[rows, index] = torch.where(keep[..., None, None], x, window[rows, index])
-            else:
-                window[rows[keep], index[keep]] = x[keep]
+            window[rows[keep], index[keep]] = x[keep]
 
     # ---- what attention reads -------------------------------------------------------------------
     def _packed_count(self) -> torch.Tensor:
@@ -238,9 +245,10 @@ class StaticPagedLayer(CacheLayerMixin):
         order = self.sinks + (start[:, None] + self.ring_steps).remainder(self.ring_size)  # oldest first
         if self.sinks:
             order = torch.cat([torch.arange(self.sinks, device=self.device).expand(order.shape[0], -1), order], 1)
-        take = order[:, :, None, None].expand(-1, -1, *self.window_k.shape[2:])
+        take = order[None, :, :, None, None].expand(2, -1, -1, *self.window.shape[3:])
         counts = self.lengths.clamp(max=self.sinks) + in_ring
-        return self.window_k.gather(1, take), self.window_v.gather(1, take), counts
+        window = self.window.gather(2, take)  # K and V in one gather
+        return window[0], window[1], counts
 
     def attend(self, query: torch.Tensor, scale: float) -> torch.Tensor:
         """``query`` (B, Hq, D) of the newest token -> ``(B, Hq, D)`` over everything held (one decode launch)."""
