@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_paged_cache import generate, prompt, teacher_forced, tiny_llama
 from tiny_models import TINY_FAMILIES
 
@@ -231,3 +233,35 @@ def test_real_model_with_the_4bit_preset_follows_kvpack_cache(smollm2, wikitext_
     codec_error, static_error = (plain - exact).abs().amax(-1), (static - plain).abs().amax(-1)
     assert static_error.max() <= 0.1 * codec_error.max() and static_error.median() <= 0.1 * codec_error.median()
     assert torch.equal(static.argmax(-1), plain.argmax(-1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(sinks=st.integers(0, 3), residual=st.integers(0, 6), block=st.sampled_from([1, 2, 4]),
+       prefill=st.integers(0, 9), steps=st.integers(1, 30), sliding=st.sampled_from([None, 5]))  # fmt: skip
+def test_decode_steps_hold_the_tokens_kvpack_layer_holds(sinks, residual, block, prefill, steps, sliding):
+    """After a prefill (or none) and each decode step, the 16-bit window a query reads is the sinks then the newest
+    tokens not yet packed, oldest first (``P = floor((c - 1 - residual) / block) * block`` packed after the sinks),
+    and the pages hold every token after the sinks; a sliding layer: its last ``window`` tokens. Tokens are
+    numbered so that each one is recognisable in the window."""
+    from kvpack.hf.static_cache import StaticPagedLayer
+
+    policy = CachePolicy("int:4", "int:4", residual=residual, sinks=sinks, block=block)
+    layer = StaticPagedLayer(policy, 0, sliding, max_cache_len=64, use_kernel=False)
+    token = lambda t: torch.full((1, 1, 1, 32), float(t), dtype=torch.float16)  # noqa: E731 - (B, H, 1, D) of value t
+    if prefill:
+        keys = torch.cat([token(t) for t in range(prefill)], dim=2)
+        layer.update(keys, keys.clone())
+        if prefill > 1:  # a multi-token update stores its tokens after attention
+            layer.store_prefill(None)
+    for c in range(prefill + 1, prefill + steps + 1):
+        layer.update(token(c - 1), token(c - 1))
+        window_k, window_v, counts = layer._window(layer._packed_count())
+        if sliding is not None:
+            expected = list(range(max(0, c - min(sliding, 64)), c))
+        else:
+            packed = max(0, (c - sinks - 1 - residual) // block * block)
+            expected = list(range(min(c, sinks))) + list(range(sinks + packed, c)) if c > sinks else list(range(c))
+            assert int(layer._packed_count()[0]) == packed
+        assert int(counts[0]) == len(expected)
+        held = window_k[0, : len(expected), 0, 0].tolist()
+        assert held == [float(t) for t in expected] == window_v[0, : len(expected), 0, 0].tolist()
