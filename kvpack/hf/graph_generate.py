@@ -65,6 +65,9 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+MIN_OUT_WIDTH = 256  # output columns first allocated: calls of up to this many new tokens share one capture
+
+
 class GraphDecoder:
     """The decode step of ``model`` over ``cache`` (greedy), captured once and replayed for each token.
 
@@ -113,8 +116,14 @@ class GraphDecoder:
         b["index"].add_(1)
 
     def _allocate(self, batch: int, width: int) -> None:
-        if self._buffers is not None and self._buffers["out"].shape == (batch, width):
+        """The step's buffers for ``batch`` rows and ``width`` new tokens; kept (and the graph with them) while the
+        batch is the same and the output columns suffice: a call with another ``max_new_tokens`` does not
+        re-capture (the columns grow to a power of two, at least `MIN_OUT_WIDTH`)."""
+        if self._buffers is not None and self._buffers["out"].shape[0] == batch and (
+            self._buffers["out"].shape[1] >= width
+        ):
             return
+        width = max(MIN_OUT_WIDTH, 1 << (width - 1).bit_length())
         device = self.device
         self._buffers = {
             "token": torch.zeros(batch, 1, dtype=torch.long, device=device),

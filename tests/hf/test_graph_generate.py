@@ -94,13 +94,17 @@ def test_second_call_extends_the_cache():
 
 
 def test_continuing_equals_one_call():
-    """generate(ids, 10), then generate(its output, 10) on the same cache (the one token it lacks goes through the
-    step, as generate's next forward would) gives the tokens of one generate(ids, 20)."""
+    """generate(ids, 10), then generate(its output, 7) and 3 more on the same cache (the one token it lacks goes
+    through the step, as generate's next forward would) gives the tokens of one generate(ids, 20)."""
     model = tiny_llama(torch.float32)
     ids, _ = prompt(batch=2, tokens=20)
     make = lambda: static_cache(model, 128, key="int:4", value="turbo_mse:2", use_kernel=False, **SMALL)  # noqa: E731
     decoder = GraphDecoder(model, make())
-    halves = decoder.generate(decoder.generate(ids, 10), 10)
+    first = decoder.generate(ids, 10)
+    buffers = decoder._buffers
+    halves = decoder.generate(first, 7)  # another max_new_tokens: the same buffers (on CUDA: the same capture)
+    assert decoder._buffers is buffers
+    halves = decoder.generate(halves, 3)
     assert torch.equal(halves, graph_generate(model, ids, make(), 20))
 
 
