@@ -62,6 +62,13 @@ def tiny_phi3():
     )  # head_dim 32
 
 
+def tiny_phi3_head_dim(head_dim: int):
+    """Phi3 at a head_dim that is no power of two (Phi-3-mini's 96, or 80): no Hadamard rotation, no paged kernel."""
+    return Phi3ForCausalLM(
+        Phi3Config(**COMMON, hidden_size=2 * head_dim, num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)
+    )
+
+
 TINY_FAMILIES = {
     "llama": tiny_llama,
     "qwen2": tiny_qwen2,

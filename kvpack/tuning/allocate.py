@@ -39,7 +39,7 @@ from kvpack.codec import get_codec
 from kvpack.kernels.paged import paged_codec
 from kvpack.policy import CachePolicy, policy_bits, save_policy
 from kvpack.tuning.knapsack import allocate_bits, choose_outlier_heads, head_policy_for, policy_for, uniform_pairs
-from kvpack.tuning.recipe import CANDIDATES, KEY_CANDIDATES, VALUE_CANDIDATES
+from kvpack.tuning.recipe import CANDIDATES, KEY_CANDIDATES, VALUE_CANDIDATES, candidates_for
 from kvpack.tuning.sensitivity import head_sensitivity, measure_head_sensitivity, measure_sensitivity
 
 __all__ = [
@@ -57,11 +57,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_CANDIDATES = CANDIDATES
 
 
-def stream_candidates(candidates, value_candidates) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(keys, values)`` to measure: the presets' split by default; ``--candidates`` alone: both streams;
-    ``--value-candidates``: the values'."""
+def stream_candidates(candidates, value_candidates, head_dim: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(keys, values)`` to measure: the presets' split by default (as `kvpack.tuning.recipe.candidates_for`
+    gives them at ``head_dim``); ``--candidates`` alone: both streams; ``--value-candidates``: the values'."""
     if candidates is None:
-        return KEY_CANDIDATES, tuple(value_candidates or VALUE_CANDIDATES)
+        values = tuple(value_candidates) if value_candidates else candidates_for(head_dim, VALUE_CANDIDATES)
+        return candidates_for(head_dim, KEY_CANDIDATES), values
     return tuple(candidates), tuple(value_candidates or candidates)
 
 
@@ -156,11 +157,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--held-ctx goes with --per-head")
     if args.held_ctx is not None and args.held_ctx <= args.sinks + args.residual:
         raise ValueError(f"--held-ctx must exceed --sinks + --residual ({args.sinks + args.residual})")
-    keys, values = stream_candidates(args.candidates, args.value_candidates)
-    candidates = tuple(dict.fromkeys(keys + values))
     model, tokenizer = load(args.model, device=args.device)
     if args.outlier_heads is not None:
         return _run_outlier_heads(model, tokenizer, args)
+    keys, values = stream_candidates(args.candidates, args.value_candidates, _head_dim(model.config))
+    candidates = tuple(dict.fromkeys(keys + values))
     log_unpaged(candidates, _head_dim(model.config))
     if args.per_head:
         return _run_per_head(model, tokenizer, args)
@@ -291,7 +292,7 @@ def _run_per_head(model, tokenizer, args: argparse.Namespace) -> int:
 
     config = model.config
     head_dim, num_layers, num_heads = _head_dim(config), config.num_hidden_layers, config.num_key_value_heads
-    keys, values = stream_candidates(args.candidates, args.value_candidates)
+    keys, values = stream_candidates(args.candidates, args.value_candidates, head_dim)
     union = tuple(dict.fromkeys(keys + values))
     path = Path(args.sensitivity) if args.sensitivity else None
     if path is not None and path.is_file():

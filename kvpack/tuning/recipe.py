@@ -102,6 +102,7 @@ __all__ = [
     "RECIPE_VERSION",
     "cache_dir",
     "calibrated_policy",
+    "candidates_for",
     "held_bits",
     "measure_sensitivity",
     "model_hash",
@@ -126,6 +127,16 @@ KEY_CANDIDATES = ("turbo_mse:2", "turbo_mse:3", "turbo_mse:4", "int:4:rotation=h
 # values: rotated int (far-token content survives it; turbo_mse 2-4 values lose passkeys at 4K, see the docstring),
 # turbo_mse:1 where a budget needs 1 bit; no 8-bit values: fewer items keep the calibration short
 VALUE_CANDIDATES = ("turbo_mse:1", *_INT_ROTATED)
+def candidates_for(head_dim: int, specs: tuple[str, ...] = CANDIDATES) -> tuple[str, ...]:
+    """``specs`` (by default ``CANDIDATES``) as a model of ``head_dim`` takes them, index for index: a Hadamard
+    rotation needs a power-of-two head_dim, so elsewhere (Phi-3-mini's 96, 80) the rotated ``int`` codecs take the
+    seeded Haar rotation (the same distribution of rotated vectors, a D x D matrix instead of butterflies; the paged
+    kernels take neither such head_dim: those models run on `KVPackCache`)."""
+    if head_dim > 0 and head_dim & (head_dim - 1) == 0:
+        return tuple(specs)
+    return tuple(s.replace("rotation=hadamard", "rotation=haar") for s in specs)
+
+
 STREAM_WEIGHT = (11.0, 1.0)  # rule: K's KL per unit of codec MSE over V's (measured 7.6-15.6x, 11x at 3 bits)
 CALIB_WINDOWS, CALIB_CTX, CALIB_TOKENS = 2, 512, 32
 HASH_VALUES = 4096  # leading values of each hashed weight tensor
@@ -180,7 +191,8 @@ def solve_budget(sensitivity: torch.Tensor, config, budget: float, seed: int = 0
     if sensitivity.shape != (num_layers, 2, len(CANDIDATES)):
         raise ValueError(f"sensitivity must be (layers, 2, {len(CANDIDATES)}), got {tuple(sensitivity.shape)}")
     _, head_dim = model_heads(config)
-    bits = [get_codec(c, head_dim=head_dim).bits_per_value() for c in CANDIDATES]
+    candidates = candidates_for(head_dim)
+    bits = [get_codec(c, head_dim=head_dim).bits_per_value() for c in candidates]
     fields = _recipe_fields(seed)
     layout = _held_tokens(config, BUDGET_CTX, CachePolicy(None, None, **fields))
     held, packed = sum(t for t, _ in layout), sum(p for _, p in layout)
@@ -192,7 +204,7 @@ def solve_budget(sensitivity: torch.Tensor, config, budget: float, seed: int = 0
             choice = allocate_bits(sensitivity.reshape(2 * num_layers, -1), bits, codec_budget)
         except BudgetTooSmall:
             break  # no choice of allowed (non-NaN) candidates is within the codec budget
-        policy = policy_for(choice, CANDIDATES, num_layers, **fields)
+        policy = policy_for(choice, candidates, num_layers, **fields)
         excess = held_bits(policy, config) - budget
         if excess <= 1e-9:
             return policy
@@ -217,7 +229,7 @@ def rule_sensitivity(config) -> torch.Tensor:
     """``D`` float64 ``(layers, 2, len(CANDIDATES))`` from the config alone: ``STREAM_WEIGHT[stream] *
     tokens held by the layer / BUDGET_CTX * gaussian mse(codec)``; NaN where a candidate is not one for that stream."""
     _, head_dim = model_heads(config)
-    mse = torch.tensor([_gaussian_mse(c, head_dim) for c in CANDIDATES], dtype=torch.float64)
+    mse = torch.tensor([_gaussian_mse(c, head_dim) for c in candidates_for(head_dim)], dtype=torch.float64)
     layout = _held_tokens(config, BUDGET_CTX, CachePolicy(None, None, **_recipe_fields(0)))
     weight = torch.tensor([t / BUDGET_CTX for t, _ in layout], dtype=torch.float64)
     d = weight[:, None, None] * torch.tensor(STREAM_WEIGHT, dtype=torch.float64)[None, :, None] * mse
@@ -252,9 +264,12 @@ def measure_sensitivity(
     """``D`` float64 ``(layers, 2, len(CANDIDATES))``: `kvpack.tuning.sensitivity.measure_sensitivity` with the
     recipe's cache shape (``SINKS``, ``RESIDUAL``, ``BLOCK``) and candidates (keys from ``KEY_CANDIDATES``, values
     from ``VALUE_CANDIDATES``; NaN elsewhere): mean KL(exact || compressed) per continuation token with only that
-    layer's K (0) or V (1) through that candidate, after a clean prefill of ``ctx`` tokens."""
-    return sensitivity.measure_sensitivity(model, windows, ctx, CANDIDATES, RESIDUAL, SINKS, progress, KEY_CANDIDATES,
-                                           VALUE_CANDIDATES, BLOCK, batch)  # fmt: skip
+    layer's K (0) or V (1) through that candidate, after a clean prefill of ``ctx`` tokens (the candidates as
+    :func:`candidates_for` the model's head_dim gives them)."""
+    _, head_dim = model_heads(model.config)
+    specs = [candidates_for(head_dim, c) for c in (CANDIDATES, KEY_CANDIDATES, VALUE_CANDIDATES)]
+    return sensitivity.measure_sensitivity(model, windows, ctx, specs[0], RESIDUAL, SINKS, progress, specs[1],
+                                           specs[2], BLOCK, batch)  # fmt: skip
 
 
 def model_hash(model) -> str:

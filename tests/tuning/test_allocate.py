@@ -221,11 +221,14 @@ def test_default_candidates_are_codecs_the_paged_kernels_read():
     parser = argparse.ArgumentParser()
     allocate.add_arguments(parser)
     args = parser.parse_args([])
-    keys, values = allocate.stream_candidates(args.candidates, args.value_candidates)
+    keys, values = allocate.stream_candidates(args.candidates, args.value_candidates, 64)
     assert (keys, values) == (recipe.KEY_CANDIDATES, recipe.VALUE_CANDIDATES)
     assert set(keys + values) == set(allocate.DEFAULT_CANDIDATES) == set(recipe.CANDIDATES)
-    assert allocate.stream_candidates(["int:8", "e8:2"], None) == (("int:8", "e8:2"), ("int:8", "e8:2"))
-    assert allocate.stream_candidates(["int:8"], ["e8:2"]) == (("int:8",), ("e8:2",))
+    assert allocate.stream_candidates(["int:8", "e8:2"], None, 64) == (("int:8", "e8:2"), ("int:8", "e8:2"))
+    assert allocate.stream_candidates(["int:8"], ["e8:2"], 64) == (("int:8",), ("e8:2",))
+    keys96, values96 = allocate.stream_candidates(None, None, 96)  # no Hadamard at head_dim 96: Haar instead
+    assert keys96 == recipe.candidates_for(96, recipe.KEY_CANDIDATES) and "int:4:rotation=haar" in keys96
+    assert all("hadamard" not in s for s in keys96 + values96)
     for head_dim in (64, 128):
         assert allocate.unpaged_specs(allocate.DEFAULT_CANDIDATES, head_dim) == {}
         for spec in allocate.DEFAULT_CANDIDATES:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import TINY_FAMILIES, VOCAB, tiny_model
+from tiny_models import TINY_FAMILIES, VOCAB, tiny_model, tiny_phi3_head_dim
 from transformers import LlamaConfig
 
 from kvpack import CachePolicy, KVPackCache
@@ -77,6 +77,27 @@ def test_every_preset_runs_on_every_family_and_holds_its_budget(family, name):
     out = model.generate(prompt, past_key_values=cache, max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 566)
     assert any(layer.chunks for layer in cache.layers)  # something was packed
+
+
+@pytest.mark.parametrize("head_dim", [96, 80])
+def test_presets_at_a_head_dim_without_hadamard(head_dim):
+    """Phi-3-mini's head_dim 96 (and 80): a Hadamard rotation needs a power of two, so the rotated int candidates
+    take a Haar rotation there; the config rule and the calibrated preset derive policies within their budgets that
+    generate through `KVPackCache` (both refused such a model before)."""
+    assert recipe.candidates_for(64) == CANDIDATES
+    swapped = recipe.candidates_for(head_dim)
+    assert len(swapped) == len(CANDIDATES) and all("hadamard" not in s for s in swapped)
+    assert swapped[CANDIDATES.index("int:3:rotation=hadamard")] == "int:3:rotation=haar"
+    torch.manual_seed(0)
+    model = tiny_phi3_head_dim(head_dim).eval()
+    for name, policy in (("4bit", CachePolicy.preset("4bit", model, calibration=False)),
+                         ("3bit", CachePolicy.preset("3bit", model, text=calibration_ids(), progress=False))):
+        assert set(policy.all_specs()) <= set(swapped)
+        assert held_after_prefill(model.config, policy) <= BUDGETS[name]
+        prompt = torch.randint(1, VOCAB, (1, 80), generator=torch.Generator().manual_seed(2))
+        out = model.generate(prompt, past_key_values=KVPackCache(model.config, policy=policy), max_new_tokens=4,
+                             do_sample=False)  # fmt: skip
+        assert out.shape == (1, 84)
 
 
 def test_no_calibration_needs_the_config_only():
