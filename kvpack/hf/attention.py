@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from kvpack.hf.config import text_config
+
 __all__ = ["ATTENTION_NAME", "key_validity", "paged_attention", "register_pending", "use_paged_attention"]
 
 ATTENTION_NAME = "kvpack_paged"
@@ -82,3 +84,10 @@ def use_paged_attention(model) -> None:
     AttentionInterface.register(ATTENTION_NAME, paged_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
     model.set_attn_implementation(ATTENTION_NAME)
+    # a model whose attention does not go through AttentionInterface (Falcon, ...) only gets a warning there
+    taken = getattr(text_config(model.config), "_attn_implementation", None)
+    if taken != ATTENTION_NAME:
+        raise ValueError(
+            f"{type(model).__name__} does not route its attention through transformers' AttentionInterface (its "
+            f"attention stays {taken!r}), which the paged caches need: use KVPackCache with this model"
+        )

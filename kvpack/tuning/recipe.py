@@ -209,9 +209,12 @@ def solve_budget(sensitivity: torch.Tensor, config, budget: float, seed: int = 0
         if excess <= 1e-9:
             return policy
         codec_budget -= max(excess * held / packed, 1 / 64)
+    windows = [w for w in layer_kinds(config) if w is not None]
+    sliding = (f"; {len(windows)} of its {num_layers} layers slide over at most {min(windows)} tokens, of which the "
+               f"16-bit ones are a large share" if windows else "")  # fmt: skip
     raise ValueError(
         f"budget {budget} bits cannot be met with a {RESIDUAL}-token 16-bit window and {SINKS} sink(s) at "
-        f"{BUDGET_CTX} tokens on this model (cheapest codec {min(bits)} bits)"
+        f"{BUDGET_CTX} tokens on this model (cheapest codec {min(bits)} bits{sliding})"
     )
 
 

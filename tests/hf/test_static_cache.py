@@ -265,3 +265,14 @@ def test_decode_steps_hold_the_tokens_kvpack_layer_holds(sinks, residual, block,
         assert int(counts[0]) == len(expected)
         held = window_k[0, : len(expected), 0, 0].tolist()
         assert held == [float(t) for t in expected] == window_v[0, : len(expected), 0, 0].tolist()
+
+
+def test_a_model_outside_the_attention_interface_is_refused_by_name():
+    """Falcon keeps its own attention (transformers only warns when asked to switch): `use_paged_attention` says so
+    instead of leaving the paged caches to fail later."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    model = FalconForCausalLM(FalconConfig(vocab_size=128, num_hidden_layers=1, hidden_size=64, num_attention_heads=2,
+                                           new_decoder_architecture=True, num_kv_heads=1))  # fmt: skip
+    with pytest.raises(ValueError, match="FalconForCausalLM does not route its attention.*use KVPackCache"):
+        use_paged_attention(model)
