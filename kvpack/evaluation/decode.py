@@ -18,11 +18,16 @@ layer its own mask and delegates to the model's attention implementation.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers.cache_utils import Cache
 
+from kvpack.hf.attention import set_attention
 from kvpack.hf.cache import KVPackCache, KVPackLayer
 from kvpack.hf.config import cache_kwargs
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["decode_logits", "decode_stepwise_logits"]
 
@@ -114,7 +119,11 @@ def decode_logits(model, cache: KVPackCache, cont: torch.Tensor) -> torch.Tensor
 
     AttentionInterface.register(ATTENTION_NAME, masked_attention)
     try:
-        model.set_attn_implementation(ATTENTION_NAME)
+        if not set_attention(model, ATTENTION_NAME):  # attention outside AttentionInterface (Falcon): the definition
+            logger.warning("%s keeps its own attention: the decode protocol runs one token per forward",
+                           type(model).__name__)  # fmt: skip
+            model.set_attn_implementation(original)
+            return decode_stepwise_logits(model, cache, cont)
         return model(cont, **cache_kwargs(model, view)).logits[0]
     finally:
         model.set_attn_implementation(original)

@@ -27,8 +27,9 @@ import torch
 from transformers import DynamicCache
 
 from kvpack.codec import Codec
-from kvpack.policy import CachePolicy
+from kvpack.hf.attention import set_attention
 from kvpack.hf.config import cache_kwargs
+from kvpack.policy import CachePolicy
 
 __all__ = [
     "PROTOCOLS",
@@ -224,7 +225,9 @@ def capture_qkv(model, ids: torch.Tensor, keep_output: bool = False) -> list[Lay
 
     AttentionInterface.register(CAPTURE_NAME, recording_attention)
     try:
-        model.set_attn_implementation(CAPTURE_NAME)
+        if not set_attention(model, CAPTURE_NAME):
+            raise ValueError(f"{type(model).__name__} keeps its own attention (not transformers' AttentionInterface): "
+                             "its queries and keys cannot be captured")  # fmt: skip
         with torch.inference_mode():
             model(ids.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1)
     finally:

@@ -14,7 +14,7 @@ import torch
 
 from kvpack.hf.config import text_config
 
-__all__ = ["ATTENTION_NAME", "key_validity", "paged_attention", "register_pending", "use_paged_attention"]
+__all__ = ["ATTENTION_NAME", "key_validity", "paged_attention", "register_pending", "set_attention", "use_paged_attention"]
 
 ATTENTION_NAME = "kvpack_paged"
 
@@ -83,11 +83,16 @@ def use_paged_attention(model) -> None:
 
     AttentionInterface.register(ATTENTION_NAME, paged_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
-    model.set_attn_implementation(ATTENTION_NAME)
-    # a model whose attention does not go through AttentionInterface (Falcon, ...) only gets a warning there
-    taken = getattr(text_config(model.config), "_attn_implementation", None)
-    if taken != ATTENTION_NAME:
+    if not set_attention(model, ATTENTION_NAME):
         raise ValueError(
             f"{type(model).__name__} does not route its attention through transformers' AttentionInterface (its "
-            f"attention stays {taken!r}), which the paged caches need: use KVPackCache with this model"
+            f"attention stays {text_config(model.config)._attn_implementation!r}), which the paged caches need: "
+            "use KVPackCache with this model"
         )
+
+
+def set_attention(model, name: str) -> bool:
+    """``model.set_attn_implementation(name)`` (a registered AttentionInterface function); whether the model took
+    it: one whose attention bypasses the interface (Falcon, ...) keeps its own, and transformers only warns."""
+    model.set_attn_implementation(name)
+    return getattr(text_config(model.config), "_attn_implementation", None) == name

@@ -86,3 +86,24 @@ def test_decode_needs_a_kvpack_cache():
     model = tiny()
     with pytest.raises(TypeError, match="needs a KVPackCache"):
         decode_logits(model, DynamicCache(config=model.config), torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_a_model_outside_the_attention_interface_decodes_one_token_per_forward():
+    """Falcon keeps its own attention (no AttentionInterface, so no per-query masks): the protocol falls back to its
+    definition instead of failing in the model's SDPA; ``evaluate`` runs every protocol on it."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from kvpack import evaluate
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=96, num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                           new_decoder_architecture=True, num_kv_heads=2)).double().eval()  # fmt: skip
+    ids = torch.randint(3, 96, (1, CTX + N), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        fast, slow, _ = both(model, POLICIES["residual 4 block 2"], ids)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-9)
+    text = torch.randint(3, 96, (400,), generator=torch.Generator().manual_seed(2))
+    for protocol in ("decode", "inforward", "snapshot"):
+        result = evaluate((model, None), text=text, key="int:3", value="int:3", residual=4, sinks=1, ctx=64, n_eval=16,
+                          windows=1, protocol=protocol, progress=False)  # fmt: skip
+        assert result.kl > 0
