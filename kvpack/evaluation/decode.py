@@ -23,7 +23,7 @@ import logging
 import torch
 from transformers.cache_utils import Cache
 
-from kvpack.hf.attention import set_attention
+from kvpack.hf.attention import delegate_attention, set_attention
 from kvpack.hf.cache import KVPackCache, KVPackLayer
 from kvpack.hf.config import cache_kwargs
 
@@ -103,19 +103,16 @@ def decode_logits(model, cache: KVPackCache, cont: torch.Tensor) -> torch.Tensor
     """Logits ``(n, vocab)`` of ``cont`` ``(1, n)`` equal (to float rounding) to :func:`decode_stepwise_logits`
     through ``cache`` (a `KVPackCache` holding the prefill), in one forward; ``cache`` ends in the same state."""
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     view = _DecodeView(cache)
     original = model.config._attn_implementation
-    delegate = ALL_ATTENTION_FUNCTIONS.get(original, sdpa_attention_forward)
 
     def masked_attention(module, query, key, value, attention_mask, **kwargs):
         allowed = view.masks[module.layer_idx]
         mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
         mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]
         kwargs.pop("sliding_window", None)  # the mask holds the window
-        return delegate(module, query, key, value, mask, **kwargs)
+        return delegate_attention(module, original)(module, query, key, value, mask, **kwargs)
 
     AttentionInterface.register(ATTENTION_NAME, masked_attention)
     try:

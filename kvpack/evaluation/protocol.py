@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpack.codec import Codec
-from kvpack.hf.attention import set_attention
+from kvpack.hf.attention import delegate_attention, set_attention
 from kvpack.hf.config import cache_kwargs
 from kvpack.policy import CachePolicy
 
@@ -203,8 +203,6 @@ def capture_qkv(model, ids: torch.Tensor, keep_output: bool = False) -> list[Lay
     the recording one delegates to the original, so the forward is unchanged.
     """
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long:
         raise TypeError(f"ids must be a LongTensor of token ids, got {type(ids).__name__}")
@@ -212,11 +210,10 @@ def capture_qkv(model, ids: torch.Tensor, keep_output: bool = False) -> list[Lay
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
         raise ValueError(f"ids must be one sequence, shape (T,) or (1, T), got {tuple(ids.shape)}")
     original = model.config._attn_implementation
-    delegate = ALL_ATTENTION_FUNCTIONS.get(original, sdpa_attention_forward)
     records: list[dict] = []
 
     def recording_attention(module, query, key, value, attention_mask, **kwargs):
-        out, weights = delegate(module, query, key, value, attention_mask, **kwargs)
+        out, weights = delegate_attention(module, original)(module, query, key, value, attention_mask, **kwargs)
         records.append(
             {"layer": module.layer_idx, "q": query, "k": key, "v": value, "scaling": kwargs.get("scaling"),
              "window": kwargs.get("sliding_window"), "out": out}

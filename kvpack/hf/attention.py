@@ -10,11 +10,16 @@ gets transformers' SDPA. The mask interface is transformers' ``sdpa_mask``.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from kvpack.hf.config import text_config
 
-__all__ = ["ATTENTION_NAME", "key_validity", "paged_attention", "register_pending", "set_attention", "use_paged_attention"]
+__all__ = [
+    "ATTENTION_NAME", "delegate_attention", "key_validity", "paged_attention", "register_pending", "set_attention",
+    "use_paged_attention",
+]  # fmt: skip
 
 ATTENTION_NAME = "kvpack_paged"
 
@@ -64,6 +69,9 @@ def paged_attention(
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if kwargs.get("s_aux") is not None:  # use_paged_attention refuses such models; a model built around it may not
+        raise ValueError(f"{type(module).__name__} has learned attention sinks (s_aux), which the paged attention "
+                         "does not take: use KVPackCache with this model")  # fmt: skip
     layer_idx = getattr(module, "layer_idx", None)
     if layer_idx is None and _PENDING:
         raise ValueError(
@@ -81,6 +89,16 @@ def use_paged_attention(model) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+    softcap = getattr(text_config(model.config), "attn_logit_softcapping", None)
+    if softcap is not None:  # Gemma2: tanh soft-capping of every score, which SDPA and the paged decode leave out
+        raise ValueError(f"{type(model).__name__} soft-caps its attention scores (attn_logit_softcapping={softcap}), "
+                         "which the paged attention does not: use KVPackCache with this model")  # fmt: skip
+    sinks = [name for name, m in model.named_modules() if isinstance(getattr(m, "sinks", None), torch.nn.Parameter)]
+    if sinks:  # GPT-OSS: a learned logit per head joins each softmax; the paged decode would leave it out
+        raise ValueError(
+            f"{type(model).__name__} has learned attention sinks ({sinks[0]}.sinks, ...), which the paged attention "
+            "does not take: use KVPackCache with this model"
+        )
     AttentionInterface.register(ATTENTION_NAME, paged_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
     if not set_attention(model, ATTENTION_NAME):
@@ -89,6 +107,20 @@ def use_paged_attention(model) -> None:
             f"attention stays {text_config(model.config)._attn_implementation!r}), which the paged caches need: "
             "use KVPackCache with this model"
         )
+
+
+def delegate_attention(module: torch.nn.Module, implementation: str):
+    """The attention function ``module`` calls under ``implementation``: a registered one, else (``"eager"``) the
+    eager function of the module's own modeling file, which carries terms SDPA lacks (GPT-OSS's learned sinks,
+    Gemma2's logit soft-capping); transformers' SDPA when the file has none."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    registered = ALL_ATTENTION_FUNCTIONS.get(implementation)
+    if registered is not None:
+        return registered
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return eager if eager is not None else sdpa_attention_forward
 
 
 def set_attention(model, name: str) -> bool:
