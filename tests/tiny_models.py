@@ -83,3 +83,26 @@ def tiny_model(family: str, seed: int = 0):
     """The family's tiny model with weights drawn from ``seed``, in eval mode."""
     torch.manual_seed(seed)
     return TINY_FAMILIES[family]().eval()
+
+
+def routes_through_attention_interface(model) -> bool:
+    """Whether ``model``'s attention calls the AttentionInterface function its config names (Falcon's did not before
+    transformers 5.25), probed with a recording one: what decides whether the paged caches can take it."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def recording(module, *args, **kwargs):
+        calls.append(module)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("kvpack_test_probe", recording)
+    original = model.config._attn_implementation
+    model.set_attn_implementation("kvpack_test_probe")
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([[1, 2, 3]]))
+    finally:
+        model.set_attn_implementation(original)
+    return bool(calls)

@@ -8,6 +8,8 @@ import pytest
 import torch
 import transformers as T
 
+from tiny_models import routes_through_attention_interface
+
 from kvpack import CachePolicy, KVPackCache, StaticKVPackCache, graph_generate, use_paged_attention
 from kvpack.evaluation.decode import decode_logits, decode_stepwise_logits
 from kvpack.evaluation.protocol import clean_prefill, store_prefill
@@ -75,6 +77,8 @@ def test_graph_loop_over_the_static_cache(name):
     model = build(name)
     ids = torch.randint(3, 96, (1, 40), generator=torch.Generator().manual_seed(2))
     refused = FAMILIES[name][2]
+    if refused == "AttentionInterface" and routes_through_attention_interface(model):  # Falcon from transformers 5.25
+        refused = None
     if refused is not None:
         with pytest.raises(ValueError, match=refused):
             use_paged_attention(model)

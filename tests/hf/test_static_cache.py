@@ -268,11 +268,17 @@ def test_decode_steps_hold_the_tokens_kvpack_layer_holds(sinks, residual, block,
 
 
 def test_a_model_outside_the_attention_interface_is_refused_by_name():
-    """Falcon keeps its own attention (transformers only warns when asked to switch): `use_paged_attention` says so
-    instead of leaving the paged caches to fail later."""
+    """Falcon kept its own attention before transformers 5.25 (transformers only warned when asked to switch):
+    `use_paged_attention` says so instead of leaving the paged caches to fail later; where Falcon routes its attention
+    through the interface, it takes the paged attention."""
+    from tiny_models import routes_through_attention_interface
     from transformers import FalconConfig, FalconForCausalLM
 
     model = FalconForCausalLM(FalconConfig(vocab_size=128, num_hidden_layers=1, hidden_size=64, num_attention_heads=2,
                                            new_decoder_architecture=True, num_kv_heads=1))  # fmt: skip
+    if routes_through_attention_interface(model):
+        use_paged_attention(model)
+        assert model.config._attn_implementation == "kvpack_paged"
+        return
     with pytest.raises(ValueError, match="FalconForCausalLM does not route its attention.*use KVPackCache"):
         use_paged_attention(model)
