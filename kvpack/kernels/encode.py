@@ -143,15 +143,16 @@ def _encode_kernel(
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
-    if STREAMS == 1:
-        _encode_stream(x0, slot_ptr, cache0, rot0, edges0, cb0, sk0, num_tokens, num_programs, pid_t, h, HKV, D,
-                       KIND0, BITS0, BLOCK_T, DOT_PRECISION, ROTATED0)  # fmt: skip
-    elif tl.program_id(2) == 0:
+    if tl.program_id(2) == 0:
         _encode_stream(x0, slot_ptr, cache0, rot0, edges0, cb0, sk0, num_tokens, num_programs, pid_t, h, HKV, D,
                        KIND0, BITS0, BLOCK_T, DOT_PRECISION, ROTATED0)  # fmt: skip
     else:
-        _encode_stream(x1, slot_ptr, cache1, rot1, edges1, cb1, sk1, num_tokens, num_programs, pid_t, h, HKV, D,
-                       KIND1, BITS1, BLOCK_T, DOT_PRECISION, ROTATED1)  # fmt: skip
+        if STREAMS == 2:  # compiled only for a two-stream launch
+            _encode_stream(x1, slot_ptr, cache1, rot1, edges1, cb1, sk1, num_tokens, num_programs, pid_t, h, HKV,
+                           D, KIND1, BITS1, BLOCK_T, DOT_PRECISION, ROTATED1)  # fmt: skip
+
+
+TILE_TOKENS, NUM_WARPS, PROGRAMS_PER_SM = 32, 8, 4  # the default tiling: tokens per tile, warps, programs per SM
 
 
 def _check_encode(x: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor, codec: PagedCodec,
@@ -177,9 +178,9 @@ def paged_encode(
     slot_mapping: torch.Tensor,
     cache: torch.Tensor,
     codec: PagedCodec,
-    block_t: int = 32,
-    num_warps: int = 8,
-    programs_per_sm: int = 4,
+    block_t: int = TILE_TOKENS,
+    num_warps: int = NUM_WARPS,
+    programs_per_sm: int = PROGRAMS_PER_SM,
 ) -> None:
     """Encode ``x`` (tokens, kv_heads, D) into ``cache`` (num_blocks, block_size, kv_heads, row_bytes) at ``slot_mapping``."""
     _check_encode(x, slot_mapping, cache, codec)
@@ -242,9 +243,9 @@ def paged_encode_op(
     boundaries: torch.Tensor | None,
     codebook: torch.Tensor | None,
     sketch: torch.Tensor | None,
-    block_t: int = 32,
-    num_warps: int = 8,
-    programs_per_sm: int = 4,
+    block_t: int = TILE_TOKENS,
+    num_warps: int = NUM_WARPS,
+    programs_per_sm: int = PROGRAMS_PER_SM,
 ) -> None:
     """The launch of `paged_encode` as the ``torch.library`` op ``kvpack::paged_encode`` (it writes ``cache`` in
     place; ``torch.compile`` traces through it and a CUDA graph captures it). ``bits``: the code bits
@@ -254,8 +255,8 @@ def paged_encode_op(
 
 
 @paged_encode_op.register_fake
-def _(x, slot_mapping, cache, kind, bits, rotation, boundaries, codebook, sketch, block_t=32, num_warps=8,
-      programs_per_sm=4):  # fmt: skip
+def _(x, slot_mapping, cache, kind, bits, rotation, boundaries, codebook, sketch, block_t=TILE_TOKENS,
+      num_warps=NUM_WARPS, programs_per_sm=PROGRAMS_PER_SM):  # fmt: skip
     return None
 
 
@@ -283,7 +284,7 @@ def paged_encode_kv_op(
     default tiling of `paged_encode`). Inputs are not checked here."""
     _launch([(keys, key_cache, key_kind, key_bits, key_rotation, key_boundaries, key_codebook, key_sketch),
              (values, value_cache, value_kind, value_bits, value_rotation, value_boundaries, value_codebook,
-              value_sketch)], slot_mapping, 32, 8, 4)  # fmt: skip
+              value_sketch)], slot_mapping, TILE_TOKENS, NUM_WARPS, PROGRAMS_PER_SM)  # fmt: skip
 
 
 @paged_encode_kv_op.register_fake

@@ -15,6 +15,8 @@ import torch
 
 __all__ = [
     "ROTATIONS",
+    "check_rotation",
+    "hadamard_takes",
     "hadamard_transform",
     "random_signs",
     "rotate",
@@ -26,10 +28,15 @@ __all__ = [
 ROTATIONS = ("haar", "hadamard")
 
 
+def hadamard_takes(dim: int) -> bool:
+    """Whether the Hadamard rotation works at ``dim`` (a power of two); Haar takes any dim."""
+    return dim > 0 and dim & (dim - 1) == 0
+
+
 def check_rotation(kind: str, dim: int) -> None:
     if kind not in ROTATIONS:
         raise ValueError(f"rotation must be one of {ROTATIONS}, got {kind!r}")
-    if kind == "hadamard" and (dim & (dim - 1)) != 0:
+    if kind == "hadamard" and not hadamard_takes(dim):
         raise ValueError(f"rotation='hadamard' needs a power-of-two head_dim, got {dim}")
 
 

@@ -160,13 +160,14 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model, device=args.device)
     if args.outlier_heads is not None:
         return _run_outlier_heads(model, tokenizer, args)
-    keys, values = stream_candidates(args.candidates, args.value_candidates, _head_dim(model.config))
+    head_dim = _head_dim(model.config)
+    keys, values = stream_candidates(args.candidates, args.value_candidates, head_dim)
     candidates = tuple(dict.fromkeys(keys + values))
-    log_unpaged(candidates, _head_dim(model.config))
+    log_unpaged(candidates, head_dim)
     if args.per_head:
         return _run_per_head(model, tokenizer, args)
     config = model.config
-    head_dim, num_layers = _head_dim(config), config.num_hidden_layers
+    num_layers = config.num_hidden_layers
     bits = [get_codec(c, head_dim=head_dim).bits_per_value() for c in candidates]
     path = Path(args.sensitivity) if args.sensitivity else None
     if path is not None and path.is_file():

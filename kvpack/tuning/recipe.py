@@ -91,6 +91,7 @@ import torch
 from kvpack.codec import get_codec
 from kvpack.hf.cache import layer_kinds
 from kvpack.hf.config import model_heads, text_config
+from kvpack.ops.rotation import hadamard_takes
 from kvpack.policy import FP16_BITS, CachePolicy, layer_bits, load_policy, save_policy
 from kvpack.tuning import sensitivity
 from kvpack.tuning.knapsack import BudgetTooSmall, allocate_bits, policy_for
@@ -132,7 +133,7 @@ def candidates_for(head_dim: int, specs: tuple[str, ...] = CANDIDATES) -> tuple[
     rotation needs a power-of-two head_dim, so elsewhere (Phi-3-mini's 96, 80) the rotated ``int`` codecs take the
     seeded Haar rotation (the same distribution of rotated vectors, a D x D matrix instead of butterflies; the paged
     kernels take neither such head_dim: those models run on `KVPackCache`)."""
-    if head_dim > 0 and head_dim & (head_dim - 1) == 0:
+    if hadamard_takes(head_dim):
         return tuple(specs)
     return tuple(s.replace("rotation=hadamard", "rotation=haar") for s in specs)
 
