@@ -27,7 +27,7 @@ import triton.language as tl
 
 from kvpack.kernels.paged import KIND_IDS, PagedCodec
 
-__all__ = ["paged_encode", "paged_encode_kv", "paged_encode_kv_op", "paged_encode_op"]
+__all__ = ["default_tiling", "paged_encode", "paged_encode_kv", "paged_encode_kv_op", "paged_encode_op"]
 
 
 @triton.jit
@@ -39,6 +39,18 @@ def _store_plane(cache_ptr, row, codes, tmask, START: tl.constexpr, W: tl.conste
     k = tl.arange(0, PER)
     word = tl.sum(tl.reshape(codes, (N, NW, PER)) << (k * W)[None, None, :], axis=2)  # disjoint bits: sum == or
     tl.store(cache_ptr + row[:, None] + START + tl.arange(0, NW)[None, :], word, mask=tmask[:, None])
+
+
+@triton.jit
+def _matmul(a, b, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr):
+    """``a (BLOCK_T, D) @ b (D, D)`` in float32: a tensor-core dot for tiles of 16 tokens or more; below that (the few
+    tokens of a decode step) a broadcast product summed on the CUDA cores (a dot pads its rows to 16, and its operand
+    layouts took the rotated encode of one token to ~15 us on an H200)."""
+    if BLOCK_T >= 16:
+        out = tl.dot(a, b, input_precision=DOT_PRECISION)
+    else:
+        out = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    return out
 
 
 @triton.jit
@@ -81,19 +93,19 @@ def _encode_stream(
         if KIND != 1:
             norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
             unit = tl.math.div_rn(x, tl.where(norm > 0, norm, 1.0)[:, None])
-            y = tl.dot(unit, rot, input_precision=DOT_PRECISION)
+            y = _matmul(unit, rot, DOT_PRECISION, BLOCK_T)
             idx = tl.zeros((BLOCK_T, D), dtype=tl.int32)
             for i in tl.static_range(LEVELS):
                 idx += (y > tl.load(edges_ptr + i)).to(tl.int32)
             side0 = norm.to(tl.float16)
             if KIND == 2:  # the codec's residual: x - unrotate(codebook[idx]) * norm16, all float32
-                mse = tl.dot(tl.load(cb_ptr + idx), tl.trans(rot), input_precision=DOT_PRECISION)
+                mse = _matmul(tl.load(cb_ptr + idx), tl.trans(rot), DOT_PRECISION, BLOCK_T)
                 res = x - mse * side0.to(tl.float32)[:, None]
-                sign = (tl.dot(res, sketch_t, input_precision=DOT_PRECISION) >= 0).to(tl.int32)
+                sign = (_matmul(res, sketch_t, DOT_PRECISION, BLOCK_T) >= 0).to(tl.int32)
                 side1 = tl.sqrt_rn(tl.sum(res * res, axis=1)).to(tl.float16)
         else:
             if ROTATED:  # int with a rotation: quantize the rotated vector
-                x = tl.dot(x, rot, input_precision=DOT_PRECISION)
+                x = _matmul(x, rot, DOT_PRECISION, BLOCK_T)
             mn = tl.min(tl.where(tmask[:, None], x, float("inf")), axis=1)
             mx = tl.max(tl.where(tmask[:, None], x, float("-inf")), axis=1)
             zero16 = tl.where(tmask, mn, 0.0).to(tl.float16)
@@ -153,6 +165,20 @@ def _encode_kernel(
 
 
 TILE_TOKENS, NUM_WARPS, PROGRAMS_PER_SM = 32, 8, 4  # the default tiling: tokens per tile, warps, programs per SM
+# One token per tile, its products summed on the CUDA cores (no tensor-core dot), for a decode step's few tokens (one
+# per sequence, up to FEW_TOKENS; each program's token then runs in parallel) and for rotated streams at head_dim
+# above 128 (the dot's operand layouts of a 256 x 256 float32 matrix asked for 576 KB of shared memory: no launch).
+# Compiled for sm_90 (benchmarks/encode_sweep.py --decode times it): 4 warps hold M at head_dim 128 without spills
+# (167 registers; 2 warps spilled), head_dim 256 needs 8 (255 registers and a small spill).
+FEW_TOKENS, FEW_TILE_TOKENS = 16, 1
+
+
+def default_tiling(tokens: int, head_dim: int, rotated: bool) -> tuple[int, int]:
+    """``(tokens per tile, warps)`` of an encode of ``tokens`` tokens, ``rotated``: some stream multiplies by a
+    rotation (turbo codecs, rotated int). Shapes only: the same when traced and when replayed."""
+    if tokens <= FEW_TOKENS or (rotated and head_dim > 128):
+        return FEW_TILE_TOKENS, 4 if head_dim <= 128 else 8
+    return TILE_TOKENS, NUM_WARPS
 
 
 def _check_encode(x: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor, codec: PagedCodec,
@@ -178,11 +204,12 @@ def paged_encode(
     slot_mapping: torch.Tensor,
     cache: torch.Tensor,
     codec: PagedCodec,
-    block_t: int = TILE_TOKENS,
-    num_warps: int = NUM_WARPS,
+    block_t: int = 0,
+    num_warps: int = 0,
     programs_per_sm: int = PROGRAMS_PER_SM,
 ) -> None:
-    """Encode ``x`` (tokens, kv_heads, D) into ``cache`` (num_blocks, block_size, kv_heads, row_bytes) at ``slot_mapping``."""
+    """Encode ``x`` (tokens, kv_heads, D) into ``cache`` (num_blocks, block_size, kv_heads, row_bytes) at
+    ``slot_mapping``. ``block_t`` (tokens per tile, a power of two), ``num_warps``: 0 for `default_tiling`."""
     _check_encode(x, slot_mapping, cache, codec)
     paged_encode_op(x, slot_mapping, cache, codec.kind, codec.mse_bits, codec.rotation, codec.boundaries,
                     codec.codebook, codec.sketch, block_t, num_warps, programs_per_sm)  # fmt: skip
@@ -224,6 +251,9 @@ def _launch(streams: list[tuple], slot_mapping: torch.Tensor, block_t: int, num_
         consts += [KIND_IDS[kind], bits, rotation is not None]
     x = streams[0][0]
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    rotated = any(kind != "int" or rotation is not None for _, _, kind, _, rotation, *_ in streams)
+    default_t, default_warps = default_tiling(x.shape[0], x.shape[-1], rotated)
+    block_t, num_warps = block_t or default_t, num_warps or default_warps
     programs = max(1, min(triton.cdiv(x.shape[0], block_t), triton.cdiv(programs_per_sm * num_sms, x.shape[1])))
     _encode_kernel[(programs, x.shape[1], len(streams))](
         *args, slot_mapping, x.shape[0], programs, HKV=x.shape[1], D=x.shape[-1], KIND0=consts[0], BITS0=consts[1],
@@ -243,8 +273,8 @@ def paged_encode_op(
     boundaries: torch.Tensor | None,
     codebook: torch.Tensor | None,
     sketch: torch.Tensor | None,
-    block_t: int = TILE_TOKENS,
-    num_warps: int = NUM_WARPS,
+    block_t: int = 0,
+    num_warps: int = 0,
     programs_per_sm: int = PROGRAMS_PER_SM,
 ) -> None:
     """The launch of `paged_encode` as the ``torch.library`` op ``kvpack::paged_encode`` (it writes ``cache`` in
@@ -255,8 +285,8 @@ def paged_encode_op(
 
 
 @paged_encode_op.register_fake
-def _(x, slot_mapping, cache, kind, bits, rotation, boundaries, codebook, sketch, block_t=TILE_TOKENS,
-      num_warps=NUM_WARPS, programs_per_sm=PROGRAMS_PER_SM):  # fmt: skip
+def _(x, slot_mapping, cache, kind, bits, rotation, boundaries, codebook, sketch, block_t=0, num_warps=0,
+      programs_per_sm=PROGRAMS_PER_SM):  # fmt: skip
     return None
 
 
@@ -280,11 +310,11 @@ def paged_encode_kv_op(
     value_codebook: torch.Tensor | None,
     value_sketch: torch.Tensor | None,
 ) -> None:
-    """`paged_encode_kv` as the op ``kvpack::paged_encode_kv``: both caches written in place by one launch (the
-    default tiling of `paged_encode`). Inputs are not checked here."""
+    """`paged_encode_kv` as the op ``kvpack::paged_encode_kv``: both caches written in place by one launch
+    (`default_tiling`). Inputs are not checked here."""
     _launch([(keys, key_cache, key_kind, key_bits, key_rotation, key_boundaries, key_codebook, key_sketch),
              (values, value_cache, value_kind, value_bits, value_rotation, value_boundaries, value_codebook,
-              value_sketch)], slot_mapping, TILE_TOKENS, NUM_WARPS, PROGRAMS_PER_SM)  # fmt: skip
+              value_sketch)], slot_mapping, 0, 0, PROGRAMS_PER_SM)  # fmt: skip
 
 
 @paged_encode_kv_op.register_fake

@@ -9,11 +9,12 @@ from kvpack import get_codec
 from kvpack.kernels.paged import PagedCodec, paged_codec, rows_from_packed, unpack_rows
 
 
-def encode_through_kernel(spec: str, device: str):
-    """(codec, fmt, rows the kernel wrote, rows of the codec's encode) for 50 tokens x 2 heads at D=32."""
+def encode_through_kernel(spec: str, device: str, block_t: int = 16, tokens: int = 50, d: int = 32):
+    """(codec, fmt, rows the kernel wrote, rows of the codec's encode) for ``tokens`` x 2 heads at head_dim ``d``,
+    ``block_t`` tokens per tile (0: the default tiling; below 16 the products are not tensor-core dots)."""
     from kvpack.kernels.encode import paged_encode
 
-    d, hkv, tokens, block_size = 32, 2, 50, 8
+    hkv, block_size = 2, 8
     codec = get_codec(spec, head_dim=d, seed=7)
     fmt = paged_codec(codec, device)
     g = torch.Generator().manual_seed(4)
@@ -24,7 +25,7 @@ def encode_through_kernel(spec: str, device: str):
     cache = torch.randint(0, 256, (num_blocks, block_size, hkv, fmt.row_bytes), generator=g, dtype=torch.uint8)
     before = cache.clone()
     cache, x_dev, slots_dev = cache.to(device), x.to(device), slots.to(device)
-    paged_encode(x_dev, slots_dev, cache, fmt, block_t=16)
+    paged_encode(x_dev, slots_dev, cache, fmt, block_t=block_t)
     cache = cache.cpu()
     flat, flat_before = cache.view(-1, hkv, fmt.row_bytes), before.view(-1, hkv, fmt.row_bytes)
     keep = slots >= 0
@@ -34,11 +35,23 @@ def encode_through_kernel(spec: str, device: str):
     return codec, fmt, flat[slots[keep]], rows_from_packed(codec.encode(x[keep]), fmt)
 
 
+@pytest.mark.parametrize("block_t,tokens", [(16, 50), (1, 50), (0, 6)])  # 0, 6: a decode step's default tiling
 @pytest.mark.parametrize(
     "spec", ["turbo_mse:4", "turbo_mse:3", "turbo_mse:2", "int:8", "int:4", "int:3", "int:2", "int:4:rotation=hadamard"]
 )
-def test_encode_kernel_codes_equal_the_codec(spec, device):
-    codec, fmt, rows, expected = encode_through_kernel(spec, device)
+def test_encode_kernel_codes_equal_the_codec(spec, block_t, tokens, device):
+    check_codes(*encode_through_kernel(spec, device, block_t, tokens))
+
+
+@pytest.mark.parametrize("d,tokens", [(256, 40), (256, 6), (128, 40)])
+@pytest.mark.parametrize("spec", ["turbo_mse:4", "int:4:rotation=hadamard"])
+def test_encode_kernel_rotated_wide_heads(spec, d, tokens, device):
+    """Rotations of head_dim 256 take one token per tile (a dot's layouts of M asked for more shared memory than an
+    H200 has), and a prefill's tiles at 128 a dot: both give the codec's codes."""
+    check_codes(*encode_through_kernel(spec, device, 0, tokens, d))
+
+
+def check_codes(codec, fmt, rows, expected):
     codes, side = unpack_rows(rows, fmt)
     exp_codes, exp_side = unpack_rows(expected, fmt)
     mismatch = codes != exp_codes
@@ -54,9 +67,10 @@ def test_encode_kernel_codes_equal_the_codec(spec, device):
             torch.testing.assert_close(side, exp_side, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("block_t", [16, 1])
 @pytest.mark.parametrize("spec", ["turbo_prod:4", "turbo_prod:3", "turbo_prod:2", "turbo_prod:5:rotation=hadamard"])
-def test_encode_kernel_turbo_prod_equals_the_codec(spec, device):
-    _, fmt, rows, expected = encode_through_kernel(spec, device)
+def test_encode_kernel_turbo_prod_equals_the_codec(spec, block_t, device):
+    _, fmt, rows, expected = encode_through_kernel(spec, device, block_t)
     (codes, side), (exp_codes, exp_side) = unpack_rows(rows, fmt), unpack_rows(expected, fmt)
     b = fmt.mse_bits
     low, exp_low = (codes & ((1 << b) - 1)).int(), (exp_codes & ((1 << b) - 1)).int()
