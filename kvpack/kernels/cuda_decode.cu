@@ -802,6 +802,44 @@ extern "C" __global__ void __launch_bounds__(32 * RW) kvpack_cuda_reduce(
   }
 }
 
+// The merge of unrotated values where few (query head, sequence) pairs leave SMs idle: CTA (qh, b, c) takes dims
+// [32 c, 32 c + 32) (lane = dim), warp w the parts w, w + RW, ...: D / 32 times the CTAs of kvpack_cuda_reduce, each
+// reading D / 32 times fewer bytes (batch 1: 32 CTAs of kvpack_cuda_reduce on 132 SMs took 7.6 us per layer).
+extern "C" __global__ void __launch_bounds__(32 * RW) kvpack_cuda_reduce_dims(
+    const float* __restrict__ part_m, const float* __restrict__ part_l, const float* __restrict__ part_acc,
+    u16* __restrict__ out, int hq, int parts) {
+  __shared__ float s_acc[RW][32];
+  __shared__ float s_l[RW], s_m[RW];
+  const int qh = blockIdx.x, b = blockIdx.y, d = 32 * blockIdx.z + (threadIdx.x & 31);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const long long base = ((long long)b * hq + qh) * parts;
+  float m = NEG_INF;
+  for (int s = threadIdx.x; s < parts; s += 32 * RW) m = fmaxf(m, part_m[base + s]);
+#pragma unroll
+  for (int x = 16; x; x >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
+  if (lane == 0) s_m[warp] = m;
+  __syncthreads();
+  float m_all = s_m[0];
+#pragma unroll
+  for (int w = 1; w < RW; w++) m_all = fmaxf(m_all, s_m[w]);
+  float l = 0.f, a = 0.f;
+#pragma unroll 4
+  for (int s = warp; s < parts; s += RW) {
+    const float w = ex2(part_m[base + s] - m_all);
+    l += w * part_l[base + s];
+    a += w * part_acc[(base + s) * D + d];
+  }
+  s_acc[warp][lane] = a;
+  if (lane == 0) s_l[warp] = l;
+  __syncthreads();
+  if (warp == 0) {
+    float sum = 0.f, l_all = 0.f;
+#pragma unroll
+    for (int w = 0; w < RW; w++) sum += s_acc[w][lane], l_all += s_l[w];
+    out[((long long)b * hq + qh) * D + d] = to_out(sum / l_all);
+  }
+}
+
 // The query in the keys' basis, q @ M (M the keys' rotation, (D, D) float32 or float16 by m_f32; q the query's
 // dtype), float32 out: RQ rows per CTA of 8 warps; warp w takes rows j in [w D / 8, (w + 1) D / 8) of M, lane l
 // the D / 32 columns from l D / 32 (one vector load per row j), then the 8 warps' partial sums meet in shared

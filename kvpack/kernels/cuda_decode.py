@@ -9,8 +9,9 @@ how each codec's codes become fp16). `paged_cuda_decode` has the contract of
 dtype. It is the ``torch.library`` op ``kvpack::cuda_paged_decode`` (with a fake implementation, so
 ``torch.compile`` traces through it); no host synchronisation, so a step can be captured in a CUDA graph.
 Launches: the query rotated into the keys' basis (``kvpack_rotate_query``, rotated keys only), the split decode
-(``kvpack_cuda_decode``), the merge of its splits (``kvpack_cuda_reduce``), which also takes rotated values back to
-their basis: at most three kernels per layer for every codec pair.
+(``kvpack_cuda_decode``), the merge of its splits (``kvpack_cuda_reduce``, which also takes rotated values back to
+their basis; ``kvpack_cuda_reduce_dims``, a CTA per 32 dims, for unrotated values at few sequences): at most three
+kernels per layer for every codec pair.
 
 Compilation: ``cuda.core`` (pip ``cuda-core``, ``cuda-bindings``, ``nvidia-cuda-nvrtc``; no CUDA toolkit) turns
 the source plus one set of macros (head_dim, code bits, GQA, KV heads, heads per CTA, page size, pipeline depth) into a
@@ -32,8 +33,8 @@ import torch
 from kvpack.kernels.paged import PagedCodec
 
 __all__ = [
-    "Variant", "compile_variant", "cuda_supported", "launch_shape", "paged_cuda_decode", "uses_cuda_kernel",
-    "variant_for", "window_per_split", "window_splits",
+    "Variant", "compile_variant", "cuda_supported", "launch_shape", "paged_cuda_decode", "reduce_by_dims",
+    "uses_cuda_kernel", "variant_for", "window_per_split", "window_splits",
 ]  # fmt: skip
 
 LOG2E = 1.4426950408889634
@@ -232,7 +233,8 @@ def _kernels(variant: Variant, device_index: int):
     decode_kernel = code.get_kernel("kvpack_cuda_decode")
     if variant.smem_bytes > (48 << 10):  # dynamic shared memory beyond 48 KB needs an opt-in per kernel
         _allow_shared_memory(decode_kernel, variant.smem_bytes, device_index)
-    return decode_kernel, code.get_kernel("kvpack_cuda_reduce"), code.get_kernel("kvpack_rotate_query")
+    return (decode_kernel, code.get_kernel("kvpack_cuda_reduce"), code.get_kernel("kvpack_rotate_query"),
+            code.get_kernel("kvpack_cuda_reduce_dims"))
 
 
 def _allow_shared_memory(kernel, nbytes: int, device_index: int) -> None:
@@ -304,7 +306,7 @@ def cuda_paged_decode(
     variant = variant_for(query, key_cache, heads_per_cta or None, stages or None, min_blocks, value_cache, key_kind,
                           value_kind, table_copies or None)  # fmt: skip
     dev = query.device.index if query.device.index is not None else torch.cuda.current_device()
-    decode_kernel, reduce_kernel, rotate_kernel = _kernels(variant, dev)
+    decode_kernel, reduce_kernel, rotate_kernel, reduce_dims_kernel = _kernels(variant, dev)
     stream = _stream(torch.cuda.current_stream(query.device).cuda_stream, dev)
     qscale = scale * LOG2E  # the softmax scale and log2(e) go into the query in the kernel, which also sums it
     q_window = query.contiguous()
@@ -337,10 +339,20 @@ def cuda_paged_decode(
     out = torch.empty_like(query)
     # rotated values: the merge takes the packed part back to the values' basis (out = packed @ M_v.T + window)
     unrotation = None if value_unrotation is None else value_unrotation.float().contiguous()
+    if unrotation is None and reduce_by_dims(batch, hq, query.device):
+        launch(stream, LaunchConfig(grid=(hq, batch, d // 32), block=32 * REDUCE_WARPS), reduce_dims_kernel,
+               _ptr(part_m), _ptr(part_l), _ptr(part_acc), _ptr(out), i32(hq), i32(parts))  # fmt: skip
+        return out
     launch(stream, LaunchConfig(grid=(hq, batch), block=32 * REDUCE_WARPS), reduce_kernel, _ptr(part_m),
            _ptr(part_l), _ptr(part_acc), np.uint64(0) if unrotation is None else _ptr(unrotation), _ptr(out),
            i32(hq), i32(num_splits), i32(parts))  # fmt: skip
     return out
+
+
+def reduce_by_dims(batch: int, hq: int, device: torch.device) -> bool:
+    """Whether the merge of unrotated values takes a CTA per 32 dims (``kvpack_cuda_reduce_dims``): when one CTA per
+    (query head, sequence) would leave SMs idle (fewer such pairs than SMs). Shapes only (graph safe)."""
+    return batch * hq < torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @cuda_paged_decode.register_fake
