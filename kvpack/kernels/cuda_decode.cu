@@ -723,15 +723,12 @@ __device__ __forceinline__ u16 to_out(float v) {
 #endif
   return r;
 }
-extern "C" __global__ void __launch_bounds__(32 * RW) kvpack_cuda_reduce(
-    const float* __restrict__ part_m, const float* __restrict__ part_l, const float* __restrict__ part_acc,
-    const float* __restrict__ unrot, u16* __restrict__ out, int hq, int num_splits, int parts) {
-  __shared__ float s_acc[2][RW][D];
-  __shared__ float s_l[RW], s_m[RW];
-  const int qh = blockIdx.x, b = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const long long base = ((long long)b * hq + qh) * parts;
+// The largest running max of a (query head, sequence)'s parts (part_m: its first), in every thread of the RW warps.
+__device__ __forceinline__ float parts_max(const float* __restrict__ part_m, int parts) {
+  __shared__ float s_m[RW];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float m = NEG_INF;
-  for (int s = threadIdx.x; s < parts; s += 32 * RW) m = fmaxf(m, part_m[base + s]);
+  for (int s = threadIdx.x; s < parts; s += 32 * RW) m = fmaxf(m, part_m[s]);
 #pragma unroll
   for (int x = 16; x; x >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
   if (lane == 0) s_m[warp] = m;
@@ -739,6 +736,16 @@ extern "C" __global__ void __launch_bounds__(32 * RW) kvpack_cuda_reduce(
   float m_all = s_m[0];
 #pragma unroll
   for (int w = 1; w < RW; w++) m_all = fmaxf(m_all, s_m[w]);
+  return m_all;
+}
+extern "C" __global__ void __launch_bounds__(32 * RW) kvpack_cuda_reduce(
+    const float* __restrict__ part_m, const float* __restrict__ part_l, const float* __restrict__ part_acc,
+    const float* __restrict__ unrot, u16* __restrict__ out, int hq, int num_splits, int parts) {
+  __shared__ float s_acc[2][RW][D];
+  __shared__ float s_l[RW];
+  const int qh = blockIdx.x, b = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const long long base = ((long long)b * hq + qh) * parts;
+  const float m_all = parts_max(part_m + base, parts);
   float l = 0.f, a[2][DL];
 #pragma unroll
   for (int i = 0; i < DL; i++) a[0][i] = a[1][i] = 0.f;
@@ -809,19 +816,11 @@ extern "C" __global__ void __launch_bounds__(32 * RW) kvpack_cuda_reduce_dims(
     const float* __restrict__ part_m, const float* __restrict__ part_l, const float* __restrict__ part_acc,
     u16* __restrict__ out, int hq, int parts) {
   __shared__ float s_acc[RW][32];
-  __shared__ float s_l[RW], s_m[RW];
+  __shared__ float s_l[RW];
   const int qh = blockIdx.x, b = blockIdx.y, d = 32 * blockIdx.z + (threadIdx.x & 31);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const long long base = ((long long)b * hq + qh) * parts;
-  float m = NEG_INF;
-  for (int s = threadIdx.x; s < parts; s += 32 * RW) m = fmaxf(m, part_m[base + s]);
-#pragma unroll
-  for (int x = 16; x; x >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
-  if (lane == 0) s_m[warp] = m;
-  __syncthreads();
-  float m_all = s_m[0];
-#pragma unroll
-  for (int w = 1; w < RW; w++) m_all = fmaxf(m_all, s_m[w]);
+  const float m_all = parts_max(part_m + base, parts);
   float l = 0.f, a = 0.f;
 #pragma unroll 4
   for (int s = warp; s < parts; s += RW) {
