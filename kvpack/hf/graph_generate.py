@@ -91,8 +91,8 @@ class GraphDecoder:
         self.use_compile = cuda if compile is None else compile
         forward = getattr(type(model), "forward", model)
         self._takes_cache_position = "cache_position" in inspect.signature(forward).parameters  # transformers < 5.24
-        # the greedy pick inside the compiled step: Inductor splits the vocabulary's argmax over many programs (one
-        # eager argmax kernel over 128K logits took 35 us per token at batch 1 on an H200)
+        # the greedy pick inside the compiled step, fused by Inductor (H200, batch 1, 128K logits: 28.6 us per token;
+        # the eager argmax kernel after the step took 34.6)
         self._step_fn = torch.compile(self._next_token, fullgraph=True) if self.use_compile else self._next_token
         self._graph = None
         self._buffers = None
