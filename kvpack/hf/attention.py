@@ -17,11 +17,13 @@ import torch
 from kvpack.hf.config import text_config
 
 __all__ = [
-    "ATTENTION_NAME", "delegate_attention", "key_validity", "paged_attention", "register_pending", "set_attention",
-    "use_paged_attention",
+    "ATTENTION_NAME", "attention_lse", "delegate_attention", "key_validity", "paged_attention", "past_block_tokens",
+    "prefix_attention", "register_pending", "set_attention", "use_paged_attention",
 ]  # fmt: skip
 
 ATTENTION_NAME = "kvpack_paged"
+# bytes of one block of the past in a prefill with a past: its K and V expanded to the query heads
+PAST_BLOCK_BYTES = 256 << 20
 
 
 def key_validity(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
@@ -128,3 +130,80 @@ def set_attention(model, name: str) -> bool:
     it: one whose attention bypasses the interface (Falcon, ...) keeps its own, and transformers only warns."""
     model.set_attn_implementation(name)
     return getattr(text_config(model.config), "_attn_implementation", None) == name
+
+
+def past_block_tokens(batch: int, q_heads: int, head_dim: int, itemsize: int) -> int:
+    """Tokens of the past that one block of `prefix_attention` holds (K and V at the query heads: `PAST_BLOCK_BYTES`),
+    a multiple of 256, at least 256."""
+    return max(256, PAST_BLOCK_BYTES // (2 * batch * q_heads * head_dim * itemsize) // 256 * 256)
+
+
+def _bias_block(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns of a (B, 1, q, t) bool or additive mask as an additive bias in ``dtype`` whose rows start 16-element
+    aligned (the CUDA memory-efficient kernel's requirement on a bias), and which query rows see any of them
+    ``(B, 1, q)`` (the CPU kernel gives a row that sees none log-sum-exp 0, not -inf)."""
+    batch, heads, q, t = mask.shape
+    out = torch.empty(batch, heads, q, -(-t // 16) * 16, dtype=dtype, device=mask.device)[..., :t]
+    if mask.dtype == torch.bool:
+        return out.fill_(0.0).masked_fill_(~mask, float("-inf")), mask.any(-1)
+    return out.copy_(mask), (mask > float("-inf")).any(-1)
+
+
+def _block_mask(mask: torch.Tensor | None, col: int, t: int, dtype: torch.dtype):
+    """``(bias, seen)`` of columns ``[col, col + t)`` of ``mask`` (`_bias_block`), ``(None, None)`` without one."""
+    return (None, None) if mask is None else _bias_block(mask[..., col : col + t], dtype)
+
+
+def attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
+                  seen: torch.Tensor | None, scale: float, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA of ``query`` (B, Hq, q, D) over ``key``/``value`` (B, Hkv, t, D) (Hq a multiple of Hkv) with its
+    log-sum-exp: ``(out (B, Hq, q, D), lse (B, Hq, q) float32)``; ``bias``: additive (B, 1, q, t) or None, ``seen``
+    (B, 1, q) the rows it lets see a key (the others get lse -inf); ``causal``: query i sees keys <= i (q == t).
+    torch's own fused kernels (flash on the CPU, memory-efficient on CUDA: the public SDPA drops the log-sum-exp
+    that a merge over blocks needs)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    if bias is not None:
+        bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    if query.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, 0.0, causal,
+                                                                          scale=scale)[:2]  # fmt: skip
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, causal,
+                                                                              attn_mask=bias, scale=scale)  # fmt: skip
+    lse = lse[..., : query.shape[2]].float()
+    return out, lse if seen is None else lse.masked_fill(~seen, float("-inf"))
+
+
+def prefix_attention(query: torch.Tensor, past, key: torch.Tensor, value: torch.Tensor,
+                     mask: torch.Tensor | None, scale: float) -> torch.Tensor:  # fmt: skip
+    """Attention of a prefill chunk with a past: ``query`` (B, Hq, q, D) over the past, ``past`` an iterable of
+    ``(key, value)`` blocks (B, Hkv, t, D) in position order, made one at a time (a paged cache dequantizes one block
+    of its pages per step, never the whole context), then over the chunk's own ``key``/``value`` (B, Hkv, q, D).
+    ``mask``: (B, 1, q, past + q) bool or additive, the columns of those keys, or None (the past all visible, the
+    chunk causal). The blocks meet by their log-sum-exp. -> ``(B, q, Hq, D)`` in the query's dtype; a query row that
+    sees no key at all gets zeros."""
+    out_all, lse_all, col = None, None, 0
+
+    def add(out: torch.Tensor, lse: torch.Tensor) -> None:
+        nonlocal out_all, lse_all
+        out = out.float().nan_to_num_(0.0)  # rows that see none of this block's keys: lse -inf, weight 0 below
+        if out_all is None:
+            out_all, lse_all = out, lse
+            return
+        new = torch.logaddexp(lse_all, lse)
+        keep, take = (lse_all - new).exp().nan_to_num_(0.0), (lse - new).exp().nan_to_num_(0.0)
+        out_all = out_all * keep[..., None] + out * take[..., None]
+        lse_all = new
+
+    for past_key, past_value in past:
+        t = past_key.shape[2]
+        if t == 0:
+            continue
+        add(*attention_lse(query, past_key, past_value, *_block_mask(mask, col, t, query.dtype), scale))
+        col += t
+    add(*attention_lse(query, key, value, *_block_mask(mask, col, key.shape[2], query.dtype), scale,
+                       causal=mask is None))  # fmt: skip
+    out_all = torch.where(torch.isneginf(lse_all)[..., None], 0.0, out_all)
+    return out_all.to(query.dtype).transpose(1, 2).contiguous()

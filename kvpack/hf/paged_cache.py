@@ -45,7 +45,8 @@ import math
 
 import torch
 
-from kvpack.hf.attention import ATTENTION_NAME, key_validity, paged_attention, register_pending, use_paged_attention
+from kvpack.hf.attention import (ATTENTION_NAME, key_validity, paged_attention, past_block_tokens, prefix_attention,
+                                 register_pending, use_paged_attention)
 from kvpack.hf.cache import KVPackCache, KVPackLayer, _check_like, _check_range, _check_states, check_layer_idx
 from kvpack.hf.config import text_config
 from kvpack.kernels.attention import decode
@@ -95,6 +96,7 @@ class PagedLayer(KVPackLayer):
         super().__init__(policy, layer_idx, sliding_window)
         self.key_fmt, self.value_fmt = formats
         self.model_config = model_config  # its `_attn_implementation` is checked at each decode
+        self._past = None  # a chunk's past (`past_blocks`), from its update to its attention
         self.block_size = BLOCK_SIZE
         self.use_kernel = use_kernel  # Triton encode + decode kernels; None: iff the cache is on CUDA
 
@@ -143,15 +145,13 @@ class PagedLayer(KVPackLayer):
                 " call kvpack.use_paged_attention(model) before generating"
             )
         n = key_states.shape[-2]
-        if n == 1:
-            keys, values = key_states, value_states
-        else:
-            past_keys, past_values = self.past()
-            keys, values = torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
+        # a chunk with a past: the attention takes the past block by block (`prefix_attention`), never all of it in
+        # 16 bits; what is returned is the chunk itself
+        self._past = self.past_blocks() if n > 1 and self.cumulative_length else None
         self.cumulative_length += n
         self._append(key_states, value_states)
         register_pending(self)
-        return keys, values
+        return key_states, value_states
 
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """``(B, H, n, D)`` to the 16-bit tokens (sinks first); packing waits for `pack_aged` (after attention)."""
@@ -161,15 +161,27 @@ class PagedLayer(KVPackLayer):
 
     def past(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sinks, dequantized pages (zeros at skipped padding positions) and window: ``(B, H, tokens, D)``, model dtype."""
-        # a row that skipped padding holds its tokens at the last seq_lens[b] of the packed positions
-        positions = self.packed_positions
-        idx = torch.arange(positions, device=self.device) - (positions - self.seq_lens.long())[:, None]
-        held, slots = idx >= 0, self._slots(idx.clamp(min=0))  # (B, positions), for both streams
-        keys = [self.sink_keys.to(self.dtype), self._dequantized(self.key_pages, self.key_fmt, slots, held),
-                self.keys.to(self.dtype)]  # fmt: skip
-        values = [self.sink_values.to(self.dtype), self._dequantized(self.value_pages, self.value_fmt, slots, held),
-                  self.values.to(self.dtype)]  # fmt: skip
+        keys, values = zip(*self.past_blocks()(max(self.packed_positions, 1)), strict=True)
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+    def past_blocks(self):
+        """What `past` returns as blocks, made when taken: ``blocks(tokens)`` yields ``(key, value)`` ``(B, H, t, D)``,
+        the sinks, the pages ``tokens`` positions at a time, the window as it is now (a later append is not in it)."""
+        sinks = (self.sink_keys.to(self.dtype), self.sink_values.to(self.dtype))
+        window = (self.keys.to(self.dtype), self.values.to(self.dtype))
+        # a row that skipped padding holds its tokens at the last seq_lens[b] of the packed positions
+        positions, skipped = self.packed_positions, self.packed_positions - self.seq_lens.long()
+
+        def blocks(tokens: int):
+            yield sinks
+            for a in range(0, positions, tokens):
+                idx = torch.arange(a, min(a + tokens, positions), device=self.device) - skipped[:, None]
+                held, slots = idx >= 0, self._slots(idx.clamp(min=0))  # (B, t), for both streams
+                yield (self._dequantized(self.key_pages, self.key_fmt, slots, held),
+                       self._dequantized(self.value_pages, self.value_fmt, slots, held))  # fmt: skip
+            yield window
+
+        return blocks
 
     def _dequantized(
         self, pages: torch.Tensor, fmt: PagedCodec, slots: torch.Tensor, held: torch.Tensor
@@ -217,9 +229,14 @@ class PagedLayer(KVPackLayer):
 
         batch, _, q_len, head_dim = query.shape
         valid = key_validity(attention_mask, batch, self.cumulative_length)
+        past, self._past = self._past, None
         if q_len == 1:
             scale = head_dim**-0.5 if scaling is None else scaling
             out = self.attend(query[:, :, 0], valid, scale)[:, None]
+        elif past is not None:
+            scale = head_dim**-0.5 if scaling is None else scaling
+            tokens = past_block_tokens(batch, query.shape[1], head_dim, query.element_size())
+            out = prefix_attention(query, past(tokens), key, value, attention_mask, scale)
         else:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                             scaling=scaling, **kwargs)  # fmt: skip
@@ -309,6 +326,7 @@ class PagedLayer(KVPackLayer):
     # ---- cache management -----------------------------------------------------------------------
     def reset(self) -> None:
         super().reset()
+        self._past = None
         self.key_pages = self.value_pages = self.block_tables = self.seq_lens = self.window_k = self.window_v = None
 
     def crop(self, tokens_to_remove: int) -> None:

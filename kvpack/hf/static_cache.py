@@ -40,7 +40,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpack.codecs.compose import IdentityCodec
-from kvpack.hf.attention import ATTENTION_NAME, key_validity, register_pending
+from kvpack.hf.attention import ATTENTION_NAME, key_validity, past_block_tokens, prefix_attention, register_pending
 from kvpack.hf.cache import _check_range, _check_states, _check_stream, cache_policy, check_layer_idx, layer_kinds
 from kvpack.hf.config import model_heads, text_config
 from kvpack.hf.paged_cache import BLOCK_SIZE
@@ -75,6 +75,7 @@ class StaticPagedLayer(CacheLayerMixin):
         self.max_cache_len, self.use_kernel = max_cache_len, use_kernel
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)
         self._prefill = None
+        self._past_count, self._past = 0, None  # a chunk's past, from its update to its attention
 
     # ---- allocation -----------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -151,11 +152,13 @@ class StaticPagedLayer(CacheLayerMixin):
             self._write_token(key_states[:, :, 0], value_states[:, :, 0])
             register_pending(self)
             return key_states, value_states
-        keys, values = self.past()
-        self._mask_start = self.host_tokens - n - keys.shape[-2]  # position of the first key returned
+        # a chunk with a past: the attention takes the past block by block (`prefix_attention`), never all of it in
+        # 16 bits; what is returned is the chunk itself
+        self._past_count, self._past = self.past_blocks()
+        self._mask_start = self.host_tokens - n - self._past_count  # mask column of the first past key
         self._prefill = (key_states, value_states)
         register_pending(self)
-        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+        return key_states, value_states
 
     def _check_update(self, key_states: torch.Tensor, n: int) -> None:
         shape = (self.rows.numel(), self.window_k.shape[2], self.window_k.shape[3])
@@ -277,16 +280,30 @@ class StaticPagedLayer(CacheLayerMixin):
         if q_len == 1 and self._prefill is None:
             scale = head_dim**-0.5 if scaling is None else scaling
             return self.attend(query[:, :, 0], scale)[:, None], None
-        start, stop = self._mask_start, self._mask_start + key.shape[-2]
+        past, self._past = self._past, None
+        start, stop = self._mask_start, self._mask_start + self._past_count + q_len
         mask = None if attention_mask is None else attention_mask[..., start:stop]
-        out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                        **kwargs)  # fmt: skip
-        valid = key_validity(mask, batch, key.shape[-2])
+        if self._past_count:
+            scale = head_dim**-0.5 if scaling is None else scaling
+            tokens = past_block_tokens(batch, query.shape[1], head_dim, query.element_size())
+            out = prefix_attention(query, past(tokens), key, value, mask, scale)
+        else:
+            out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                            **kwargs)  # fmt: skip
+        valid = key_validity(mask, batch, stop - start)
         self.store_prefill(None if valid is None else valid[:, -q_len:])
         return out, None
 
     def past(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The held tokens in position order, ``(B, H, tokens, D)`` in the model dtype (eager: prefill with a past)."""
+        """The held tokens in position order, ``(B, H, tokens, D)`` in the model dtype (all of them at once)."""
+        _, blocks = self.past_blocks()
+        keys, values = zip(*blocks(max(self.capacity, 1)), strict=True)
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+    def past_blocks(self):
+        """The held tokens in position order as ``(count, blocks)``: ``blocks(tokens)`` yields ``(key, value)`` ``(B,
+        H, t, D)`` in the model dtype, the sinks, the pages ``tokens`` at a time (each dequantized when its block is
+        taken) and the ring (two blocks at least, maybe empty). Rows must hold the same count (checked here)."""
         lengths = self.lengths.tolist()
         if len(set(lengths)) > 1:
             raise ValueError(
@@ -296,16 +313,21 @@ class StaticPagedLayer(CacheLayerMixin):
         packed = self._packed_count()
         window_k, window_v, counts = self._window(packed)
         s, p, w = min(lengths[0], self.sinks), int(packed[0]), int(counts[0])
-        keys, values = [window_k[:, :s]], [window_v[:, :s]]
-        if p:
-            slots = (self.rows[:, None] * self.capacity + torch.arange(p, device=self.device)).reshape(-1)
-            for out, pages, fmt in ((keys, self.key_pages, self.key_fmt), (values, self.value_pages, self.value_fmt)):
-                flat = pages.view(-1, pages.shape[2], pages.shape[3])[slots]  # (B * p, H, row_bytes)
-                out.append(dequantize_rows(flat, fmt).view(len(lengths), p, *flat.shape[1:2], fmt.head_dim))
-        keys.append(window_k[:, s:w])
-        values.append(window_v[:, s:w])
-        cat = lambda parts: torch.cat([t.to(self.dtype) for t in parts], dim=1).transpose(1, 2)
-        return cat(keys), cat(values)
+        batch, heads, d = len(lengths), window_k.shape[2], window_k.shape[3]
+        held = lambda x: x.to(self.dtype).transpose(1, 2)
+
+        def blocks(tokens: int):
+            yield held(window_k[:, :s]), held(window_v[:, :s])
+            for a in range(0, p, tokens):
+                b = min(a + tokens, p)
+                slots = (self.rows[:, None] * self.capacity + torch.arange(a, b, device=self.device)).reshape(-1)
+                yield tuple(
+                    held(dequantize_rows(pages.view(-1, heads, pages.shape[3])[slots], fmt).view(batch, b - a, heads, d))
+                    for pages, fmt in ((self.key_pages, self.key_fmt), (self.value_pages, self.value_fmt))
+                )  # fmt: skip
+            yield held(window_k[:, s:w]), held(window_v[:, s:w])
+
+        return p + w, blocks
 
     def store_prefill(self, valid: torch.Tensor | None) -> None:
         """Write the tokens of the last multi-token update (``valid`` (B, n) False: padding, not stored)."""
@@ -349,6 +371,7 @@ class StaticPagedLayer(CacheLayerMixin):
             self.cumulative_length.zero_()
             self.host_tokens = 0
             self._prefill = None
+            self._past_count, self._past = 0, None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row ``b`` takes row ``beam_idx[b]``'s tokens, in place (addresses kept; no host sync)."""

@@ -34,6 +34,9 @@ typedef unsigned char u8;
 struct __align__(8) pair32 {
   u32 x, y;
 };
+struct __align__(16) quad32 {
+  u32 x, y, z, w;
+};
 
 #define MAGIC 0x64006400u
 #define NT ((GQA + 7) / 8)           // n-tiles of 8 query heads
@@ -49,6 +52,9 @@ struct __align__(8) pair32 {
 #define STAGE_BYTES (K_TILE + V_TILE)
 #define KWORDS (D / 4 * KPLANE / 32)  // main-plane words of one token a thread reads for K (D/4 dims)
 #define KPAIRS (16 / KPLANE)          // half2 pairs a word of K codes makes: codes (s, s + KPAIRS), s < KPAIRS
+// 4-bit turbo_mse keys pair adjacent codes instead, (2s, 2s + 1): byte s of a word is then the table index itself
+// (one shift and one lop3 per lookup; pairing (s, s + 4) first took 5 more instructions per word)
+#define KADJ (KKIND == 1 && KBITS == 4)
 #define VTB (D / 8 * VPLANE)          // main-plane bits of one token a thread reads for V (D/8 dims)
 #define VWORDS (VTB / 32)             // as words (0: 8 or 16 bits)
 #define VPAIRS (16 / VPLANE)
@@ -216,6 +222,17 @@ __device__ __forceinline__ void decode_codes(u32 w, u32 y, u32* h, const u32* ta
     unpack<BITS, false>(w, h);
   }
 }
+// 4-bit turbo_mse keys (KADJ): pair s = bytes s of w, codes (2s, 2s + 1), looked up in this lane's table copy.
+template <int REP>
+__device__ __forceinline__ void decode_bytes(u32 w, u32* h, const u32* tab, u32 lane_off) {
+  constexpr int S = 2 + (REP == 1 ? 0 : REP == 2 ? 1 : REP == 4 ? 2 : REP == 8 ? 3 : REP == 16 ? 4 : 5);
+  constexpr u32 M = 0xFFu << S;
+  const u8* tb = reinterpret_cast<const u8*>(tab);
+  h[0] = *reinterpret_cast<const u32*>(tb + (((w << S) & M) | lane_off));
+  h[1] = *reinterpret_cast<const u32*>(tb + (((w >> (8 - S)) & M) | lane_off));
+  h[2] = *reinterpret_cast<const u32*>(tb + (((w >> (16 - S)) & M) | lane_off));
+  h[3] = *reinterpret_cast<const u32*>(tb + (((w >> (24 - S)) & M) | lane_off));
+}
 // Entry i of a turbo_mse table from the fp16 codebook: half2 {cb[low code], cb[high code]} of index i; 3 bits: the
 // 16 (low 2 bits) pairs, each followed by the pair of third bit 1.
 template <int BITS>
@@ -227,6 +244,21 @@ __device__ __forceinline__ u32 table_entry(const u16* cb, int i) {
   if constexpr (BITS == 2) return u32(cb[i & 3]) | (u32(cb[i >> 2]) << 16);
   const int e = i >> 1, hi = (i & 1) * 4;  // BITS == 3
   return u32(cb[hi + (e & 3)]) | (u32(cb[hi + (e >> 2)]) << 16);
+}
+// A turbo_mse table (WORDS words) into shared memory by the CTA's threads; 4 bits with REP >= 4 copies: the copies of
+// an entry are adjacent words, so one 16-byte store writes 4 of them (the word-by-word build was ~500 instructions
+// per thread, a tile's worth, in CTAs of 8 tiles at batch 1)
+template <int BITS, int REP, int WORDS>
+__device__ __forceinline__ void build_table(u32* tab, const u16* cb) {
+  if constexpr (BITS == 4 && REP >= 4) {
+    for (int c = threadIdx.x; c < WORDS / 4; c += 32 * HG) {
+      const int e = c / (REP / 4);
+      const u32 v = u32(cb[e & 15]) | (u32(cb[e >> 4]) << 16);
+      reinterpret_cast<quad32*>(tab)[c] = quad32{v, v, v, v};
+    }
+  } else {
+    for (int i = threadIdx.x; i < WORDS; i += 32 * HG) tab[i] = table_entry<BITS>(cb, i);
+  }
 }
 // Per-token scale and zero from the 4 side bytes: int (scale, zero); turbo_mse (norm * sa, norm * sz).
 template <int KIND>
@@ -337,6 +369,7 @@ __device__ __forceinline__ void softmax_pv(Acc& acc, float (*s)[4], float vs0, f
 
 // Element e of a thread's K fragments from 16-bit values given as words of two (dims 2i, 2i + 1).
 __device__ __forceinline__ u32 q_pair(const u32* words, int e) {
+  if (KADJ) return words[e];  // dims 2e, 2e + 1
   const int w = e / KPAIRS, s = e % KPAIRS, a = 2 * KPAIRS * w + s;
   return prmt(words[a >> 1], words[(a + KPAIRS) >> 1], (s & 1) ? 0x7632 : 0x5410);
 }
@@ -450,10 +483,10 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
     u32* vtab = ktab + KTAB;
     const u32 klane_off = 4u * (lane & (KREP - 1)), vlane_off = 4u * (lane & (VREP - 1));  // this lane's copy
 #if KTAB > 0
-    for (int i = threadIdx.x; i < KTAB; i += 32 * HG) ktab[i] = table_entry<KBITS>(k_codebook, i);
+    build_table<KBITS, KREP, KTAB>(ktab, k_codebook);
 #endif
 #if VTAB > 0
-    for (int i = threadIdx.x; i < VTAB; i += 32 * HG) vtab[i] = table_entry<VBITS>(v_codebook, i);
+    build_table<VBITS, VREP, VTAB>(vtab, v_codebook);
 #endif
     // scale and zero factors of the norm (turbo_mse 1 bit: c0 + c (c1 - c0); more bits: the table's values)
     float ksa = 1.f, ksz = 0.f, vsa = 1.f, vsz = 0.f;
@@ -486,47 +519,47 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
     const int n_tiles = end > start ? (end - start + 15) / 16 : 0;
     const int* bt = block_tables + (long long)b * max_blocks;
     const u32 sbase = smem_addr(smem);
-    // The chunks this thread copies of every tile are the same; only the page moves: their offsets are computed
-    // once (32-bit, relative to the tile's first row in the pool and in shared memory).
-    constexpr int K_PER_TOKEN = HG * K_ROW / CHUNK, K_CHUNKS = 16 * K_PER_TOKEN;
-    constexpr int V_PER_TOKEN = HG * V_ROW / CHUNK, V_CHUNKS = 16 * V_PER_TOKEN;
-    constexpr int K_PER_THREAD = (K_CHUNKS + 32 * HG - 1) / (32 * HG);
-    constexpr int V_PER_THREAD = (V_CHUNKS + 32 * HG - 1) / (32 * HG);
-    // k_src[j] = -1: no chunk for this thread (only in the last j, where the chunks do not fill every thread)
-    int k_src[K_PER_THREAD], k_dst[K_PER_THREAD], v_src[V_PER_THREAD], v_dst[V_PER_THREAD];
-#pragma unroll
-    for (int j = 0; j < K_PER_THREAD; j++) {
-      const int c = threadIdx.x + j * 32 * HG, tok = c / K_PER_TOKEN, within = c - tok * K_PER_TOKEN;
-      k_src[j] = c < K_CHUNKS ? tok * HKV * K_ROW + within * CHUNK : -1;
-      k_dst[j] = tok * HG * K_ROW + within * CHUNK;
-    }
-#pragma unroll
-    for (int j = 0; j < V_PER_THREAD; j++) {
-      const int c = threadIdx.x + j * 32 * HG, tok = c / V_PER_TOKEN, within = c - tok * V_PER_TOKEN;
-      v_src[j] = c < V_CHUNKS ? tok * HKV * V_ROW + within * CHUNK : -1;
-      v_dst[j] = K_TILE + tok * HG * V_ROW + within * CHUNK;
-    }
+    // The chunks this thread copies of every tile are the same; only the page moves. 2 HG threads per token, thread
+    // w0 of a token copies its chunks w0, w0 + 2 HG, ...: one base offset in the pool and one in shared memory, the
+    // chunks at immediate offsets from them (one LDGSTS each; chunk indices over the whole tile cost a division by
+    // the row's chunks, which ptxas redid in every tile: ~60 of the loop's ~425 instructions at head_dim 128).
+    constexpr int TPT = 2 * HG;  // threads per token
+    constexpr int K_PER_TOKEN = HG * K_ROW / CHUNK, V_PER_TOKEN = HG * V_ROW / CHUNK;
+    constexpr int K_PER_THREAD = (K_PER_TOKEN + TPT - 1) / TPT, V_PER_THREAD = (V_PER_TOKEN + TPT - 1) / TPT;
+    const int copy_tok = threadIdx.x / TPT, w0 = threadIdx.x % TPT;
+    // the pools as seen from this thread's first chunk of this CTA's heads: a tile at page blk, token offset
+    // `within` of it, starts at k_base + blk * K_PAGE + within * HKV * K_ROW
+    constexpr long long K_PAGE = (long long)BLOCK_SIZE * HKV * K_ROW, V_PAGE = (long long)BLOCK_SIZE * HKV * V_ROW;
+    const u8* const k_base = k_cache + (hg * HG * K_ROW + copy_tok * HKV * K_ROW + w0 * CHUNK);
+    const u8* const v_base = v_cache + (hg * HG * V_ROW + copy_tok * HKV * V_ROW + w0 * CHUNK);
+    const u32 k_dst = copy_tok * HG * K_ROW + w0 * CHUNK, v_dst = K_TILE + copy_tok * HG * V_ROW + w0 * CHUNK;
+    // the last chunk of a thread exists where the token's chunks reach it
+    const bool k_last = w0 + (K_PER_THREAD - 1) * TPT < K_PER_TOKEN;
+    const bool v_last = w0 + (V_PER_THREAD - 1) * TPT < V_PER_TOKEN;
+    constexpr u32 TILES_PER_PAGE = BLOCK_SIZE / 16;
+    const u32 first_tile = u32(start) / 16;  // start: a multiple of 16
     // block ids are read one tile before their copy is issued: the table load's latency hides behind a tile
-    auto block_of = [&](int i) { return min(max(bt[(start + 16 * i) / BLOCK_SIZE], 0), num_blocks - 1); };
+    auto block_of = [&](int i) {
+      return min(max(bt[(first_tile + u32(i)) / TILES_PER_PAGE], 0), num_blocks - 1);
+    };
     int next_blk = n_tiles > 0 ? block_of(0) : 0;
     auto issue = [&](int i) {
       if (i < n_tiles) {
-        const int pos = start + 16 * i;
         const int blk = next_blk;
         if (i + 1 < n_tiles) next_blk = block_of(i + 1);
-        const long long row = ((long long)blk * BLOCK_SIZE + pos % BLOCK_SIZE) * HKV + hg * HG;
-        const u8* kp = k_cache + row * K_ROW;
-        const u8* vp = v_cache + row * V_ROW;
-        // opaque to the compiler: each chunk's address is then one 64-bit add to kp / vp, not a wide product of the
-        // row re-derived per chunk (sm_90 SASS: ~90 -> ~40 instructions to issue a tile)
+        const u32 within = (first_tile + u32(i)) % TILES_PER_PAGE * 16 * HKV;  // 0 for 16-token pages
+        const u8* kp = k_base + blk * K_PAGE + within * K_ROW;
+        const u8* vp = v_base + blk * V_PAGE + within * V_ROW;
+        // opaque to the compiler: each chunk's address is then an immediate offset from kp / vp, not a wide product
+        // of the row re-derived per chunk (sm_90 SASS: ~90 -> ~40 instructions to issue a tile)
         asm("" : "+l"(kp), "+l"(vp));
         const u32 dst = sbase + (i % STAGES) * STAGE_BYTES;
 #pragma unroll
         for (int j = 0; j < K_PER_THREAD; j++)
-          if ((j + 1) * 32 * HG <= K_CHUNKS || k_src[j] >= 0) cp_async(dst + k_dst[j], kp + u32(k_src[j]));
+          if (j + 1 < K_PER_THREAD || k_last) cp_async(dst + k_dst + j * TPT * CHUNK, kp + j * TPT * CHUNK);
 #pragma unroll
         for (int j = 0; j < V_PER_THREAD; j++)
-          if ((j + 1) * 32 * HG <= V_CHUNKS || v_src[j] >= 0) cp_async(dst + v_dst[j], vp + u32(v_src[j]));
+          if (j + 1 < V_PER_THREAD || v_last) cp_async(dst + v_dst + j * TPT * CHUNK, vp + j * TPT * CHUNK);
       }
       cp_commit();
     };
@@ -549,8 +582,13 @@ extern "C" __global__ void BOUNDS kvpack_cuda_decode(
 #if KBITS == 3
         y0 = k_third(k0, t, w), y8 = k_third(k8, t, w);
 #endif
+#if KADJ
+        decode_bytes<KREP>(k0[t * KWORDS + w], &h0[0][0] + KPAIRS * w, ktab, klane_off);
+        decode_bytes<KREP>(k8[t * KWORDS + w], &h8[0][0] + KPAIRS * w, ktab, klane_off);
+#else
         decode_codes<KKIND, KBITS, KREP, KRAW>(k0[t * KWORDS + w], y0, &h0[0][0] + KPAIRS * w, ktab, klane_off);
         decode_codes<KKIND, KBITS, KREP, KRAW>(k8[t * KWORDS + w], y8, &h8[0][0] + KPAIRS * w, ktab, klane_off);
+#endif
       }
       const u32 ksd0 = k0[K_CODE / 4], ksd8 = k8[K_CODE / 4];
       float s[NT][4];
@@ -749,7 +787,7 @@ extern "C" __global__ void __launch_bounds__(32 * RW) kvpack_cuda_reduce(
   float l = 0.f, a[2][DL];
 #pragma unroll
   for (int i = 0; i < DL; i++) a[0][i] = a[1][i] = 0.f;
-#pragma unroll 4
+#pragma unroll 16  // loads of 16 parts in flight per warp: with 4, batch 1's ~260 parts took ~9 L2 round trips
   for (int s = warp; s < parts; s += RW) {
     const float w = ex2(part_m[base + s] - m_all);
     l += w * part_l[base + s];
@@ -822,7 +860,7 @@ extern "C" __global__ void __launch_bounds__(32 * RW) kvpack_cuda_reduce_dims(
   const long long base = ((long long)b * hq + qh) * parts;
   const float m_all = parts_max(part_m + base, parts);
   float l = 0.f, a = 0.f;
-#pragma unroll 4
+#pragma unroll 16  // loads of 16 parts in flight per warp: with 4, batch 1's ~260 parts took ~9 L2 round trips
   for (int s = warp; s < parts; s += RW) {
     const float w = ex2(part_m[base + s] - m_all);
     l += w * part_l[base + s];

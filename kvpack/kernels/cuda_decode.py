@@ -51,6 +51,10 @@ ROTATE_ROWS = 4  # RQ of cuda_decode.cu: query rows per CTA of the rotation kern
 # Below this many sequences a CTA takes at most 4 KV heads and the window is split over CTAs (H200, batch 1 / 32K,
 # int:4: 4 heads per CTA 35.7-40.8 us at 64-256 splits, 8 heads 39.4-48.6; BENCHMARKS.md)
 SMALL_BATCH = 8
+# Packed tokens per split at least (H200, batch 1 / 32K, graph replay of the whole op: int:4 one wave of 4-head CTAs,
+# 260 splits of 128 tokens, 38.8 us, 128 splits 35.7; the 4bit rule's turbo_mse:4 / rotated int:4 50.1 vs 48.1-48.3;
+# each split's prologue and its part in the merge cost more than a fuller wave gains; BENCHMARKS.md, tenth session)
+MIN_SPLIT_TOKENS = 256
 WINDOW_PER_SPLIT = 32  # 16-bit window tokens per CTA below SMALL_BATCH (else one CTA takes the whole window)
 
 
@@ -375,11 +379,11 @@ def default_splits(variant: Variant, batch: int, capacity: int, device: torch.de
                    window: int = 0) -> int:  # fmt: skip
     """Splits of the packed tokens such that the grid (``splits + window_splits(batch, window)`` CTAs per KV-head
     group and sequence) fills ``waves`` whole waves of the CTAs that fit on the GPU at once (a partial last wave
-    leaves SMs idle while it runs), each split at least 4 tiles of 16 tokens."""
+    leaves SMs idle while it runs), each split at least `MIN_SPLIT_TOKENS` tokens."""
     dev = device.index if device.index is not None else torch.cuda.current_device()
     resident = _resident_ctas(variant, dev)
     ctas = batch * (variant.kv_heads // variant.heads_per_cta)
-    return max(1, min(waves * resident // ctas - window_splits(batch, window), math.ceil(capacity / 64)))
+    return max(1, min(waves * resident // ctas - window_splits(batch, window), math.ceil(capacity / MIN_SPLIT_TOKENS)))
 
 
 def launch_shape(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -201,3 +201,23 @@ def test_graph_replay_equals_the_same_step_unreplayed(cache_kind, dtype):
     assert (replayed == eager).float().mean() >= 0.9  # compiled vs eager: float16 rounding may part a near tie
     captured_eager = graph_generate(model, ids, make(), 48, compile=False)  # the eager step in the graph
     assert torch.equal(captured_eager, eager)
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 3), vocab=st.integers(1, 3000), levels=st.integers(1, 5), seed=st.integers(0, 2**16),
+       specials=st.sampled_from(["none", "-inf", "nan", "all -inf"]))  # fmt: skip
+def test_greedy_pick_is_argmax(batch, vocab, levels, seed, specials):
+    """The two-stage pick is ``argmax``: few distinct values (ties: the first index), vocabularies that are not a
+    multiple of the chunk (the pad never wins), -inf, NaN (argmax takes the first NaN), a row of -inf."""
+    from kvpack.hf.graph_generate import greedy_pick
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, levels, (batch, vocab), generator=g).float()
+    if specials == "-inf":
+        logits[logits == 0] = float("-inf")
+    elif specials == "nan":
+        logits[0, int(torch.randint(0, vocab, (1,), generator=g))] = float("nan")
+    elif specials == "all -inf":
+        logits[-1] = float("-inf")
+    assert torch.equal(greedy_pick(logits), logits.argmax(-1))
+    assert torch.equal(greedy_pick(logits.half()), logits.half().argmax(-1))

@@ -123,7 +123,8 @@ CODEC_PAIRS = [
     ("turbo_mse:4", "turbo_mse:4"), ("turbo_mse:3", "turbo_mse:3"), ("turbo_mse:2", "turbo_mse:2"),
     ("turbo_mse:4", "turbo_mse:1"), ("turbo_mse:1", "turbo_mse:3"), ("int:8", "turbo_mse:2"), ("int:3", "int:3"),
     ("int:8", "int:8"), ("turbo_mse:1", "turbo_mse:1"), ("turbo_mse:3", "int:4"),
-    ("int:3:rotation=hadamard", "turbo_mse:4:rotation=hadamard"),
+    ("int:3:rotation=hadamard", "turbo_mse:4:rotation=hadamard"), ("turbo_mse:4", "int:4:rotation=hadamard"),
+    ("turbo_mse:4", "int:3:rotation=hadamard"),
 ]  # fmt: skip
 
 
