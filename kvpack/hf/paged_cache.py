@@ -230,11 +230,10 @@ class PagedLayer(KVPackLayer):
         batch, _, q_len, head_dim = query.shape
         valid = key_validity(attention_mask, batch, self.cumulative_length)
         past, self._past = self._past, None
+        scale = head_dim**-0.5 if scaling is None else scaling
         if q_len == 1:
-            scale = head_dim**-0.5 if scaling is None else scaling
             out = self.attend(query[:, :, 0], valid, scale)[:, None]
         elif past is not None:
-            scale = head_dim**-0.5 if scaling is None else scaling
             tokens = past_block_tokens(batch, query.shape[1], head_dim, query.element_size())
             out = prefix_attention(query, past(tokens), key, value, attention_mask, scale)
         else:
