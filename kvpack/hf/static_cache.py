@@ -277,14 +277,13 @@ class StaticPagedLayer(CacheLayerMixin):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         batch, _, q_len, head_dim = query.shape
+        scale = head_dim**-0.5 if scaling is None else scaling
         if q_len == 1 and self._prefill is None:
-            scale = head_dim**-0.5 if scaling is None else scaling
             return self.attend(query[:, :, 0], scale)[:, None], None
         past, self._past = self._past, None
         start, stop = self._mask_start, self._mask_start + self._past_count + q_len
         mask = None if attention_mask is None else attention_mask[..., start:stop]
         if self._past_count:
-            scale = head_dim**-0.5 if scaling is None else scaling
             tokens = past_block_tokens(batch, query.shape[1], head_dim, query.element_size())
             out = prefix_attention(query, past(tokens), key, value, mask, scale)
         else:

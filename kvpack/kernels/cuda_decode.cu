@@ -787,7 +787,7 @@ extern "C" __global__ void __launch_bounds__(32 * RW) kvpack_cuda_reduce(
   float l = 0.f, a[2][DL];
 #pragma unroll
   for (int i = 0; i < DL; i++) a[0][i] = a[1][i] = 0.f;
-#pragma unroll 16  // loads of 16 parts in flight per warp: with 4, batch 1's ~260 parts took ~9 L2 round trips
+#pragma unroll 16  // loads of 16 parts in flight per warp (with 4: ~9 dependent rounds over batch 1's ~260 parts)
   for (int s = warp; s < parts; s += RW) {
     const float w = ex2(part_m[base + s] - m_all);
     l += w * part_l[base + s];
@@ -860,7 +860,7 @@ extern "C" __global__ void __launch_bounds__(32 * RW) kvpack_cuda_reduce_dims(
   const long long base = ((long long)b * hq + qh) * parts;
   const float m_all = parts_max(part_m + base, parts);
   float l = 0.f, a = 0.f;
-#pragma unroll 16  // loads of 16 parts in flight per warp: with 4, batch 1's ~260 parts took ~9 L2 round trips
+#pragma unroll 16  // loads of 16 parts in flight per warp (with 4: ~9 dependent rounds over batch 1's ~260 parts)
   for (int s = warp; s < parts; s += RW) {
     const float w = ex2(part_m[base + s] - m_all);
     l += w * part_l[base + s];
