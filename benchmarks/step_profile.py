@@ -1,7 +1,7 @@
 """What one compiled decode step of ``model.generate`` runs on the GPU: kernels per step, device time, host gap.
 
 Usage (CUDA machine, repository root): ``PYTHONPATH=$PWD python benchmarks/step_profile.py [--caches
-static:int:4,hf-static] [--layers 32] [--context 32768] [--batch 1] [--tokens 8] [--json OUT]``.
+static:int:4,hf-static] [--layers 32] [--context 32768] [--batch 1] [--tokens 8] [--fuse-projections] [--json OUT]``.
 Random-weight Llama-3-8B-shaped model (`kvpack.bench.generate.build_model`); each cache is prefilled and warmed
 up as `kvpack bench generate` does (the warm-up pays the compile), then one ``generate`` of ``--tokens`` tokens
 runs unprofiled, then under ``torch.profiler``. Reported per cache: wall ms per token (unprofiled and profiled), the
@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from kvpack.bench.generate import _make_cache, build_model
 from kvpack.hf.config import cache_kwargs
+from kvpack.hf.fuse import fuse_projections
 from kvpack.hf.graph_generate import GraphDecoder
 
 
@@ -107,11 +108,14 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--fuse-projections", action="store_true", help="kvpack.fuse_projections on the model first")
     ap.add_argument("--json")
     args = ap.parse_args()
     floor = launch_floor()
     print(f"a kernel in a replayed CUDA graph: {floor:.2f} us (1000 dependent one-element adds)", flush=True)
     model = build_model(args.layers)
+    if args.fuse_projections:
+        print(f"fused projection groups: {fuse_projections(model)}", flush=True)
     rows = [profile_cache(model, c, args.batch, args.context, args.tokens) for c in args.caches.split(",")]
     if args.json:
         with open(args.json, "w") as f:

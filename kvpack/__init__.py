@@ -10,7 +10,7 @@ __all__ += ["PackedKV", "bpe_accounting", "dequantize_kv", "quantize_kv"]
 __all__ += ["CachePolicy", "EvalResult", "KVPackCache", "evaluate"]
 __all__ += ["load_cache", "save_cache"]
 __all__ += ["PagedKVPackCache", "StaticKVPackCache", "use_paged_attention"]
-__all__ += ["GraphDecoder", "graph_generate"]
+__all__ += ["GraphDecoder", "fuse_projections", "graph_generate"]
 __all__ += ["load_policy", "save_policy"]
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ _LAZY = {
     "use_paged_attention": "kvpack.hf.attention",
     "GraphDecoder": "kvpack.hf.graph_generate",
     "graph_generate": "kvpack.hf.graph_generate",
+    "fuse_projections": "kvpack.hf.fuse",
     "load_cache": "kvpack.hf.persist",
     "save_cache": "kvpack.hf.persist",
     "EvalResult": "kvpack.evaluation.evaluate",

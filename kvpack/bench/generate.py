@@ -17,6 +17,9 @@ when the package is absent; quanto builds its CUDA extension at first use, which
 step), and ``graph:SPEC`` / ``graph:hf-static``: the same static caches decoded by `kvpack.graph_generate` instead
 of ``model.generate`` (the compiled step replayed from one CUDA graph per token, no host loop between tokens).
 
+``--fuse-projections``: `kvpack.fuse_projections` on the model before any cache runs (each layer's q/k/v and
+gate/up as one matrix product), so every cache of the run, transformers' included, decodes with the same weights.
+
 ``prefill_chunk_s``: the seconds of each prefill chunk (the first pays the kernels' first-use compiles).
 Memory (``torch.cuda.max_memory_allocated``, reset before each cache's prefill): ``peak_gib`` over prefill
 and decode, ``prefill_peak_gib`` over prefill and warm-up, ``decode_peak_gib`` over the timed decode only, ``held_gib`` allocated after the decode minus
@@ -34,6 +37,7 @@ import torch
 
 from kvpack.hf.cache import KVPackCache
 from kvpack.hf.config import cache_kwargs
+from kvpack.hf.fuse import fuse_projections
 from kvpack.hf.graph_generate import GraphDecoder
 from kvpack.hf.paged_cache import PagedLayer
 from kvpack.hf.static_cache import StaticKVPackCache
@@ -79,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="generate: instead of timing, find by allocation the largest batch at --context and the "
                        "longest context at batch 1 that fit in GPU memory (pre-allocating caches only: static:SPEC, "
                        "hf-static)")  # fmt: skip
+    group.add_argument("--fuse-projections", action="store_true",
+                       help="generate: fuse each layer's q/k/v and gate/up projections into one matrix product "
+                       "(kvpack.fuse_projections), for every cache of the run")  # fmt: skip
     group.add_argument("--residual", type=int, default=128, help="generate: kvpack 16-bit residual window")
     group.add_argument("--sinks", type=int, default=4, help="generate: kvpack 16-bit attention sinks")
 
@@ -358,6 +365,7 @@ def run_caches(args, caches: list[str], device: str | torch.device, **shape) -> 
     device = torch.device(device)
     cuda = device.type == "cuda"
     model = build_model(args.layers, device, **shape)
+    fused = fuse_projections(model) if getattr(args, "fuse_projections", False) else 0
     weights = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context), device=device, generator=g)
@@ -383,7 +391,7 @@ def run_caches(args, caches: list[str], device: str | torch.device, **shape) -> 
         if cuda:
             torch.cuda.empty_cache()
     model.set_attn_implementation("sdpa")
-    config = {"layers": args.layers, **LLAMA3_8B, **shape, "dtype": "float16"}
+    config = {"layers": args.layers, **LLAMA3_8B, **shape, "dtype": "float16", "fused_projection_groups": fused}
     return {"model": config, "weights_gib": weights, "copy_gbps": copy_gbps, "rows": rows}
 
 
