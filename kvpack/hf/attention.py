@@ -18,7 +18,7 @@ from kvpack.hf.config import text_config
 
 __all__ = [
     "ATTENTION_NAME", "attention_lse", "delegate_attention", "key_validity", "paged_attention", "past_block_tokens",
-    "prefix_attention", "register_pending", "set_attention", "use_paged_attention",
+    "plain_prefix_mask", "prefix_attention", "register_pending", "set_attention", "use_paged_attention",
 ]  # fmt: skip
 
 ATTENTION_NAME = "kvpack_paged"
@@ -154,13 +154,25 @@ def _block_mask(mask: torch.Tensor | None, col: int, t: int, dtype: torch.dtype)
     return (None, None) if mask is None else _bias_block(mask[..., col : col + t], dtype)
 
 
+def _flash_ready(query: torch.Tensor) -> bool:
+    """Whether torch's flash kernel takes this CUDA query with a GQA key/value as they are (16-bit, head_dim a
+    multiple of 8 up to 256): no bias, no heads expanded."""
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] % 8 == 0 \
+        and query.shape[-1] <= 256
+
+
 def attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
                   seen: torch.Tensor | None, scale: float, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA of ``query`` (B, Hq, q, D) over ``key``/``value`` (B, Hkv, t, D) (Hq a multiple of Hkv) with its
     log-sum-exp: ``(out (B, Hq, q, D), lse (B, Hq, q) float32)``; ``bias``: additive (B, 1, q, t) or None, ``seen``
     (B, 1, q) the rows it lets see a key (the others get lse -inf); ``causal``: query i sees keys <= i (q == t).
-    torch's own fused kernels (flash on the CPU, memory-efficient on CUDA: the public SDPA drops the log-sum-exp
-    that a merge over blocks needs)."""
+    torch's own fused kernels (the public SDPA drops the log-sum-exp that a merge over blocks needs): on CUDA with
+    no bias the flash kernel, which reads the KV heads as they are (GQA); with a bias the memory-efficient one over
+    the heads expanded; on the CPU its flash kernel."""
+    if bias is None and _flash_ready(query):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, causal, False,
+                                                                      scale=scale)[:2]  # fmt: skip
+        return out, lse.float()
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
@@ -176,14 +188,33 @@ def attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, b
     return out, lse if seen is None else lse.masked_fill(~seen, float("-inf"))
 
 
+def plain_prefix_mask(mask: torch.Tensor | None, past: int) -> bool:
+    """Whether ``mask`` (B, 1, q, past + q; bool or additive) lets every query see the whole past and its own chunk
+    causally, as no mask at all would (then the attention needs no bias: one device check, one host sync; an eager
+    prefill syncs anyway). Traced by torch.compile or captured in a CUDA graph: False (the mask is taken as it is)."""
+    if mask is None:
+        return True
+    if torch.compiler.is_compiling() or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    q = visible.shape[-2]
+    if visible.shape[-1] != past + q:
+        return False
+    causal = torch.ones(q, q, dtype=torch.bool, device=mask.device).tril_()
+    return bool((visible[..., :past].all() & (visible[..., past:] == causal).all()).item())
+
+
 def prefix_attention(query: torch.Tensor, past, key: torch.Tensor, value: torch.Tensor,
-                     mask: torch.Tensor | None, scale: float) -> torch.Tensor:  # fmt: skip
+                     mask: torch.Tensor | None, scale: float, past_count: int | None = None) -> torch.Tensor:
     """Attention of a prefill chunk with a past: ``query`` (B, Hq, q, D) over the past, ``past`` an iterable of
     ``(key, value)`` blocks (B, Hkv, t, D) in position order, made one at a time (a paged cache dequantizes one block
     of its pages per step, never the whole context), then over the chunk's own ``key``/``value`` (B, Hkv, q, D).
     ``mask``: (B, 1, q, past + q) bool or additive, the columns of those keys, or None (the past all visible, the
-    chunk causal). The blocks meet by their log-sum-exp. -> ``(B, q, Hq, D)`` in the query's dtype; a query row that
-    sees no key at all gets zeros."""
+    chunk causal); ``past_count``: the past's tokens, if known, so that a mask that says just that is dropped
+    (`plain_prefix_mask`: no bias, the flash kernel on CUDA). The blocks meet by their log-sum-exp. -> ``(B, q, Hq,
+    D)`` in the query's dtype; a query row that sees no key at all gets zeros."""
+    if past_count is not None and mask is not None and plain_prefix_mask(mask, past_count):
+        mask = None
     out_all, lse_all, col = None, None, 0
 
     def add(out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -205,5 +236,6 @@ def prefix_attention(query: torch.Tensor, past, key: torch.Tensor, value: torch.
         col += t
     add(*attention_lse(query, key, value, *_block_mask(mask, col, key.shape[2], query.dtype), scale,
                        causal=mask is None))  # fmt: skip
-    out_all = torch.where(torch.isneginf(lse_all)[..., None], 0.0, out_all)
+    if mask is not None:  # rows that saw no key at all (a padded row): zeros, not NaN
+        out_all = torch.where(torch.isneginf(lse_all)[..., None], 0.0, out_all)
     return out_all.to(query.dtype).transpose(1, 2).contiguous()

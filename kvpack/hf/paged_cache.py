@@ -45,8 +45,15 @@ import math
 
 import torch
 
-from kvpack.hf.attention import (ATTENTION_NAME, key_validity, paged_attention, past_block_tokens, prefix_attention,
-                                 register_pending, use_paged_attention)
+from kvpack.hf.attention import (
+    ATTENTION_NAME,
+    key_validity,
+    paged_attention,
+    past_block_tokens,
+    prefix_attention,
+    register_pending,
+    use_paged_attention,
+)
 from kvpack.hf.cache import KVPackCache, KVPackLayer, _check_like, _check_range, _check_states, check_layer_idx
 from kvpack.hf.config import text_config
 from kvpack.kernels.attention import decode
@@ -235,7 +242,8 @@ class PagedLayer(KVPackLayer):
             out = self.attend(query[:, :, 0], valid, scale)[:, None]
         elif past is not None:
             tokens = past_block_tokens(batch, query.shape[1], head_dim, query.element_size())
-            out = prefix_attention(query, past(tokens), key, value, attention_mask, scale)
+            out = prefix_attention(query, past(tokens), key, value, attention_mask, scale,
+                                   past_count=self.cumulative_length - q_len)
         else:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                             scaling=scaling, **kwargs)  # fmt: skip

@@ -44,8 +44,14 @@ from kvpack.hf.attention import ATTENTION_NAME, key_validity, past_block_tokens,
 from kvpack.hf.cache import _check_range, _check_states, _check_stream, cache_policy, check_layer_idx, layer_kinds
 from kvpack.hf.config import model_heads, text_config
 from kvpack.hf.paged_cache import BLOCK_SIZE
-from kvpack.kernels.paged import (PagedCodec, dequantize_rows, graph_capturing, paged_codec, rows_from_packed,
-                                  write_slots)  # fmt: skip
+from kvpack.kernels.paged import (
+    PagedCodec,
+    dequantize_rows,
+    graph_capturing,
+    paged_codec,
+    rows_from_packed,
+    write_slots,  # fmt: skip
+)
 from kvpack.policy import CachePolicy
 
 __all__ = ["StaticKVPackCache", "StaticPagedLayer"]
@@ -191,20 +197,20 @@ class StaticPagedLayer(CacheLayerMixin):
         """Tokens ``(B, n, H, D)`` at row positions ``(B, n)`` (negative: not stored): an eager prefill.
 
         The ring keeps only positions within ``ring_size`` of the row's newest one (a long prefill writes each ring
-        slot once: index_put with repeated indices has no defined order)."""
+        slot once)."""
         keys, values = keys.to(self.held_dtype), values.to(self.held_dtype)
         batch, n = positions.shape
-        rows = self.rows[:, None].expand(batch, n)
         newest = positions.max(dim=1, keepdim=True).values
-        if self.sinks:
-            at_sink = (positions >= 0) & (positions < self.sinks)
-            self._put(rows, positions.clamp(0, self.sinks - 1), at_sink, keys, values)
         after = positions - self.sinks  # position after the sinks
+        at_sink = (positions >= 0) & (after < 0)
         in_ring = (after >= 0) & (positions > newest - self.ring_size)
-        self._put(rows, self.sinks + after.remainder(self.ring_size), in_ring, keys, values)
+        at_ring = self.sinks + after.remainder(self.ring_size)
+        slot = torch.where(after < 0, positions.clamp(0, max(self.sinks - 1, 0)), at_ring)
+        self._put(slot, at_sink | in_ring, keys, values)
         if self.dense:
             return
         paged = (after >= 0) & (after < self.capacity)
+        rows = self.rows[:, None].expand(batch, n)
         heads, d = keys.shape[2:]
         self._encode(keys.reshape(batch * n, heads, d), values.reshape(batch * n, heads, d),
                      torch.where(paged, rows * self.capacity + after, -1).reshape(-1))  # fmt: skip
@@ -223,11 +229,18 @@ class StaticPagedLayer(CacheLayerMixin):
             rows_ = rows_from_packed(codec.encode(x.transpose(0, 1).contiguous()), fmt).transpose(0, 1)
             write_slots(pages, rows_.contiguous(), slots)
 
-    def _put(self, rows, index, keep, keys, values) -> None:
-        """``window[rows, index] = token`` where ``keep`` (an eager prefill: only the kept tokens, whose indices are
-        distinct; index_put with repeated indices has no defined order)."""
-        for window, x in ((self.window_k, keys), (self.window_v, values)):
-            window[rows[keep], index[keep]] = x[keep]
+    def _put(self, slot: torch.Tensor, keep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """``window[row, slot] = token`` for the kept tokens ``(B, n, H, D)`` (their slots ``(B, n)`` distinct), in
+        place and with no host sync: each window slot finds the kept token that maps to it by a scatter of token
+        indices (a boolean index would sync; index_put with the dropped tokens' repeated slots has no defined
+        order)."""
+        batch, n = slot.shape
+        token = torch.arange(n, device=self.device).expand(batch, n)
+        source = torch.full((batch, self.window.shape[2]), -1, dtype=torch.long, device=self.device)
+        source.scatter_reduce_(1, slot, torch.where(keep, token, -1), "amax")
+        take = source.clamp(min=0)[:, :, None, None].expand(-1, -1, *keys.shape[2:])
+        new = torch.stack([keys.gather(1, take), values.gather(1, take)])
+        self.window.copy_(torch.where((source >= 0)[None, :, :, None, None], new, self.window))
 
     # ---- what attention reads -------------------------------------------------------------------
     def _packed_count(self) -> torch.Tensor:
@@ -285,7 +298,7 @@ class StaticPagedLayer(CacheLayerMixin):
         mask = None if attention_mask is None else attention_mask[..., start:stop]
         if self._past_count:
             tokens = past_block_tokens(batch, query.shape[1], head_dim, query.element_size())
-            out = prefix_attention(query, past(tokens), key, value, mask, scale)
+            out = prefix_attention(query, past(tokens), key, value, mask, scale, past_count=self._past_count)
         else:
             out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                             **kwargs)  # fmt: skip
@@ -303,15 +316,15 @@ class StaticPagedLayer(CacheLayerMixin):
         """The held tokens in position order as ``(count, blocks)``: ``blocks(tokens)`` yields ``(key, value)`` ``(B,
         H, t, D)`` in the model dtype, the sinks, the pages ``tokens`` at a time (each dequantized when its block is
         taken) and the ring (two blocks at least, maybe empty). Rows must hold the same count (checked here)."""
-        lengths = self.lengths.tolist()
+        packed = self._packed_count()
+        window_k, window_v, counts = self._window(packed)
+        lengths, packed, counts = torch.stack([self.lengths, packed, counts.to(packed.dtype)]).tolist()  # one sync
         if len(set(lengths)) > 1:
             raise ValueError(
                 f"layer {self.layer_idx}: rows hold different token counts {lengths} (a padded prefill); a multi-token "
                 "update after it is not supported: decode one token at a time"
             )
-        packed = self._packed_count()
-        window_k, window_v, counts = self._window(packed)
-        s, p, w = min(lengths[0], self.sinks), int(packed[0]), int(counts[0])
+        s, p, w = min(lengths[0], self.sinks), packed[0], counts[0]
         batch, heads, d = len(lengths), window_k.shape[2], window_k.shape[3]
         held = lambda x: x.to(self.dtype).transpose(1, 2)
 
