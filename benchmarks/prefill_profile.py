@@ -7,7 +7,8 @@ prefilled in chunks as `kvpack bench generate` does, every chunk but the last un
 compiles), then the last one under ``torch.profiler``. Reported per cache: that chunk's wall time, its GPU kernel
 time, and the kernels with the most time, grouped by name (per layer: divide by ``--layers``). ``--sync-debug``: the
 chunk before the last runs under ``torch.cuda.set_sync_debug_mode("warn")`` and its host syncs are counted by the
-source line that made them (a sync stalls the host's launches ahead of the GPU).
+source line that made them (a sync stalls the host's launches ahead of the GPU); ``--host``: the ops with the most
+host time, by the Python frames that called them.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def count_syncs(run) -> list[dict]:
     return [{"line": k, "syncs": v} for k, v in lines.most_common(30)]
 
 
-def profile_prefill(model, name: str, context: int, chunk: int, sync_debug: bool = False) -> dict:
+def profile_prefill(model, name: str, context: int, chunk: int, sync_debug: bool = False, host: bool = False) -> dict:
     ids = torch.randint(3, 1000, (1, context), device="cuda")
     cache = _make_cache(name, model, 128, 4, context + 8)
     mask = torch.ones_like(ids)
@@ -69,7 +70,7 @@ def profile_prefill(model, name: str, context: int, chunk: int, sync_debug: bool
                 forward(at)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], with_stack=host) as prof:
             forward(starts[-1])
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
@@ -88,6 +89,10 @@ def profile_prefill(model, name: str, context: int, chunk: int, sync_debug: bool
         print(f"  {t['ms']:9.2f} ms {t['calls']:5d} calls  {t['kernel']}", flush=True)
     for t in syncs:
         print(f"  sync x{t['syncs']:4d}  {t['line']}", flush=True)
+    if host:  # where the host's time goes: ops by their own CPU time, grouped by the Python frames that called them
+        table = prof.key_averages(group_by_stack_n=4).table(sort_by="self_cpu_time_total", row_limit=25)
+        row["host_table"] = table
+        print(table, flush=True)
     del cache
     torch.cuda.empty_cache()
     return row
@@ -100,10 +105,11 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--sync-debug", action="store_true", help="count the host syncs of the last chunk by source line")
+    ap.add_argument("--host", action="store_true", help="also list the ops by host time, with their Python stacks")
     ap.add_argument("--json")
     args = ap.parse_args()
     model = build_model(args.layers)
-    rows = [profile_prefill(model, c, args.context, args.chunk, args.sync_debug) for c in args.caches.split(",")]
+    rows = [profile_prefill(model, c, args.context, args.chunk, args.sync_debug, args.host) for c in args.caches.split(",")]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "layers": args.layers, "rows": rows}, f, indent=1)
