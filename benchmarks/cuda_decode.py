@@ -22,15 +22,15 @@ import torch
 import triton.testing
 
 from kvpack import get_codec
-from kvpack.bench.kernels import _graph_ms, copy_bandwidth, paged_decode_inputs, random_paged_cache
-from kvpack.kernels.decode_attention import paged_decode_attention
+from kvpack.bench.kernels import copy_bandwidth, graph_ms, paged_decode_inputs, random_paged_cache
 from kvpack.kernels.cuda_decode import default_splits, paged_cuda_decode, variant_for
+from kvpack.kernels.decode_attention import paged_decode_attention
 from kvpack.kernels.paged import paged_codec
 
 
 def bench(fn) -> tuple[float, float]:
     ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    return ms * 1e3, _graph_ms(fn) * 1e3
+    return ms * 1e3, graph_ms(fn) * 1e3
 
 
 def preset_pairs(name: str) -> list[str]:

@@ -8,12 +8,13 @@ the weight (~400 MB) that none is served from L2; TB/s counts the weight bytes. 
 bandwidth (8 MB at 1.2 TB/s) where the fused one is near it, which is why `kvpack.fuse_projections` exists.
 """
 import itertools
-import time
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from kvpack.bench.kernels import graph_ms
 
 
 @triton.jit
@@ -52,23 +53,6 @@ def triton_gemv(x, w, bn, bk, warps, stages, split):
     return (y[0] if split == 1 else y.sum(0)).to(x.dtype)
 
 
-def time_graph(fn, reps=20):
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=s):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        g.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps
-
-
 def main():
     torch.manual_seed(0)
     shapes = [(1024, 4096), (4096, 4096), (6144, 4096), (14336, 4096), (28672, 4096), (4096, 14336)]
@@ -79,7 +63,7 @@ def main():
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             ref = F.linear(x.float(), ws[0].float())
             nbytes = N * K * 2
-            t = time_graph(lambda: [F.linear(x, w) for w in ws]) / copies
+            t = graph_ms(lambda: [F.linear(x, w) for w in ws]) * 1e-3 / copies
             print(f"M={M} N={N} K={K} cublas {t*1e6:7.2f} us  {nbytes/t/1e12:5.2f} TB/s", flush=True)
             best = None
             for bn, bk, warps, stages, split in itertools.product((4, 8, 16, 32), (256, 512), (4,), (3,), (1, 2, 4)):
@@ -90,7 +74,7 @@ def main():
                 try:
                     out = triton_gemv(x, ws[0], bn, bk, warps, stages, split)
                     err = (out.float() - ref).abs().max().item()
-                    tt = time_graph(lambda: [triton_gemv(x, w, bn, bk, warps, stages, split) for w in ws]) / copies
+                    tt = graph_ms(lambda: [triton_gemv(x, w, bn, bk, warps, stages, split) for w in ws]) * 1e-3 / copies
                 except Exception as e:  # noqa: BLE001
                     print("  fail", bn, bk, warps, stages, split, type(e).__name__, str(e)[:80])
                     continue

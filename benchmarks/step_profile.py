@@ -21,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kvpack.bench.generate import _make_cache, build_model
+from kvpack.bench.kernels import graph_ms
 from kvpack.hf.config import cache_kwargs
 from kvpack.hf.fuse import fuse_projections
 from kvpack.hf.graph_generate import GraphDecoder
@@ -81,24 +82,11 @@ def profile_cache(model, name: str, batch: int, context: int, tokens: int) -> di
     return row
 
 
-def launch_floor(kernels: int = 1000, replays: int = 20) -> float:
+def launch_floor(kernels: int = 1000) -> float:
     """Microseconds per kernel of a replayed CUDA graph of ``kernels`` dependent one-element adds: what a launch
     costs inside a graph when the kernel does nothing."""
     x = torch.zeros(1, device="cuda")
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        x.add_(1)  # warm-up outside the capture
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(kernels):
-                x.add_(1)
-    graph.replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(replays):
-        graph.replay()
-    torch.cuda.synchronize()
-    return 1e6 * (time.perf_counter() - start) / (replays * kernels)
+    return 1e3 * graph_ms(lambda: [x.add_(1) for _ in range(kernels)]) / kernels
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import torch
 from kvpack.bench.generate import add_arguments as add_generate_arguments
 from kvpack.kernels.paged import PagedCodec, paged_codec
 
-__all__ = ["add_arguments", "decode_kernel", "run"]
+__all__ = ["add_arguments", "decode_kernel", "graph_ms", "run"]
 
 DEFAULT_CODECS = ("turbo_mse:4", "turbo_mse:3", "turbo_mse:2", "int:4", "int:4:rotation=hadamard")
 
@@ -148,11 +148,11 @@ def bench_attention(args) -> dict:
                 )  # fmt: skip
 
                 ms = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
-                graph_ms = _graph_ms(step)
+                replay_ms = graph_ms(step)
                 nbytes = batch * hkv * (packed_tokens * 2 * fmt.row_bytes + window * d * 2 * 2)
                 row[spec] = {
                     "us": ms * 1e3,
-                    "graph_us": graph_ms * 1e3,
+                    "graph_us": replay_ms * 1e3,
                     "speedup": sdpa_ms / ms,
                     "bytes": nbytes,
                     "pct_copy": 100 * nbytes / (ms * 1e-3) / copy_bps,
@@ -167,8 +167,8 @@ def bench_attention(args) -> dict:
 
 def decode_kernel(query: torch.Tensor, key_cache: torch.Tensor, key_fmt: PagedCodec, value_fmt: PagedCodec):
     """The launcher that `kvpack.kernels.attention.decode` dispatches these inputs to on CUDA (same arguments)."""
-    from kvpack.kernels.decode_attention import paged_decode_attention
     from kvpack.kernels.cuda_decode import paged_cuda_decode, uses_cuda_kernel
+    from kvpack.kernels.decode_attention import paged_decode_attention
 
     streams = (key_fmt.kind, key_fmt.bits, value_fmt.kind, value_fmt.bits)
     return paged_cuda_decode if uses_cuda_kernel(query, key_cache, *streams) else paged_decode_attention
@@ -178,8 +178,8 @@ def _tuning(args, spec: str) -> dict:
     return dict(getattr(args, "tuning", {}).get(spec, {}))
 
 
-def _graph_ms(step) -> float:
-    """Median time of a CUDA-graph replay of ``step`` (captured after a warm-up on a side stream)."""
+def graph_ms(step) -> float:
+    """Median milliseconds of a CUDA-graph replay of ``step`` (captured after a warm-up on a side stream)."""
     import triton.testing
 
     stream = torch.cuda.Stream()
