@@ -17,6 +17,12 @@ when the package is absent; quanto builds its CUDA extension at first use, which
 step), and ``graph:SPEC`` / ``graph:hf-static``: the same static caches decoded by `kvpack.graph_generate` instead
 of ``model.generate`` (the compiled step replayed from one CUDA graph per token, no host loop between tokens).
 
+``--batch`` and ``--context`` take comma-separated lists: every batch at every context, one model for all of them
+(``--batch 1,8,32 --context 8192,32768,131072``: the grid issue 13 asks for); a cache that runs out of memory in a
+cell becomes a row that says so, and ``--max-tokens N`` skips, with such a row, the cells of more than N tokens
+(batch x context) before their prefill (which takes minutes at millions of tokens). ``--fit`` finds the largest
+batch at each context.
+
 ``--fuse-projections``: `kvpack.fuse_projections` on the model before any cache runs (each layer's q/k/v and
 gate/up as one matrix product), so every cache of the run, transformers' included, decodes with the same weights.
 
@@ -65,11 +71,16 @@ LLAMA3_8B = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``kvpack bench generate`` (the other ``bench`` options are ignored by it)."""
     group = parser.add_argument_group("generate")
-    group.add_argument("--context", type=int, default=32768, help="generate: tokens in the cache before decoding")
+    group.add_argument("--context", default="32768",
+                       help="generate: tokens in the cache before decoding; a comma-separated list measures each")
+    group.add_argument("--max-tokens", type=int, default=0,
+                       help="generate: skip (with a row saying so) the cells whose batch x context exceeds this; 0: none")
     group.add_argument("--new-tokens", type=int, default=128, help="generate: timed decode tokens")
     group.add_argument("--warmup-tokens", type=int, default=8, help="generate: untimed decode tokens first")
     group.add_argument("--layers", type=int, default=32, help="generate: decoder layers (Llama-3-8B: 32)")
-    group.add_argument("--batch", type=int, default=1, help="generate: sequences decoded together")
+    group.add_argument("--batch", default="1",
+                       help="generate: sequences decoded together; a comma-separated list measures each (with "
+                       "--context's list: every batch at every context)")
     group.add_argument("--prefill-chunk", type=int, default=4096, help="generate: tokens per prefill forward")
     group.add_argument(
         "--caches",
@@ -122,15 +133,30 @@ def parse_caches(text: str, head_dim: int = 128) -> list[str]:
     return names
 
 
+def int_list(value, name: str) -> list[int]:
+    """``value`` (an int, or comma-separated integers) as a list of positive integers; ``name`` is its option."""
+    from kvpack.evaluation.haystack import comma_ints
+
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return [value]
+    return comma_ints(str(value), f"--{name} must be comma-separated integers >= 1, got {value!r}")
+
+
+def grid(args) -> list[tuple[int, int]]:
+    """The ``(batch, context)`` cells of a run: every ``--batch`` at every ``--context``, contexts outer."""
+    return [(b, c) for c in int_list(args.context, "context") for b in int_list(args.batch, "batch")]
+
+
 def _check_args(args) -> list[str]:
-    for name in ("context", "new_tokens", "layers", "batch", "prefill_chunk"):
+    cells = grid(args)
+    for name in ("new_tokens", "layers", "prefill_chunk"):
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("warmup_tokens", "residual", "sinks"):
-        if getattr(args, name) < 0:
+    for name in ("warmup_tokens", "residual", "sinks", "max_tokens"):
+        if getattr(args, name, 0) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.context < 2:
+    if min(c for _, c in cells) < 2:
         raise ValueError(f"--context must be >= 2 (a prefill and a first decode token), got {args.context}")
     return parse_caches(args.caches)
 
@@ -245,9 +271,9 @@ def measure(model, name: str, ids: torch.Tensor, *, new_tokens: int, warmup_toke
             generate["disable_compile"] = True
         if name.startswith("graph:"):  # one captured step, replayed per token (kvpack.graph_generate)
             decoder = GraphDecoder(model, cache)
-            run = lambda ids_, n: decoder.generate(ids_, n)  # noqa: E731
+            run = lambda ids_, n: decoder.generate(ids_, n)
         else:
-            run = lambda ids_, n: model.generate(ids_, max_new_tokens=n, min_new_tokens=n, **generate)  # noqa: E731
+            run = lambda ids_, n: model.generate(ids_, max_new_tokens=n, min_new_tokens=n, **generate)
         out = ids
         if warmup_tokens:
             out = run(out, warmup_tokens)
@@ -332,67 +358,80 @@ def _largest(ok, low: int, high: int) -> int:
 
 
 def run_fit(args, caches: list[str], device: str | torch.device) -> dict:
-    """For each pre-allocating cache: the largest batch at ``--context`` and the longest context at batch 1."""
+    """For each pre-allocating cache: the largest batch at each ``--context`` and the longest context at batch 1."""
     model = build_model(args.layers, torch.device(device))
+    contexts = int_list(args.context, "context")
+    ok = lambda name, batch, tokens: fits(model, name, batch, tokens, args.residual, args.sinks)
     rows = []
     for name in caches:
         if not (name == "hf-static" or name.startswith("static:")):
             rows.append({"cache": name, "skipped": "--fit measures pre-allocating caches (static:SPEC, hf-static)"})
             continue
-        row = {"cache": name, "context": args.context}
-        if not fits(model, name, 1, args.context, args.residual, args.sinks):
-            row["max_batch"] = 0
-        else:
-            top = 1
-            while fits(model, name, top * 2, args.context, args.residual, args.sinks):
-                top *= 2
-            row["max_batch"] = _largest(lambda b, name=name: fits(model, name, b, args.context, args.residual, args.sinks),
-                                        top, 2 * top - 1)  # fmt: skip
-        top = max(1, args.context // 1024)  # in units of 1024 tokens
-        while fits(model, name, 1, top * 2048, args.residual, args.sinks):
+        top = max(1, contexts[0] // 1024)  # in units of 1024 tokens
+        while ok(name, 1, top * 2048):
             top *= 2
-        row["max_context_batch1"] = 1024 * _largest(
-            lambda k, name=name: fits(model, name, 1, 1024 * k, args.residual, args.sinks), top, 2 * top - 1
-        )
-        rows.append(row)
-        print(f"{name:>14}: max batch at {args.context} tokens {row['max_batch']}, "
-              f"max context at batch 1 {row['max_context_batch1']}", flush=True)  # fmt: skip
+        longest = 1024 * _largest(lambda k, name=name: ok(name, 1, 1024 * k), top, 2 * top - 1)
+        for context in contexts:
+            row = {"cache": name, "context": context, "max_context_batch1": longest}
+            if not ok(name, 1, context):
+                row["max_batch"] = 0
+            else:
+                top = 1
+                while ok(name, top * 2, context):
+                    top *= 2
+                row["max_batch"] = _largest(lambda b, name=name, c=context: ok(name, b, c), top, 2 * top - 1)
+            rows.append(row)
+            print(f"{name:>14}: max batch at {context} tokens {row['max_batch']}, "
+                  f"max context at batch 1 {longest}", flush=True)  # fmt: skip
     return {"rows": rows}
 
 
 def run_caches(args, caches: list[str], device: str | torch.device, **shape) -> dict:
-    """Build the model (``shape`` overrides Llama-3-8B's), then `measure` each cache; a failing cache becomes a row."""
+    """Build the model (``shape`` overrides Llama-3-8B's), then `measure` each cache at each ``(batch, context)``
+    cell of `grid`; a failing cache, one that runs out of memory and a cell over ``--max-tokens`` become rows."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     model = build_model(args.layers, device, **shape)
     fused = fuse_projections(model) if getattr(args, "fuse_projections", False) else 0
     weights = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
-    g = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context), device=device, generator=g)
     copy_gbps = _copy_bandwidth(device) if cuda else None
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    limit = getattr(args, "max_tokens", 0)
     rows = []
-    for name in caches:
-        try:
-            row = measure(model, name, ids, new_tokens=args.new_tokens, warmup_tokens=args.warmup_tokens,
-                          prefill_chunk=args.prefill_chunk, residual=args.residual, sinks=args.sinks)  # fmt: skip
-        except torch.cuda.OutOfMemoryError as exc:
-            row = {"cache": name, "skipped": f"out of memory: {str(exc).splitlines()[0]}"}
-        except Exception as exc:  # one failing cache (e.g. a quanto build problem) must not lose the other rows
-            logger.exception("kvpack bench generate: %s failed", name)
-            row = {"cache": name, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
-        if copy_gbps and "ms_per_token" in row:  # weights + the K/V a step reads, at the copy bandwidth
-            read = weight_bytes + _kv_bytes_read(name, model.config, args.batch, args.context)
-            row["floor_ms_per_token"] = read / copy_gbps / 1e6
-            row["x_floor"] = row["ms_per_token"] / row["floor_ms_per_token"]
-        rows.append(row)
-        print(_line(row), flush=True)
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+    for batch, context in grid(args):
+        g = torch.Generator(device=device).manual_seed(0)
+        ids = torch.randint(3, model.config.vocab_size, (batch, context), device=device, generator=g)
+        for name in caches:
+            cell = {"cache": name, "batch": batch, "context": context}
+            if limit and batch * context > limit:
+                row = {**cell, "skipped": f"batch x context = {batch * context} tokens > --max-tokens {limit}"}
+            else:
+                row = _measure_row(model, name, ids, args, cell)
+            if copy_gbps and "ms_per_token" in row:  # weights + the K/V a step reads, at the copy bandwidth
+                read = weight_bytes + _kv_bytes_read(name, model.config, batch, context)
+                row["floor_ms_per_token"] = read / copy_gbps / 1e6
+                row["x_floor"] = row["ms_per_token"] / row["floor_ms_per_token"]
+            rows.append(row)
+            print(_line(row), flush=True)
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        del ids
     model.set_attn_implementation("sdpa")
     config = {"layers": args.layers, **LLAMA3_8B, **shape, "dtype": "float16", "fused_projection_groups": fused}
     return {"model": config, "weights_gib": weights, "copy_gbps": copy_gbps, "rows": rows}
+
+
+def _measure_row(model, name: str, ids: torch.Tensor, args, cell: dict) -> dict:
+    """`measure`, with out-of-memory and any other failure of this one cache turned into a row."""
+    try:
+        return measure(model, name, ids, new_tokens=args.new_tokens, warmup_tokens=args.warmup_tokens,
+                       prefill_chunk=args.prefill_chunk, residual=args.residual, sinks=args.sinks)  # fmt: skip
+    except torch.cuda.OutOfMemoryError as exc:
+        return {**cell, "skipped": f"out of memory: {str(exc).splitlines()[0]}"}
+    except Exception as exc:  # one failing cache (e.g. a quanto build problem) must not lose the other rows
+        logger.exception("kvpack bench generate: %s failed", name)
+        return {**cell, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
 
 
 def _copy_bandwidth(device: torch.device, nbytes: int = 2**31) -> float:
@@ -428,7 +467,8 @@ def _kv_bytes_read(name: str, config, batch: int, context: int) -> int:
 
 def _line(row: dict) -> str:
     if "skipped" in row or "error" in row:
-        return f"{row['cache']:>12}: " + (
+        where = f"ctx {row['context']} batch {row['batch']}: " if "context" in row and "batch" in row else ""
+        return f"{row['cache']:>12}: {where}" + (
             f"skipped ({row['skipped']})" if "skipped" in row else f"ERROR {row['error']}"
         )
     text = (

@@ -26,6 +26,7 @@ import platform
 import torch
 
 from kvpack.bench.generate import add_arguments as add_generate_arguments
+from kvpack.bench.generate import int_list
 from kvpack.kernels.paged import PagedCodec, paged_codec
 
 __all__ = ["add_arguments", "decode_kernel", "graph_ms", "run"]
@@ -49,16 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-gib", type=float, default=60.0, help="skip cases whose buffers exceed this")
     parser.add_argument("--json", default=None, type=output_file, help="write all numbers to this JSON file")
     add_generate_arguments(parser)
-
-
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--{name} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"--{name} must list positive integers, got {text!r}")
-    return values
 
 
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
@@ -118,8 +109,8 @@ def bench_attention(args) -> dict:
     fmts = {s: _fmt(s, d) for s in specs}
     copy_bps = copy_bandwidth()
     rows = []
-    for ctx in _ints(args.contexts, "contexts"):
-        for batch in _ints(args.batches, "batches"):
+    for ctx in int_list(args.contexts, "contexts"):
+        for batch in int_list(args.batches, "batches"):
             fp16_bytes = batch * hkv * ctx * d * 2 * 2
             if fp16_bytes / 2**30 > args.max_gib:
                 rows.append({"context": ctx, "batch": batch, "skipped": f"fp16 K/V {fp16_bytes / 2**30:.1f} GiB"})

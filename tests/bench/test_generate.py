@@ -19,6 +19,11 @@ TINY = {"hidden_size": 128, "intermediate_size": 128, "num_attention_heads": 4, 
     ("argv", "match"),
     [
         (["--context", "1"], "--context"),
+        (["--context", "4096,1"], "--context"),
+        (["--context", "4096,x"], "--context"),
+        (["--batch", "0"], "--batch"),
+        (["--batch", "1,,-2"], "--batch"),
+        (["--max-tokens", "-1"], "--max-tokens"),
         (["--new-tokens", "0"], "--new-tokens"),
         (["--layers", "0"], "--layers"),
         (["--prefill-chunk", "0"], "--prefill-chunk"),
@@ -103,6 +108,30 @@ def test_run_caches_reports_every_row_and_survives_a_failing_cache(monkeypatch, 
     assert result["model"]["layers"] == 1 and result["model"]["head_dim"] == 64
     out = capsys.readouterr().out
     assert "int:4: ctx 40 batch 1" in out and "ERROR RuntimeError: boom" in out
+
+
+def test_run_caches_measures_the_grid_and_says_what_it_skips(capsys):
+    """Every --batch at every --context (contexts outer), each cache in each cell; a cell over --max-tokens is a row
+    that says so, the others are measured at their own shape."""
+    from kvpack.bench.kernels import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["generate", "--layers", "1", "--context", "40,48", "--batch", "1,2", "--new-tokens",
+                              "2", "--warmup-tokens", "0", "--prefill-chunk", "16", "--residual", "8",
+                              "--max-tokens", "80"])  # fmt: skip
+    import kvpack.bench.generate as bench
+
+    rows = bench.run_caches(args, ["int:4", "dynamic"], "cpu", **TINY)["rows"]
+    cells = [(r["cache"], r["batch"], r["context"]) for r in rows]
+    assert cells == [(c, b, ctx) for ctx in (40, 48) for b in (1, 2) for c in ("int:4", "dynamic")]
+    for row in rows:
+        if row["batch"] * row["context"] > 80:
+            assert row["skipped"] == "batch x context = 96 tokens > --max-tokens 80" and "new_tokens" not in row
+        else:
+            assert "skipped" not in row and row["new_tokens"] == 2
+            assert row["cache_seq_length"] == row["context"] + 2 - 1
+    assert "dynamic: ctx 48 batch 2: skipped (batch x context = 96" in capsys.readouterr().out
 
 
 def test_a_peer_without_its_package_becomes_a_skipped_row(monkeypatch):
