@@ -158,8 +158,8 @@ def bench_attention(args) -> dict:
 
 def decode_kernel(query: torch.Tensor, key_cache: torch.Tensor, key_fmt: PagedCodec, value_fmt: PagedCodec):
     """The launcher that `kvpack.kernels.attention.decode` dispatches these inputs to on CUDA (same arguments)."""
-    from kvpack.kernels.cuda_decode import paged_cuda_decode, uses_cuda_kernel
     from kvpack.kernels.decode_attention import paged_decode_attention
+    from kvpack.kernels.cuda_decode import paged_cuda_decode, uses_cuda_kernel
 
     streams = (key_fmt.kind, key_fmt.bits, value_fmt.kind, value_fmt.bits)
     return paged_cuda_decode if uses_cuda_kernel(query, key_cache, *streams) else paged_decode_attention

@@ -213,7 +213,7 @@ def prefix_attention(query: torch.Tensor, past, key: torch.Tensor, value: torch.
     chunk causal); ``past_count``: the past's tokens, if known, so that a mask that says just that is dropped
     (`plain_prefix_mask`: no bias, the flash kernel on CUDA). The blocks meet by their log-sum-exp. -> ``(B, q, Hq,
     D)`` in the query's dtype; a query row that sees no key at all gets zeros."""
-    if past_count is not None and mask is not None and plain_prefix_mask(mask, past_count):
+    if past_count is not None and plain_prefix_mask(mask, past_count):
         mask = None
     out_all, lse_all, col = None, None, 0
 

@@ -45,15 +45,8 @@ import math
 
 import torch
 
-from kvpack.hf.attention import (
-    ATTENTION_NAME,
-    key_validity,
-    paged_attention,
-    past_block_tokens,
-    prefix_attention,
-    register_pending,
-    use_paged_attention,
-)
+from kvpack.hf.attention import (ATTENTION_NAME, key_validity, paged_attention, past_block_tokens, prefix_attention,
+                                 register_pending, use_paged_attention)
 from kvpack.hf.cache import KVPackCache, KVPackLayer, _check_like, _check_range, _check_states, check_layer_idx
 from kvpack.hf.config import text_config
 from kvpack.kernels.attention import decode

@@ -44,14 +44,8 @@ from kvpack.hf.attention import ATTENTION_NAME, key_validity, past_block_tokens,
 from kvpack.hf.cache import _check_range, _check_states, _check_stream, cache_policy, check_layer_idx, layer_kinds
 from kvpack.hf.config import model_heads, text_config
 from kvpack.hf.paged_cache import BLOCK_SIZE
-from kvpack.kernels.paged import (
-    PagedCodec,
-    dequantize_rows,
-    graph_capturing,
-    paged_codec,
-    rows_from_packed,
-    write_slots,  # fmt: skip
-)
+from kvpack.kernels.paged import (PagedCodec, dequantize_rows, graph_capturing, paged_codec, rows_from_packed,
+                                  write_slots)  # fmt: skip
 from kvpack.policy import CachePolicy
 
 __all__ = ["StaticKVPackCache", "StaticPagedLayer"]
