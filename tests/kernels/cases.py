@@ -28,8 +28,12 @@ def make_case(
     device: str,
     seed: int,
     dtype=torch.float16,
+    value_scale: float = 1.0,
+    key_ramp: float = 0.0,
 ):
-    """A ragged batch: K/V encoded with the PyTorch codecs, rows scattered into shuffled pages."""
+    """A ragged batch: K/V encoded with the PyTorch codecs, rows scattered into shuffled pages. ``value_scale``
+    multiplies the values (packed and window); ``key_ramp`` > 0 grows the keys along the sequence (key at position i
+    times ``1 + key_ramp * i / n``), so the running max of the scores keeps moving."""
     g = torch.Generator().manual_seed(seed)
     kc, vc = (get_codec(s, head_dim=head_dim, seed=seed) for s in (key, value))
     kf, vf = paged_codec(kc, device), paged_codec(vc, device)
@@ -43,8 +47,8 @@ def make_case(
     for b, n in enumerate(seq_lens):  # unused slots keep random bytes: the kernel must not read them
         pos = torch.arange(n)
         blocks, offs = perm[b][pos // block_size], pos % block_size
-        k = torch.randn(n, kv_heads, head_dim, generator=g) * 2 + 0.3
-        v = torch.randn(n, kv_heads, head_dim, generator=g)
+        k = (torch.randn(n, kv_heads, head_dim, generator=g) * 2 + 0.3) * (1 + key_ramp * pos / n)[:, None, None]
+        v = torch.randn(n, kv_heads, head_dim, generator=g) * value_scale
         key_cache[blocks, offs] = rows_from_packed(kc.encode(k), kf)
         value_cache[blocks, offs] = rows_from_packed(vc.encode(v), vf)
     w = max(window_lens + [1])
@@ -55,7 +59,7 @@ def make_case(
         "block_tables": perm.to(torch.int32),
         "seq_lens": torch.tensor(seq_lens, dtype=torch.int32),
         "window_keys": (torch.randn(batch, w, kv_heads, head_dim, generator=g) * 2).to(dtype),
-        "window_values": torch.randn(batch, w, kv_heads, head_dim, generator=g).to(dtype),
+        "window_values": (torch.randn(batch, w, kv_heads, head_dim, generator=g) * value_scale).to(dtype),
         "window_lens": torch.tensor(window_lens, dtype=torch.int32),
     }
     case = {k: t.to(device) for k, t in case.items()}

@@ -145,6 +145,20 @@ def test_every_codec_matches_reference(head_dim, key, value, kv_heads, gqa):
     check(case, kf, vf)
 
 
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("key,value", [("int:4", "int:4"), ("int:2", "int:2"), ("turbo_mse:4", "turbo_mse:4"),
+                                       ("turbo_mse:3", "int:3"), ("int:8", "turbo_mse:1")])  # fmt: skip
+@pytest.mark.parametrize("value_scale,key_ramp", [(1.0, 3.0), (3000.0, 0.0), (3000.0, 3.0)])
+def test_large_values_and_moving_max_match_reference(key, value, value_scale, key_ramp):
+    """Values of magnitude 3000 (the kernel packs p * v_scale to fp16 for the value mma) and keys that grow along the
+    sequence (the running max moves again and again, the output rescaled each time) match the reference."""
+    case, kf, vf, _ = make_case(key, value, batch=2, kv_heads=2, gqa=4, head_dim=128, block_size=16,
+                                seq_lens=[3000, 77], window_lens=[24, 5], device="cuda", seed=11,
+                                value_scale=value_scale, key_ramp=key_ramp)  # fmt: skip
+    check(case, kf, vf)
+
+
 def test_supported_streams():
     for kind, bits in BITS.items():
         for b in bits:
