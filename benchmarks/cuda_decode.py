@@ -167,7 +167,8 @@ def main() -> None:
         row["policies"] = policy_times(row, weights)
         for name, p in row["policies"].items():
             print(f"b{batch} ctx{ctx} preset {name}: {p['graph_us']:.1f} us per layer (graph replay, mean over "
-                  f"{p['layers']} layers) = x{sdpa_graph_us / p['graph_us']:.2f} SDPA, {p['bits']:.2f} bits", flush=True)
+                  f"{p['layers']} layers) = x{sdpa_graph_us / p['graph_us']:.2f} SDPA, {p['bits']:.2f} code bits per "
+                  "value (mean of K and V; side bytes and the 16-bit parts aside)", flush=True)
         rows.append(row)
     result = {"device": torch.cuda.get_device_name(), "copy_tbps": copy_bps / 1e12, "rows": rows}
     if args.json:
