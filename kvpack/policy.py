@@ -49,6 +49,9 @@ class CachePolicy:
     tuple of one spec per KV head (``None``: that head 16-bit); such a layer goes through `PerHeadCodec`,
     overriding ``layer_keys``/``key`` there. ``fp_heads`` and ``skip_layers`` still apply on top.
     ``pre_rope_keys``: pack keys with RoPE undone (KVQuant; `kvpack.hf.rope`), re-applied after decoding.
+    ``center_keys``: pack a compressed key stream as ``k - mu``, ``mu`` the mean key of each (sequence, KV head)
+    over the first non-sink tokens a layer stores (its prefill), held once in 16-bit and added back after
+    decoding; the codec then spends its bits on what differs between keys (`kvpack.hf.cache.key_reference`).
     """
 
     key: str | None = "fp16"
@@ -65,10 +68,12 @@ class CachePolicy:
     pre_rope_keys: bool = False
     head_keys: tuple[tuple[str | None, ...] | None, ...] = field(default=())
     head_values: tuple[tuple[str | None, ...] | None, ...] = field(default=())
+    center_keys: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.pre_rope_keys, bool):
-            raise TypeError(f"pre_rope_keys must be a bool, got {self.pre_rope_keys!r}")
+        for name in ("pre_rope_keys", "center_keys"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("key", "value"):
             spec = getattr(self, name)
             if spec is not None and (not isinstance(spec, str) or not spec):

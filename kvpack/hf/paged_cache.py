@@ -47,7 +47,9 @@ import torch
 
 from kvpack.hf.attention import (ATTENTION_NAME, key_validity, paged_attention, past_block_tokens, prefix_attention,
                                  register_pending, use_paged_attention)
-from kvpack.hf.cache import KVPackCache, KVPackLayer, _check_like, _check_range, _check_states, check_layer_idx
+from kvpack.hf.cache import (
+    KVPackCache, KVPackLayer, _check_like, _check_range, _check_states, check_layer_idx, shift_keys,
+)  # fmt: skip
 from kvpack.hf.config import text_config
 from kvpack.kernels.attention import decode
 from kvpack.kernels.paged import PagedCodec, dequantize_rows, paged_codec, rows_from_packed, write_slots
@@ -155,6 +157,7 @@ class PagedLayer(KVPackLayer):
 
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """``(B, H, n, D)`` to the 16-bit tokens (sinks first); packing waits for `pack_aged` (after attention)."""
+        self._fix_key_reference(keys[..., max(self.sinks - self.window_k.shape[1], 0) :, :].to(self.held_dtype))
         self.window_k = torch.cat([self.window_k, keys.to(self.held_dtype).transpose(1, 2)], dim=1)
         self.window_v = torch.cat([self.window_v, values.to(self.held_dtype).transpose(1, 2)], dim=1)
         self._sync_views()
@@ -177,19 +180,21 @@ class PagedLayer(KVPackLayer):
             for a in range(0, positions, tokens):
                 idx = torch.arange(a, min(a + tokens, positions), device=self.device) - skipped[:, None]
                 held, slots = idx >= 0, self._slots(idx.clamp(min=0))  # (B, t), for both streams
-                yield (self._dequantized(self.key_pages, self.key_fmt, slots, held),
+                yield (self._dequantized(self.key_pages, self.key_fmt, slots, held, self.key_reference),
                        self._dequantized(self.value_pages, self.value_fmt, slots, held))  # fmt: skip
             yield window
 
         return blocks
 
     def _dequantized(
-        self, pages: torch.Tensor, fmt: PagedCodec, slots: torch.Tensor, held: torch.Tensor
-    ) -> torch.Tensor:
-        """Rows at ``slots`` (B, positions) decoded, zero where not ``held``: ``(B, H, positions, D)``."""
+        self, pages: torch.Tensor, fmt: PagedCodec, slots: torch.Tensor, held: torch.Tensor,
+        reference: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Rows at ``slots`` (B, positions) decoded (plus ``reference``, `key_reference`), zero where not ``held``:
+        ``(B, H, positions, D)``."""
         batch, positions = slots.shape
         rows = pages.view(-1, pages.shape[2], fmt.row_bytes)[slots]  # (B, positions, H, row_bytes)
-        values = dequantize_rows(rows, fmt) * held[:, :, None, None]
+        values = shift_keys(dequantize_rows(rows, fmt), reference, +1, token_dim=1) * held[:, :, None, None]
         return values.transpose(1, 2).to(self.dtype).reshape(batch, pages.shape[2], positions, fmt.head_dim)
 
     def _slots(self, positions: torch.Tensor) -> torch.Tensor:
@@ -216,6 +221,8 @@ class PagedLayer(KVPackLayer):
             take = order[:, :, None, None].expand_as(window_keys)
             window_keys, window_values = window_keys.gather(1, take), window_values.gather(1, take)
             lens = held.sum(1, dtype=torch.int32)
+        # pages hold k - mu: the window shifted by the same mu leaves every score shifted alike (softmax-invariant)
+        window_keys = shift_keys(window_keys, self.key_reference, -1, token_dim=1)
         out = decode(
             query.to(self.held_dtype), self.key_pages, self.value_pages, self.block_tables, self.seq_lens,
             key_codec=self.key_fmt, value_codec=self.value_fmt, window_keys=window_keys,
@@ -272,6 +279,7 @@ class PagedLayer(KVPackLayer):
             index = torch.where(keep, keep.long().cumsum(1) - 1 + self.seq_lens.long()[:, None], -1)
         self._reserve([t + c for t, c in zip(self.row_tokens, counts)])
         slots = torch.where(index >= 0, self._slots(index.clamp(min=0)), -1).reshape(-1)  # (B * n,) token order (b, t)
+        keys = shift_keys(keys, self.key_reference, -1, token_dim=1)
         if self.use_kernel:  # K and V in one launch
             from kvpack.kernels.encode import paged_encode_kv
 
@@ -342,6 +350,8 @@ class PagedLayer(KVPackLayer):
         rows = rows.to(self.device)
         self.window_k, self.window_v = self.window_k.index_select(0, rows), self.window_v.index_select(0, rows)
         self._sync_views()
+        if self.key_reference is not None:
+            self.key_reference = self.key_reference.index_select(0, rows)
         width = self.block_tables.shape[1]
         blocks = self.block_tables.index_select(0, rows).long().reshape(-1)
         self.key_pages, self.value_pages = self.key_pages[blocks], self.value_pages[blocks]

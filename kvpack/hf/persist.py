@@ -118,6 +118,8 @@ def _layer_state(layer: KVPackLayer, prefix: str, tensors: dict[str, torch.Tenso
         return {"initialized": False}
     for part in ("sink_keys", "sink_values", "keys", "values"):
         tensors[prefix + part] = getattr(layer, part)
+    if layer.key_reference is not None:
+        tensors[prefix + "key_reference"] = layer.key_reference
     chunks = []
     for j, chunk in enumerate(layer.chunks):
         for stream, packed in (("key", chunk.key), ("value", chunk.value)):
@@ -140,6 +142,7 @@ def _layer_state(layer: KVPackLayer, prefix: str, tensors: dict[str, torch.Tenso
         "dtype": str(layer.dtype),
         "held_dtype": str(layer.held_dtype),
         "chunks": chunks,
+        "key_reference": layer.key_reference is not None,
     }
 
 
@@ -270,6 +273,15 @@ def _restore_layer(layer, state: dict, tensors: dict, i: int, model: dict, devic
         raise ValueError(f"{where}.held_dtype is {held}, the policy gives {layer.held_dtype} for dtype {dtype}")
     for name, t in parts.items():
         setattr(layer, name, t)
+    if state.get("key_reference", False):
+        if not layer.centers_keys:
+            raise ValueError(f"{where}.key_reference is true, but the policy packs this layer's keys as they are")
+        ref = _tensor(tensors, prefix + "key_reference", used, device)
+        want = (batch, model["num_kv_heads"], 1, model["head_dim"])
+        if tuple(ref.shape) != want or ref.dtype != held or not bool(torch.isfinite(ref).all()):
+            raise ValueError(f"{prefix}key_reference must be finite {held} of shape {want}, got {ref.dtype} "
+                             f"{tuple(ref.shape)}")  # fmt: skip
+        layer.key_reference = ref
     chunks = []
     for j, meta in enumerate(state["chunks"]):
         at = f"{where}.chunks[{j}]"
@@ -288,6 +300,8 @@ def _restore_layer(layer, state: dict, tensors: dict, i: int, model: dict, devic
         check_order(order, packed["key"].shape[0], packed["value"].shape[0], batch, at)
         chunks.append(_Chunk(packed["key"], packed["value"], meta["tokens"], order, meta["start"]))
     check_positions(layer, chunks, state["cumulative_length"], where)
+    if layer.centers_keys and (chunks or parts["keys"].shape[-2]) and layer.key_reference is None:
+        raise ValueError(f"{where} holds keys packed relative to a mean key but no key_reference (truncated?)")
     layer.chunks = chunks
     layer.cumulative_length = state["cumulative_length"]
     return used

@@ -22,19 +22,23 @@ DTYPES = {str(dt): dt for dt in (torch.float16, torch.bfloat16, torch.float32, t
 _TOP = {"format": str, "version": int, "model": dict, "policy": dict, "layers": list, "sha256": str}
 _MODEL = {"model_id": str, "num_layers": int, "num_kv_heads": int, "head_dim": int, "layer_kinds": list}
 _LAYER = {"initialized": bool, "cumulative_length": int, "dtype": str, "held_dtype": str, "chunks": list}
+_LAYER_OPTIONAL = {"key_reference": bool}  # written since center_keys; files before it have none
 _CHUNK = {"tokens": int, "start": int, "key": dict, "value": dict, "order": bool}
 _PACKED = {"codec": str, "shape": list, "dtype": str}
 
 
-def _fields(obj, kinds: dict, where: str) -> dict:
-    """``obj`` as a dict of exactly the keys of ``kinds``, each of its type (``int`` excludes bool); else ValueError."""
+def _fields(obj, kinds: dict, where: str, optional: dict | None = None) -> dict:
+    """``obj`` as a dict of exactly the keys of ``kinds`` (and any of ``optional``), each of its type (``int``
+    excludes bool); else ValueError."""
     if not isinstance(obj, dict):
         raise ValueError(f"header field {where} must be a JSON object, got {type(obj).__name__}")  # noqa: TRY004
-    missing, extra = sorted(set(kinds) - set(obj)), sorted(set(obj) - set(kinds))
+    optional = optional or {}
+    missing, extra = sorted(set(kinds) - set(obj)), sorted(set(obj) - set(kinds) - set(optional))
     if missing or extra:
         raise ValueError(f"header field {where}: missing fields {missing}, unknown fields {extra}")
-    for key, kind in kinds.items():
-        _typed(obj[key], kind, f"{where}.{key}")
+    for key, kind in {**kinds, **optional}.items():
+        if key in obj:
+            _typed(obj[key], kind, f"{where}.{key}")
     return obj
 
 
@@ -60,7 +64,7 @@ def check_structure(header: dict) -> None:
         if not state["initialized"]:
             _fields(state, {"initialized": bool}, where)
             continue
-        _fields(state, _LAYER, where)
+        _fields(state, _LAYER, where, _LAYER_OPTIONAL)
         for name in ("dtype", "held_dtype"):
             if state[name] not in DTYPES:
                 raise ValueError(f"header field {where}.{name} must be one of {sorted(DTYPES)}, got {state[name]!r}")

@@ -41,7 +41,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpack.codecs.compose import IdentityCodec
 from kvpack.hf.attention import ATTENTION_NAME, key_validity, past_block_tokens, prefix_attention, register_pending
-from kvpack.hf.cache import _check_range, _check_states, _check_stream, cache_policy, check_layer_idx, layer_kinds
+from kvpack.hf.cache import (
+    _check_range, _check_states, _check_stream, cache_policy, check_layer_idx, key_reference, layer_kinds, shift_keys,
+)  # fmt: skip
 from kvpack.hf.config import model_heads, text_config
 from kvpack.hf.paged_cache import BLOCK_SIZE
 from kvpack.kernels.paged import (PagedCodec, dequantize_rows, graph_capturing, paged_codec, rows_from_packed,
@@ -124,12 +126,18 @@ class StaticPagedLayer(CacheLayerMixin):
                                   device=self.device)  # fmt: skip
         self.window_k, self.window_v = self.window[0], self.window[1]
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=self.device)  # tokens held per row
+        # `center_keys`: the pages hold k - mu, mu fixed by the prefill (`KVPackLayer`'s rule); a static buffer, so
+        # that a captured step reads the value the prefill wrote (zeros until then: no shift)
+        centers = self.policy.center_keys and not dense and not isinstance(key_codec, IdentityCodec)
+        self.key_reference = (torch.zeros(batch, heads, 1, d, dtype=self.held_dtype, device=self.device) if centers
+                              else None)  # fmt: skip
+        self.reference_fixed = False
         self.cumulative_length = self.cumulative_length.to(self.device)
         self.rows = torch.arange(batch, device=self.device)
         self.ring_steps = torch.arange(self.ring_size, device=self.device)
         self.host_tokens = 0  # eager updates (a compiled step cannot keep a host count: a prefill re-reads the device's)
         _static(self.key_pages, self.value_pages, self.block_tables, self.window, self.window_k, self.window_v,
-                self.lengths, self.cumulative_length)  # fmt: skip
+                self.lengths, self.cumulative_length, *[t for t in (self.key_reference,) if t is not None])  # fmt: skip
         self.is_initialized = True
 
     # ---- update ---------------------------------------------------------------------------------
@@ -184,7 +192,8 @@ class StaticPagedLayer(CacheLayerMixin):
         self.window[:, self.rows, slot] = held
         if not self.dense:
             paged = (after >= 0) & (after < self.capacity)
-            self._encode(held[0], held[1], torch.where(paged, self.rows * self.capacity + after, -1))
+            key = shift_keys(held[0][:, :, None], self.key_reference, -1)[:, :, 0]
+            self._encode(key, held[1], torch.where(paged, self.rows * self.capacity + after, -1))
         self.lengths.add_(1)
 
     def _write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
@@ -204,6 +213,11 @@ class StaticPagedLayer(CacheLayerMixin):
         if self.dense:
             return
         paged = (after >= 0) & (after < self.capacity)
+        if self.key_reference is not None and not self.reference_fixed and bool(paged.any()):
+            # the first non-sink tokens stored fix mu, as in KVPackLayer (a prefill is eager: one sync is fine)
+            self.key_reference.copy_(key_reference(keys.transpose(1, 2), paged))
+            self.reference_fixed = True
+        keys = shift_keys(keys, self.key_reference, -1, token_dim=1)
         rows = self.rows[:, None].expand(batch, n)
         heads, d = keys.shape[2:]
         self._encode(keys.reshape(batch * n, heads, d), values.reshape(batch * n, heads, d),
@@ -264,6 +278,7 @@ class StaticPagedLayer(CacheLayerMixin):
         """``query`` (B, Hq, D) of the newest token -> ``(B, Hq, D)`` over everything held (one decode launch)."""
         packed = self._packed_count()
         window_k, window_v, counts = self._window(packed)
+        window_k = shift_keys(window_k, self.key_reference, -1, token_dim=1)  # as the pages: k - mu (`PagedLayer`)
         args = (query.to(self.held_dtype), self.key_pages, self.value_pages, self.block_tables, packed.int(),
                 window_k, window_v, counts.int())  # fmt: skip
         if self.use_kernel:
@@ -328,8 +343,10 @@ class StaticPagedLayer(CacheLayerMixin):
                 b = min(a + tokens, p)
                 slots = (self.rows[:, None] * self.capacity + torch.arange(a, b, device=self.device)).reshape(-1)
                 yield tuple(
-                    held(dequantize_rows(pages.view(-1, heads, pages.shape[3])[slots], fmt).view(batch, b - a, heads, d))
-                    for pages, fmt in ((self.key_pages, self.key_fmt), (self.value_pages, self.value_fmt))
+                    held(shift_keys(dequantize_rows(pages.view(-1, heads, pages.shape[3])[slots], fmt)
+                                    .view(batch, b - a, heads, d), ref, +1, token_dim=1))
+                    for pages, fmt, ref in ((self.key_pages, self.key_fmt, self.key_reference),
+                                            (self.value_pages, self.value_fmt, None))
                 )  # fmt: skip
             yield held(window_k[:, s:w]), held(window_v[:, s:w])
 
@@ -378,6 +395,9 @@ class StaticPagedLayer(CacheLayerMixin):
             self.host_tokens = 0
             self._prefill = None
             self._past_count, self._past = 0, None
+            if self.key_reference is not None:
+                self.key_reference.zero_()
+                self.reference_fixed = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row ``b`` takes row ``beam_idx[b]``'s tokens, in place (addresses kept; no host sync)."""
@@ -385,7 +405,8 @@ class StaticPagedLayer(CacheLayerMixin):
             return
         rows = beam_idx.to(self.device)
         batch = self.rows.numel()
-        for t in (self.key_pages, self.value_pages, self.window_k, self.window_v, self.lengths):
+        held = (self.key_pages, self.value_pages, self.window_k, self.window_v, self.lengths, self.key_reference)
+        for t in (t for t in held if t is not None):
             view = t.view(batch, -1, *t.shape[1:]) if t.shape[0] != batch else t  # pages: a row's blocks
             view.copy_(view.index_select(0, rows))
 

@@ -75,6 +75,23 @@ decoding through `KVPackCache` to 1e-5 on a tiny model), WikiText-2 test, 2 wind
   0/50/100% at depths 0/25/50 (2 trials). On 8 windows of WikiText-2 (decode) the version-3 presets against
   version 2: ``4bit`` +1.54% / 93.95% / KL 0.0095 against +1.74% / 94.97% / 0.0088; ``3bit`` +3.87% / 87.99% /
   0.0424 against +4.79% / 88.77% / 0.0421; ``2.5bit`` +23.1% / 79.0% / 0.184 against +21.6% / 78.8% / 0.179.
+- Keys relative to the prefill's mean key (``RECIPE_VERSION`` 4, ``CENTER_KEYS``; `CachePolicy.center_keys`). On
+  SmolLM2 the mean key of a (layer, KV head) over a 1K WikiText-2 context holds 30-74% of a key's energy (median
+  ~58%); a per-vector codec spends its range on it, and attention does not need it (``q . mu`` shifts every score
+  of a query alike). Decode protocol, WikiText-2, 8 windows, K alone (V exact), residual 16, sinks 1, block 16,
+  measured with a scratch codec that subtracted the first packed chunk's mean (2026-12-07): rotated ``int:4`` KL
+  0.0083 -> 0.0049 (+0.83% -> +0.53% ppl, top-1 94.8% -> 96.7%), ``turbo_mse:4`` 0.0086 -> 0.0070,
+  ``turbo_mse:3`` 0.0423 -> 0.0281, rotated ``int:3`` centered 0.0238 (below plain ``turbo_mse:3``). After a
+  64-token prompt with 1024 tokens generated (4 windows), rotated ``int:4`` 0.0075 -> 0.0055. Alternatives
+  measured and left out: a mean per 16-token block stored in 16 bits (KL 0.0025, but +1 bit per value: at equal
+  bits worse than a wider codec) and a running mean over all packed keys (0.0045; 0.0041 after a short prompt),
+  which would need a mean per segment of tokens in the kernels; one frozen mean needs none, because the paged
+  caches shift the 16-bit window by ``-mu`` instead. Rotated ``int:3`` joins the key candidates. The presets,
+  decode, 8 windows of WikiText-2 (``kvpack eval --preset P --windows 8 --text wikitext2-test.txt``): ``4bit``
+  +1.01% / 94.92% / KL 0.0074 at 4.242 bits (version 3: +1.54% / 93.95% / 0.0095 at 4.250), ``3bit`` +4.92% /
+  91.16% / 0.0308 (+3.87% / 87.99% / 0.0424), ``2.5bit`` +17.0% / 83.06% / 0.127 (+23.1% / 79.0% / 0.184); without
+  the ``int:3`` keys 4bit +1.11% / 95.75% / 0.0076, 3bit +4.92% / 90.82% / 0.0309, 2.5bit +18.5% / 82.8% / 0.138.
+  K over V in the centered calibration table, both rotated ``int:4``: 9.2x (``STREAM_WEIGHT`` 11 kept).
 """
 
 from __future__ import annotations
@@ -115,16 +132,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RECIPE_VERSION = 3  # part of the cache key: a new recipe never reads an old recipe's cached policy
+RECIPE_VERSION = 4  # part of the cache key: a new recipe never reads an old recipe's cached policy
 BUDGETS = {"4bit": 4.25, "3bit": 3.25, "2.5bit": 2.5}
 BUDGET_CTX = 1024
 SINKS = 1
 RESIDUAL = 16
 BLOCK = 16
+CENTER_KEYS = True  # keys packed relative to the prefill's mean key (`CachePolicy.center_keys`; docstring)
 _INT_ROTATED = tuple(f"int:{b}:rotation=hadamard" for b in (2, 3, 4))
 CANDIDATES = ("turbo_mse:1", "turbo_mse:2", "turbo_mse:3", "turbo_mse:4", *_INT_ROTATED, "int:8")
-# keys never at 1 bit (K carries almost all of the loss); rotated int only at 4 bits (int:2/3 lose to turbo_mse)
-KEY_CANDIDATES = ("turbo_mse:2", "turbo_mse:3", "turbo_mse:4", "int:4:rotation=hadamard", "int:8")
+# keys never at 1 bit (K carries almost all of the loss); rotated int at 3-4 bits (int:2 loses to turbo_mse:2; int:3
+# lost to turbo_mse:3 until keys were centered: centered, K-only decode KL 0.0238 against 0.0281)
+KEY_CANDIDATES = ("turbo_mse:2", "turbo_mse:3", "turbo_mse:4", "int:3:rotation=hadamard", "int:4:rotation=hadamard",
+                  "int:8")
 # values: rotated int (far-token content survives it; turbo_mse 2-4 values lose passkeys at 4K, see the docstring),
 # turbo_mse:1 where a budget needs 1 bit; no 8-bit values: fewer items keep the calibration short
 VALUE_CANDIDATES = ("turbo_mse:1", *_INT_ROTATED)
@@ -156,7 +176,7 @@ def _check_name(name) -> float:
 
 
 def _recipe_fields(seed: int) -> dict:
-    return {"residual": RESIDUAL, "sinks": SINKS, "block": BLOCK, "seed": seed}
+    return {"residual": RESIDUAL, "sinks": SINKS, "block": BLOCK, "seed": seed, "center_keys": CENTER_KEYS}
 
 
 # ---- bits as held -------------------------------------------------------------------------------------
@@ -179,10 +199,22 @@ def held_bits(policy: CachePolicy, config, ctx: int = BUDGET_CTX) -> float:
     num_kv_heads, head_dim = model_heads(config)
     bits = values = 0.0
     for i, (tokens, packed) in enumerate(_held_tokens(config, ctx, policy)):
-        for stream_bits in layer_bits(policy, i, num_kv_heads, head_dim):
+        for stream, stream_bits in enumerate(layer_bits(policy, i, num_kv_heads, head_dim)):
             bits += packed * stream_bits + (tokens - packed) * FP16_BITS
             values += tokens
+            if stream == 0 and _centers_keys(policy, config, i, tokens, packed):
+                bits += FP16_BITS  # the 16-bit mean key: one token's worth of K values
     return bits / values
+
+
+def _centers_keys(policy: CachePolicy, config, layer: int, tokens: int, packed: int) -> bool:
+    """Whether `KVPackLayer` holds a `key_reference` for ``layer`` after a prefill of ``tokens`` (``packed``)."""
+    from kvpack.codecs.compose import IdentityCodec
+
+    num_kv_heads, head_dim = model_heads(config)
+    key_codec = policy.codecs(head_dim, layer, num_kv_heads)[0]
+    sinks = 0 if layer_kinds(config)[layer] is not None else policy.sinks
+    return policy.center_keys and not isinstance(key_codec, IdentityCodec) and tokens > min(sinks, tokens)
 
 
 def solve_budget(sensitivity: torch.Tensor, config, budget: float, seed: int = 0) -> CachePolicy:
@@ -273,7 +305,7 @@ def measure_sensitivity(
     _, head_dim = model_heads(model.config)
     specs = [candidates_for(head_dim, c) for c in (CANDIDATES, KEY_CANDIDATES, VALUE_CANDIDATES)]
     return sensitivity.measure_sensitivity(model, windows, ctx, specs[0], RESIDUAL, SINKS, progress, specs[1],
-                                           specs[2], BLOCK, batch)  # fmt: skip
+                                           specs[2], BLOCK, batch, center_keys=CENTER_KEYS)  # fmt: skip
 
 
 def model_hash(model) -> str:

@@ -12,7 +12,8 @@ One implementation serves every table (per layer, per KV head, one head's K and 
 row of a batched `DynamicCache` (``batch`` rows per forward) whose one (layer, stream[, head]) holds the decoded
 blocks, the same attention a `KVPackCache` under the one-layer policy gives, since its packed blocks decode to
 exactly those values (tests check it against one `KVPackCache` per candidate, for per-token and block codecs). One
-clean prefill and one exact continuation per window serve every candidate.
+clean prefill and one exact continuation per window serve every candidate. ``center_keys``: keys are packed relative to
+the mean of the prefill's non-sink keys, as `KVPackCache` under ``CachePolicy(center_keys=True)`` holds them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvpack.evaluation.protocol import Prefill, clean_prefill
-from kvpack.hf.cache import layer_kinds
+from kvpack.hf.cache import key_reference, layer_kinds, shift_keys
 from kvpack.hf.config import model_heads, text_config
 from kvpack.policy import CachePolicy
 from kvpack.hf.config import cache_kwargs
@@ -51,13 +52,16 @@ def _packed_range(tokens: int, sinks: int, residual: int, block: int) -> tuple[i
     return sinks, sinks + max(tokens - sinks - residual, 0) // block * block
 
 
-def _through(codec, x: torch.Tensor, lo: int, hi: int, block: int) -> torch.Tensor:
-    """``x`` ``(1, kv_heads, T, D)`` with tokens ``[lo, hi)`` encoded and decoded block by block, as packed."""
+def _through(
+    codec, x: torch.Tensor, lo: int, hi: int, block: int, reference: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x`` ``(1, kv_heads, T, D)`` with tokens ``[lo, hi)`` encoded and decoded block by block, as packed (relative
+    to ``reference`` ``(1, kv_heads, 1, D)`` when given: `kvpack.hf.cache.key_reference`)."""
     y = x.clone()
     step = hi - lo if codec.block_tokens == 1 else block  # per-token codecs: blocks or not, the same values
     for at in range(lo, hi, step):
-        part = x[..., at : at + step, :].contiguous()
-        y[..., at : at + step, :] = codec.decode(codec.encode(part)).to(x.dtype)
+        part = shift_keys(x[..., at : at + step, :], reference, -1).contiguous()
+        y[..., at : at + step, :] = shift_keys(codec.decode(codec.encode(part)), reference, +1).to(x.dtype)
     return y
 
 
@@ -91,7 +95,8 @@ def _batched_cache(model, prefill: Prefill, rows: list[dict[tuple[int, int], tor
     return cache
 
 
-def _replacements(item: _Item, shape, prefill, layer_windows: list[int | None], residual: int, sinks: int) -> dict:
+def _replacements(item: _Item, shape, prefill, layer_windows: list[int | None], residual: int, sinks: int,
+                  center_keys: bool = False) -> dict:  # fmt: skip
     """``{(layer, stream): K or V as the one-layer cache holds it}`` for one row of the batched cache. A sliding
     layer keeps its last ``window - 1`` tokens (no sinks) and packs those; the older ones are dropped by the
     `DynamicCache` layer anyway, which sees the whole prefill, so that positions stay right."""
@@ -105,8 +110,11 @@ def _replacements(item: _Item, shape, prefill, layer_windows: list[int | None], 
         kept = x.shape[-2] if window is None else min(x.shape[-2], window - 1)
         lo, hi = _packed_range(kept, sinks if window is None else 0, residual, block)
         offset = x.shape[-2] - kept
+        # the prefill is the layer's first update: its non-sink keys (a sliding layer's all) fix the reference
+        first = sinks if window is None else 0
+        reference = key_reference(x[..., first:, :]) if center_keys and stream == 0 and first < x.shape[-2] else None
         # all heads go through the codec (a calibrated codec's basis is per head: it needs the cache's layout)
-        y = _through(codec, x, lo + offset, hi + offset, block)
+        y = _through(codec, x, lo + offset, hi + offset, block, reference)
         if item.head is not None:  # the layer's other heads stay exact
             y, one = x.clone(), y
             y[:, item.head] = one[:, item.head]
@@ -119,7 +127,8 @@ def _duration(seconds: float) -> str:
 
 
 def _kl_of_items(model, windows, ctx: int, items: list[_Item], residual: int, sinks: int, block: int | None,
-                 desc: str, progress: bool, batch: int = 8, seed: int = 0) -> torch.Tensor:  # fmt: skip
+                 desc: str, progress: bool, batch: int = 8, seed: int = 0,
+                 center_keys: bool = False) -> torch.Tensor:  # fmt: skip
     """Mean KL(exact || item) per continuation token, float64 ``(len(items),)``, averaged over ``windows``."""
     if not windows:
         raise ValueError("windows must hold at least one window of token ids")
@@ -147,7 +156,7 @@ def _kl_of_items(model, windows, ctx: int, items: list[_Item], residual: int, si
                           "this machine (measured on the first window)", file=sys.stderr, flush=True)  # fmt: skip
                 bar = tqdm(total=len(items) * len(windows), desc=desc, unit="item", disable=not progress)
             for at in range(0, len(items), batch):
-                rows = [_replacements(item, shape, prefill, layer_windows, residual, sinks)
+                rows = [_replacements(item, shape, prefill, layer_windows, residual, sinks, center_keys)
                         for item, shape in zip(items[at : at + batch], shapes[at : at + batch])]  # fmt: skip
                 cache = _batched_cache(model, prefill, rows)
                 out = F.log_softmax(model(cont.expand(len(rows), -1), **cache_kwargs(model, cache)).logits.float(), -1)
@@ -162,13 +171,15 @@ def measure_sensitivity(
     model, windows: list[torch.Tensor], ctx: int, candidates: tuple[str, ...], residual: int = 128, sinks: int = 4,
     progress: bool = True, key_candidates: tuple[str, ...] | None = None,
     value_candidates: tuple[str, ...] | None = None, block: int | None = None, batch: int = 8,
+    center_keys: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """``D`` float64 ``(layers, 2, len(candidates))``: mean KL per continuation token when only that
     layer's K (stream 0) or V (stream 1) is stored with that candidate codec. ``windows``: 1-D token
     id tensors of ``ctx + n`` tokens each. Sinks and window stay in the model dtype here, so that
     ``D`` is the codec's effect alone. ``key_candidates``/``value_candidates`` (default: all of ``candidates``):
     the ones measured for that stream; the others are NaN (not allowed to the knapsack) and cost no run.
-    ``block``: tokens per packed block (``None``: `CachePolicy`'s default); ``batch``: caches per forward."""
+    ``block``: tokens per packed block (``None``: `CachePolicy`'s default); ``batch``: caches per forward.
+    ``center_keys``: keys relative to the prefill's mean key (`CachePolicy.center_keys`)."""
     num_layers = text_config(model.config).num_hidden_layers
     allowed = (key_candidates or candidates, value_candidates or candidates)
     for stream, name in enumerate(("key_candidates", "value_candidates")):
@@ -178,7 +189,8 @@ def measure_sensitivity(
              for j, spec in enumerate(candidates) if spec in allowed[stream]]  # fmt: skip
     items = [_Item(layer, *((candidates[j], None) if stream == 0 else (None, candidates[j])))
              for layer, stream, j in slots]  # fmt: skip
-    measured = _kl_of_items(model, windows, ctx, items, residual, sinks, block, "sensitivity", progress, batch)
+    measured = _kl_of_items(model, windows, ctx, items, residual, sinks, block, "sensitivity", progress, batch,
+                            center_keys=center_keys)  # fmt: skip
     kl = torch.full((num_layers, 2, len(candidates)), float("nan"), dtype=torch.float64)
     for (layer, stream, j), value in zip(slots, measured.tolist(), strict=True):
         kl[layer, stream, j] = value

@@ -38,6 +38,7 @@ POLICIES = {
     ),
     "pre-RoPE keys": CachePolicy("int:3", "int:3", residual=0, sinks=1, block=1, pre_rope_keys=True),
     "residual 16 block 4": CachePolicy("turbo_mse:3", "turbo_mse:2", residual=16, sinks=4, block=4),
+    "centered keys": CachePolicy("int:2", "int:3", residual=4, sinks=1, block=2, center_keys=True),
 }
 
 

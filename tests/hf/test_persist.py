@@ -363,6 +363,7 @@ def test_fuzz_flipped_or_truncated_bytes_are_refused(any_saved, tmp_path, offset
         CachePolicy("int:4", "int:2", residual=16, sinks=4, block=32, window_dtype=torch.float32),
         CachePolicy("int:4", None, residual=16, sinks=4, block=32, window_dtype=torch.bfloat16, pre_rope_keys=True),
         CachePolicy("int:4", "int:2", residual=16, sinks=4, block=32, head_keys=(("int:2", None),), fp_heads=((2, 1),)),
+        CachePolicy("int:4", "int:2", residual=16, sinks=4, block=32, center_keys=True),
     ],
 )
 def test_every_policy_saves_and_loads(tmp_path, policy):
@@ -392,3 +393,18 @@ def test_paths_configs_and_devices_named(tmp_path):
     save_cache(cache, tmp_path / "c.safetensors", config=config)
     with pytest.raises(ValueError, match="meta"):
         load_cache(tmp_path / "c.safetensors", config=config, device="meta")
+
+
+def test_key_reference_flag_must_match_the_policy(tmp_path):
+    config = mixed_config()
+    centered = CachePolicy("int:4", "int:2", residual=16, sinks=4, block=32, center_keys=True)
+    for policy, flag, match in ((centered, False, "no key_reference"), (POLICY, True, "keys as they are")):
+        path = tmp_path / f"{flag}.safetensors"
+        save_cache(filled_cache(config, policy), path, config=config)
+
+        def change(h, flag=flag):
+            h["layers"][0]["key_reference"] = flag
+
+        rewrite_header(path, tmp_path / "x", rechecksummed(change, path))
+        with pytest.raises(ValueError, match=match):
+            load_cache(tmp_path / "x", config=config)

@@ -176,7 +176,8 @@ def test_batched_measurement_equals_one_kvpackcache_per_item(family):
             for key, value in ((None, None), (spec, None) if stream == 0 else (None, spec)):
                 keys, values = (tuple(x if i == layer else None for i in range(3)) for x in (key, value))
                 policy = CachePolicy(None, None, layer_keys=keys, layer_values=values, residual=recipe.RESIDUAL,
-                                     sinks=recipe.SINKS, block=recipe.BLOCK, window_dtype=torch.float32)  # fmt: skip
+                                     sinks=recipe.SINKS, block=recipe.BLOCK, window_dtype=torch.float32,
+                                     center_keys=recipe.CENTER_KEYS)  # fmt: skip
                 cache = store_prefill(KVPackCache(model.config, policy=policy), prefill)
                 logps.append(torch.log_softmax(model(ids[None, 540:], past_key_values=cache).logits[0], -1))
             kl = (logps[0].exp() * (logps[0] - logps[1])).sum(-1).clamp_min(0).mean().item()

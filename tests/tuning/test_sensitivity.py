@@ -153,6 +153,22 @@ def test_each_entry_is_the_kl_through_one_kvpackcache(family, ctx, residual, sin
     assert (want > 0).any()
 
 
+@pytest.mark.parametrize("family, spec", [("llama", "int:2"), ("qwen3", "turbo_mse:2")])
+def test_centered_keys_are_the_kl_through_one_kvpackcache(family, spec):
+    # keys relative to the prefill's mean key (`center_keys`): the rows hold what the cache decodes
+    model = tiny_model(family)
+    num_layers, ctx = model.config.num_hidden_layers, 72
+    w = torch.randint(1, model.config.vocab_size, (ctx + 18,), generator=torch.Generator().manual_seed(5))
+    kl = measure_sensitivity(model, [w], ctx, (spec,), 8, 2, progress=False, block=8, batch=3,
+                             key_candidates=(spec,), value_candidates=(spec,), center_keys=True)  # fmt: skip
+    keys = [tuple(spec if i == layer else None for i in range(num_layers)) for layer in range(num_layers)]
+    make = lambda centered: [CachePolicy(None, None, 8, 2, block=8, window_dtype=torch.float32, layer_keys=k,
+                                         center_keys=centered) for k in keys]  # fmt: skip
+    want = kl_through_kvpackcache(model, [w], ctx, make(True))
+    assert kl[:, 0, 0].tolist() == pytest.approx(want.tolist(), rel=1e-4, abs=1e-9)
+    assert not torch.allclose(want, kl_through_kvpackcache(model, [w], ctx, make(False)))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_measurement_on_the_gpu_equals_the_cpu_one(tiny_llama, windows):
     # the KL rows come back from the device (a CPU accumulator met CUDA rows once: calibrate_gpu.py found it)
