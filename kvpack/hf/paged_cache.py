@@ -157,8 +157,9 @@ class PagedLayer(KVPackLayer):
 
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """``(B, H, n, D)`` to the 16-bit tokens (sinks first); packing waits for `pack_aged` (after attention)."""
-        self._fix_key_reference(keys[..., max(self.sinks - self.window_k.shape[1], 0) :, :].to(self.held_dtype))
-        self.window_k = torch.cat([self.window_k, keys.to(self.held_dtype).transpose(1, 2)], dim=1)
+        keys = keys.to(self.held_dtype)
+        self._fix_key_reference(keys[..., max(self.sinks - self.window_k.shape[1], 0) :, :])
+        self.window_k = torch.cat([self.window_k, keys.transpose(1, 2)], dim=1)
         self.window_v = torch.cat([self.window_v, values.to(self.held_dtype).transpose(1, 2)], dim=1)
         self._sync_views()
 

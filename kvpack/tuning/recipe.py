@@ -196,25 +196,19 @@ def _held_tokens(config, ctx: int, policy: CachePolicy) -> list[tuple[int, int]]
 def held_bits(policy: CachePolicy, config, ctx: int = BUDGET_CTX) -> float:
     """Average bits per value of K and V that a `KVPackCache` under ``policy`` holds after a prefill of ``ctx``
     tokens (per-token codecs: their ``bits_per_value`` is exact per packed token; 16-bit for the rest)."""
-    num_kv_heads, head_dim = model_heads(config)
-    bits = values = 0.0
-    for i, (tokens, packed) in enumerate(_held_tokens(config, ctx, policy)):
-        for stream, stream_bits in enumerate(layer_bits(policy, i, num_kv_heads, head_dim)):
-            bits += packed * stream_bits + (tokens - packed) * FP16_BITS
-            values += tokens
-            if stream == 0 and _centers_keys(policy, config, i, tokens, packed):
-                bits += FP16_BITS  # the 16-bit mean key: one token's worth of K values
-    return bits / values
-
-
-def _centers_keys(policy: CachePolicy, config, layer: int, tokens: int, packed: int) -> bool:
-    """Whether `KVPackLayer` holds a `key_reference` for ``layer`` after a prefill of ``tokens`` (``packed``)."""
     from kvpack.codecs.compose import IdentityCodec
 
     num_kv_heads, head_dim = model_heads(config)
-    key_codec = policy.codecs(head_dim, layer, num_kv_heads)[0]
-    sinks = 0 if layer_kinds(config)[layer] is not None else policy.sinks
-    return policy.center_keys and not isinstance(key_codec, IdentityCodec) and tokens > min(sinks, tokens)
+    bits = values = 0.0
+    for i, ((tokens, packed), window) in enumerate(zip(_held_tokens(config, ctx, policy), layer_kinds(config))):
+        for stream_bits in layer_bits(policy, i, num_kv_heads, head_dim):
+            bits += packed * stream_bits + (tokens - packed) * FP16_BITS
+            values += tokens
+        # `KVPackLayer` holds a 16-bit mean key (one token's worth of K) once a non-sink token is stored
+        sinks = 0 if window is not None else policy.sinks
+        if policy.center_keys and tokens > sinks:
+            bits += FP16_BITS * (not isinstance(policy.codecs(head_dim, i, num_kv_heads)[0], IdentityCodec))
+    return bits / values
 
 
 def solve_budget(sensitivity: torch.Tensor, config, budget: float, seed: int = 0) -> CachePolicy:

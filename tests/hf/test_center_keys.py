@@ -110,23 +110,3 @@ def test_static_teacher_forced_logits_follow_kvpack_cache():
         static.reset()
     assert not static.layers[0].reference_fixed and not static.layers[0].key_reference.any()
 
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_kernels_read_centered_pages_as_kvpack_cache_decodes_them():
-    """The fused encode writes codes of k - mu and the decode kernel reads them beside the window shifted by -mu:
-    teacher-forced logits stay within 1/10 of the codec's own effect of KVPackCache's (as the uncentered test)."""
-    from transformers import DynamicCache
-
-    model = tiny_llama(layers=2).cuda()
-    ids = prompt(batch=2, tokens=120)[0].cuda()
-    try:
-        model.set_attn_implementation("sdpa")
-        exact = teacher_forced(model, ids, DynamicCache(config=model.config))
-        plain = teacher_forced(model, ids, KVPackCache(model.config, **CENTERED))
-        use_paged_attention(model)
-        cache = PagedKVPackCache(model.config, **CENTERED)
-        paged = teacher_forced(model, ids, cache)
-    finally:
-        model.set_attn_implementation("sdpa")
-    assert all(layer.use_kernel and layer.key_reference is not None for layer in cache.layers)
-    assert (paged - plain).abs().amax() <= 0.1 * (plain - exact).abs().amax()

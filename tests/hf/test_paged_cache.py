@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from kvpack import KVPackCache, PagedKVPackCache, get_codec, save_cache, use_paged_attention
+from kvpack import CachePolicy, KVPackCache, PagedKVPackCache, get_codec, save_cache, use_paged_attention
 from kvpack.hf.attention import key_validity
 from kvpack.hf.paged_cache import PagedLayer
 from kvpack.kernels.paged import paged_codec, rows_from_packed
@@ -247,11 +247,14 @@ def test_dynamic_cache_untouched_by_paged_attention():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Triton kernels on the GPU")
 @pytest.mark.parametrize(
-    "key,value", [("int:4", "int:4"), ("turbo_mse:4", "turbo_mse:3"), ("turbo_prod:4", "turbo_prod:3")]
+    "key,value,center",
+    [("int:4", "int:4", False), ("turbo_mse:4", "turbo_mse:3", False), ("turbo_prod:4", "turbo_prod:3", False),
+     ("int:4", "turbo_mse:3", True)],
 )
-def test_cuda_kernels_follow_kvpack_cache(key, value):
+def test_cuda_kernels_follow_kvpack_cache(key, value, center):
     """On the GPU every decode step runs the fused encode and the decode kernel; teacher-forced logits stay
-    within 1/10 of the codec's own effect (against DynamicCache) of KVPackCache's, step by step."""
+    within 1/10 of the codec's own effect (against DynamicCache) of KVPackCache's, step by step. ``center``: pages of
+    k - mu (`CachePolicy.center_keys`) beside the window shifted by -mu."""
     model = tiny_llama(layers=2).cuda()
     ids = prompt(batch=2, tokens=120)[0].cuda()
 
@@ -259,7 +262,7 @@ def test_cuda_kernels_follow_kvpack_cache(key, value):
         cache = cache_class(config=model.config, **kw)
         return teacher_forced(model, ids, cache), cache
 
-    kwargs = {"key": key, "value": value, **SMALL}
+    kwargs = {"policy": CachePolicy(key, value, center_keys=center, **SMALL)}
     try:
         model.set_attn_implementation("sdpa")
         exact, _ = forced(DynamicCache)
@@ -269,6 +272,7 @@ def test_cuda_kernels_follow_kvpack_cache(key, value):
     finally:
         model.set_attn_implementation("sdpa")
     assert all(isinstance(layer, PagedLayer) and layer.use_kernel for layer in cache.layers)
+    assert all((layer.key_reference is not None) == center for layer in cache.layers)
     codec_error, paged_error = (plain - exact).abs().amax(-1), (paged - plain).abs().amax(-1)
     assert paged_error.max() <= 0.1 * codec_error.max()
 
