@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pre-rope-keys", action="store_true", help="pack keys with RoPE undone (KVQuant), re-applied after decoding"
     )
+    parser.add_argument("--center-keys", action="store_true",
+                        help="pack keys relative to the prefill's mean key (CachePolicy.center_keys; the presets "
+                             "have it on)")  # fmt: skip
     parser.add_argument("--only", choices=("k", "v"), default=None, help="compress only K or only V")
     parser.add_argument("--seed", type=int, default=0, help="codec seed")
     parser.add_argument("--json", default=None, metavar="OUT", type=output_file, help="write the result as JSON to OUT")
@@ -249,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(
         model=(lm, tokenizer), text=args.text, ctx=args.ctx, n_eval=args.n_eval, windows=args.windows,
         protocol=args.protocol, only=args.only, progress=not args.no_progress,
-        seed=args.seed, pre_rope_keys=args.pre_rope_keys, **kwargs,
+        seed=args.seed, pre_rope_keys=args.pre_rope_keys, center_keys=args.center_keys, **kwargs,
     )  # fmt: skip
     result = replace(result, model=str(args.model))
     print(format_result(result, model_shape(lm.config)))

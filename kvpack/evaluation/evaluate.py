@@ -180,30 +180,34 @@ def _bits_of(cache) -> tuple[float, float] | None:
 
 def _resolve_policy(
     preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys=False, model=None, calibration=True,
-    policy=None,
+    policy=None, center_keys=False,
 ) -> CachePolicy:
+    for name, flag in (("pre_rope_keys", pre_rope_keys), ("center_keys", center_keys)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    # the key flags turn a policy's own on, never off
+    flags = {name: True for name, flag in (("pre_rope_keys", pre_rope_keys), ("center_keys", center_keys)) if flag}
     if policy is not None:
         if not isinstance(policy, CachePolicy):
             raise TypeError(f"policy must be a CachePolicy (e.g. load_policy(file)), got {type(policy).__name__}")
         if preset is not None:
             raise ValueError(f"give a policy or a preset, not both (preset={preset!r})")
-        policy = replace(policy, pre_rope_keys=True) if pre_rope_keys else policy
+        policy = replace(policy, **flags)
     elif preset is not None:
         from kvpack.evaluation.presets import check_preset, resolve_preset
 
         check_preset(preset)
         if model is None:  # checked before the model loads; resolved (for this model) after
-            return CachePolicy(None, None, pre_rope_keys=pre_rope_keys)
-        policy = resolve_preset(preset, model, calibration, seed)
-        policy = replace(policy, pre_rope_keys=True) if pre_rope_keys else policy
+            return CachePolicy(None, None, **flags)
+        policy = replace(resolve_preset(preset, model, calibration, seed), **flags)
     else:
-        policy = CachePolicy(key, value, residual, sinks, tuple(skip_layers), None, seed, pre_rope_keys=pre_rope_keys)
+        policy = CachePolicy(key, value, residual, sinks, tuple(skip_layers), None, seed, **flags)
     if only not in (None, "k", "v"):
         raise ValueError(f"only must be None, 'k' or 'v', got {only!r}")
     if only == "k":  # compress K only: V stays uncompressed (per-layer K specs kept)
         return replace(policy, value=None, layer_values=(), head_values=())
     if only == "v":
-        return replace(policy, key=None, layer_keys=(), head_keys=(), pre_rope_keys=False)
+        return replace(policy, key=None, layer_keys=(), head_keys=(), pre_rope_keys=False, center_keys=False)
     return policy
 
 
@@ -234,6 +238,7 @@ def evaluate(
     pre_rope_keys: bool = False,
     calibration: bool = True,
     policy: CachePolicy | None = None,
+    center_keys: bool = False,
 ) -> EvalResult:
     """Evaluate a cache policy on ``windows`` windows of ``ctx`` + ``n_eval`` tokens of ``text``.
 
@@ -243,7 +248,8 @@ def evaluate(
     the model (calibrated unless ``calibration=False``); ``policy`` (a `CachePolicy`, e.g. ``load_policy(file)``)
     replaces them by that whole policy, on every protocol.
     ``only="k"``/``"v"`` compresses one stream. ``pre_rope_keys``: keys packed with RoPE undone (KVQuant;
-    snapshot and decode). ``cache_factory(config) -> Cache`` evaluates another
+    snapshot and decode). ``center_keys``: keys packed relative to the prefill's mean key (`CachePolicy.center_keys`;
+    every protocol; the presets have it on). ``cache_factory(config) -> Cache`` evaluates another
     cache (snapshot, or decode for a `KVPackCache`; ``bits`` gives its bits when it cannot report them). ``reference_memo``: a
     dict passed to several calls on the same model and windows keeps each window's uncompressed
     prefill K/V and reference logits, so later calls run only the compressed continuation (about 3x
@@ -251,20 +257,22 @@ def evaluate(
     """
     _check_arguments(protocol, ctx, n_eval, windows)
     given = policy
-    policy = _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys, policy=given)
+    policy = _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys, policy=given,
+                             center_keys=center_keys)  # fmt: skip
     if policy.pre_rope_keys and protocol == "inforward":
         raise ValueError(
             "pre_rope_keys works with protocol='snapshot' or 'decode' (the inforward round trip sees post-RoPE keys)"
         )
-    if cache_factory is not None and (protocol == "inforward" or only is not None or pre_rope_keys):
-        raise ValueError("cache_factory works with protocol='snapshot' or 'decode', only=None and pre_rope_keys=False")
+    if cache_factory is not None and (protocol == "inforward" or only is not None or pre_rope_keys or center_keys):
+        raise ValueError("cache_factory works with protocol='snapshot' or 'decode', only=None, pre_rope_keys=False "
+                         "and center_keys=False")  # fmt: skip
     if cache_factory is not None and given is not None:
         raise ValueError("give a cache_factory or a policy, not both")
     raw_text = None if isinstance(text, torch.Tensor) else load_text(text)  # a bad path fails before the model loads
     model_name, (lm, tokenizer) = _model_pair(model)
     if preset is not None:
         policy = _resolve_policy(preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys,
-                                 (lm, tokenizer), calibration)  # fmt: skip
+                                 (lm, tokenizer), calibration, center_keys=center_keys)  # fmt: skip
     if isinstance(text, torch.Tensor):
         ids, label = text.long().flatten(), "token ids"
     else:

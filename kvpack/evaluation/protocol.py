@@ -27,7 +27,9 @@ import torch
 from transformers import DynamicCache
 
 from kvpack.codec import Codec
+from kvpack.codecs.compose import IdentityCodec
 from kvpack.hf.attention import delegate_attention, set_attention
+from kvpack.hf.cache import key_reference, shift_keys
 from kvpack.hf.config import cache_kwargs
 from kvpack.policy import CachePolicy
 
@@ -140,7 +142,9 @@ class RoundTripCache(DynamicCache):
 
     The ``inforward`` protocol: attention, including the current pass's, sees only decoded K/V, except
     at the first ``policy.sinks`` positions of full-attention layers (held in the model dtype and counted
-    at its width). Tracks the bytes it encoded.
+    at its width). ``policy.center_keys``: a layer's keys go through the codec as ``k - mu``, ``mu`` the mean of the
+    non-sink keys of its first update (`kvpack.hf.cache.key_reference`, as `KVPackCache` fixes it; counted once at
+    the model dtype's width). Tracks the bytes it encoded.
     """
 
     def __init__(self, config, policy: CachePolicy) -> None:
@@ -148,6 +152,7 @@ class RoundTripCache(DynamicCache):
         self.policy = policy
         self._bytes = {"k": 0, "v": 0}
         self._values = {"k": 0, "v": 0}
+        self._key_references: dict[int, torch.Tensor] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         layer = self.layers[layer_idx]
@@ -155,12 +160,25 @@ class RoundTripCache(DynamicCache):
         sinks = 0 if getattr(layer, "is_sliding", False) else self.policy.sinks
         key_codec, value_codec = self.policy.codecs(key_states.shape[-1], layer_idx, key_states.shape[-3])
         protect = max(sinks - start, 0)
-        key_states = self._roundtrip(key_codec, key_states, protect, "k")
+        reference = self._key_reference(key_codec, key_states, protect, layer_idx)
+        key_states = self._roundtrip(key_codec, key_states, protect, "k", reference)
         value_states = self._roundtrip(value_codec, value_states, protect, "v")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
-    def _roundtrip(self, codec, x: torch.Tensor, protect: int, stream: str) -> torch.Tensor:
-        x_hat, nbytes = roundtrip(codec, x, protect, kept_width=x.element_size())
+    def _key_reference(self, codec, keys: torch.Tensor, protect: int, layer_idx: int) -> torch.Tensor | None:
+        if not self.policy.center_keys or isinstance(codec, IdentityCodec):
+            return None
+        if layer_idx not in self._key_references and keys.shape[-2] > protect:
+            self._key_references[layer_idx] = key_reference(keys[..., protect:, :])
+            self._bytes["k"] += self._key_references[layer_idx].numel() * keys.element_size()
+        return self._key_references.get(layer_idx)
+
+    def _roundtrip(self, codec, x: torch.Tensor, protect: int, stream: str, reference=None) -> torch.Tensor:
+        kept = x[..., :protect, :]
+        shifted = x if reference is None else torch.cat([kept, shift_keys(x[..., protect:, :], reference, -1)], -2)
+        x_hat, nbytes = roundtrip(codec, shifted, protect, kept_width=x.element_size())
+        if reference is not None:
+            x_hat = torch.cat([kept, shift_keys(x_hat[..., protect:, :], reference, +1)], -2)
         self._values[stream] += x.numel()
         self._bytes[stream] += nbytes
         return x_hat

@@ -8,7 +8,7 @@ Configurations come from the command line (the cartesian product of ``--key``, `
 ``--residual``, ``--sinks``, ``--skip-layers`` and ``--block``, each taking several values), from ``--preset NAME``
 and from a config file (``--config FILE``, JSON or TOML; the format: `kvpack.evaluation.sweep_config`). A
 configuration with only the plain fields (key, value, residual, sinks, skip_layers) goes to `kvpack.evaluate` as
-they are (the sweep's ``--seed`` seeds its codecs); any other policy goes through a `KVPackCache` ``cache_factory``.
+they are (the sweep's ``--seed`` seeds its codecs); any other policy goes to it whole (``policy=``), on every protocol.
 ``--peers`` adds transformers' `QuantizedCache` backends (`kvpack.evaluation.peers`; ``--peers`` alone: all of
 ``PEERS``), measured with their true bits, and llama.cpp's cache types (``llamacpp:q4_0``, ``llamacpp:q8_0/q4_0``,
 ``llamacpp:f16:fa=off``: `kvpack.evaluation.llamacpp`, llama-cpp-python on the model's GGUF file; in-forward, as
@@ -59,7 +59,7 @@ METRIC_COLUMNS = (
 
 def _evaluate_kwargs(config: SweepConfig) -> dict:
     """`kvpack.evaluate`'s arguments for one configuration: a peer's cache factory, a preset, the plain policy
-    fields (seeded by the sweep's seed), or a `KVPackCache` factory of the full policy (its own seed, 0)."""
+    fields (seeded by the sweep's seed), or the whole policy (its own seed, 0)."""
     if config.peer is not None:
         from kvpack.evaluation.peers import peer_factory
 
@@ -70,14 +70,7 @@ def _evaluate_kwargs(config: SweepConfig) -> dict:
     if policy == CachePolicy(policy.key, policy.value, policy.residual, policy.sinks, policy.skip_layers):
         return {"key": policy.key, "value": policy.value, "residual": policy.residual, "sinks": policy.sinks,
                 "skip_layers": policy.skip_layers}  # fmt: skip
-    # evaluate() takes the plain fields only; the full policy goes through a KVPackCache factory
-    from kvpack.hf.cache import KVPackCache
-
-    def factory(model_config):
-        return KVPackCache(model_config, policy=policy)
-
-    factory.__name__ = "KVPackCache"
-    return {"cache_factory": factory}
+    return {"policy": policy}  # the whole policy, on every protocol
 
 
 def run_sweep(
@@ -183,6 +176,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens packed at once as the residual window ages (several; default 32, 1 with "
                              "--residual 0 packs every token past the sinks)")  # fmt: skip
     parser.add_argument("--skip-layers", action="extend", nargs="+", help="comma-separated 16-bit layers (several)")
+    parser.add_argument("--center-keys", action="store_true",
+                        help="--key/--value configs pack keys relative to the prefill's mean key, as the presets do "
+                             "(CachePolicy.center_keys)")  # fmt: skip
     parser.add_argument("--preset", action="extend", nargs="+", help=f"named presets (several): {preset_names()}")
     parser.add_argument("--no-calibration", action="store_true", help="presets from the model's config alone")
     parser.add_argument("--peers", nargs="*", default=None, metavar="SPEC",

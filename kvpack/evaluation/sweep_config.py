@@ -9,7 +9,7 @@ A config file (JSON or TOML) holds a list of configs and peer specs::
 (TOML: ``peers = [...]`` and ``[[configs]]`` tables; a bare JSON list is a list of configs.) An entry takes
 ``name``, ``preset`` or the `kvpack.CachePolicy` fields but ``seed`` and ``window_dtype`` (`SWEPT_FIELDS`:
 ``key``, ``value``, ``residual``, ``sinks``, ``skip_layers``, ``block``, ``layer_keys``, ``layer_values``,
-``fp_heads``, ``pre_rope_keys``, ``head_keys``, ``head_values``). The file's sugar: a spec ``"none"`` is
+``fp_heads``, ``pre_rope_keys``, ``head_keys``, ``head_values``, ``center_keys``). The file's sugar: a spec ``"none"`` is
 ``None`` (that stream, layer or head uncompressed, also where ``key``/``value`` are left out) and
 ``skip_layers`` may be a comma-separated string. Every entry becomes a `CachePolicy` here, so a bad spec or
 field fails before the model loads.
@@ -146,7 +146,8 @@ def _name(fields: dict, policy: CachePolicy) -> str:
     name += f" skip={','.join(map(str, fields['skip_layers']))}" if fields["skip_layers"] else ""
     name += f" fp_heads={len(fields['fp_heads'])}" if fields["fp_heads"] else ""
     name += f" block={fields['block']}" if fields["block"] is not None else ""
-    return name + (" pre-RoPE K" if fields["pre_rope_keys"] else "")
+    name += " pre-RoPE K" if fields["pre_rope_keys"] else ""
+    return name + (" centered K" if fields["center_keys"] else "")
 
 
 def _policy_fields(entry: dict, where: str) -> dict:
@@ -156,9 +157,10 @@ def _policy_fields(entry: dict, where: str) -> dict:
     fp_heads = entry.get("fp_heads", ())
     if not isinstance(fp_heads, (list, tuple)):
         raise TypeError(f"{where}.fp_heads must be a list of [layer, kv_head] pairs, got {fp_heads!r}")
-    pre_rope_keys = entry.get("pre_rope_keys", False)
-    if not isinstance(pre_rope_keys, bool):
-        raise TypeError(f"{where}.pre_rope_keys must be true or false, got {pre_rope_keys!r}")
+    flags = {name: entry.get(name, False) for name in ("pre_rope_keys", "center_keys")}
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{where}.{name} must be true or false, got {flag!r}")
     return {
         "key": _spec(entry.get("key"), f"{where}.key"),
         "value": _spec(entry.get("value"), f"{where}.value"),
@@ -169,9 +171,9 @@ def _policy_fields(entry: dict, where: str) -> dict:
         "layer_keys": _per_layer(entry.get("layer_keys", ()), f"{where}.layer_keys"),
         "layer_values": _per_layer(entry.get("layer_values", ()), f"{where}.layer_values"),
         "fp_heads": tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in fp_heads),
-        "pre_rope_keys": pre_rope_keys,
         "head_keys": _per_head(entry.get("head_keys", ()), f"{where}.head_keys"),
         "head_values": _per_head(entry.get("head_values", ()), f"{where}.head_values"),
+        **flags,
     }
 
 
@@ -244,10 +246,13 @@ def configs_from_args(args: argparse.Namespace) -> list[SweepConfig]:
         skips = args.skip_layers or [""]
         blocks = getattr(args, "block", None) or [None]
         for key, value, residual, sink, skip, block in itertools.product(keys, values, residuals, sinks, skips, blocks):
-            entry = {"key": key, "value": value, "residual": residual, "sinks": sink, "skip_layers": skip}
+            entry = {"key": key, "value": value, "residual": residual, "sinks": sink, "skip_layers": skip,
+                     "center_keys": bool(getattr(args, "center_keys", False))}
             configs.append(config_from_dict(entry if block is None else {**entry, "block": block}, "command line"))
-    elif args.residual or args.sinks or args.skip_layers or getattr(args, "block", None):
-        raise ValueError("--residual/--sinks/--skip-layers/--block need --key and/or --value")
+    elif args.residual or args.sinks or args.skip_layers or getattr(args, "block", None) or getattr(
+        args, "center_keys", False
+    ):
+        raise ValueError("--residual/--sinks/--skip-layers/--block/--center-keys need --key and/or --value")
     if args.peers is not None:
         from kvpack.evaluation.peers import PEERS
 

@@ -21,7 +21,7 @@ __all__ = ["CONFIG_COLUMNS", "config_columns", "format_markdown", "format_table"
 # the order of a row's configuration columns in the JSON and CSV files (kept as the sweep has always written them)
 CONFIG_COLUMNS = (
     "name", "key", "value", "residual", "sinks", "skip_layers", "block", "layer_keys", "layer_values", "fp_heads",
-    "preset", "head_keys", "head_values", "pre_rope_keys", "peer", "kind",
+    "preset", "head_keys", "head_values", "pre_rope_keys", "peer", "kind", "center_keys",
 )  # fmt: skip
 
 

@@ -22,7 +22,9 @@ of one layer compressed; `choose_outlier_heads` keeps the worst ones in 16-bit (
 
 The budget counts the codecs' own bits per value (scales and norms included); the 16-bit sinks
 and residual window are the same for every policy and not counted (``--held-ctx N`` counts them
-at N tokens instead, as the presets' budgets do).
+at N tokens instead, as the presets' budgets do). Keys are measured and packed relative to the prefill's mean key
+(``--center-keys``, on by default as in the presets; `CachePolicy.center_keys`); ``--evaluate-windows`` runs the
+``decode`` protocol unless ``--protocol`` says otherwise.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from kvpack.codec import get_codec
 from kvpack.kernels.paged import paged_codec
 from kvpack.policy import CachePolicy, policy_bits, save_policy
 from kvpack.tuning.knapsack import allocate_bits, choose_outlier_heads, head_policy_for, policy_for, uniform_pairs
-from kvpack.tuning.recipe import CANDIDATES, KEY_CANDIDATES, VALUE_CANDIDATES, candidates_for
+from kvpack.tuning.recipe import CANDIDATES, CENTER_KEYS, KEY_CANDIDATES, VALUE_CANDIDATES, candidates_for
 from kvpack.tuning.sensitivity import head_sensitivity, measure_head_sensitivity, measure_sensitivity
 
 __all__ = [
@@ -126,6 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--residual", type=int, default=128, help="newest tokens kept in 16 bits")
     parser.add_argument("--sinks", type=int, default=4, help="first tokens kept in 16 bits")
     parser.add_argument("--block", type=int, default=None, help="tokens packed at once (1 with --residual 0)")
+    parser.add_argument("--center-keys", action=argparse.BooleanOptionalAction, default=CENTER_KEYS,
+                        help="measure and write policies whose keys are packed relative to the prefill's mean key "
+                             "(CachePolicy.center_keys), as the presets'")  # fmt: skip
     parser.add_argument(
         "--sensitivity", default=None, type=output_file, help="JSON file: reused if it exists, else written"
     )
@@ -135,11 +140,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     parser.add_argument("--evaluate-windows", type=int, default=0,
                         help="then evaluate each policy with kvpack.evaluate (ctx 1024, n_eval 256) on N windows")  # fmt: skip
+    parser.add_argument("--protocol", choices=("decode", "snapshot", "inforward"), default="decode",
+                        help="the protocol of --evaluate-windows (decode: as generate sees the cache)")  # fmt: skip
     parser.add_argument("--uniform", type=int, default=0, metavar="K",
                         help="with --evaluate-windows: also evaluate the K undominated uniform K/V pairs of the "
                         "candidates within each budget that the measured sensitivities predict best")  # fmt: skip
     parser.add_argument("--results", default=None, type=output_file, help="JSON file for the evaluation results")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _setup(args: argparse.Namespace) -> dict:
+    """What a sensitivity table was measured under, besides its text and candidates (saved beside it)."""
+    return {"residual": args.residual, "sinks": args.sinks, "block": args.block, "center_keys": args.center_keys}
+
+
+def _check_saved_setup(saved: dict, path: Path, args: argparse.Namespace) -> None:
+    """A saved ``--sensitivity`` table measured under another setup is refused, naming the field. Files written
+    before a field was saved lack it: no ``center_keys`` means uncentered keys (they came first); the others are
+    then taken as given."""
+    recorded = {"center_keys": False, **{k: saved[k] for k in ("residual", "sinks", "block", "center_keys") if k in saved}}
+    for name, value in _setup(args).items():
+        if name in recorded and recorded[name] != value:
+            flag = "--center-keys" if name == "center_keys" else f"--{name}"
+            raise ValueError(f"{path} was measured with {name}={recorded[name]!r}, not {flag} {value!r}: give the "
+                             "same setup or another --sensitivity file")  # fmt: skip
 
 
 def _head_dim(config) -> int:
@@ -176,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         if saved["candidates"] != list(candidates) or streams != [list(keys), list(values)]:
             raise ValueError(f"{path} holds sensitivities of {saved['candidates']} (K {streams[0]}, V {streams[1]}), "
                              f"not {list(candidates)} (K {list(keys)}, V {list(values)})")  # fmt: skip
+        _check_saved_setup(saved, path, args)
         kl = torch.tensor([[[math.nan if x is None else x for x in st] for st in layer] for layer in saved["kl"]],
                           dtype=torch.float64)  # fmt: skip
         print(f"sensitivities from {path}")
@@ -183,18 +208,19 @@ def run(args: argparse.Namespace) -> int:
         ids = tokenize(tokenizer, load_text(args.text))
         windows = calibration_ids(ids, args.calib_ctx + args.calib_n, args.calib_windows)
         kl = measure_sensitivity(model, windows, args.calib_ctx, candidates, args.residual, args.sinks,
-                                 progress=not args.no_progress, key_candidates=keys,
-                                 value_candidates=values)  # fmt: skip
+                                 progress=not args.no_progress, key_candidates=keys, value_candidates=values,
+                                 block=args.block, center_keys=args.center_keys)  # fmt: skip
         if path is not None:
             rows = [[[None if math.isnan(x) else x for x in st] for st in layer] for layer in kl.tolist()]
             path.write_text(json.dumps({"candidates": list(candidates), "key_candidates": list(keys),
                                         "value_candidates": list(values), "kl": rows, "text": str(args.text),
                                         "calib_windows": args.calib_windows, "calib_ctx": args.calib_ctx,
-                                        "calib_n": args.calib_n}))  # fmt: skip
+                                        "calib_n": args.calib_n, **_setup(args)}))  # fmt: skip
     policies: dict[float, CachePolicy] = {}
     for budget in args.budget:
         choice = allocate_bits(kl.reshape(num_layers * 2, -1), bits, budget)
-        policy = policy_for(choice, candidates, num_layers, residual=args.residual, sinks=args.sinks)
+        policy = policy_for(choice, candidates, num_layers, residual=args.residual, sinks=args.sinks,
+                            block=args.block, center_keys=args.center_keys)  # fmt: skip
         predicted = float(kl.reshape(num_layers * 2, -1).gather(1, choice[:, None]).sum())
         mean_bits = policy_bits(policy, head_dim, num_layers, config.num_key_value_heads)
         out = args.out.replace("{budget}", f"{budget:g}")
@@ -215,20 +241,19 @@ def run(args: argparse.Namespace) -> int:
 def compare_policies(
     model, tokenizer, args, policies: dict, candidates: tuple[str, ...], kl: torch.Tensor
 ) -> list[dict]:
-    """kvpack.evaluate (snapshot, ctx 1024, n_eval 256) of each allocated policy and, with ``--uniform K``,
+    """kvpack.evaluate (``--protocol``, ctx 1024, n_eval 256) of each allocated policy and, with ``--uniform K``,
     of the K undominated uniform pairs within its budget of least predicted KL (sum of the measured
     per-layer sensitivities: the same table the allocation uses, so the baseline is picked as well
-    as the policy is)."""
+    as the policy is), under the same residual, sinks, block and key centering."""
     from kvpack.evaluation.evaluate import evaluate
     from kvpack.evaluation.text import load_text, tokenize
-    from kvpack.hf.cache import KVPackCache
 
     ids = tokenize(tokenizer, load_text(args.text))
     config = model.config
     head_dim, num_layers = _head_dim(config), config.num_hidden_layers
     memo: dict = {}
-    common = {"model": (model, tokenizer), "text": ids, "ctx": 1024, "n_eval": 256, "residual": args.residual,
-              "sinks": args.sinks, "progress": not args.no_progress, "reference_memo": memo, "protocol": "snapshot"}  # fmt: skip
+    common = {"model": (model, tokenizer), "text": ids, "ctx": 1024, "n_eval": 256, "windows": args.evaluate_windows,
+              "progress": not args.no_progress, "reference_memo": memo, "protocol": args.protocol}  # fmt: skip
     index = {c: j for j, c in enumerate(candidates)}
 
     def predicted(k: str, v: str) -> float:
@@ -237,20 +262,22 @@ def compare_policies(
     done: dict[tuple[str, str], dict] = {}
     rows = []
     for budget, policy in policies.items():
-        result = evaluate(**common, windows=args.evaluate_windows,
-                          cache_factory=lambda config, p=policy: KVPackCache(config, policy=p))  # fmt: skip
+        result = evaluate(**common, policy=policy)
         choice_kl = sum(
             float(kl[i, s, index[spec]]) for i in range(num_layers) for s, spec in enumerate(policy.specs(i))
         )  # fmt: skip
-        rows.append({"budget": budget, "policy": "allocated", "predicted_kl": choice_kl,
+        rows.append({"budget": budget, "policy": "allocated", "protocol": args.protocol, "predicted_kl": choice_kl,
                      "mean_bits": policy_bits(policy, head_dim, num_layers, config.num_key_value_heads),
                      **_metrics(result)})  # fmt: skip
         if args.uniform:
             pairs = [p for p in uniform_pairs(candidates, head_dim, budget) if math.isfinite(predicted(p[0], p[1]))]
             for k, v, mean_bits in sorted(pairs, key=lambda p: predicted(p[0], p[1]))[: args.uniform]:
                 if (k, v) not in done:
-                    done[(k, v)] = _metrics(evaluate(**common, windows=args.evaluate_windows, key=k, value=v))
-                rows.append({"budget": budget, "policy": f"{k}/{v}", "predicted_kl": predicted(k, v),
+                    uniform = CachePolicy(k, v, args.residual, args.sinks, block=args.block,
+                                          center_keys=args.center_keys)  # fmt: skip
+                    done[(k, v)] = _metrics(evaluate(**common, policy=uniform))
+                rows.append({"budget": budget, "policy": f"{k}/{v}", "protocol": args.protocol,
+                             "predicted_kl": predicted(k, v),
                              "mean_bits": mean_bits, **done[(k, v)]})  # fmt: skip
         for r in (r for r in rows if r["budget"] == budget):
             print(f"{budget:>5g} {r['policy']:<36} bits {r['mean_bits']:.3f} (held {r['bits_per_value']:.3f})  "
@@ -274,11 +301,13 @@ def _run_outlier_heads(model, tokenizer, args: argparse.Namespace) -> int:
     ids = tokenize(tokenizer, load_text(args.text))
     windows = calibration_ids(ids, args.calib_ctx + args.calib_n, args.calib_windows)
     scores = head_sensitivity(model, windows, args.calib_ctx, args.key, args.value, args.residual, args.sinks,
-                              progress=not args.no_progress)  # fmt: skip
+                              progress=not args.no_progress, block=args.block,
+                              center_keys=args.center_keys)  # fmt: skip
     shape = (config.num_hidden_layers, config.num_key_value_heads)
     for label, heads in (("worst", choose_outlier_heads(scores, args.outlier_heads)),
                          ("mildest", choose_outlier_heads(-scores, args.outlier_heads))):  # fmt: skip
-        policy = CachePolicy(args.key, args.value, args.residual, args.sinks, fp_heads=heads)
+        policy = CachePolicy(args.key, args.value, args.residual, args.sinks, block=args.block, fp_heads=heads,
+                             center_keys=args.center_keys)  # fmt: skip
         bits = policy_bits(policy, _head_dim(config), *shape)
         out = args.out.replace("{budget}", f"{label}{args.outlier_heads}heads")
         save_policy(policy, out, mean_bits=bits, head_kl=scores.tolist(), chose=label)
@@ -302,6 +331,7 @@ def _run_per_head(model, tokenizer, args: argparse.Namespace) -> int:
         missing = [c for c in keys if c not in have[0]] + [c for c in values if c not in have[1]]
         if missing:
             raise ValueError(f"{path} holds no sensitivities for {missing} (K: {have[0]}, V: {have[1]})")
+        _check_saved_setup(saved, path, args)
         full = torch.tensor([[[[math.nan if x is None else x for x in c] for c in st] for st in h] for h in saved["kl"]],
                             dtype=torch.float64)  # fmt: skip
         kl = torch.full((*full.shape[:3], max(len(keys), len(values))), math.nan, dtype=torch.float64)
@@ -313,12 +343,14 @@ def _run_per_head(model, tokenizer, args: argparse.Namespace) -> int:
         ids = tokenize(tokenizer, load_text(args.text))
         windows = calibration_ids(ids, args.calib_ctx + args.calib_n, args.calib_windows)
         kl = measure_head_sensitivity(model, windows, args.calib_ctx, keys, values, args.residual, args.sinks,
-                                      args.block, progress=not args.no_progress)  # fmt: skip
+                                      args.block, progress=not args.no_progress,
+                                      center_keys=args.center_keys)  # fmt: skip
         if path is not None:
             rows = [[[[None if math.isnan(x) else x for x in c] for c in st] for st in h] for h in kl.tolist()]
             path.write_text(json.dumps({"key_candidates": list(keys), "value_candidates": list(values), "kl": rows,
                                         "text": str(args.text), "calib_windows": args.calib_windows,
-                                        "calib_ctx": args.calib_ctx, "calib_n": args.calib_n}))  # fmt: skip
+                                        "calib_ctx": args.calib_ctx, "calib_n": args.calib_n,
+                                        **_setup(args)}))  # fmt: skip
     table = torch.full((num_layers, num_heads, 2, len(union)), math.nan, dtype=torch.float64)
     for stream, cands in enumerate((keys, values)):
         for j, spec in enumerate(cands):
@@ -331,7 +363,7 @@ def _run_per_head(model, tokenizer, args: argparse.Namespace) -> int:
         codec_budget = budget if args.held_ctx is None else (budget * args.held_ctx - 16 * fp) / (args.held_ctx - fp)
         choice = allocate_bits(table, bits, codec_budget)
         policy = head_policy_for(choice, union, num_layers, num_heads, residual=args.residual, sinks=args.sinks,
-                                 block=args.block)  # fmt: skip
+                                 block=args.block, center_keys=args.center_keys)  # fmt: skip
         predicted = float(table.gather(1, choice[:, None]).sum())
         mean_bits = policy_bits(policy, head_dim, num_layers, num_heads)
         out = args.out.replace("{budget}", f"{budget:g}")

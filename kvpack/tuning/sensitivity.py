@@ -199,27 +199,30 @@ def measure_sensitivity(
 
 def head_sensitivity(
     model, windows: list[torch.Tensor], ctx: int, key: str | None, value: str | None, residual: int = 128,
-    sinks: int = 4, progress: bool = True, block: int | None = None, batch: int = 8,
+    sinks: int = 4, progress: bool = True, block: int | None = None, batch: int = 8, center_keys: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """float64 ``(layers, kv_heads)``: mean KL per continuation token when only that KV head of that
-    layer is stored with ``key``/``value`` (the layer's other heads and the other layers exact)."""
+    layer is stored with ``key``/``value`` (the layer's other heads and the other layers exact; ``center_keys``:
+    keys relative to the prefill's mean key)."""
     if key is None and value is None:
         raise ValueError("head_sensitivity needs a key or a value codec spec")
     num_layers, (num_heads, _) = text_config(model.config).num_hidden_layers, model_heads(model.config)
     items = [_Item(layer, key, value, head) for layer in range(num_layers) for head in range(num_heads)]
-    kl = _kl_of_items(model, windows, ctx, items, residual, sinks, block, "head sensitivity", progress, batch)
+    kl = _kl_of_items(model, windows, ctx, items, residual, sinks, block, "head sensitivity", progress, batch,
+                      center_keys=center_keys)  # fmt: skip
     return kl.reshape(num_layers, num_heads)
 
 
 def measure_head_sensitivity(
     model, windows: list[torch.Tensor], ctx: int, key_candidates: tuple[str, ...], value_candidates: tuple[str, ...],
     residual: int = 0, sinks: int = 1, block: int | None = 1, progress: bool = True, batch: int = 8,
+    center_keys: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """float64 ``(layers, kv_heads, 2, max(len(key_candidates), len(value_candidates)))``: mean KL per
     continuation token when only that KV head's K (stream 0, ``key_candidates``) or V (stream 1,
     ``value_candidates``) of that layer goes through that codec and everything else stays exact. Slots past a
-    stream's candidates are NaN. ``residual``/``sinks``/``block`` should be those of the policy the numbers will
-    allocate."""
+    stream's candidates are NaN. ``residual``/``sinks``/``block``/``center_keys`` should be those of the policy the
+    numbers will allocate."""
     if not key_candidates and not value_candidates:
         raise ValueError("measure_head_sensitivity needs key_candidates or value_candidates")
     num_layers, (num_heads, _) = text_config(model.config).num_hidden_layers, model_heads(model.config)
@@ -231,7 +234,8 @@ def measure_head_sensitivity(
                 for j, spec in enumerate(candidates):
                     items.append(_Item(layer, *((spec, None) if stream == 0 else (None, spec)), head))
                     slots.append(((layer * num_heads + head) * 2 + stream) * width + j)
-    kl = _kl_of_items(model, windows, ctx, items, residual, sinks, block, "head sensitivity", progress, batch)
+    kl = _kl_of_items(model, windows, ctx, items, residual, sinks, block, "head sensitivity", progress, batch,
+                      center_keys=center_keys)  # fmt: skip
     out = torch.full((num_layers * num_heads * 2 * width,), float("nan"), dtype=torch.float64)
     out[torch.tensor(slots)] = kl
     return out.reshape(num_layers, num_heads, 2, width)

@@ -141,6 +141,11 @@ def test_eval_block_packs_every_token_past_the_sinks(loaded, wikitext_path, tmp_
     assert one["bits_per_value"] == pytest.approx((16 + 63 * codec_bits) / 64)  # 1 sink, 63 tokens packed
     assert default["bits_per_value"] == pytest.approx((32 * 16 + 32 * codec_bits) / 64)  # 31 + 1 tokens in 16 bits
     assert "block=1" in printed and f"{16 / one['bits_per_value']:.1f}x smaller than fp16" in printed
+    centered = tmp_path / "c.json"  # --center-keys with --block: the policy evaluate() ran says so
+    assert main([*base, "--block", "1", "--center-keys", "--json", str(centered)]) == 0
+    centered_data = json.loads(centered.read_text())
+    assert centered_data["policy"]["center_keys"] and centered_data["kl"] != one["kl"]
+    assert centered_data["bits_k"] == pytest.approx(one["bits_k"] + 16 / 64)  # one mean key per 64 tokens
 
 
 def test_policy_summary_counts_what_each_layer_and_head_holds():
@@ -175,7 +180,6 @@ def test_missing_text_file(capsys, tmp_path):
     assert "text file not found" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_no_argument_run_works_offline_from_a_fresh_process(tmp_path):
     """The README's main job: `kvpack eval` on the embedded text (shortened here to keep it minutes, not tens)."""
     out = tmp_path / "default.json"
@@ -185,9 +189,9 @@ def test_no_argument_run_works_offline_from_a_fresh_process(tmp_path):
         "kvpack.cli",
         "eval",
         "--ctx",
-        "256",
+        "128",
         "--n-eval",
-        "64",
+        "32",
         "--windows",
         "2",
         "--json",

@@ -160,6 +160,8 @@ def test_token_ids_as_text(smollm2):
         ({"only": "q"}, ValueError, "only must be None"),
         ({"protocol": "inforward", "cache_factory": DynamicCache}, ValueError, "cache_factory works with"),
         ({"key": "int:9"}, ValueError, "bits=9"),
+        ({"center_keys": 1}, TypeError, "center_keys must be a bool"),
+        ({"center_keys": True, "cache_factory": DynamicCache}, ValueError, "cache_factory works with"),
     ],
 )
 def test_bad_arguments(smollm2, wikitext_path, kwargs, error, match):
@@ -209,6 +211,27 @@ def test_pre_rope_keys_run_in_snapshot_and_are_refused_elsewhere(smollm2, wikite
     assert result.policy["pre_rope_keys"] and result.kl > 0
     with pytest.raises(ValueError, match="pre_rope_keys works with protocol='snapshot'"):
         run(smollm2, wikitext_path, key="int:2", value="int:2", protocol="inforward", pre_rope_keys=True)
+
+
+def test_center_keys_turns_centering_on_in_the_inforward_protocol(smollm2, wikitext_path):
+    common = {"key": "int:2", "value": "int:4", "residual": 8, "sinks": 2, "windows": 1, "protocol": "inforward"}
+    centered = run(smollm2, wikitext_path, center_keys=True, **common)
+    plain = run(smollm2, wikitext_path, **common)
+    assert centered.policy["center_keys"] and not plain.policy["center_keys"]
+    assert centered.kl < plain.kl  # SmolLM2's keys share a large mean: 2-bit codes of k - mu lose less
+    assert centered.bits_k > plain.bits_k  # the mean key is counted
+
+
+def test_center_keys_turns_a_given_policys_centering_on_and_only_v_off():
+    from kvpack.evaluation.evaluate import _resolve_policy
+
+    args = ("int:2", "int:4", 8, 2, (), None, 0)
+    given = _resolve_policy(None, *args, policy=CachePolicy("int:2", "int:4", 8, 2), center_keys=True)
+    assert given == CachePolicy("int:2", "int:4", 8, 2, center_keys=True)
+    assert _resolve_policy(None, *args, policy=given) == given  # the flag never turns it off
+    assert _resolve_policy(None, *args, center_keys=True).center_keys
+    only_v = _resolve_policy(None, "int:2", "int:4", 8, 2, (), "v", 0, center_keys=True)
+    assert not only_v.center_keys and only_v.key is None
 
 
 def test_only_keeps_the_per_layer_specs_of_the_kept_stream(smollm2, wikitext_path, monkeypatch):

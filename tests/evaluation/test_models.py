@@ -54,7 +54,6 @@ def test_smollm2_gguf_is_found():
     assert path.name == models.SMOLLM2_FILE and path.stat().st_size > 50_000_000
 
 
-@pytest.mark.slow
 def test_gguf_path_loads_the_same_model(smollm2):
     model, _ = models.load(models.smollm2_gguf())
     ref, _ = smollm2

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from kvpack import CachePolicy
 from kvpack.cli import build_parser, main
 from kvpack.evaluation.sweep import (
     SweepConfig,
@@ -20,6 +21,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def parse(*argv):
     return configs_from_args(build_parser().parse_args(["sweep", *argv]))
+
+
+def test_center_keys_applies_to_every_command_line_config():
+    configs = parse("--key", "int:4", "int:3", "--value", "int:2", "--center-keys")
+    assert [c.policy.center_keys for c in configs] == [True, True]
+    assert not any(c.policy.center_keys for c in parse("--key", "int:4"))
 
 
 def test_command_line_lists_are_swept_as_a_product():
@@ -74,6 +81,11 @@ def test_json_and_toml_files(tmp_path):
     assert config.pre_rope_keys and config.policy_kwargs()["pre_rope_keys"]
     assert config.head_keys == (None, ("e8:3", None, "int:8")) and "per-head" in config.name
     assert config.policy_kwargs()["head_keys"] == config.head_keys
+    centered = tmp_path / "c.json"
+    centered.write_text(json.dumps([{"key": "int:4", "center_keys": True}, {"key": "int:4"}]))
+    configs = load_config_file(centered)[0]
+    assert configs[0].policy.center_keys and configs[0].name.endswith("centered K")
+    assert not configs[1].policy.center_keys and configs[0].name != configs[1].name
     listed = tmp_path / "l.json"
     listed.write_text(json.dumps([{"key": "int:4"}]))
     assert load_config_file(listed)[0][0].value is None and parse("--config", str(listed))[0].key == "int:4"
@@ -94,6 +106,7 @@ def test_json_and_toml_files(tmp_path):
      ({"configs": [{"head_values": [["e8:3", 4]]}]}, TypeError, r"head_values\[0\]\[1\]"),
      ({"configs": [{"head_keys": [["bogus:3"]]}]}, ValueError, "bogus"),
      ({"configs": [{"key": "int:4", "pre_rope_keys": "yes"}]}, TypeError, "pre_rope_keys must be true or false"),
+     ({"configs": [{"key": "int:4", "center_keys": 1}]}, TypeError, "center_keys must be true or false"),
      ({"configs": {"key": "int:4"}}, TypeError, "must be lists"),
      ({"configs": [], "peers": [4]}, TypeError, "peer spec strings"),
      ({"configs": [], "runs": []}, ValueError, "unknown top-level"),
@@ -111,6 +124,8 @@ def test_bad_command_lines_raise(tmp_path):
         parse()
     with pytest.raises(ValueError, match="need --key"):
         parse("--residual", "8")
+    with pytest.raises(ValueError, match="need --key"):
+        parse("--preset", "4bit", "--center-keys")
     with pytest.raises(ValueError, match="unique"):
         parse("--key", "int:4", "int:4")
     with pytest.raises(ValueError, match="unknown peer backend"):
@@ -171,11 +186,11 @@ def test_sweep_runs_configs_presets_and_peers_on_the_same_windows(smollm2, wikit
     assert format_markdown(data["rows"]).startswith("| config |")
 
 
-def test_plain_policies_go_to_evaluate_as_fields_and_the_rest_through_a_cache_factory():
+def test_plain_policies_go_to_evaluate_as_fields_and_the_rest_whole():
     from kvpack.evaluation.sweep import _evaluate_kwargs
 
     plain = _evaluate_kwargs(SweepConfig("p", "int:4", None, 8, 1, (3, 1)))
     assert plain == {"key": "int:4", "value": None, "residual": 8, "sinks": 1, "skip_layers": (1, 3)}
-    full = _evaluate_kwargs(SweepConfig("f", "int:4", block=1))
-    assert list(full) == ["cache_factory"] and full["cache_factory"].__name__ == "KVPackCache"
+    full = _evaluate_kwargs(SweepConfig("f", "int:4", block=1, center_keys=True))
+    assert full == {"policy": CachePolicy("int:4", None, block=1, center_keys=True)}
     assert _evaluate_kwargs(SweepConfig("s", preset="3bit")) == {"preset": "3bit"}

@@ -110,3 +110,30 @@ def test_static_teacher_forced_logits_follow_kvpack_cache():
         static.reset()
     assert not static.layers[0].reference_fixed and not static.layers[0].key_reference.any()
 
+
+
+def test_inforward_round_trip_packs_keys_minus_the_first_updates_mean():
+    from dataclasses import replace
+
+    from kvpack.evaluation.protocol import RoundTripCache, roundtrip
+
+    torch.manual_seed(0)
+    config = tiny_llama(layers=1).config
+    policy = CachePolicy("int:2", "int:4", sinks=2, center_keys=True)
+    keys, values = torch.randn(1, 2, 30, 64) + 5.0, torch.randn(1, 2, 30, 64)
+    cache = RoundTripCache(config, policy)
+    held, _ = cache.update(keys, values, 0)
+    ref = key_reference(keys[..., 2:, :])
+    codec = get_codec("int:2", head_dim=64)
+    packed = roundtrip(codec, shift_keys(keys[..., 2:, :], ref, -1))[0]
+    assert torch.equal(held[..., :2, :], keys[..., :2, :])  # sinks as they are
+    assert torch.equal(held[..., 2:, :], shift_keys(packed, ref, +1))
+    plain = RoundTripCache(config, replace(policy, center_keys=False))
+    plain_held, _ = plain.update(keys, values, 0)
+    assert ((held - keys) ** 2).mean() < ((plain_held - keys) ** 2).mean()
+    assert 8 * (cache._bytes["k"] - plain._bytes["k"]) == 32 * ref.numel()  # the mean key, counted once
+    more = torch.randn(1, 2, 4, 64) + 5.0  # a later update: the same mean
+    later, _ = cache.update(more, more, 0)
+    assert torch.equal(later[..., -4:, :], shift_keys(roundtrip(codec, shift_keys(more, ref, -1))[0], ref, +1))
+    uncompressed = RoundTripCache(config, CachePolicy(None, "int:4", sinks=2, center_keys=True))
+    assert torch.equal(uncompressed.update(keys, values, 0)[0], keys) and not uncompressed._key_references

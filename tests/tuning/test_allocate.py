@@ -184,9 +184,8 @@ def test_allocate_cli_per_head_from_a_saved_table(tmp_path, monkeypatch, tiny_ll
     kl[1, 0, 0, 0] = 1.0
     rows = kl.tolist()
     table = tmp_path / "heads.json"
-    table.write_text(
-        json.dumps({"key_candidates": ["e8:2", "int:8"], "value_candidates": ["e8:2", "e8:3"], "kl": rows})
-    )
+    saved = {"key_candidates": ["e8:2", "int:8"], "value_candidates": ["e8:2", "e8:3"], "kl": rows}
+    table.write_text(json.dumps({**saved, "center_keys": True}))
     parser = argparse.ArgumentParser()
     allocate.add_arguments(parser)
     out = tmp_path / "p-{budget}.json"
@@ -202,7 +201,15 @@ def test_allocate_cli_per_head_from_a_saved_table(tmp_path, monkeypatch, tiny_ll
     assert allocate.run(parser.parse_args(argv)) == 0
     policy = load_policy(tmp_path / "p-3.8.json")
     assert policy.head_keys == (("e8:2", "e8:2"), ("int:8", "e8:2"), ("e8:2", "e8:2"))
-    assert (policy.residual, policy.sinks, policy.block) == (0, 1, 1)
+    assert (policy.residual, policy.sinks, policy.block, policy.center_keys) == (0, 1, 1, True)
+    table.write_text(json.dumps(saved))  # written before centering: measured on keys as they are
+    with pytest.raises(ValueError, match="measured with center_keys=False, not --center-keys True"):
+        allocate.run(parser.parse_args(argv))
+    assert allocate.run(parser.parse_args([*argv, "--no-center-keys"])) == 0
+    assert not load_policy(tmp_path / "p-3.8.json").center_keys
+    table.write_text(json.dumps({**saved, "center_keys": True, "block": 16}))
+    with pytest.raises(ValueError, match="measured with block=16, not --block 1"):
+        allocate.run(parser.parse_args(argv))
     bad = [*argv[: argv.index("--value-candidates") + 1], "turbo_mse:1", *argv[argv.index("--sensitivity") :]]
     with pytest.raises(ValueError, match="no sensitivities for \\['turbo_mse:1'\\]"):
         allocate.run(parser.parse_args(bad))
@@ -254,7 +261,7 @@ def test_allocate_with_an_unpaged_candidate_says_so_once_and_still_allocates(tmp
 
     def run(candidates, kl):
         table = tmp_path / f"{len(candidates)}.json"
-        table.write_text(json.dumps({"candidates": candidates, "kl": kl}))
+        table.write_text(json.dumps({"candidates": candidates, "kl": kl, "center_keys": True}))
         argv = ["--budget", "2.5", "--candidates", *candidates, "--sensitivity", str(table),
                 "--out", str(tmp_path / f"p{len(candidates)}.json")]  # fmt: skip
         caplog.clear()
@@ -268,3 +275,40 @@ def test_allocate_with_an_unpaged_candidate_says_so_once_and_still_allocates(tmp
     assert len(messages) == 1 and messages[0].startswith("candidates e8:2 are not read by the paged decode kernels")
     policy, messages = run(["turbo_mse:2", "turbo_mse:3"], [[[0.01, 0.001]] * 2] * 2)
     assert set(policy.layer_keys + policy.layer_values) <= {"turbo_mse:2", "turbo_mse:3"} and messages == []
+
+
+def test_allocate_measures_centered_keys_and_evaluates_on_the_decode_protocol(tmp_path, monkeypatch):
+    import argparse
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvpack.evaluation import models
+    from kvpack.tuning import allocate
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)  # head_dim 64
+    model = LlamaForCausalLM(config).eval()
+
+    def tokenizer(text, add_special_tokens=False, verbose=False):  # one id per character
+        return {"input_ids": [3 + ord(c) % 90 for c in text]}
+
+    monkeypatch.setattr(models, "load", lambda name, **kw: (model, tokenizer))
+    parser = argparse.ArgumentParser()
+    allocate.add_arguments(parser)
+    table, results = tmp_path / "kl.json", tmp_path / "rows.json"
+    argv = ["--budget", "3", "--calib-windows", "1", "--calib-ctx", "48", "--calib-n", "8", "--residual", "8",
+            "--sinks", "1", "--candidates", "int:2", "int:4", "--sensitivity", str(table), "--out",
+            str(tmp_path / "p-{budget}.json"), "--evaluate-windows", "1", "--uniform", "1", "--results", str(results),
+            "--no-progress"]  # fmt: skip
+    assert allocate.run(parser.parse_args(argv)) == 0
+    saved = json.loads(table.read_text())
+    assert (saved["center_keys"], saved["residual"], saved["sinks"], saved["block"]) == (True, 8, 1, None)
+    policy = load_policy(tmp_path / "p-3.json")
+    assert policy.center_keys and (policy.residual, policy.sinks) == (8, 1)
+    rows = json.loads(results.read_text())
+    assert rows[0]["policy"] == "allocated" and len(rows) == 2 and {r["protocol"] for r in rows} == {"decode"}
+    assert all(r["kl"] > 0 for r in rows)
+    plain = [*argv[: argv.index("--sensitivity")], "--no-center-keys", "--protocol", "snapshot"]
+    assert allocate.run(parser.parse_args([*plain, "--out", str(tmp_path / "q-{budget}.json")])) == 0
+    assert not load_policy(tmp_path / "q-3.json").center_keys
