@@ -7,7 +7,7 @@ lengths as the defaults). Timed, each from the model in memory (loading a checkp
 - ``preset``: `kvpack.tuning.recipe.measure_sensitivity` (what ``--preset 4bit`` runs the first time on a model)
   and the three budgets solved from its table;
 - ``allocate``: `kvpack.tuning.sensitivity.measure_sensitivity` with `kvpack allocate`'s defaults (the presets'
-  K and V candidates, 2 windows of 512 + 64 tokens, residual 128, sinks 4) and the knapsack at 4 bits.
+  K and V candidates, 2 windows of 512 + 64 tokens, residual 128, sinks 4, centered keys) and the knapsack at 4 bits.
 
     python benchmarks/calibrate_gpu.py [--layers 32] [--json OUT]
 """
@@ -62,11 +62,12 @@ def main() -> None:
                       "items": int((~table.isnan()).sum()), "windows": len(windows)}  # fmt: skip
     print(f"preset calibration: {seconds:.1f} s measuring, {rows['preset']['solve_s']:.1f} s solving 3 budgets")
 
-    keys, values = stream_candidates(None, None)
+    keys, values = stream_candidates(None, None, config.head_dim)
     candidates = tuple(dict.fromkeys(keys + values))
     windows = _windows(vocab, 2, 512 + 64, seed=1)
     kl, seconds = _timed(lambda: measure_sensitivity(model, windows, 512, candidates, 128, 4, progress=False,
-                                                     key_candidates=keys, value_candidates=values))  # fmt: skip
+                                                     key_candidates=keys, value_candidates=values,
+                                                     center_keys=recipe.CENTER_KEYS))  # fmt: skip
     bits = [get_codec(c, head_dim=config.head_dim).bits_per_value() for c in candidates]
     start = time.perf_counter()
     allocate_bits(kl.reshape(args.layers * 2, -1), bits, 4.0)

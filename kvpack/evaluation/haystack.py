@@ -171,8 +171,8 @@ def answer_through(
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--key/--value/--residual/--block/--sinks`` (repeatable), ``--skip-layers``, ``--preset``, ``--no-calibration``,
-    ``--policy`` (repeatable)."""
+    """``--key/--value/--residual/--block/--sinks`` (repeatable), ``--skip-layers``, ``--center-keys``, ``--preset``,
+    ``--no-calibration``, ``--policy`` (repeatable)."""
     from kvpack.evaluation.eval_cli import preset_names
 
     parser.add_argument("--key", action="append", default=None, help="K codec spec; repeat for several configs")
@@ -189,6 +189,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sinks", action="append", type=int, default=None, help="first tokens kept (default 4)")
     parser.add_argument("--skip-layers", default=None, help="comma-separated layer indices kept in full precision")
+    parser.add_argument("--center-keys", action="store_true",
+                        help="--key/--value configs pack keys relative to the prefill's mean key, as the presets do "
+                             "(CachePolicy.center_keys)")  # fmt: skip
     parser.add_argument(
         "--preset", action="append", default=None, help=f"a named policy; repeat for several: {preset_names()}"
     )
@@ -216,9 +219,11 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, CachePolicy | None]
     for i in range(n):
         pick = {name: DEFAULTS.get(name) if not v else v[0] if len(v) == 1 else v[i] for name, v in lists.items()}
         key, value = (None if s.lower() == "none" else s for s in (pick["key"], pick["value"]))
-        policy = CachePolicy(key, value, pick["residual"], pick["sinks"], skip, pick["block"], args.seed)
-        block = "" if pick["block"] is None else f" b={pick['block']}"
-        configs[f"k={key} v={value} r={pick['residual']} s={pick['sinks']}{block}"] = policy
+        centered = bool(getattr(args, "center_keys", False))
+        policy = CachePolicy(key, value, pick["residual"], pick["sinks"], skip, pick["block"], args.seed,
+                             center_keys=centered)  # fmt: skip
+        suffix = ("" if pick["block"] is None else f" b={pick['block']}") + (" centered" if centered else "")
+        configs[f"k={key} v={value} r={pick['residual']} s={pick['sinks']}{suffix}"] = policy
     for preset in args.preset or ():  # resolved for the model once it is loaded (`preset_configs`)
         from kvpack.evaluation.presets import check_preset
 

@@ -9,8 +9,8 @@ A config file (JSON or TOML) holds a list of configs and peer specs::
 (TOML: ``peers = [...]`` and ``[[configs]]`` tables; a bare JSON list is a list of configs.) An entry takes
 ``name``, ``preset`` or the `kvpack.CachePolicy` fields but ``seed`` and ``window_dtype`` (`SWEPT_FIELDS`:
 ``key``, ``value``, ``residual``, ``sinks``, ``skip_layers``, ``block``, ``layer_keys``, ``layer_values``,
-``fp_heads``, ``pre_rope_keys``, ``head_keys``, ``head_values``, ``center_keys``). The file's sugar: a spec ``"none"`` is
-``None`` (that stream, layer or head uncompressed, also where ``key``/``value`` are left out) and
+``fp_heads``, ``pre_rope_keys``, ``head_keys``, ``head_values``, ``center_keys``). The file's sugar: a spec
+``"none"`` is ``None`` (that stream, layer or head uncompressed, also where ``key``/``value`` are left out) and
 ``skip_layers`` may be a comma-separated string. Every entry becomes a `CachePolicy` here, so a bad spec or
 field fails before the model loads.
 """

@@ -158,7 +158,8 @@ def _check_saved_setup(saved: dict, path: Path, args: argparse.Namespace) -> Non
     """A saved ``--sensitivity`` table measured under another setup is refused, naming the field. Files written
     before a field was saved lack it: no ``center_keys`` means uncentered keys (they came first); the others are
     then taken as given."""
-    recorded = {"center_keys": False, **{k: saved[k] for k in ("residual", "sinks", "block", "center_keys") if k in saved}}
+    recorded = {"center_keys": False}
+    recorded.update({k: saved[k] for k in ("residual", "sinks", "block", "center_keys") if k in saved})
     for name, value in _setup(args).items():
         if name in recorded and recorded[name] != value:
             flag = "--center-keys" if name == "center_keys" else f"--{name}"

@@ -54,10 +54,35 @@ def test_smollm2_gguf_is_found():
     assert path.name == models.SMOLLM2_FILE and path.stat().st_size > 50_000_000
 
 
-def test_gguf_path_loads_the_same_model(smollm2):
-    model, _ = models.load(models.smollm2_gguf())
-    ref, _ = smollm2
-    assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+def test_gguf_path_loads_the_same_model(monkeypatch):
+    """A .gguf path makes the same from_pretrained calls as the name (the session's model is loaded by name, and
+    the fresh-process test of the CLI loads it again: a third 25 s load here would add nothing)."""
+    import transformers
+
+    calls = []
+
+    class Recorder:
+        eos_token = pad_token = "</s>"
+
+        @classmethod
+        def from_pretrained(cls, source, **kwargs):
+            calls.append((source, kwargs))
+            return cls()
+
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Recorder)
+    monkeypatch.setattr(transformers, "AutoTokenizer", Recorder)
+    models.load("smollm2")
+    by_name = list(calls)
+    calls.clear()
+    models.load(models.smollm2_gguf())
+    assert calls == by_name and by_name[0][1]["gguf_file"] == models.SMOLLM2_FILE
+    assert by_name[1][1]["dtype"] == torch.float32
 
 
 def test_unknown_bare_name_fails_at_once_with_the_accepted_forms(monkeypatch):

@@ -71,6 +71,8 @@ def test_configs_from_args():
     ]
     blocks = configs_from_args(_args("--key", "e8:3", "--value", "e8:3", "--residual", "0", "--block", "1"))
     assert [p.block for p in list(blocks.values())[1:]] == [1] and "k=e8:3 v=e8:3 r=0 s=4 b=1" in blocks
+    centered = configs_from_args(_args("--no-reference", "--key", "int:4", "--value", "int:4", "--center-keys"))
+    assert list(centered) == ["k=int:4 v=int:4 r=128 s=4 centered"] and centered[next(iter(centered))].center_keys
     default = configs_from_args(_args("--no-reference"))
     assert len(default) == 1 and isinstance(next(iter(default.values())), CachePolicy)
 
