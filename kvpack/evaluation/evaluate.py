@@ -182,11 +182,11 @@ def _resolve_policy(
     preset, key, value, residual, sinks, skip_layers, only, seed, pre_rope_keys=False, model=None, calibration=True,
     policy=None, center_keys=False,
 ) -> CachePolicy:
-    for name, flag in (("pre_rope_keys", pre_rope_keys), ("center_keys", center_keys)):
+    key_flags = {"pre_rope_keys": pre_rope_keys, "center_keys": center_keys}
+    for name, flag in key_flags.items():
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
-    # the key flags turn a policy's own on, never off
-    flags = {name: True for name, flag in (("pre_rope_keys", pre_rope_keys), ("center_keys", center_keys)) if flag}
+    flags = {name: True for name, flag in key_flags.items() if flag}  # they turn a policy's own on, never off
     if policy is not None:
         if not isinstance(policy, CachePolicy):
             raise TypeError(f"policy must be a CachePolicy (e.g. load_policy(file)), got {type(policy).__name__}")

@@ -249,9 +249,8 @@ def configs_from_args(args: argparse.Namespace) -> list[SweepConfig]:
             entry = {"key": key, "value": value, "residual": residual, "sinks": sink, "skip_layers": skip,
                      "center_keys": bool(getattr(args, "center_keys", False))}
             configs.append(config_from_dict(entry if block is None else {**entry, "block": block}, "command line"))
-    elif args.residual or args.sinks or args.skip_layers or getattr(args, "block", None) or getattr(
-        args, "center_keys", False
-    ):
+    elif any((args.residual, args.sinks, args.skip_layers, getattr(args, "block", None),
+              getattr(args, "center_keys", False))):  # fmt: skip
         raise ValueError("--residual/--sinks/--skip-layers/--block/--center-keys need --key and/or --value")
     if args.peers is not None:
         from kvpack.evaluation.peers import PEERS
