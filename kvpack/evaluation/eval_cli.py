@@ -25,6 +25,7 @@ TEXT_HELP = (
     "or a UTF-8 text file"
 )
 MODEL_HELP = "'smollm2' (SmolLM2-135M, offline), a .gguf file, a local model directory or a hub id 'org/name'"
+CENTER_KEYS_HELP = "pack keys relative to the prefill's mean key, as the presets do (CachePolicy.center_keys)"
 
 
 def preset_names() -> str:
@@ -67,9 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pre-rope-keys", action="store_true", help="pack keys with RoPE undone (KVQuant), re-applied after decoding"
     )
-    parser.add_argument("--center-keys", action="store_true",
-                        help="pack keys relative to the prefill's mean key (CachePolicy.center_keys; the presets "
-                             "have it on)")  # fmt: skip
+    parser.add_argument("--center-keys", action="store_true", help=CENTER_KEYS_HELP)
     parser.add_argument("--only", choices=("k", "v"), default=None, help="compress only K or only V")
     parser.add_argument("--seed", type=int, default=0, help="codec seed")
     parser.add_argument("--json", default=None, metavar="OUT", type=output_file, help="write the result as JSON to OUT")

@@ -173,7 +173,7 @@ def answer_through(
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``--key/--value/--residual/--block/--sinks`` (repeatable), ``--skip-layers``, ``--center-keys``, ``--preset``,
     ``--no-calibration``, ``--policy`` (repeatable)."""
-    from kvpack.evaluation.eval_cli import preset_names
+    from kvpack.evaluation.eval_cli import CENTER_KEYS_HELP, preset_names
 
     parser.add_argument("--key", action="append", default=None, help="K codec spec; repeat for several configs")
     parser.add_argument("--value", action="append", default=None, help="V codec spec; repeat for several configs")
@@ -189,9 +189,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sinks", action="append", type=int, default=None, help="first tokens kept (default 4)")
     parser.add_argument("--skip-layers", default=None, help="comma-separated layer indices kept in full precision")
-    parser.add_argument("--center-keys", action="store_true",
-                        help="--key/--value configs pack keys relative to the prefill's mean key, as the presets do "
-                             "(CachePolicy.center_keys)")  # fmt: skip
+    parser.add_argument("--center-keys", action="store_true", help=f"--key/--value configs: {CENTER_KEYS_HELP}")
     parser.add_argument(
         "--preset", action="append", default=None, help=f"a named policy; repeat for several: {preset_names()}"
     )

@@ -7,8 +7,9 @@ each window are computed once and every configuration only pays for its own comp
 Configurations come from the command line (the cartesian product of ``--key``, ``--value``,
 ``--residual``, ``--sinks``, ``--skip-layers`` and ``--block``, each taking several values), from ``--preset NAME``
 and from a config file (``--config FILE``, JSON or TOML; the format: `kvpack.evaluation.sweep_config`). A
-configuration with only the plain fields (key, value, residual, sinks, skip_layers) goes to `kvpack.evaluate` as
-they are (the sweep's ``--seed`` seeds its codecs); any other policy goes to it whole (``policy=``), on every protocol.
+configuration with only the plain fields (key, value, residual, sinks, skip_layers, center_keys) goes to
+`kvpack.evaluate` as they are (the sweep's ``--seed`` seeds its codecs); any other policy goes to it whole
+(``policy=``), on every protocol.
 ``--peers`` adds transformers' `QuantizedCache` backends (`kvpack.evaluation.peers`; ``--peers`` alone: all of
 ``PEERS``), measured with their true bits, and llama.cpp's cache types (``llamacpp:q4_0``, ``llamacpp:q8_0/q4_0``,
 ``llamacpp:f16:fa=off``: `kvpack.evaluation.llamacpp`, llama-cpp-python on the model's GGUF file; in-forward, as
@@ -67,9 +68,10 @@ def _evaluate_kwargs(config: SweepConfig) -> dict:
     if config.preset is not None:
         return {"preset": config.preset}
     policy = config.policy
-    if policy == CachePolicy(policy.key, policy.value, policy.residual, policy.sinks, policy.skip_layers):
-        return {"key": policy.key, "value": policy.value, "residual": policy.residual, "sinks": policy.sinks,
-                "skip_layers": policy.skip_layers}  # fmt: skip
+    fields = {"key": policy.key, "value": policy.value, "residual": policy.residual, "sinks": policy.sinks,
+              "skip_layers": policy.skip_layers, "center_keys": policy.center_keys}  # fmt: skip
+    if policy == CachePolicy(**fields):
+        return fields
     return {"policy": policy}  # the whole policy, on every protocol
 
 
@@ -154,7 +156,7 @@ def _row(config: SweepConfig, metrics: dict, protocol: str) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kvpack.cli import output_file
-    from kvpack.evaluation.eval_cli import MODEL_HELP, TEXT_HELP, preset_names
+    from kvpack.evaluation.eval_cli import CENTER_KEYS_HELP, MODEL_HELP, TEXT_HELP, preset_names
 
     parser.add_argument("--model", default="smollm2", help=MODEL_HELP)
     parser.add_argument("--text", default=None, help=TEXT_HELP)
@@ -176,9 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens packed at once as the residual window ages (several; default 32, 1 with "
                              "--residual 0 packs every token past the sinks)")  # fmt: skip
     parser.add_argument("--skip-layers", action="extend", nargs="+", help="comma-separated 16-bit layers (several)")
-    parser.add_argument("--center-keys", action="store_true",
-                        help="--key/--value configs pack keys relative to the prefill's mean key, as the presets do "
-                             "(CachePolicy.center_keys)")  # fmt: skip
+    parser.add_argument("--center-keys", action="store_true", help=f"--key/--value configs: {CENTER_KEYS_HELP}")
     parser.add_argument("--preset", action="extend", nargs="+", help=f"named presets (several): {preset_names()}")
     parser.add_argument("--no-calibration", action="store_true", help="presets from the model's config alone")
     parser.add_argument("--peers", nargs="*", default=None, metavar="SPEC",

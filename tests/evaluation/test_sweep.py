@@ -190,7 +190,10 @@ def test_plain_policies_go_to_evaluate_as_fields_and_the_rest_whole():
     from kvpack.evaluation.sweep import _evaluate_kwargs
 
     plain = _evaluate_kwargs(SweepConfig("p", "int:4", None, 8, 1, (3, 1)))
-    assert plain == {"key": "int:4", "value": None, "residual": 8, "sinks": 1, "skip_layers": (1, 3)}
+    assert plain == {"key": "int:4", "value": None, "residual": 8, "sinks": 1, "skip_layers": (1, 3),
+                     "center_keys": False}
+    centered = _evaluate_kwargs(SweepConfig("c", "int:4", None, 8, 1, center_keys=True))  # the sweep's --seed applies
+    assert centered == {**plain, "skip_layers": (), "center_keys": True}
     full = _evaluate_kwargs(SweepConfig("f", "int:4", block=1, center_keys=True))
     assert full == {"policy": CachePolicy("int:4", None, block=1, center_keys=True)}
     assert _evaluate_kwargs(SweepConfig("s", preset="3bit")) == {"preset": "3bit"}
